@@ -1,0 +1,21 @@
+"""Split inference over MPI: score or embed every row of a dataset, results in HDF5.
+
+    mpiexec -n 3 python jobs/infer.py task=score data.path=rows.jsonl output.path=out.h5 split.k=2
+    srun --mpi=pmi2 python jobs/infer.py task=embed model=minilm output.path=emb.h5
+
+Every rank composes the same config (conf/infer.yaml); rank 0 is the data owner.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from nesa_hpc.runner import main
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="infer")
+def infer(cfg: DictConfig) -> None:
+    main(cfg)
+
+
+if __name__ == "__main__":
+    infer()

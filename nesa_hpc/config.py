@@ -1,0 +1,117 @@
+"""Validated settings built from the Hydra config that every rank composes identically."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from .data import FORMATS
+from .privacy import MECHANISMS
+from .tasks import TASKS
+from .topology import HEAD_PLACEMENTS
+from .weights import DTYPES, PACKAGED_MODELS
+
+__all__ = ["ConfigError", "Settings", "settings_from_cfg"]
+
+
+class ConfigError(ValueError):
+    """An option has a value nesa_hpc cannot use; the message names the option."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    task: str
+    pooling: str
+    normalize: bool
+    model_path: str | None
+    model_packaged: str
+    model_dtype: str
+    k: int
+    head: str
+    partition: str | tuple[int, ...]
+    privacy: str
+    data_path: str | None
+    data_format: str
+    text_field: str
+    max_length: int
+    batch_size: int
+    padding_side: str
+    output_path: str
+    overwrite: bool
+    threads: int | None
+    inflight: int | None
+    timeout: float
+    log_every: float
+    device: str
+
+
+def _choice(name: str, value: Any, allowed) -> Any:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} must be one of {list(allowed)}")
+    return value
+
+
+def _int(name: str, value: Any, low: int | None = None, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}={value!r} must be an integer")
+    if low is not None and value < low:
+        raise ConfigError(f"{name}={value} must be >= {low}")
+    return value
+
+
+def _positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{name}={value!r} must be a positive number")
+    return float(value)
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} must be true or false")
+    return value
+
+
+def settings_from_cfg(cfg: DictConfig) -> Settings:
+    """Check every option once and return typed settings; raise :class:`ConfigError` naming the key."""
+    try:
+        c = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as exc:  # interpolation errors
+        raise ConfigError(f"cannot resolve the configuration: {exc}") from None
+    task, model, split, privacy = c["task"], c["model"], c["split"], c["privacy"]
+    data, out, rt = c["data"], c["output"], c["runtime"]
+    partition = split["partition"]
+    if isinstance(partition, (list, tuple, ListConfig)):
+        partition = tuple(_int("split.partition[]", p, 1) for p in partition)
+    else:
+        _choice("split.partition", partition, ("uniform",))
+    if not out.get("path"):
+        raise ConfigError("output.path must name the HDF5 results file")
+    return Settings(
+        task=_choice("task.name", task["name"], TASKS),
+        pooling=_choice("task.pooling", task.get("pooling", "mean"), ("mean", "last")),
+        normalize=_bool("task.normalize", task.get("normalize", False)),
+        model_path=model.get("path"),
+        model_packaged=_choice("model.packaged", model.get("packaged"), PACKAGED_MODELS),
+        model_dtype=_choice("model.dtype", model.get("dtype", "float32"), DTYPES),
+        k=_int("split.k", split["k"], 0),
+        head=_choice("split.head", split["head"], HEAD_PLACEMENTS),
+        partition=partition,
+        privacy=_choice("privacy.mechanism", privacy["mechanism"], MECHANISMS),
+        data_path=data.get("path"),
+        data_format=_choice("data.format", data.get("format", "auto"), ("auto", *FORMATS)),
+        text_field=str(data.get("text_field", "text")),
+        max_length=_int("data.max_length", data["max_length"], 2),
+        batch_size=_int("data.batch_size", data["batch_size"], 1),
+        padding_side=_choice("data.padding_side", data.get("padding_side", "right"), ("left", "right")),
+        output_path=str(out["path"]),
+        overwrite=_bool("output.overwrite", out.get("overwrite", False)),
+        threads=_int("runtime.threads", rt.get("threads"), 1, allow_none=True),
+        inflight=_int("runtime.inflight", rt.get("inflight"), 1, allow_none=True),
+        timeout=_positive("runtime.timeout", rt.get("timeout", 300)),
+        log_every=_positive("runtime.log_every", rt.get("log_every", 10)),
+        device=_choice("runtime.device", rt.get("device", "cpu"), ("cpu",)),
+    )

@@ -1,0 +1,189 @@
+"""Owner only: read rows, tokenize, and cut them into padded micro-batches (in input order)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["DataError", "Batch", "read_rows", "make_batches", "detect_format", "sample_path", "FORMATS"]
+
+FORMATS = ("jsonl", "text", "csv", "parquet")
+_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".txt": "text", ".text": "text",
+               ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the line or row."""
+
+
+def sample_path() -> Path:
+    """The small sample dataset shipped with nesa_hpc (used when ``data.path`` is null)."""
+    return Path(__file__).parent / "sample_data" / "sample.jsonl"
+
+
+def detect_format(path: Path, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        if fmt not in FORMATS:
+            raise DataError(f"data.format={fmt!r} must be 'auto' or one of {FORMATS}")
+        return fmt
+    suffix = path.suffix.lower()
+    if suffix not in _EXTENSIONS:
+        raise DataError(f"{path}: cannot tell the format from the extension {suffix!r}; set data.format to one "
+                        f"of {FORMATS}")
+    return _EXTENSIONS[suffix]
+
+
+def read_rows(path: str | Path, fmt: str = "auto", text_field: str = "text") -> Iterator[tuple[int, str]]:
+    """Yield ``(row_index, text)`` for every row, streaming; row indices count from 0 in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data.path: no such file: {path}")
+    fmt = detect_format(path, fmt)
+    if fmt == "parquet":
+        yield from _read_parquet(path, text_field)
+        return
+    with open(path, "rb") as fh:
+        if fmt == "csv":
+            yield from _read_csv(path, fh, text_field)
+            return
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            line = line.rstrip("\r\n")
+            if fmt == "text":
+                yield lineno - 1, line
+                continue
+            if not line.strip():
+                raise DataError(f"{path}:{lineno}: empty line (JSONL needs one JSON object per line)")
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            yield lineno - 1, _text_of(obj, text_field, f"{path}:{lineno}")
+
+
+def _text_of(obj: object, field: str, where: str) -> str:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object with a {field!r} field, got {type(obj).__name__}")
+    if field not in obj:
+        raise DataError(f"{where}: missing field {field!r} (data.text_field); fields present: {sorted(obj)}")
+    value = obj[field]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _read_csv(path: Path, fh, text_field: str) -> Iterator[tuple[int, str]]:
+    import io
+
+    text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
+    reader = csv.DictReader(text)
+    try:
+        if reader.fieldnames is None or text_field not in reader.fieldnames:
+            raise DataError(f"{path}: no column {text_field!r} (data.text_field); columns: {reader.fieldnames}")
+        for i, rec in enumerate(reader):
+            value = rec.get(text_field)
+            if value is None:
+                raise DataError(f"{path}: row {i} (line {reader.line_num}): missing value for {text_field!r}")
+            yield i, value
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: invalid UTF-8 ({exc.reason})") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[tuple[int, str]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    if text_field not in pf.schema_arrow.names:
+        raise DataError(f"{path}: no column {text_field!r} (data.text_field); columns: {pf.schema_arrow.names}")
+    i = 0
+    for batch in pf.iter_batches(columns=[text_field]):
+        for value in batch.column(0).to_pylist():
+            if not isinstance(value, str):
+                raise DataError(f"{path}: row {i}: column {text_field!r} must be a string, got "
+                                f"{type(value).__name__}")
+            yield i, value
+            i += 1
+
+
+@dataclass
+class Batch:
+    """One padded micro-batch. ``ids``/``mask``/``pos`` are (B, T) int64; ``rows`` are input indices."""
+
+    index: int
+    rows: torch.Tensor        # (B,) int64
+    ids: torch.Tensor         # (B, T) int64 token ids: never leave rank 0
+    mask: torch.Tensor        # (B, T) int64, 1 = real token
+    pos: torch.Tensor         # (B, T) int64 position ids derived from the mask
+    lengths: torch.Tensor     # (B,) int64 real tokens per row
+    truncated: torch.Tensor   # (B,) bool
+
+    @property
+    def size(self) -> int:
+        return int(self.rows.numel())
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding starts each row at 0."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if padding_side == "left" else slice(0, len(s))
+        ids[b, sl] = torch.tensor(s, dtype=torch.long)
+        mask[b, sl] = 1
+    return ids, mask
+
+
+def make_batches(rows: Iterable[tuple[int, str]], tokenizer, batch_size: int, max_length: int,
+                 padding_side: str = "right", source: str = "data") -> Iterator[Batch]:
+    """Tokenize ``rows`` with the tokenizer's defaults, truncate to ``max_length`` and pad."""
+    if padding_side not in ("left", "right"):
+        raise DataError(f"data.padding_side={padding_side!r} must be 'left' or 'right'")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pending: list[tuple[int, str]] = []
+    index = 0
+
+    def flush() -> Batch:
+        texts = [t for _, t in pending]
+        encoded = tokenizer(texts)["input_ids"]
+        seqs, truncated = [], []
+        for (row, _), ids in zip(pending, encoded):
+            if len(ids) == 0:
+                raise DataError(f"{source}: row {row}: the text is empty (no tokens)")
+            truncated.append(len(ids) > max_length)
+            seqs.append(list(ids[:max_length]))
+        ids, mask = pad_batch(seqs, pad_id, padding_side)
+        return Batch(index, torch.tensor([r for r, _ in pending], dtype=torch.long), ids, mask,
+                     position_ids(mask), mask.sum(-1), torch.tensor(truncated, dtype=torch.bool))
+
+    for row in rows:
+        pending.append(row)
+        if len(pending) == batch_size:
+            yield flush()
+            index += 1
+            pending = []
+    if pending:
+        yield flush()

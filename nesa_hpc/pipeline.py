@@ -1,0 +1,129 @@
+"""The per-role loops: the owner (rank 0) and the workers (ranks 1..N-1).
+
+Rank 0 keeps up to ``inflight`` micro-batches in the pipeline: it sends batch i+1 while the workers
+still compute batch i, and only waits when that many are outstanding. Each worker receives, runs its
+block, starts the send, and receives the next batch while the send completes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from .data import Batch
+from .models import Adapter
+from .privacy import Privacy
+from .tasks import Task
+from .topology import Topology
+from .transport import Kind, MpiTransport
+
+__all__ = ["StageStats", "run_owner", "run_worker"]
+
+
+@dataclass
+class StageStats:
+    compute_s: float = 0.0
+    batches: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _wire(h: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
+    # (B, T, H) hidden states, (B, T) int8 mask, (B, T) int32 positions: no token ids, ever.
+    return [h, mask.to(torch.int8), pos.to(torch.int32)]
+
+
+def _unwire(tensors: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    h, mask, pos = tensors
+    return h.to(dtype), mask.long(), pos.long()
+
+
+def run_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task: Task, batches: Iterable[Batch],
+              on_result: Callable[[Batch, list[torch.Tensor]], None], transport: MpiTransport | None,
+              inflight: int) -> StageStats:
+    """Rank 0: embed, run layers [0, k), privatise, send; collect results in order and hand them to
+    ``on_result`` (which runs ``task.finish`` and writes)."""
+    stats = StageStats()
+    front = range(0, topo.k)
+    back = range(topo.k, topo.num_layers) if topo.world_size == 1 else range(0)
+    head_here = topo.head_rank() == 0
+    outstanding: deque[tuple[Batch, object]] = deque()
+
+    def collect() -> None:
+        batch, pending = outstanding.popleft()
+        msg = transport.recv(topo.last)  # RESULT: (B, T, H) states, or the head's outputs
+        if msg.kind != Kind.RESULT or msg.batch_id != batch.index:
+            raise RuntimeError(f"rank 0 expected the result of batch {batch.index}, got kind {msg.kind} "
+                               f"batch {msg.batch_id}")
+        pending.wait()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = task.head_stage(adapter, msg.tensors[0].to(adapter_dtype(adapter)), batch.mask) \
+                if head_here else msg.tensors
+            on_result(batch, out)
+        stats.compute_s += time.perf_counter() - t0
+
+    for batch in batches:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            h = adapter.embed(batch.ids, batch.pos)  # (B, T, H)
+            h = adapter.run_layers(front, h, batch.mask, batch.pos)
+            z = privacy.apply(h, batch.mask)  # (B, T, H): the only activations that leave rank 0
+            if topo.world_size == 1:
+                h = adapter.run_layers(back, z, batch.mask, batch.pos)
+                on_result(batch, task.head_stage(adapter, h, batch.mask))
+        stats.compute_s += time.perf_counter() - t0
+        stats.batches += 1
+        if topo.world_size == 1:
+            continue
+        outstanding.append((batch, transport.send(1, Kind.DATA, batch.index, _wire(z, batch.mask, batch.pos))))
+        while len(outstanding) >= inflight:
+            collect()
+    while outstanding:
+        collect()
+    if transport is not None and topo.world_size > 1:
+        transport.send(1, Kind.STOP, -1).wait()
+    return stats
+
+
+def adapter_dtype(adapter: Adapter) -> torch.dtype:
+    return next((p.dtype for p in adapter.model.parameters() if p.device.type != "meta"), torch.float32)
+
+
+def run_worker(rank: int, topo: Topology, adapter: Adapter, task: Task, transport: MpiTransport) -> StageStats:
+    """Ranks 1..N-1: receive (B, T, H) states, run this rank's layers, send on (the last rank sends to 0)."""
+    stats = StageStats()
+    layers = topo.layers_of(rank)
+    is_last = rank == topo.last
+    head_here = topo.head_rank() == rank
+    dtype = adapter_dtype(adapter)
+    pending = None
+    while True:
+        msg = transport.recv(rank - 1)
+        if msg.kind == Kind.STOP:
+            if not is_last:
+                transport.send(rank + 1, Kind.STOP, -1).wait()
+            break
+        if msg.kind != Kind.DATA:
+            raise RuntimeError(f"rank {rank}: unexpected message kind {msg.kind} from rank {rank - 1}")
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            h, mask, pos = _unwire(msg.tensors, dtype)
+            h = adapter.run_layers(layers, h, mask, pos)  # (B, T, H)
+            if is_last:
+                out = task.head_stage(adapter, h, mask) if head_here else [h]
+        stats.compute_s += time.perf_counter() - t0
+        stats.batches += 1
+        if is_last:
+            nxt = transport.send(0, Kind.RESULT, msg.batch_id, out)
+        else:
+            nxt = transport.send(rank + 1, Kind.DATA, msg.batch_id, _wire(h, mask, pos))
+        if pending is not None:
+            pending.wait()
+        pending = nxt
+    if pending is not None:
+        pending.wait()
+    return stats

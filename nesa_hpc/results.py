@@ -1,0 +1,92 @@
+"""HDF5 results: one file per job, rows in input order, flushed after every committed batch."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+__all__ = ["ResultWriter", "OutputExistsError", "read_results"]
+
+_COMMON = {"row": (np.int64, ()), "n_tokens": (np.int32, ()), "truncated": (np.bool_, ())}
+
+
+class OutputExistsError(FileExistsError):
+    pass
+
+
+def check_output_path(path: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing file unless ``overwrite``; check the folder is writable. Nothing is written."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"output.path {path} already exists; pass output.overwrite=true to replace it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"output.path {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"output.path {path}: folder {parent} is not writable")
+    return path
+
+
+class ResultWriter:
+    """Appends per-row columns batch by batch; ``complete`` becomes True only in :meth:`close`."""
+
+    def __init__(self, path: str | Path, columns: dict[str, tuple[type, tuple[int, ...]]], attrs: dict,
+                 overwrite: bool = False) -> None:
+        self.path = check_output_path(path, overwrite)
+        if self.path.exists():
+            self.path.unlink()
+        self.columns = {**_COMMON, **columns}
+        self.file = h5py.File(self.path, "w")
+        for name, (dtype, shape) in self.columns.items():
+            chunk_rows = max(1, min(1024, (1 << 20) // max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)))
+            self.file.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
+                                     chunks=(chunk_rows, *shape))
+        for key, value in attrs.items():
+            self.file.attrs[key] = _attr(value)
+        self.file.attrs["complete"] = False
+        self.rows = 0
+        self.file.flush()
+
+    def append(self, values: dict[str, np.ndarray]) -> None:
+        """Write one batch of rows (every column, same length) and flush."""
+        n = len(values["row"])
+        missing = set(self.columns) - set(values)
+        if missing:
+            raise KeyError(f"batch lacks columns {sorted(missing)}")
+        for name in self.columns:
+            ds = self.file[name]
+            ds.resize(self.rows + n, axis=0)
+            ds[self.rows:self.rows + n] = values[name]
+        self.rows += n
+        self.file.flush()
+
+    def close(self, attrs: dict | None = None, complete: bool = True) -> None:
+        for key, value in (attrs or {}).items():
+            self.file.attrs[key] = _attr(value)
+        self.file.attrs["complete"] = bool(complete)
+        self.file.flush()
+        self.file.close()
+
+    def abort(self) -> None:
+        """Close without marking complete (rows written so far stay readable)."""
+        if self.file.id.valid:
+            self.file.flush()
+            self.file.close()
+
+
+def _attr(value):
+    if value is None:
+        return "null"
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value)
+    return value
+
+
+def read_results(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Load every dataset and root attribute of a results file."""
+    with h5py.File(path, "r") as f:
+        return {k: f[k][()] for k in f.keys()}, dict(f.attrs)

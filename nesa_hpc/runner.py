@@ -1,0 +1,326 @@
+"""``run(cfg)``: what every rank of an inference job does, from the composed config to the results file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import __version__
+from .config import ConfigError, Settings, settings_from_cfg
+from .data import DataError, make_batches, read_rows, sample_path
+from .pipeline import run_owner, run_worker
+from .privacy import make_privacy
+from .results import ResultWriter, check_output_path
+from .tasks import ScoreTask, make_task
+from .topology import make_topology
+from .transport import MpiTransport, TransportTimeout
+from .weights import load_partial, packaged_model_path
+
+__all__ = ["run", "main", "JobError"]
+
+log = logging.getLogger("nesa_hpc")
+
+# Errors that are the user's to fix: reported as one line, no traceback.
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FileExistsError, PermissionError, ValueError, KeyError,
+               TransportTimeout)
+
+
+class JobError(RuntimeError):
+    """A failure already reported by the rank that saw it; every rank raises it to exit together."""
+
+
+def _setup_logging(rank: int) -> None:
+    host = socket.gethostname()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[nesa_hpc r{rank}@{host}] %(message)s"))
+    root = logging.getLogger("nesa_hpc")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.propagate = False
+
+
+def _agree(comm, fn: Callable[[], object], root: int = 0):
+    """Run ``fn`` on ``root`` and broadcast its result; if it fails, every rank raises the same error."""
+    result, error = None, None
+    if comm.Get_rank() == root:
+        try:
+            result = fn()
+        except USER_ERRORS as exc:
+            error = _message(exc)
+    result, error = comm.bcast((result, error), root=root)
+    if error is not None:
+        raise JobError(error)
+    return result
+
+
+def _all_ok(comm, fn: Callable[[], object]):
+    """Run ``fn`` on every rank; if any rank fails, every rank raises with the first failure's message."""
+    result, error = None, None
+    try:
+        result = fn()
+    except USER_ERRORS as exc:
+        error = f"rank {comm.Get_rank()} ({socket.gethostname()}): {_message(exc)}"
+    errors = [e for e in comm.allgather(error) if e]
+    if errors:
+        raise JobError(errors[0])
+    return result
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return text or type(exc).__name__
+
+
+def _threads(settings: Settings, comm) -> int:
+    from mpi4py import MPI
+
+    if settings.threads:
+        return settings.threads
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // local)
+
+
+def _model_folder(settings: Settings) -> str:
+    if settings.model_path:
+        folder = Path(settings.model_path).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model.path: no such model folder: {folder}")
+        return str(folder.resolve())
+    return str(packaged_model_path(settings.model_packaged))
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run(cfg: DictConfig, comm=None, on_recv=None) -> dict | None:
+    """Run one inference job on every rank of ``comm`` (default ``MPI.COMM_WORLD``).
+
+    Returns the summary on rank 0 and ``None`` on the workers. Errors that every rank can see the same
+    way (config, data, model folder) end all ranks with :class:`JobError` before any work starts.
+    """
+    from mpi4py import MPI
+
+    comm = comm or MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    _setup_logging(rank)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    settings = _all_ok(comm, lambda: settings_from_cfg(cfg))
+    torch.set_num_threads(_threads(settings, comm))
+
+    folder = _agree(comm, lambda: _model_folder(settings))
+    from transformers import AutoConfig
+
+    model_config = _all_ok(comm, lambda: AutoConfig.from_pretrained(folder))
+    num_layers = int(model_config.num_hidden_layers)
+    topo = _all_ok(comm, lambda: make_topology(num_layers, settings.k, size, settings.head, settings.partition))
+
+    data_path = settings.data_path or str(sample_path())
+
+    def owner_checks():
+        if not Path(data_path).is_file():
+            raise DataError(f"data.path: no such file: {data_path}")
+        check_output_path(settings.output_path, settings.overwrite)
+
+    if rank == 0:
+        log.info("model %s: %d layers, world size %d, split.k=%d, head on %s", folder, num_layers, size,
+                 settings.k, "rank 0 (owner)" if topo.head == "owner" else f"rank {topo.last} (last worker)")
+        for line in topo.describe():
+            log.info("  %s", line)
+    _agree(comm, owner_checks)
+
+    adapter = _all_ok(comm, lambda: _load_rank(rank, topo, folder, settings))
+    task = _all_ok(comm, lambda: make_task(settings.task, topo.head_rank() == 0, settings.pooling,
+                                           settings.normalize))
+    _all_ok(comm, lambda: _check_task(settings, adapter))
+    transport = MpiTransport(comm, settings.timeout, on_recv) if size > 1 else None
+    start = time.perf_counter()
+
+    if rank != 0:
+        stats = run_worker(rank, topo, adapter, task, transport)
+        comm.gather({"rank": rank, "host": socket.gethostname(), "compute_s": stats.compute_s,
+                     "wait_s": transport.wait_seconds, "peak_rss_mb": _peak_rss_mb(), "batches": stats.batches,
+                     "layers": [topo.layers_of(rank).start, topo.layers_of(rank).stop]}, root=0)
+        return None
+    return _run_owner(comm, cfg, settings, topo, adapter, task, transport, folder, data_path, start)
+
+
+def _check_task(settings: Settings, adapter) -> None:
+    if settings.task == "score" and not adapter.has_head:
+        raise ConfigError(f"task=score needs a causal language model; {type(adapter.model).__name__} has no LM "
+                          "head (use task=embed)")
+
+
+def _load_rank(rank: int, topo, folder: str, settings: Settings):
+    """Load only this rank's modules: embeddings (+ head) on the owner, its layer block on a worker."""
+
+    def modules(adapter) -> list[str]:
+        names: list[str] = []
+        layers = topo.layers_of(rank)
+        if rank == 0:
+            names += adapter.embed_modules
+        if len(layers):
+            names += adapter.stage_modules
+            names += [adapter.layer_module(i) for i in layers]
+        if topo.head_rank() == rank:
+            names += adapter.norm_modules
+            if settings.task == "score":
+                names += adapter.head_modules
+        return names
+
+    return load_partial(folder, modules, settings.model_dtype)
+
+
+def _run_owner(comm, cfg, settings, topo, adapter, task, transport, folder, data_path, start) -> dict:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:
+        raise JobError(f"cannot load the tokenizer from {folder}: {exc}") from None
+    attrs = {
+        "task": settings.task, "model_path": folder, "num_layers": topo.num_layers, "split_k": topo.k,
+        "split_head": topo.head, "world_size": topo.world_size, "layers_per_rank": topo.layer_counts(),
+        "layer_ranges": [[r.start, r.stop] for r in topo.ranges], "data_path": str(data_path),
+        "config": OmegaConf.to_yaml(cfg, resolve=True), "nesa_hpc_version": __version__,
+        "model_dtype": settings.model_dtype,
+    }
+    if settings.task == "embed":
+        attrs.update(pooling=settings.pooling, normalize=settings.normalize)
+    privacy = make_privacy(settings.privacy)
+    attrs.update(privacy.attrs())
+    writer = ResultWriter(settings.output_path, task.columns(adapter.hidden_size), attrs, settings.overwrite)
+    progress = _Progress(settings.log_every, _count_rows(data_path, settings))
+    done = {"rows": 0, "tokens": 0}
+
+    def on_result(batch, outputs):
+        cols = task.finish(adapter, batch, outputs)
+        cols.update(row=batch.rows.numpy(), truncated=batch.truncated.numpy())
+        writer.append(cols)
+        done["rows"] += batch.size
+        done["tokens"] += batch.tokens
+        progress.update(batch.size, batch.tokens)
+
+    try:
+        rows = read_rows(data_path, settings.data_format, settings.text_field)
+        batches = make_batches(rows, tokenizer, settings.batch_size, settings.max_length, settings.padding_side,
+                               source=str(data_path))
+        stats = run_owner(topo, adapter, privacy, task, batches, on_result, transport,
+                          settings.inflight or topo.world_size + 1)
+    except BaseException:
+        progress.close()
+        writer.abort()
+        raise
+    progress.close()
+    elapsed = time.perf_counter() - start
+    ranks = [{"rank": 0, "host": socket.gethostname(), "compute_s": stats.compute_s,
+              "wait_s": transport.wait_seconds if transport else 0.0, "peak_rss_mb": _peak_rss_mb(),
+              "batches": stats.batches, "layers": [0, topo.k]}]
+    if topo.world_size > 1:
+        ranks += [r for r in comm.gather(None, root=0) if r is not None]
+    summary = {"rows": done["rows"], "tokens": done["tokens"], "seconds": round(elapsed, 3),
+               "tokens_per_s": round(done["tokens"] / elapsed, 1) if elapsed > 0 else 0.0}
+    final = {"rows": done["rows"], "tokens": done["tokens"], "seconds": elapsed,
+             "peak_rss_mb": [round(r["peak_rss_mb"], 1) for r in ranks]}
+    if isinstance(task, ScoreTask):
+        summary["perplexity"] = task.perplexity()
+        final["perplexity"] = summary["perplexity"]
+    if done["rows"] == 0:
+        writer.abort()
+        raise JobError(f"{data_path}: the dataset has no rows")
+    writer.close(final)
+    for r in ranks:
+        log.info("rank %d (%s): compute %.2f s, waiting %.2f s, peak RSS %.0f MB", r["rank"], r["host"],
+                 r["compute_s"], r["wait_s"], r["peak_rss_mb"])
+    line = (f"done: {summary['rows']} rows, {summary['tokens']} tokens in {summary['seconds']:.1f} s "
+            f"({summary['tokens_per_s']:.1f} tokens/s)")
+    if "perplexity" in summary:
+        line += f", perplexity {summary['perplexity']:.4f}"
+    log.info("%s -> %s", line, settings.output_path)
+    summary["ranks"] = ranks
+    summary["output"] = settings.output_path
+    return summary
+
+
+def _count_rows(path: str, settings: Settings) -> int | None:
+    """Rows in the input when cheap to know (line-based formats, Parquet metadata); else None."""
+    try:
+        from .data import detect_format
+
+        fmt = detect_format(Path(path), settings.data_format)
+        if fmt in ("jsonl", "text"):
+            with open(path, "rb") as fh:
+                return sum(1 for _ in fh)
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows
+    except Exception:
+        return None
+    return None
+
+
+class _Progress:
+    """A tqdm bar on a terminal; otherwise a log line every ``every`` seconds."""
+
+    def __init__(self, every: float, total: int | None) -> None:
+        self.every, self.total = every, total
+        self.rows = self.tokens = 0
+        self.start = self.last = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="row", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, rows: int, tokens: int) -> None:
+        self.rows += rows
+        self.tokens += tokens
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.start, 1e-9)
+        if self.bar is not None:
+            self.bar.update(rows)
+            self.bar.set_postfix_str(f"{rate:.0f} tok/s")
+        elif now - self.last >= self.every:
+            self.last = now
+            of = f"/{self.total}" if self.total else ""
+            log.info("progress: %d%s rows, %d tokens, %.0f tokens/s", self.rows, of, self.tokens, rate)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def main(cfg: DictConfig) -> None:
+    """Entry point body for ``jobs/infer.py``: run, and end every rank cleanly on failure."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    try:
+        run(cfg, comm)
+    except JobError as exc:
+        if comm.Get_rank() == 0:
+            logging.getLogger("nesa_hpc").error("error: %s", exc)
+        sys.stderr.flush()
+        sys.exit(2)
+    except USER_ERRORS as exc:
+        # Seen by one rank only (e.g. a bad row read by rank 0 mid-run): end every rank now.
+        logging.getLogger("nesa_hpc").error("error: %s", _message(exc))
+        sys.stderr.flush()
+        comm.Abort(2)
+    except BaseException:
+        logging.getLogger("nesa_hpc").exception("rank %d failed", comm.Get_rank())
+        sys.stderr.flush()
+        comm.Abort(1)

