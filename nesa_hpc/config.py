@@ -85,7 +85,7 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
     data, out, rt = c["data"], c["output"], c["runtime"]
     partition = split["partition"]
     if isinstance(partition, (list, tuple, ListConfig)):
-        partition = tuple(_int("split.partition[]", p, 1) for p in partition)
+        partition = tuple(_int("split.partition[]", p, 0) for p in partition)
     else:
         _choice("split.partition", partition, ("uniform",))
     if not out.get("path"):

@@ -15,7 +15,9 @@ def partition_layers(num_layers: int, k: int, world_size: int,
     """Return one ``range`` of layer indices per rank; rank 0 (the owner) always gets ``range(0, k)``.
 
     ``policy`` is ``"uniform"`` (the remaining ``num_layers - k`` layers split as evenly as possible,
-    earlier workers taking the extra layer) or an explicit list of per-worker layer counts.
+    earlier workers taking the extra layer) or an explicit list of per-worker layer counts. Every worker
+    gets at least one layer, except when ``k == num_layers``: then the workers hold no layers and only
+    relay (the last one applies the head with ``split.head=last``).
     With one rank the owner runs every layer whatever ``k`` is.
     Raises ``ValueError`` quoting the numbers when the split cannot be satisfied.
     """
@@ -31,13 +33,16 @@ def partition_layers(num_layers: int, k: int, world_size: int,
         return [range(0, num_layers)]
     if isinstance(policy, str):
         if policy == "uniform":
-            if rest < workers:
+            if rest == 0:
+                counts = [0] * workers  # split.k = num_layers: the workers only relay (and may hold the head)
+            elif rest < workers:
                 raise ValueError(
                     f"cannot give each of the {workers} worker ranks at least one layer: the model has "
                     f"num_layers={num_layers}, split.k={k} leaves {rest} for the workers; use at most "
                     f"{rest + 1} ranks or a smaller split.k")
-            base, extra = divmod(rest, workers)
-            counts = [base + (1 if i < extra else 0) for i in range(workers)]
+            else:
+                base, extra = divmod(rest, workers)
+                counts = [base + (1 if i < extra else 0) for i in range(workers)]
         else:
             raise ValueError(f"split.partition={policy!r} is not one of 'uniform' or a list of layer counts")
     else:
@@ -46,7 +51,7 @@ def partition_layers(num_layers: int, k: int, world_size: int,
             raise ValueError(
                 f"split.partition lists {len(counts)} layer counts {counts} but there are {workers} worker "
                 f"ranks (world size {world_size})")
-        if any(c < 1 for c in counts):
+        if any(c < 0 for c in counts) or (rest and any(c < 1 for c in counts)):
             raise ValueError(f"split.partition={counts}: every worker needs at least one layer")
         if sum(counts) != rest:
             raise ValueError(

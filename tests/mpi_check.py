@@ -1,0 +1,154 @@
+"""Run many split-inference cases inside one MPI launch and compare each with plain transformers.
+
+    mpiexec -n N python tests/mpi_check.py spec.json report.json
+
+``spec.json`` is a list of cases (model folder, task, k, head, padding, ...). Every rank runs every
+case through ``nesa_hpc.runner.run``; rank 0 then computes the single-process transformers reference
+and writes one report entry per case. Workers record every message they receive, so the report also
+says whether a worker ever saw anything but hidden states, the mask and the positions.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from mpi4py import MPI
+
+from nesa_hpc.data import make_batches, read_rows
+from nesa_hpc.results import read_results
+from nesa_hpc.runner import run
+from nesa_hpc.tasks import score_positions
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def overrides(case: dict, out: str) -> list[str]:
+    ov = [f"model.path={case['model']}", f"task={case['task']}", f"split.k={case['k']}",
+          f"split.head={case['head']}", f"data.path={case['data']}", f"data.padding_side={case['padding']}",
+          f"data.batch_size={case.get('batch_size', 4)}", f"data.max_length={case.get('max_length', 64)}",
+          f"output.path={out}", "output.overwrite=true", "runtime.threads=1"]
+    if case["task"] == "embed":
+        ov.append(f"task.pooling={case.get('pooling', 'mean')}")
+    return ov
+
+
+def reference(case: dict, tokenizer, model, rows) -> dict:
+    """Per-row outputs of the unsplit transformers model: same padded batches, and one row at a time."""
+    batches = list(make_batches(iter(rows), tokenizer, case.get("batch_size", 4), case.get("max_length", 64),
+                                case["padding"]))
+    padded, single = {}, {}
+    with torch.no_grad():
+        for b in batches:
+            if case["task"] == "score":
+                logits = model(b.ids, attention_mask=b.mask, position_ids=b.pos).logits
+                sel = score_positions(b.mask)
+                # flattened (B*(T-1), V) like transformers' own causal-LM loss; a strided (B, V, T) layout
+                # reduces over the vocabulary in another order and moves SmolLM2's NLL by ~2e-4
+                B, T, V = logits.shape
+                nll = F.cross_entropy(logits[:, :-1].reshape(-1, V), b.ids[:, 1:].reshape(-1),
+                                      reduction="none").view(B, T - 1)
+                for i, r in enumerate(b.rows.tolist()):
+                    padded[r] = float((nll[i] * sel[i]).sum() / sel[i].sum())
+            else:
+                hs = model(b.ids, attention_mask=b.mask, position_ids=b.pos).last_hidden_state
+                m = b.mask.unsqueeze(-1).float()
+                if case.get("pooling", "mean") == "mean":
+                    pooled = (hs * m).sum(1) / m.sum(1)
+                else:
+                    last = b.mask.shape[1] - 1 - b.mask.flip(-1).argmax(-1)
+                    pooled = hs[torch.arange(len(hs)), last]
+                for i, r in enumerate(b.rows.tolist()):
+                    padded[r] = pooled[i]
+        for r, text in rows:
+            ids = torch.tensor([tokenizer(text)["input_ids"][: case.get("max_length", 64)]])
+            if case["task"] == "score":
+                logits = model(ids).logits
+                single[r] = float(F.cross_entropy(logits[0, :-1], ids[0, 1:]))
+            else:
+                hs = model(ids).last_hidden_state[0]
+                single[r] = hs.mean(0) if case.get("pooling", "mean") == "mean" else hs[-1]
+    return {"batches": batches, "padded": padded, "single": single}
+
+
+def check_traffic(records: list, batches: list) -> str | None:
+    """Every message a worker received must be (float states, the batch's mask, the batch's positions)."""
+    by_index = {b.index: b for b in batches}
+    for rec in records:
+        if rec["kind"] != 1:  # only DATA carries tensors to workers
+            if rec["dtypes"]:
+                return f"non-data message with tensors {rec['dtypes']}"
+            continue
+        b = by_index[rec["batch_id"]]
+        if rec["dtypes"][0] not in ("torch.float32", "torch.float16", "torch.bfloat16"):
+            return f"first tensor is {rec['dtypes'][0]}, not floating point"
+        if rec["shapes"][0][:2] != list(b.ids.shape):
+            return f"hidden states of shape {rec['shapes'][0]} for a batch of {list(b.ids.shape)}"
+        if rec["dtypes"][1:] != ["torch.int8", "torch.int32"]:
+            return f"unexpected tensors {rec['dtypes']}"
+        if rec["ints"][0] != b.mask.tolist() or rec["ints"][1] != b.pos.tolist():
+            return "an integer tensor is neither the mask nor the positions"
+        if rec["ints"][1] == b.ids.tolist() or rec["ints"][0] == b.ids.tolist():
+            return "token ids crossed the wire"
+    return None
+
+
+def main() -> None:
+    spec_path, report_path = sys.argv[1], sys.argv[2]
+    cases = json.loads(Path(spec_path).read_text())
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    report = []
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        for n, case in enumerate(cases):
+            out = str(Path(report_path).with_name(f"case{n}.h5"))
+            cfg = compose(config_name="infer", overrides=overrides(case, out))
+            records: list = []
+
+            def spy(source, msg, records=records):
+                records.append({"source": source, "kind": int(msg.kind), "batch_id": msg.batch_id,
+                                "dtypes": [str(t.dtype) for t in msg.tensors],
+                                "shapes": [list(t.shape) for t in msg.tensors],
+                                "ints": [t.tolist() for t in msg.tensors if not t.is_floating_point()]})
+
+            error = None
+            try:
+                run(cfg, comm, on_recv=spy if rank > 0 else None)
+            except Exception as exc:  # reported, and the other cases still run
+                error = f"{type(exc).__name__}: {exc}"
+            errors = comm.gather(error, root=0)
+            traffic = comm.gather(records, root=0)
+            if rank != 0:
+                continue
+            entry = {"case": case, "error": next((e for e in errors if e), None)}
+            if entry["error"] is None:
+                tokenizer = AutoTokenizer.from_pretrained(case["model"])
+                factory = AutoModelForCausalLM if case["task"] == "score" else AutoModel
+                model = factory.from_pretrained(case["model"], dtype=torch.float32).eval()
+                rows = list(read_rows(case["data"]))
+                ref = reference(case, tokenizer, model, rows)
+                res, attrs = read_results(out)
+                entry["rows"] = res["row"].tolist()
+                entry["complete"] = bool(attrs["complete"])
+                key = "nll_mean" if case["task"] == "score" else "embedding"
+                got = {int(r): torch.as_tensor(v) for r, v in zip(res["row"], res[key])}
+                entry["max_diff_padded"] = max(float((got[r] - torch.as_tensor(v)).abs().max())
+                                               for r, v in ref["padded"].items())
+                entry["max_diff_single"] = max(float((got[r] - torch.as_tensor(v)).abs().max())
+                                               for r, v in ref["single"].items())
+                entry["traffic_error"] = next((e for e in (check_traffic(recs, ref["batches"])
+                                                           for recs in traffic[1:]) if e), None)
+                entry["worker_messages"] = sum(len(recs) for recs in traffic[1:])
+            report.append(entry)
+    if rank == 0:
+        Path(report_path).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
