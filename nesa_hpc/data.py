@@ -170,7 +170,7 @@ def make_batches(rows: Iterable[tuple[int, str]], tokenizer, batch_size: int, ma
         texts = [t for _, t in pending]
         encoded = tokenizer(texts)["input_ids"]
         seqs, truncated = [], []
-        for (row, _), ids in zip(pending, encoded):
+        for (row, _), ids in zip(pending, encoded, strict=True):
             if len(ids) == 0:
                 raise DataError(f"{source}: row {row}: the text is empty (no tokens)")
             truncated.append(len(ids) > max_length)

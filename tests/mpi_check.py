@@ -137,7 +137,7 @@ def main() -> None:
                 entry["rows"] = res["row"].tolist()
                 entry["complete"] = bool(attrs["complete"])
                 key = "nll_mean" if case["task"] == "score" else "embedding"
-                got = {int(r): torch.as_tensor(v) for r, v in zip(res["row"], res[key])}
+                got = {int(r): torch.as_tensor(v) for r, v in zip(res["row"], res[key], strict=True)}
                 entry["max_diff_padded"] = max(float((got[r] - torch.as_tensor(v)).abs().max())
                                                for r, v in ref["padded"].items())
                 entry["max_diff_single"] = max(float((got[r] - torch.as_tensor(v)).abs().max())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import MPI_SCRIPT, run_mpi
 
 NUM_LAYERS = 6  # the tiny models in conftest

@@ -1,0 +1,96 @@
+"""The Hydra entry point under mpiexec: schema of the results file, and clean failures on every rank."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+from conftest import ROOT, run_mpi
+
+INFER = str(ROOT / "jobs" / "infer.py")
+
+
+def _infer(n, *overrides, timeout=180):
+    return run_mpi(n, [INFER, "runtime.threads=1", *overrides], timeout=timeout)
+
+
+def test_score_job_writes_the_documented_schema(tiny_models, texts_file, tmp_path):
+    out = tmp_path / "out.h5"
+    proc = _infer(3, f"model.path={tiny_models['llama']}", f"data.path={texts_file}", f"output.path={out}",
+                  "split.k=1", "data.batch_size=4", "data.max_length=8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done: 9 rows" in proc.stderr and "perplexity" in proc.stderr
+    with h5py.File(out) as f:
+        assert f["row"].dtype == np.int64 and f["row"][()].tolist() == list(range(9))
+        assert f["n_tokens"].dtype == np.int32
+        assert f["truncated"].dtype == np.bool_ and f["truncated"][()].any()  # max_length=8 cuts long rows
+        assert f["n_tokens"][()].max() == 7  # predicted tokens = kept length - 1
+        assert f["nll_sum"].dtype == np.float64 and f["nll_mean"].dtype == np.float64
+        np.testing.assert_allclose(f["nll_sum"][()] / f["n_tokens"][()], f["nll_mean"][()])
+        a = f.attrs
+        assert a["task"] == "score" and a["complete"] == True  # noqa: E712 (numpy bool)
+        assert a["num_layers"] == 6 and a["split_k"] == 1 and a["split_head"] == "owner"
+        assert a["world_size"] == 3 and json.loads(a["layers_per_rank"]) == [1, 3, 2]
+        assert a["model_path"] == str(tiny_models["llama"]) and a["nesa_hpc_version"]
+        assert "split:" in a["config"] and a["privacy_mechanism"] == "none"
+        total = f["nll_sum"][()].sum() / f["n_tokens"][()].sum()
+        assert a["perplexity"] == pytest.approx(np.exp(total))
+    # an existing file is refused, and left as it was
+    before = out.read_bytes()
+    again = _infer(2, f"model.path={tiny_models['llama']}", f"data.path={texts_file}", f"output.path={out}")
+    assert again.returncode != 0
+    assert "already exists" in again.stderr and "output.overwrite=true" in again.stderr
+    assert out.read_bytes() == before
+
+
+def test_embed_job_on_minilm(texts_file, tmp_path):
+    out = tmp_path / "emb.h5"
+    proc = _infer(2, "model=minilm", "task=embed", "task.normalize=true", "split.head=last",
+                  f"data.path={texts_file}", f"output.path={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with h5py.File(out) as f:
+        emb = f["embedding"][()]
+        assert emb.shape == (9, 384) and emb.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+        assert f.attrs["task"] == "embed" and f.attrs["pooling"] == "mean"
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["split.k=99"], "split.k=99 must be between 0 and the model's num_layers=6"),
+    (["split.k=5"], "leaves 1 for the workers"),
+    (["split.partition=[1,1]"], "sums to 2 but num_layers=6 - split.k=2 = 4"),
+    (["data.batch_size=0"], "data.batch_size=0 must be >= 1"),
+    (["data.path=/nonexistent/rows.jsonl"], "no such file: /nonexistent/rows.jsonl"),
+    (["model.path=/nonexistent/model"], "no such model folder: /nonexistent/model"),
+])
+def test_bad_config_ends_every_rank_with_one_message(overrides, expected, tiny_models, texts_file, tmp_path):
+    out = tmp_path / "out.h5"
+    args = [f"model.path={tiny_models['llama']}", f"data.path={texts_file}", f"output.path={out}", *overrides]
+    proc = _infer(3, *args, timeout=120)
+    assert proc.returncode != 0
+    assert expected in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("error:") == 1  # reported once, by rank 0
+    assert not out.exists()
+
+
+def test_unknown_key_is_refused(tmp_path):
+    proc = _infer(2, "data.no_such_key=1", f"output.path={tmp_path / 'x.h5'}", timeout=120)
+    assert proc.returncode != 0
+    assert "no_such_key" in proc.stderr
+
+
+def test_bad_row_mid_run_stops_all_ranks_and_keeps_committed_rows(tiny_models, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    good = [json.dumps({"text": f"row number {i} with some words"}) for i in range(12)]
+    rows.write_text("\n".join(good + ['{"text": "broken', *good]) + "\n")
+    out = tmp_path / "out.h5"
+    proc = _infer(3, f"model.path={tiny_models['gpt2']}", f"data.path={rows}", f"output.path={out}",
+                  "data.batch_size=4", "runtime.inflight=1", timeout=120)
+    assert proc.returncode != 0
+    assert f"{rows}:13: malformed JSON" in proc.stderr
+    with h5py.File(out) as f:  # still readable: the batches committed before the bad line
+        assert f.attrs["complete"] == False  # noqa: E712
+        assert f["row"][()].tolist() == list(range(len(f["row"])))
+        assert len(f["row"]) >= 4

@@ -1,0 +1,153 @@
+"""Unit tests for the fixed int64 message header of nesa_hpc.transport (no MPI)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nesa_hpc.transport import HEADER_LEN, MAX_TENSORS, WIRE_DTYPES, Kind, decode_header, encode_header
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+shapes = st.lists(st.integers(0, 50), min_size=0, max_size=4).map(tuple)
+specs = st.lists(st.tuples(st.sampled_from(WIRE_DTYPES), shapes), min_size=0, max_size=MAX_TENSORS)
+
+
+def _tensors(spec_list):
+    # empty tensors: the header only depends on dtype and shape, so no memory for the data is needed
+    return [torch.empty(shape, dtype=dtype) for dtype, shape in spec_list]
+
+
+def test_constants():
+    assert HEADER_LEN == 64
+    # every slot (dtype, ndim, 4 dims) plus kind, batch_id, count must fit in the header
+    assert 3 + MAX_TENSORS * 6 <= HEADER_LEN
+    assert MAX_TENSORS >= 3  # DATA carries hidden + mask + positions
+    assert len(set(WIRE_DTYPES)) == len(WIRE_DTYPES)
+    for dt in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool):
+        assert dt in WIRE_DTYPES
+
+
+def test_round_trip_data_message():
+    hidden = torch.zeros(2, 7, 48, dtype=torch.bfloat16)
+    mask = torch.ones(2, 7, dtype=torch.int64)
+    pos = torch.arange(7).expand(2, 7)
+    header = encode_header(Kind.DATA, 5, [hidden, mask, pos])
+    assert header.dtype == np.int64
+    assert header.shape == (HEADER_LEN,)
+    assert list(header[:3]) == [int(Kind.DATA), 5, 3]
+    kind, batch_id, got = decode_header(header)
+    assert kind == Kind.DATA
+    assert batch_id == 5
+    assert got == [(torch.bfloat16, (2, 7, 48)), (torch.int64, (2, 7)), (torch.int64, (2, 7))]
+
+
+def test_stop_message_has_no_tensors():
+    header = encode_header(Kind.STOP, -1, [])
+    assert decode_header(header) == (int(Kind.STOP), -1, [])
+    assert not header[3:].any()
+
+
+def test_scalar_and_empty_tensors():
+    ts = [torch.tensor(3.0), torch.empty(0, 5, dtype=torch.int8), torch.zeros(4, 0, dtype=torch.bool)]
+    _, _, got = decode_header(encode_header(Kind.RESULT, 0, ts))
+    assert got == [(torch.float32, ()), (torch.int8, (0, 5)), (torch.bool, (4, 0))]
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=INT64, batch_id=INT64, spec_list=specs)
+def test_round_trip_property(kind, batch_id, spec_list):
+    header = encode_header(kind, batch_id, _tensors(spec_list))
+    assert header.shape == (HEADER_LEN,)
+    assert header.dtype == np.int64
+    got_kind, got_batch, got_specs = decode_header(header)
+    assert got_kind == kind
+    assert got_batch == batch_id
+    assert got_specs == [(dtype, tuple(shape)) for dtype, shape in spec_list]
+    # a header survives a copy through raw bytes (what MPI moves)
+    copy = np.frombuffer(header.tobytes(), dtype=np.int64)
+    assert decode_header(copy) == (got_kind, got_batch, got_specs)
+
+
+def test_too_many_tensors():
+    ts = [torch.zeros(1)] * (MAX_TENSORS + 1)
+    with pytest.raises(ValueError, match=rf"at most {MAX_TENSORS} tensors, got {MAX_TENSORS + 1}"):
+        encode_header(Kind.DATA, 0, ts)
+
+
+def test_max_tensors_is_allowed():
+    ts = [torch.zeros(1, 2, 3, 4, dtype=torch.float16)] * MAX_TENSORS
+    _, _, got = decode_header(encode_header(Kind.DATA, 0, ts))
+    assert got == [(torch.float16, (1, 2, 3, 4))] * MAX_TENSORS
+
+
+@pytest.mark.parametrize("position", [0, 1])
+def test_too_many_dims(position):
+    ts = [torch.zeros(2, 2)]
+    ts.insert(position, torch.zeros(1, 1, 1, 1, 2))
+    with pytest.raises(ValueError, match=r"at most 4 dims, got \(1, 1, 1, 1, 2\)"):
+        encode_header(Kind.DATA, 0, ts)
+
+
+@pytest.mark.parametrize("n", [-1, MAX_TENSORS + 1, 2**40])
+def test_decode_rejects_bad_count(n):
+    header = np.zeros(HEADER_LEN, dtype=np.int64)
+    header[2] = n
+    with pytest.raises(ValueError, match=rf"corrupt message header: {n} tensors"):
+        decode_header(header)
+
+
+@pytest.mark.parametrize(("code", "ndim"), [(len(WIRE_DTYPES), 1), (-1, 1), (0, 5), (0, -1)])
+def test_decode_rejects_bad_slot(code, ndim):
+    header = np.zeros(HEADER_LEN, dtype=np.int64)
+    header[2] = 1
+    header[3], header[4] = code, ndim
+    with pytest.raises(ValueError, match=rf"dtype code {code}, ndim {ndim}"):
+        decode_header(header)
+
+
+def test_decode_rejects_negative_dim():
+    header = encode_header(Kind.DATA, 0, [torch.zeros(2, 3)])
+    header[3 + 2 + 1] = -3
+    with pytest.raises(ValueError, match=r"shape \(2, -3\)"):
+        decode_header(header)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(INT64, min_size=HEADER_LEN, max_size=HEADER_LEN))
+def test_corrupt_header_decodes_or_value_error(values):
+    header = np.array(values, dtype=np.int64)
+    try:
+        kind, batch_id, got = decode_header(header)
+    except ValueError:
+        return
+    assert kind == values[0] and batch_id == values[1]
+    assert len(got) == values[2]
+    for dtype, shape in got:
+        assert dtype in WIRE_DTYPES
+        assert len(shape) <= 4 and all(d >= 0 for d in shape)
+
+
+@st.composite
+def mostly_valid_headers(draw):
+    """Valid headers with a few slots overwritten: exercises the in-range branches more than random data."""
+    spec_list = draw(specs)
+    header = encode_header(draw(INT64), draw(INT64), _tensors(spec_list))
+    for _ in range(draw(st.integers(1, 4))):
+        header[draw(st.integers(2, HEADER_LEN - 1))] = draw(st.integers(-8, 60))
+    return header
+
+
+@settings(max_examples=300, deadline=None)
+@given(mostly_valid_headers())
+def test_mutated_header_decodes_or_value_error(header):
+    try:
+        _, _, got = decode_header(header)
+    except ValueError:
+        return
+    assert 0 <= len(got) <= MAX_TENSORS
+    for dtype, shape in got:
+        assert dtype in WIRE_DTYPES
+        assert len(shape) <= 4 and all(d >= 0 for d in shape)
