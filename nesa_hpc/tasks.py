@@ -17,7 +17,7 @@ from .models import Adapter
 __all__ = ["Task", "ScoreTask", "EmbedTask", "make_task", "TASKS"]
 
 TASKS = ("score", "embed")
-_CHUNK = 1024  # positions per LM-head chunk: bounds the (chunk, vocab) logits buffer
+_CHUNK = 256  # positions per LM-head chunk: bounds the (chunk, vocab) logits buffer
 
 
 def score_positions(mask: torch.Tensor) -> torch.Tensor:

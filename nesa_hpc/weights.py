@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -147,7 +148,8 @@ def load_partial(folder: str | Path, modules: list[str] | Callable[[Adapter], li
         modules = list(dict.fromkeys(modules(adapter)))
     files = checkpoint_index(folder)
     base = getattr(model, "base_model_prefix", "")
-    handles: dict[Path, object] = {}
+    readers: dict[Path, _TensorReader] = {}
+    loaded: dict[str, torch.Tensor] = {}
     try:
         for module_name in modules:
             module = model.get_submodule(module_name)
@@ -156,24 +158,67 @@ def load_partial(folder: str | Path, modules: list[str] | Callable[[Adapter], li
                 key = _find_key(full, files, adapter.tied, base)
                 if key is None:
                     raise KeyError(f"{folder}: tensor {full!r} is missing from the checkpoint")
-                path = files[key]
-                if path not in handles:
-                    try:
-                        handles[path] = safe_open(path, "pt", device="cpu")
-                    except (SafetensorError, OSError) as exc:
-                        raise ValueError(f"{path}: cannot read safetensors file ({exc})") from exc
-                try:
-                    tensor = handles[path].get_tensor(key)
-                except (SafetensorError, OSError) as exc:
-                    raise ValueError(f"{path}: cannot read tensor {key!r} ({exc})") from exc
-                _assign(model, full, tensor.to(device=device, dtype=DTYPES[dtype]))
+                if key not in loaded:  # tied weights (embedding = LM head) share one tensor
+                    path = files[key]
+                    if path not in readers:
+                        readers[path] = _TensorReader(path)
+                    loaded[key] = readers[path].read(key).to(device=device, dtype=DTYPES[dtype])
+                _assign(model, full, loaded[key])
             for bname, buf in list(module.named_buffers(recurse=True)):
                 if buf.device != torch.device(device) or (buf.is_floating_point() and buf.dtype != DTYPES[dtype]):
                     target_dtype = DTYPES[dtype] if buf.is_floating_point() and "inv_freq" not in bname else buf.dtype
                     _assign(model, f"{module_name}.{bname}", buf.to(device=device, dtype=target_dtype))
     finally:
-        handles.clear()
+        for reader in readers.values():
+            reader.close()
     return adapter
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class _TensorReader:
+    """Reads single tensors from a safetensors file with plain positional reads.
+
+    ``safe_open`` memory-maps the file, and every page it touches counts towards the process's resident
+    memory on top of the copy the model keeps; reading into a fresh buffer keeps a rank's peak memory at
+    the size of its own tensors.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.fh = open(path, "rb")
+            (n,) = struct.unpack("<Q", self.fh.read(8))
+            if n > 100 * 2**20:
+                raise ValueError(f"header of {n} bytes")
+            self.header = json.loads(self.fh.read(n))
+            self.base = 8 + n
+        except (OSError, ValueError, struct.error) as exc:
+            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.header.get(name)
+        if info is None:
+            raise KeyError(f"{self.path}: tensor {name!r} is missing")
+        start, stop = info["data_offsets"]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        out = torch.empty(info["shape"], dtype=dtype)
+        buf = out.view(torch.uint8).reshape(-1).numpy()
+        if buf.nbytes != stop - start:
+            raise ValueError(f"{self.path}: tensor {name!r} is corrupt (shape {info['shape']} needs {buf.nbytes} "
+                             f"bytes, the header gives {stop - start})")
+        self.fh.seek(self.base + start)
+        if self.fh.readinto(memoryview(buf)) != buf.nbytes:
+            raise ValueError(f"{self.path}: tensor {name!r} is truncated (file shorter than its header says)")
+        return out
+
+    def close(self) -> None:
+        self.fh.close()
 
 
 def _find_key(name: str, files: dict[str, Path], tied: dict[str, str], base: str) -> str | None:

@@ -133,7 +133,8 @@ def test_zero_layers_and_zero_world_size():
 
 
 def test_list_length_mismatch():
-    with pytest.raises(ValueError, match=r"lists 2 layer counts \[5, 5\] but there are 3 worker ranks \(world size 4\)"):
+    msg = r"lists 2 layer counts \[5, 5\] but there are 3 worker ranks \(world size 4\)"
+    with pytest.raises(ValueError, match=msg):
         partition_layers(12, 2, 4, [5, 5])
 
 
@@ -268,7 +269,7 @@ def valid_explicit(draw):
     cuts = sorted(draw(st.lists(st.integers(1, rest - 1), min_size=workers - 1, max_size=workers - 1,
                                 unique=True))) if workers > 1 else []
     bounds = [0, *cuts, rest]
-    return num_layers, k, [b - a for a, b in zip(bounds, bounds[1:])]
+    return num_layers, k, [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 @settings(max_examples=300, deadline=None)

@@ -116,8 +116,11 @@ def test_decode_rejects_negative_dim():
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.lists(INT64, min_size=HEADER_LEN, max_size=HEADER_LEN))
-def test_corrupt_header_decodes_or_value_error(values):
+@given(values=st.lists(INT64, min_size=HEADER_LEN, max_size=HEADER_LEN),
+       count=st.one_of(st.none(), st.integers(-1, MAX_TENSORS + 1)))
+def test_corrupt_header_decodes_or_value_error(values, count):
+    if count is not None:  # random int64 counts are nearly always out of range; also try plausible ones
+        values[2] = count
     header = np.array(values, dtype=np.int64)
     try:
         kind, batch_id, got = decode_header(header)

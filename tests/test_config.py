@@ -1,0 +1,175 @@
+"""Compose the real Hydra config (conf/infer.yaml) and check nesa_hpc.config.settings_from_cfg."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from nesa_hpc.config import ConfigError, Settings, settings_from_cfg
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.fixture(scope="module")
+def hydra_ctx():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        yield
+
+
+def _compose(*overrides: str):
+    return compose(config_name="infer", overrides=list(overrides))
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def test_defaults(hydra_ctx):
+    cfg = _compose()
+    assert "hydra" not in cfg
+    s = settings_from_cfg(cfg)
+    assert isinstance(s, Settings)
+    assert s.task == "score"
+    assert s.model_packaged == "smollm2-135m-instruct"
+    assert s.model_path is None
+    assert s.model_dtype == "float32"
+    assert (s.k, s.head, s.partition) == (2, "owner", "uniform")
+    assert s.privacy == "none"
+    assert (s.data_path, s.data_format, s.text_field) == (None, "auto", "text")
+    assert (s.max_length, s.batch_size, s.padding_side) == (512, 8, "right")
+    assert (s.output_path, s.overwrite) == ("results.h5", False)
+    assert (s.threads, s.inflight, s.device) == (None, None, "cpu")
+    assert s.timeout == 300.0 and isinstance(s.timeout, float)
+    assert s.log_every == 10.0
+    assert s.pooling == "mean" and s.normalize is False
+
+
+def test_every_group_has_the_expected_options():
+    assert _options("model") == ["minilm", "smollm2"]
+    assert _options("task") == ["embed", "score"]
+    assert _options("privacy") == ["none"]
+    for group in ("split", "data", "runtime"):
+        assert _options(group) == ["default"]
+
+
+@pytest.mark.parametrize(
+    "group",
+    ["model", "task", "privacy", "split", "data", "runtime"],
+)
+def test_every_option_composes_and_validates(hydra_ctx, group):
+    options = _options(group)
+    assert options
+    for option in options:
+        cfg = _compose(f"{group}={option}")
+        expected = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
+        assert OmegaConf.to_container(cfg[group]) == OmegaConf.to_container(expected)
+        settings_from_cfg(cfg)
+
+
+def test_model_minilm(hydra_ctx):
+    s = settings_from_cfg(_compose("model=minilm", "task=embed"))
+    assert s.model_packaged == "all-minilm-l6-v2"
+    assert s.task == "embed"
+    assert s.pooling == "mean"
+    assert s.normalize is False
+
+
+def test_task_embed_options(hydra_ctx):
+    s = settings_from_cfg(_compose("task=embed", "task.pooling=last", "task.normalize=true"))
+    assert (s.task, s.pooling, s.normalize) == ("embed", "last", True)
+
+
+def test_valid_overrides(hydra_ctx):
+    s = settings_from_cfg(_compose(
+        "split.k=0", "split.head=last", "split.partition=[10,9,9]", "model.dtype=bfloat16",
+        "data.path=/tmp/x.csv", "data.format=csv", "data.text_field=body", "data.max_length=2",
+        "data.batch_size=1", "data.padding_side=left", "output.path=out.h5", "output.overwrite=true",
+        "runtime.threads=2", "runtime.inflight=1", "runtime.timeout=0.5", "runtime.log_every=1",
+        "model.path=/models/llama",
+    ))
+    assert s.k == 0 and s.head == "last"
+    assert s.partition == (10, 9, 9)
+    assert s.model_dtype == "bfloat16"
+    assert (s.data_path, s.data_format, s.text_field) == ("/tmp/x.csv", "csv", "body")
+    assert (s.max_length, s.batch_size, s.padding_side) == (2, 1, "left")
+    assert (s.output_path, s.overwrite) == ("out.h5", True)
+    assert (s.threads, s.inflight, s.timeout, s.log_every) == (2, 1, 0.5, 1.0)
+    assert s.model_path == "/models/llama"
+
+
+def test_partition_with_zeros_is_left_to_topology(hydra_ctx):
+    # zero counts are valid when split.k equals num_layers, which the config cannot know
+    assert settings_from_cfg(_compose("split.partition=[0,0]")).partition == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["split.k=-1"], "split.k"),
+        (["split.k=abc"], "split.k"),
+        (["split.k=1.5"], "split.k"),
+        (["split.k=true"], "split.k"),
+        (["split.head=middle"], "split.head"),
+        (["split.partition=[1,-2]"], "split.partition"),
+        (["split.partition=[1,a]"], "split.partition"),
+        (["split.partition=even"], "split.partition"),
+        (["data.batch_size=0"], "data.batch_size"),
+        (["data.batch_size=-4"], "data.batch_size"),
+        (["data.max_length=1"], "data.max_length"),
+        (["data.format=xml"], "data.format"),
+        (["data.padding_side=center"], "data.padding_side"),
+        (["task=embed", "task.pooling=max"], "task.pooling"),
+        (["task=embed", "task.normalize=maybe"], "task.normalize"),
+        (["task.name=generate"], "task.name"),
+        (["model.dtype=int8"], "model.dtype"),
+        (["model.packaged=gpt-5"], "model.packaged"),
+        (["privacy.mechanism=dp"], "privacy.mechanism"),
+        (["runtime.timeout=0"], "runtime.timeout"),
+        (["runtime.timeout=-5"], "runtime.timeout"),
+        (["runtime.timeout=soon"], "runtime.timeout"),
+        (["runtime.log_every=0"], "runtime.log_every"),
+        (["runtime.threads=0"], "runtime.threads"),
+        (["runtime.inflight=0"], "runtime.inflight"),
+        (["runtime.device=cuda"], "runtime.device"),
+        (["output.path=null"], "output.path"),
+        (["output.path=''"], "output.path"),
+        (["output.overwrite=yes"], "output.overwrite"),
+    ],
+)
+def test_bad_values_raise_config_error(hydra_ctx, overrides, key):
+    cfg = _compose(*overrides)
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        settings_from_cfg(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["model.dtype=[float32]"], "model.dtype"),
+        (["model.packaged=[smollm2-135m-instruct]"], "model.packaged"),
+        (["model.dtype={a:1}"], "model.dtype"),
+    ],
+)
+def test_container_values_raise_config_error(hydra_ctx, overrides, key):
+    # a list/dict where a name is expected must be refused with ConfigError like any other bad value
+    cfg = _compose(*overrides)
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        settings_from_cfg(cfg)
+
+
+def test_config_error_is_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["foo=1", "split.bogus=1", "data.batchsize=4", "task.pooling=max", "model=gpt5", "task=generate"],
+)
+def test_unknown_keys_and_options_refused_at_compose(hydra_ctx, override):
+    # task.pooling does not exist in task=score; model=gpt5 and task=generate are not options
+    with pytest.raises(Exception, match=r"override|Could not|not found|Could not find"):
+        _compose(override)
