@@ -48,7 +48,7 @@ class Settings:
 
 
 def _choice(name: str, value: Any, allowed) -> Any:
-    if value not in allowed:
+    if not isinstance(value, (str, int, float, bool, type(None))) or value not in allowed:
         raise ConfigError(f"{name}={value!r} must be one of {list(allowed)}")
     return value
 

@@ -83,7 +83,7 @@ def _text_of(obj: object, field: str, where: str) -> str:
 def _read_csv(path: Path, fh, text_field: str) -> Iterator[tuple[int, str]]:
     import io
 
-    text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
+    text = io.TextIOWrapper(fh, encoding="utf-8-sig", newline="")  # -sig: tolerate a byte-order mark
     reader = csv.DictReader(text)
     try:
         if reader.fieldnames is None or text_field not in reader.fieldnames:
@@ -94,7 +94,7 @@ def _read_csv(path: Path, fh, text_field: str) -> Iterator[tuple[int, str]]:
                 raise DataError(f"{path}: row {i} (line {reader.line_num}): missing value for {text_field!r}")
             yield i, value
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: invalid UTF-8 ({exc.reason})") from None
+        raise DataError(f"{path}: invalid UTF-8 after line {reader.line_num} ({exc.reason})") from None
     except csv.Error as exc:
         raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
 

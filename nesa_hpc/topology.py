@@ -29,6 +29,8 @@ def partition_layers(num_layers: int, k: int, world_size: int,
         raise ValueError(f"split.k={k} must be between 0 and the model's num_layers={num_layers}")
     workers = world_size - 1
     rest = num_layers - k
+    if isinstance(policy, str) and policy != "uniform":
+        raise ValueError(f"split.partition={policy!r} is not one of 'uniform' or a list of layer counts")
     if workers == 0:
         return [range(0, num_layers)]
     if isinstance(policy, str):
@@ -46,6 +48,8 @@ def partition_layers(num_layers: int, k: int, world_size: int,
         else:
             raise ValueError(f"split.partition={policy!r} is not one of 'uniform' or a list of layer counts")
     else:
+        if any(isinstance(c, bool) or int(c) != c for c in policy):
+            raise ValueError(f"split.partition={list(policy)}: layer counts must be integers")
         counts = [int(c) for c in policy]
         if len(counts) != workers:
             raise ValueError(

@@ -49,6 +49,8 @@ def encode_header(kind: int, batch_id: int, tensors: list[torch.Tensor]) -> np.n
         if t.dim() > _MAX_DIMS:
             raise ValueError(f"a tensor on the wire has at most {_MAX_DIMS} dims, got {tuple(t.shape)}")
         off = 3 + i * _SLOT
+        if t.dtype not in _CODE:
+            raise ValueError(f"dtype {t.dtype} cannot travel on the wire (supported: {WIRE_DTYPES})")
         header[off] = _CODE[t.dtype]
         header[off + 1] = t.dim()
         header[off + 2: off + 2 + t.dim()] = t.shape

@@ -75,11 +75,6 @@ def test_explicit_list_uneven_and_tuple():
     assert ranges == [range(0, 1), range(1, 2), range(2, 10)]
 
 
-def test_explicit_list_accepts_numeric_strings_via_int():
-    # counts are passed through int(); integral values from a config work
-    assert partition_layers(6, 2, 3, [2, 2]) == partition_layers(6, 2, 3, ["2", "2"])
-
-
 # ---------------------------------------------------------------- k == num_layers: relay workers
 
 
