@@ -280,8 +280,8 @@ def test_property_explicit_valid(args):
 def _is_valid(num_layers, k, world_size, policy) -> bool:
     if num_layers < 1 or world_size < 1 or not 0 <= k <= num_layers:
         return False
-    if world_size == 1:
-        return True
+    if world_size == 1:  # one rank runs everything; a list partition is ignored, a bad name is not
+        return policy == "uniform" or not isinstance(policy, str)
     workers, rest = world_size - 1, num_layers - k
     if policy == "uniform":
         return rest == 0 or rest >= workers
