@@ -10,7 +10,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from .data import FORMATS
 from .privacy import MECHANISMS
 from .tasks import TASKS
-from .topology import HEAD_PLACEMENTS
+from .topology import HEAD_PLACEMENTS, PARTITIONS
 from .weights import DTYPES, PACKAGED_MODELS
 
 __all__ = ["ConfigError", "Settings", "settings_from_cfg"]
@@ -31,6 +31,8 @@ class Settings:
     k: int
     head: str
     partition: str | tuple[int, ...]
+    owner_tail: int | None
+    head_cost: float | None
     privacy: str
     data_path: str | None
     data_format: str
@@ -69,6 +71,12 @@ def _positive(name: str, value: Any) -> float:
     return float(value)
 
 
+def _nonneg(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"{name}={value!r} must be a number >= 0")
+    return float(value)
+
+
 def _bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{name}={value!r} must be true or false")
@@ -87,7 +95,7 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
     if isinstance(partition, (list, tuple, ListConfig)):
         partition = tuple(_int("split.partition[]", p, 0) for p in partition)
     else:
-        _choice("split.partition", partition, ("uniform",))
+        _choice("split.partition", partition, PARTITIONS)
     if not out.get("path"):
         raise ConfigError("output.path must name the HDF5 results file")
     return Settings(
@@ -100,6 +108,8 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
         k=_int("split.k", split["k"], 0),
         head=_choice("split.head", split["head"], HEAD_PLACEMENTS),
         partition=partition,
+        owner_tail=_int("split.owner_tail", split.get("owner_tail"), 0, allow_none=True),
+        head_cost=None if split.get("head_cost") is None else _nonneg("split.head_cost", split["head_cost"]),
         privacy=_choice("privacy.mechanism", privacy["mechanism"], MECHANISMS),
         data_path=data.get("path"),
         data_format=_choice("data.format", data.get("format", "auto"), ("auto", *FORMATS)),

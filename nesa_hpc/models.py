@@ -90,6 +90,20 @@ class Adapter:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self.model).__name__} has no language-model head")
 
+    def _numel(self, names: tuple[str, ...]) -> int:
+        return sum(p.numel() for n in names for p in self.model.get_submodule(n).parameters())
+
+    def head_cost(self, task: str) -> float:
+        """Cost of the final norm + head in units of one layer, for ``split.partition=balanced``.
+
+        From parameter counts (meta tensors have sizes), times 1.4 for scoring: the log-softmax over the
+        vocabulary and the loss, measured on SmolLM2 fp32 on CPU (head + loss = 11 layers, weights = 8).
+        """
+        layer = self._numel((self.layer_module(0),)) or 1
+        if task != "score" or not self.has_head:
+            return self._numel(self.norm_modules) / layer
+        return 1.4 * self._numel(self.head_modules) / layer
+
 
 class LlamaLikeAdapter(Adapter):
     """``model.embed_tokens / model.layers / model.norm / model.rotary_emb / lm_head`` (Llama, Mistral,

@@ -50,6 +50,7 @@ def run_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task: Task, ba
     front = range(0, topo.k)
     back = range(topo.k, topo.num_layers) if topo.world_size == 1 else range(0)
     head_here = topo.head_rank() == 0
+    dtype = adapter_dtype(adapter)
     outstanding: deque[tuple[Batch, object]] = deque()
 
     def collect() -> None:
@@ -61,8 +62,11 @@ def run_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task: Task, ba
         pending.wait()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = task.head_stage(adapter, msg.tensors[0].to(adapter_dtype(adapter)), batch.mask) \
-                if head_here else msg.tensors
+            if head_here:
+                h = adapter.run_layers(topo.tail, msg.tensors[0].to(dtype), batch.mask, batch.pos)  # (B, T, H)
+                out = task.head_stage(adapter, h, batch.mask)
+            else:
+                out = msg.tensors
             on_result(batch, out)
         stats.compute_s += time.perf_counter() - t0
 

@@ -23,7 +23,7 @@ from .results import ResultWriter, check_output_path
 from .tasks import ScoreTask, make_task
 from .topology import make_topology
 from .transport import MpiTransport, TransportTimeout
-from .weights import load_partial, packaged_model_path
+from .weights import build_adapter, load_modules, packaged_model_path
 
 __all__ = ["run", "main", "JobError"]
 
@@ -120,11 +120,11 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict | None:
     torch.set_num_threads(_threads(settings, comm))
 
     folder = _agree(comm, lambda: _model_folder(settings))
-    from transformers import AutoConfig
-
-    model_config = _all_ok(comm, lambda: AutoConfig.from_pretrained(folder))
-    num_layers = int(model_config.num_hidden_layers)
-    topo = _all_ok(comm, lambda: make_topology(num_layers, settings.k, size, settings.head, settings.partition))
+    adapter = _all_ok(comm, lambda: build_adapter(folder))
+    head_cost = adapter.head_cost(settings.task) if settings.head_cost is None else settings.head_cost
+    topo = _all_ok(comm, lambda: make_topology(adapter.num_layers, settings.k, size, settings.head,
+                                               settings.partition, head_cost, settings.owner_tail))
+    num_layers = topo.num_layers
 
     data_path = settings.data_path or str(sample_path())
 
@@ -136,11 +136,12 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict | None:
     if rank == 0:
         log.info("model %s: %d layers, world size %d, split.k=%d, head on %s", folder, num_layers, size,
                  settings.k, "rank 0 (owner)" if topo.head == "owner" else f"rank {topo.last} (last worker)")
-        for line in topo.describe():
+        for line in topo.describe(topo.stage_costs(head_cost)):
             log.info("  %s", line)
     _agree(comm, owner_checks)
 
-    adapter = _all_ok(comm, lambda: _load_rank(rank, topo, folder, settings))
+    _all_ok(comm, lambda: load_modules(adapter, folder, _rank_modules(rank, topo, adapter, settings.task),
+                                       settings.model_dtype))
     task = _all_ok(comm, lambda: make_task(settings.task, topo.head_rank() == 0, settings.pooling,
                                            settings.normalize))
     _all_ok(comm, lambda: _check_task(settings, adapter))
@@ -162,24 +163,20 @@ def _check_task(settings: Settings, adapter) -> None:
                           "head (use task=embed)")
 
 
-def _load_rank(rank: int, topo, folder: str, settings: Settings):
-    """Load only this rank's modules: embeddings (+ head) on the owner, its layer block on a worker."""
-
-    def modules(adapter) -> list[str]:
-        names: list[str] = []
-        layers = topo.layers_of(rank)
-        if rank == 0:
-            names += adapter.embed_modules
-        if len(layers):
-            names += adapter.stage_modules
-            names += [adapter.layer_module(i) for i in layers]
-        if topo.head_rank() == rank:
-            names += adapter.norm_modules
-            if settings.task == "score":
-                names += adapter.head_modules
-        return names
-
-    return load_partial(folder, modules, settings.model_dtype)
+def _rank_modules(rank: int, topo, adapter, task: str) -> list[str]:
+    """This rank's modules: embeddings (+ head, + tail layers) on the owner, its layer block on a worker."""
+    names: list[str] = []
+    layers = list(topo.layers_of(rank)) + (list(topo.tail) if rank == 0 else [])
+    if rank == 0:
+        names += adapter.embed_modules
+    if layers:
+        names += adapter.stage_modules
+        names += [adapter.layer_module(i) for i in layers]
+    if topo.head_rank() == rank:
+        names += adapter.norm_modules
+        if task == "score":
+            names += adapter.head_modules
+    return names
 
 
 def _run_owner(comm, cfg, settings, topo, adapter, task, transport, folder, data_path, start) -> dict:
@@ -192,7 +189,9 @@ def _run_owner(comm, cfg, settings, topo, adapter, task, transport, folder, data
     attrs = {
         "task": settings.task, "model_path": folder, "num_layers": topo.num_layers, "split_k": topo.k,
         "split_head": topo.head, "world_size": topo.world_size, "layers_per_rank": topo.layer_counts(),
-        "layer_ranges": [[r.start, r.stop] for r in topo.ranges], "data_path": str(data_path),
+        "layer_ranges": [[r.start, r.stop] for r in topo.ranges], "owner_tail": [topo.tail.start, topo.tail.stop],
+        "split_partition": list(settings.partition) if isinstance(settings.partition, tuple) else settings.partition,
+        "data_path": str(data_path),
         "config": OmegaConf.to_yaml(cfg, resolve=True), "nesa_hpc_version": __version__,
         "model_dtype": settings.model_dtype,
     }
@@ -226,7 +225,7 @@ def _run_owner(comm, cfg, settings, topo, adapter, task, transport, folder, data
     elapsed = time.perf_counter() - start
     ranks = [{"rank": 0, "host": socket.gethostname(), "compute_s": stats.compute_s,
               "wait_s": transport.wait_seconds if transport else 0.0, "peak_rss_mb": _peak_rss_mb(),
-              "batches": stats.batches, "layers": [0, topo.k]}]
+              "batches": stats.batches, "layers": [0, topo.k], "tail": [topo.tail.start, topo.tail.stop]}]
     if topo.world_size > 1:
         ranks += [r for r in comm.gather(None, root=0) if r is not None]
     summary = {"rows": done["rows"], "tokens": done["tokens"], "seconds": round(elapsed, 3),

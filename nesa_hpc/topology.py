@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Topology", "partition_layers", "make_topology"]
+__all__ = ["Topology", "partition_layers", "make_topology", "balanced_plan", "PARTITIONS"]
+
+PARTITIONS = ("uniform", "balanced")
 
 HEAD_PLACEMENTS = ("owner", "last")
 
 
 def partition_layers(num_layers: int, k: int, world_size: int,
-                     policy: str | Sequence[int] = "uniform") -> list[range]:
+                     policy: str | Sequence[int] = "uniform", tail: int = 0) -> list[range]:
     """Return one ``range`` of layer indices per rank; rank 0 (the owner) always gets ``range(0, k)``.
 
     ``policy`` is ``"uniform"`` (the remaining ``num_layers - k`` layers split as evenly as possible,
@@ -28,7 +30,9 @@ def partition_layers(num_layers: int, k: int, world_size: int,
     if not 0 <= k <= num_layers:
         raise ValueError(f"split.k={k} must be between 0 and the model's num_layers={num_layers}")
     workers = world_size - 1
-    rest = num_layers - k
+    if not 0 <= tail <= num_layers - k:
+        raise ValueError(f"split.owner_tail={tail} must be between 0 and num_layers - split.k = {num_layers - k}")
+    rest = num_layers - k - tail
     if isinstance(policy, str) and policy != "uniform":
         raise ValueError(f"split.partition={policy!r} is not one of 'uniform' or a list of layer counts")
     if workers == 0:
@@ -58,9 +62,9 @@ def partition_layers(num_layers: int, k: int, world_size: int,
         if any(c < 0 for c in counts) or (rest and any(c < 1 for c in counts)):
             raise ValueError(f"split.partition={counts}: every worker needs at least one layer")
         if sum(counts) != rest:
-            raise ValueError(
-                f"split.partition={counts} sums to {sum(counts)} but num_layers={num_layers} - "
-                f"split.k={k} = {rest} layers remain for the workers")
+            left = f"num_layers={num_layers} - split.k={k}" + (f" - split.owner_tail={tail}" if tail else "")
+            raise ValueError(f"split.partition={counts} sums to {sum(counts)} but {left} = {rest} layers remain "
+                             "for the workers")
     ranges = [range(0, k)]
     start = k
     for c in counts:
@@ -69,21 +73,75 @@ def partition_layers(num_layers: int, k: int, world_size: int,
     return ranges
 
 
+def balanced_plan(num_layers: int, k: int, world_size: int, head: str, head_cost: float) -> tuple[list[int], int]:
+    """Per-worker layer counts and an owner tail that make every stage cost about the same.
+
+    Costs are in units of one layer (the layers of a supported model are identical). The owner pays
+    ``k`` layers plus, with ``head="owner"``, the final norm + head (``head_cost``) and any tail layers
+    it keeps; with ``head="last"`` the last worker pays the head. Returns ``(counts, tail)`` minimising
+    the most expensive stage (ties: the smallest tail, so the workers carry the layers).
+    """
+    workers = world_size - 1
+    if workers == 0:
+        return [], 0
+    best: tuple[float, int, list[int]] | None = None
+    max_tail = num_layers - k - workers if head == "owner" else 0
+    for tail in range(0, max(0, max_tail) + 1):
+        rest = num_layers - k - tail
+        if rest == 0 and tail == 0:
+            counts = [0] * workers
+        elif rest < workers:
+            continue
+        elif head == "last" and workers > 1:
+            # the last worker carries the head: try every size for its block, spread the rest evenly
+            options = []
+            for n_last in range(1, rest - (workers - 1) + 1):
+                others = _even(rest - n_last, workers - 1)
+                options.append((max([*others, n_last + head_cost]), [*others, n_last]))
+            counts = min(options, key=lambda o: o[0])[1]
+        else:
+            counts = _even(rest, workers)
+        owner = k + tail + (head_cost if head == "owner" else 0.0)
+        last_extra = head_cost if head == "last" else 0.0
+        cost = max(owner, *counts[:-1], counts[-1] + last_extra) if counts else owner
+        if best is None or cost < best[0] - 1e-9:
+            best = (cost, tail, counts)
+    if best is None:
+        raise ValueError(f"cannot give each of the {workers} worker ranks at least one layer: the model has "
+                         f"num_layers={num_layers} and split.k={k}")
+    return best[2], best[1]
+
+
+def _even(n: int, parts: int) -> list[int]:
+    if parts == 0:
+        return []
+    base, extra = divmod(n, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
 @dataclass(frozen=True)
 class Topology:
-    """Roles of every rank, validated once."""
+    """Roles of every rank, validated once.
+
+    ``ranges[r]`` is the contiguous block rank ``r`` runs on the way out: ``range(0, k)`` for the owner.
+    ``tail`` holds the last layers when the owner also runs them on the way back, before the head
+    (U-shaped split, ``split.head=owner`` only): the workers' blocks then end at ``tail.start``.
+    """
 
     num_layers: int
     k: int
     world_size: int
     head: str
     ranges: tuple[range, ...]
+    tail: range = range(0)
 
     def __post_init__(self) -> None:
         if self.head not in HEAD_PLACEMENTS:
             raise ValueError(f"split.head={self.head!r} must be one of {HEAD_PLACEMENTS}")
         if len(self.ranges) != self.world_size:
             raise ValueError(f"{len(self.ranges)=} does not match {self.world_size=}")
+        if len(self.tail) and (self.head != "owner" or self.tail.stop != self.num_layers):
+            raise ValueError(f"an owner tail ({self.tail}) needs split.head=owner and must end at the last layer")
 
     @property
     def last(self) -> int:
@@ -96,10 +154,12 @@ class Topology:
         return 0 if self.head == "owner" else self.last
 
     def layer_counts(self) -> list[int]:
-        return [len(r) for r in self.ranges]
+        return [len(r) + (len(self.tail) if rank == 0 else 0) for rank, r in enumerate(self.ranges)]
 
-    def describe(self) -> list[str]:
+    def describe(self, costs: list[float] | None = None) -> list[str]:
+        """One line per rank: layers, extra duties and (given per-rank costs) the expected share of work."""
         lines = []
+        total = sum(costs) if costs else 0.0
         for rank, r in enumerate(self.ranges):
             role = "owner" if rank == 0 else "worker"
             extra = []
@@ -108,15 +168,44 @@ class Topology:
             if rank == self.head_rank():
                 extra.append("norm+head")
             span = f"layers [{r.start}, {r.stop})" if len(r) else "no layers"
-            lines.append(f"rank {rank} ({role}): {span} ({len(r)}) {'+'.join(extra)}".rstrip())
+            if rank == 0 and len(self.tail):
+                span += f" + [{self.tail.start}, {self.tail.stop})"
+            line = f"rank {rank} ({role}): {span} ({self.layer_counts()[rank]}) {'+'.join(extra)}".rstrip()
+            if costs and total:
+                line += f", expected share of work {100 * costs[rank] / total:.0f}%"
+            lines.append(line)
         return lines
+
+    def stage_costs(self, head_cost: float) -> list[float]:
+        """Expected work per rank in layer units (the cost model behind ``split.partition=balanced``)."""
+        costs = [float(n) for n in self.layer_counts()]
+        costs[self.head_rank()] += head_cost
+        return costs
 
 
 def make_topology(num_layers: int, k: int, world_size: int, head: str = "owner",
-                  policy: str | Sequence[int] = "uniform") -> Topology:
+                  policy: str | Sequence[int] = "uniform", head_cost: float = 0.0,
+                  owner_tail: int | None = None) -> Topology:
+    """Validate the split options and build the :class:`Topology` (``head_cost`` in layer units is used
+    by ``policy="balanced"``; ``owner_tail`` overrides the balanced tail, or adds one to other policies)."""
     if head not in HEAD_PLACEMENTS:
         raise ValueError(f"split.head={head!r} must be one of {HEAD_PLACEMENTS}")
     if world_size == 1 and head == "last":
         head = "owner"
-    ranges = partition_layers(num_layers, k, world_size, policy)
-    return Topology(num_layers, k, world_size, head, tuple(ranges))
+    if owner_tail and head != "owner":
+        raise ValueError(f"split.owner_tail={owner_tail} needs split.head=owner (the owner runs the tail before "
+                         "its head)")
+    if not 0 <= k <= num_layers:
+        raise ValueError(f"split.k={k} must be between 0 and the model's num_layers={num_layers}")
+    tail = owner_tail or 0
+    if policy == "balanced":
+        counts, auto_tail = balanced_plan(num_layers, k, world_size, head, head_cost)
+        if owner_tail is None:
+            tail = auto_tail
+        else:
+            counts = _even(num_layers - k - tail, world_size - 1)
+        policy = counts if world_size > 1 else "uniform"
+    if world_size == 1:
+        tail = 0
+    ranges = partition_layers(num_layers, k, world_size, policy, tail)
+    return Topology(num_layers, k, world_size, head, tuple(ranges), range(num_layers - tail, num_layers))

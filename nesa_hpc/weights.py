@@ -18,7 +18,8 @@ from torch import nn
 
 from .models import ENCODER_MODEL_TYPES, Adapter, make_adapter
 
-__all__ = ["PACKAGED_MODELS", "packaged_model_path", "load_partial", "checkpoint_index", "cache_dir"]
+__all__ = ["PACKAGED_MODELS", "packaged_model_path", "build_adapter", "load_modules", "load_partial",
+           "checkpoint_index", "cache_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -135,17 +136,29 @@ def _build_skeleton(folder: Path) -> nn.Module:
     return model.eval()
 
 
+def build_adapter(folder: str | Path) -> Adapter:
+    """The model's adapter over a skeleton whose parameters are all on the meta device (no memory)."""
+    return make_adapter(_build_skeleton(Path(folder)))
+
+
 def load_partial(folder: str | Path, modules: list[str] | Callable[[Adapter], list[str]],
                  dtype: str = "float32", device: str | torch.device = "cpu") -> Adapter:
     """Build the model skeleton on the meta device and load only the tensors of ``modules``: module
     names such as ``model.layers.7``, or a function of the adapter that returns them."""
+    adapter = build_adapter(folder)
+    if callable(modules):
+        modules = modules(adapter)
+    return load_modules(adapter, folder, modules, dtype, device)
+
+
+def load_modules(adapter: Adapter, folder: str | Path, modules: list[str], dtype: str = "float32",
+                 device: str | torch.device = "cpu") -> Adapter:
+    """Fill ``modules`` of the adapter's skeleton from the folder's safetensors files, nothing else."""
     folder = Path(folder)
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype={dtype!r} must be one of {sorted(DTYPES)}")
-    model = _build_skeleton(folder)
-    adapter = make_adapter(model)
-    if callable(modules):
-        modules = list(dict.fromkeys(modules(adapter)))
+    model = adapter.model
+    modules = list(dict.fromkeys(modules))
     files = checkpoint_index(folder)
     base = getattr(model, "base_model_prefix", "")
     readers: dict[Path, _TensorReader] = {}
