@@ -40,11 +40,13 @@ class Settings:
     max_length: int
     batch_size: int
     padding_side: str
+    bucket_window: int
     output_path: str
     overwrite: bool
     threads: int | None
     inflight: int | None
     timeout: float
+    wire_dtype: str | None
     log_every: float
     device: str
 
@@ -117,11 +119,13 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
         max_length=_int("data.max_length", data["max_length"], 2),
         batch_size=_int("data.batch_size", data["batch_size"], 1),
         padding_side=_choice("data.padding_side", data.get("padding_side", "right"), ("left", "right")),
+        bucket_window=_int("data.bucket_window", data.get("bucket_window", 0), 0),
         output_path=str(out["path"]),
         overwrite=_bool("output.overwrite", out.get("overwrite", False)),
         threads=_int("runtime.threads", rt.get("threads"), 1, allow_none=True),
         inflight=_int("runtime.inflight", rt.get("inflight"), 1, allow_none=True),
         timeout=_positive("runtime.timeout", rt.get("timeout", 300)),
+        wire_dtype=_choice("runtime.wire_dtype", rt.get("wire_dtype"), (None, *DTYPES)),
         log_every=_positive("runtime.log_every", rt.get("log_every", 10)),
         device=_choice("runtime.device", rt.get("device", "cpu"), ("cpu",)),
     )

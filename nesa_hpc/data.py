@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["DataError", "Batch", "read_rows", "make_batches", "detect_format", "sample_path", "FORMATS"]
+__all__ = ["DataError", "Batch", "read_rows", "make_batches", "prefetch", "detect_format", "sample_path", "FORMATS"]
 
 FORMATS = ("jsonl", "text", "csv", "parquet")
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".txt": "text", ".text": "text",
@@ -156,34 +158,79 @@ def pad_batch(seqs: list[list[int]], pad_id: int, padding_side: str) -> tuple[to
 
 
 def make_batches(rows: Iterable[tuple[int, str]], tokenizer, batch_size: int, max_length: int,
-                 padding_side: str = "right", source: str = "data") -> Iterator[Batch]:
-    """Tokenize ``rows`` with the tokenizer's defaults, truncate to ``max_length`` and pad."""
+                 padding_side: str = "right", source: str = "data", bucket_window: int = 0) -> Iterator[Batch]:
+    """Tokenize ``rows`` with the tokenizer's defaults, truncate to ``max_length`` and pad.
+
+    With ``bucket_window > 0`` rows are read ``bucket_window`` at a time and, inside each window, sorted
+    by length before being cut into batches, so rows of similar length share a batch (less padding).
+    Batches then leave input order within a window; every row keeps its input index in ``Batch.rows``.
+    """
     if padding_side not in ("left", "right"):
         raise DataError(f"data.padding_side={padding_side!r} must be 'left' or 'right'")
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    pending: list[tuple[int, str]] = []
+    window = max(bucket_window, batch_size) if bucket_window > 0 else batch_size
     index = 0
-
-    def flush() -> Batch:
-        texts = [t for _, t in pending]
-        encoded = tokenizer(texts)["input_ids"]
-        seqs, truncated = [], []
-        for (row, _), ids in zip(pending, encoded, strict=True):
+    for chunk in _chunks(rows, window):
+        encoded = tokenizer([t for _, t in chunk])["input_ids"]
+        items = []
+        for (row, _), ids in zip(chunk, encoded, strict=True):
             if len(ids) == 0:
                 raise DataError(f"{source}: row {row}: the text is empty (no tokens)")
-            truncated.append(len(ids) > max_length)
-            seqs.append(list(ids[:max_length]))
-        ids, mask = pad_batch(seqs, pad_id, padding_side)
-        return Batch(index, torch.tensor([r for r, _ in pending], dtype=torch.long), ids, mask,
-                     position_ids(mask), mask.sum(-1), torch.tensor(truncated, dtype=torch.bool))
-
-    for row in rows:
-        pending.append(row)
-        if len(pending) == batch_size:
-            yield flush()
+            items.append((row, list(ids[:max_length]), len(ids) > max_length))
+        if bucket_window > 0:
+            items.sort(key=lambda it: len(it[1]))  # stable: equal lengths keep input order
+        for start in range(0, len(items), batch_size):
+            part = items[start:start + batch_size]
+            ids, mask = pad_batch([seq for _, seq, _ in part], pad_id, padding_side)
+            yield Batch(index, torch.tensor([r for r, _, _ in part], dtype=torch.long), ids, mask,
+                        position_ids(mask), mask.sum(-1), torch.tensor([t for _, _, t in part], dtype=torch.bool))
             index += 1
-            pending = []
-    if pending:
-        yield flush()
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def prefetch(batches: Iterable[Batch], depth: int = 4) -> Iterator[Batch]:
+    """Read and tokenize ahead in a background thread (the tokenizer releases the GIL), ``depth`` batches
+    at most; an error in the reader is raised here, in the consumer, at the point it occurred."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for b in batches:
+                while not stop.is_set():
+                    try:
+                        q.put(b, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:  # handed to the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, name="nesa-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -31,9 +31,9 @@ class StageStats:
     extra: dict = field(default_factory=dict)
 
 
-def _wire(h: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
+def _wire(h: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, wire_dtype: torch.dtype) -> list[torch.Tensor]:
     # (B, T, H) hidden states, (B, T) int8 mask, (B, T) int32 positions: no token ids, ever.
-    return [h, mask.to(torch.int8), pos.to(torch.int32)]
+    return [h.to(wire_dtype), mask.to(torch.int8), pos.to(torch.int32)]
 
 
 def _unwire(tensors: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -43,7 +43,7 @@ def _unwire(tensors: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tens
 
 def run_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task: Task, batches: Iterable[Batch],
               on_result: Callable[[Batch, list[torch.Tensor]], None], transport: MpiTransport | None,
-              inflight: int) -> StageStats:
+              inflight: int, wire_dtype: torch.dtype | None = None) -> StageStats:
     """Rank 0: embed, run layers [0, k), privatise, send; collect results in order and hand them to
     ``on_result`` (which runs ``task.finish`` and writes)."""
     stats = StageStats()
@@ -51,6 +51,7 @@ def run_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task: Task, ba
     back = range(topo.k, topo.num_layers) if topo.world_size == 1 else range(0)
     head_here = topo.head_rank() == 0
     dtype = adapter_dtype(adapter)
+    wire_dtype = wire_dtype or dtype
     outstanding: deque[tuple[Batch, object]] = deque()
 
     def collect() -> None:
@@ -83,7 +84,8 @@ def run_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task: Task, ba
         stats.batches += 1
         if topo.world_size == 1:
             continue
-        outstanding.append((batch, transport.send(1, Kind.DATA, batch.index, _wire(z, batch.mask, batch.pos))))
+        wire = _wire(z, batch.mask, batch.pos, wire_dtype)
+        outstanding.append((batch, transport.send(1, Kind.DATA, batch.index, wire)))
         while len(outstanding) >= inflight:
             collect()
     while outstanding:
@@ -97,13 +99,15 @@ def adapter_dtype(adapter: Adapter) -> torch.dtype:
     return next((p.dtype for p in adapter.model.parameters() if p.device.type != "meta"), torch.float32)
 
 
-def run_worker(rank: int, topo: Topology, adapter: Adapter, task: Task, transport: MpiTransport) -> StageStats:
+def run_worker(rank: int, topo: Topology, adapter: Adapter, task: Task, transport: MpiTransport,
+               wire_dtype: torch.dtype | None = None) -> StageStats:
     """Ranks 1..N-1: receive (B, T, H) states, run this rank's layers, send on (the last rank sends to 0)."""
     stats = StageStats()
     layers = topo.layers_of(rank)
     is_last = rank == topo.last
     head_here = topo.head_rank() == rank
     dtype = adapter_dtype(adapter)
+    wire_dtype = wire_dtype or dtype
     pending = None
     while True:
         msg = transport.recv(rank - 1)
@@ -118,13 +122,13 @@ def run_worker(rank: int, topo: Topology, adapter: Adapter, task: Task, transpor
             h, mask, pos = _unwire(msg.tensors, dtype)
             h = adapter.run_layers(layers, h, mask, pos)  # (B, T, H)
             if is_last:
-                out = task.head_stage(adapter, h, mask) if head_here else [h]
+                out = task.head_stage(adapter, h, mask) if head_here else [h.to(wire_dtype)]
         stats.compute_s += time.perf_counter() - t0
         stats.batches += 1
         if is_last:
             nxt = transport.send(0, Kind.RESULT, msg.batch_id, out)
         else:
-            nxt = transport.send(rank + 1, Kind.DATA, msg.batch_id, _wire(h, mask, pos))
+            nxt = transport.send(rank + 1, Kind.DATA, msg.batch_id, _wire(h, mask, pos, wire_dtype))
         if pending is not None:
             pending.wait()
         pending = nxt

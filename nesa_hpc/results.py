@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-__all__ = ["ResultWriter", "OutputExistsError", "read_results"]
+__all__ = ["ResultWriter", "InOrder", "OutputExistsError", "read_results"]
 
 _COMMON = {"row": (np.int64, ()), "n_tokens": (np.int32, ()), "truncated": (np.bool_, ())}
 
@@ -90,3 +90,30 @@ def read_results(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     """Load every dataset and root attribute of a results file."""
     with h5py.File(path, "r") as f:
         return {k: f[k][()] for k in f.keys()}, dict(f.attrs)
+
+
+class InOrder:
+    """Hands rows to ``write`` in input order when batches finish out of order (length bucketing).
+
+    Rows are numbered 0, 1, 2, ... in input order; a finished batch's rows wait here until every earlier
+    row has been written, so memory holds at most one bucketing window plus the batches in flight.
+    """
+
+    def __init__(self, write, first_row: int = 0) -> None:
+        self.write = write
+        self.next_row = first_row
+        self.waiting: dict[int, tuple[dict[str, np.ndarray], int]] = {}
+
+    def add(self, cols: dict[str, np.ndarray]) -> None:
+        for i, r in enumerate(cols["row"].tolist()):
+            self.waiting[r] = (cols, i)
+        run = []
+        while self.next_row in self.waiting:
+            run.append(self.waiting.pop(self.next_row))
+            self.next_row += 1
+        if run:
+            self.write({name: np.stack([c[name][i] for c, i in run]) for name in run[0][0]})
+
+    @property
+    def pending(self) -> int:
+        return len(self.waiting)

@@ -16,14 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import __version__
 from .config import ConfigError, Settings, settings_from_cfg
-from .data import DataError, make_batches, read_rows, sample_path
+from .data import DataError, make_batches, prefetch, read_rows, sample_path
 from .pipeline import run_owner, run_worker
 from .privacy import make_privacy
-from .results import ResultWriter, check_output_path
+from .results import InOrder, ResultWriter, check_output_path
 from .tasks import ScoreTask, make_task
 from .topology import make_topology
 from .transport import MpiTransport, TransportTimeout
-from .weights import build_adapter, load_modules, packaged_model_path
+from .weights import DTYPES, build_adapter, load_modules, packaged_model_path
 
 __all__ = ["run", "main", "JobError"]
 
@@ -148,13 +148,12 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict | None:
     transport = MpiTransport(comm, settings.timeout, on_recv) if size > 1 else None
     start = time.perf_counter()
 
+    wire_dtype = DTYPES[settings.wire_dtype] if settings.wire_dtype else None
     if rank != 0:
-        stats = run_worker(rank, topo, adapter, task, transport)
-        comm.gather({"rank": rank, "host": socket.gethostname(), "compute_s": stats.compute_s,
-                     "wait_s": transport.wait_seconds, "peak_rss_mb": _peak_rss_mb(), "batches": stats.batches,
-                     "layers": [topo.layers_of(rank).start, topo.layers_of(rank).stop]}, root=0)
+        stats = run_worker(rank, topo, adapter, task, transport, wire_dtype)
+        comm.gather(_rank_stats(rank, stats, transport, time.perf_counter() - start), root=0)
         return None
-    return _run_owner(comm, cfg, settings, topo, adapter, task, transport, folder, data_path, start)
+    return _run_owner(comm, cfg, settings, topo, adapter, task, transport, folder, data_path, start, wire_dtype)
 
 
 def _check_task(settings: Settings, adapter) -> None:
@@ -179,7 +178,16 @@ def _rank_modules(rank: int, topo, adapter, task: str) -> list[str]:
     return names
 
 
-def _run_owner(comm, cfg, settings, topo, adapter, task, transport, folder, data_path, start) -> dict:
+def _rank_stats(rank: int, stats, transport, wall: float) -> dict:
+    waits = transport.wait_seconds if transport else {"recv": 0.0, "send": 0.0}
+    return {"rank": rank, "host": socket.gethostname(), "compute_s": round(stats.compute_s, 3),
+            "wait_input_s": round(waits["recv"], 3), "wait_send_s": round(waits["send"], 3),
+            "idle_share": round(max(0.0, 1 - stats.compute_s / wall), 3) if wall > 0 else 0.0,
+            "peak_rss_mb": round(_peak_rss_mb(), 1), "batches": stats.batches,
+            "bytes_sent": transport.bytes_sent if transport else 0}
+
+
+def _run_owner(comm, cfg, settings, topo, adapter, task, transport, folder, data_path, start, wire_dtype) -> dict:
     from transformers import AutoTokenizer
 
     try:
@@ -193,57 +201,64 @@ def _run_owner(comm, cfg, settings, topo, adapter, task, transport, folder, data
         "split_partition": list(settings.partition) if isinstance(settings.partition, tuple) else settings.partition,
         "data_path": str(data_path),
         "config": OmegaConf.to_yaml(cfg, resolve=True), "nesa_hpc_version": __version__,
-        "model_dtype": settings.model_dtype,
+        "model_dtype": settings.model_dtype, "wire_dtype": settings.wire_dtype or settings.model_dtype,
+        "bucket_window": settings.bucket_window, "batch_size": settings.batch_size,
     }
     if settings.task == "embed":
         attrs.update(pooling=settings.pooling, normalize=settings.normalize)
     privacy = make_privacy(settings.privacy)
     attrs.update(privacy.attrs())
     writer = ResultWriter(settings.output_path, task.columns(adapter.hidden_size), attrs, settings.overwrite)
+    ordered = InOrder(writer.append)
     progress = _Progress(settings.log_every, _count_rows(data_path, settings))
-    done = {"rows": 0, "tokens": 0}
+    done = {"rows": 0, "tokens": 0, "padded": 0}
 
     def on_result(batch, outputs):
         cols = task.finish(adapter, batch, outputs)
         cols.update(row=batch.rows.numpy(), truncated=batch.truncated.numpy())
-        writer.append(cols)
+        ordered.add(cols)
         done["rows"] += batch.size
         done["tokens"] += batch.tokens
+        done["padded"] += batch.ids.numel()
         progress.update(batch.size, batch.tokens)
 
     try:
         rows = read_rows(data_path, settings.data_format, settings.text_field)
-        batches = make_batches(rows, tokenizer, settings.batch_size, settings.max_length, settings.padding_side,
-                               source=str(data_path))
+        batches = prefetch(make_batches(rows, tokenizer, settings.batch_size, settings.max_length,
+                                        settings.padding_side, str(data_path), settings.bucket_window))
         stats = run_owner(topo, adapter, privacy, task, batches, on_result, transport,
-                          settings.inflight or topo.world_size + 1)
+                          settings.inflight or topo.world_size + 1, wire_dtype)
     except BaseException:
         progress.close()
         writer.abort()
         raise
     progress.close()
     elapsed = time.perf_counter() - start
-    ranks = [{"rank": 0, "host": socket.gethostname(), "compute_s": stats.compute_s,
-              "wait_s": transport.wait_seconds if transport else 0.0, "peak_rss_mb": _peak_rss_mb(),
-              "batches": stats.batches, "layers": [0, topo.k], "tail": [topo.tail.start, topo.tail.stop]}]
+    ranks = [_rank_stats(0, stats, transport, elapsed)]
     if topo.world_size > 1:
         ranks += [r for r in comm.gather(None, root=0) if r is not None]
+    waste = 1 - done["tokens"] / done["padded"] if done["padded"] else 0.0
     summary = {"rows": done["rows"], "tokens": done["tokens"], "seconds": round(elapsed, 3),
-               "tokens_per_s": round(done["tokens"] / elapsed, 1) if elapsed > 0 else 0.0}
-    final = {"rows": done["rows"], "tokens": done["tokens"], "seconds": elapsed,
-             "peak_rss_mb": [round(r["peak_rss_mb"], 1) for r in ranks]}
+               "tokens_per_s": round(done["tokens"] / elapsed, 1) if elapsed > 0 else 0.0,
+               "padding_waste": round(waste, 4)}
+    final = {"rows": done["rows"], "tokens": done["tokens"], "seconds": elapsed, "padding_waste": waste,
+             "peak_rss_mb": [r["peak_rss_mb"] for r in ranks], "rank_stats": ranks}
     if isinstance(task, ScoreTask):
         summary["perplexity"] = task.perplexity()
         final["perplexity"] = summary["perplexity"]
+    if ordered.pending:
+        writer.abort()
+        raise RuntimeError(f"{ordered.pending} rows finished but could not be written in input order")
     if done["rows"] == 0:
         writer.abort()
         raise JobError(f"{data_path}: the dataset has no rows")
     writer.close(final)
     for r in ranks:
-        log.info("rank %d (%s): compute %.2f s, waiting %.2f s, peak RSS %.0f MB", r["rank"], r["host"],
-                 r["compute_s"], r["wait_s"], r["peak_rss_mb"])
+        log.info("rank %d (%s): compute %.2f s, waiting for input %.2f s, waiting to send %.2f s, idle %.0f%%, "
+                 "peak RSS %.0f MB", r["rank"], r["host"], r["compute_s"], r["wait_input_s"], r["wait_send_s"],
+                 100 * r["idle_share"], r["peak_rss_mb"])
     line = (f"done: {summary['rows']} rows, {summary['tokens']} tokens in {summary['seconds']:.1f} s "
-            f"({summary['tokens_per_s']:.1f} tokens/s)")
+            f"({summary['tokens_per_s']:.1f} tokens/s, padding {100 * waste:.1f}%)")
     if "perplexity" in summary:
         line += f", perplexity {summary['perplexity']:.4f}"
     log.info("%s -> %s", line, settings.output_path)

@@ -101,7 +101,7 @@ class Pending:
 
     def wait(self) -> None:
         if self.transport is not None:
-            self.transport._wait_all(self.requests, f"sending to rank {self.peer}")
+            self.transport._wait_all(self.requests, f"sending to rank {self.peer}", "send")
 
 
 class MpiTransport:
@@ -111,7 +111,8 @@ class MpiTransport:
         self.comm = comm
         self.timeout = float(timeout)
         self.on_recv = on_recv  # optional hook(source, Message), used by tests to inspect traffic
-        self.wait_seconds = 0.0
+        self.wait_seconds = {"recv": 0.0, "send": 0.0}  # time blocked waiting for input / for a send
+        self.bytes_sent = 0
 
     def send(self, dest: int, kind: int, batch_id: int, tensors: list[torch.Tensor] = ()) -> Pending:
         """Start sending; returns a handle whose ``wait()`` completes the send."""
@@ -126,6 +127,7 @@ class MpiTransport:
                 b = _bytes(t)
                 reqs.append(self.comm.Isend([b, MPI.BYTE], dest=dest, tag=_TAG_DATA))
                 bufs.append(b)
+                self.bytes_sent += b.nbytes
         return Pending(reqs, bufs + tensors, self, dest)
 
     def recv(self, source: int) -> Message:
@@ -134,18 +136,18 @@ class MpiTransport:
 
         header = np.empty(HEADER_LEN, dtype=np.int64)
         req = self.comm.Irecv([header, MPI.INT64_T], source=source, tag=_TAG_HEADER)
-        self._wait_all([req], f"waiting for rank {source}")
+        self._wait_all([req], f"waiting for rank {source}", "recv")
         kind, batch_id, specs = decode_header(header)
         tensors = [torch.empty(shape, dtype=dtype) for dtype, shape in specs]
         reqs = [self.comm.Irecv([_bytes(t), MPI.BYTE], source=source, tag=_TAG_DATA) for t in tensors if t.numel()]
         if reqs:
-            self._wait_all(reqs, f"receiving data from rank {source}")
+            self._wait_all(reqs, f"receiving data from rank {source}", "recv")
         msg = Message(kind, batch_id, tensors)
         if self.on_recv is not None:
             self.on_recv(source, msg)
         return msg
 
-    def _wait_all(self, requests: list, what: str) -> None:
+    def _wait_all(self, requests: list, what: str, kind: str) -> None:
         from mpi4py import MPI
 
         start = time.monotonic()
@@ -160,4 +162,4 @@ class MpiTransport:
                                        f"while {what} (runtime.timeout)")
             time.sleep(nap)
             nap = min(nap * 2, 1e-3)
-        self.wait_seconds += time.monotonic() - start
+        self.wait_seconds[kind] += time.monotonic() - start

@@ -34,13 +34,15 @@ def overrides(case: dict, out: str) -> list[str]:
           f"output.path={out}", "output.overwrite=true", "runtime.threads=1"]
     if case["task"] == "embed":
         ov.append(f"task.pooling={case.get('pooling', 'mean')}")
+    ov += [f"{key}={value}" for key, value in case.get("extra", {}).items()]
     return ov
 
 
-def reference(case: dict, tokenizer, model, rows) -> dict:
+def reference(case: dict, cfg, tokenizer, model, rows) -> dict:
     """Per-row outputs of the unsplit transformers model: same padded batches, and one row at a time."""
-    batches = list(make_batches(iter(rows), tokenizer, case.get("batch_size", 4), case.get("max_length", 64),
-                                case["padding"]))
+    d = cfg.data
+    batches = list(make_batches(iter(rows), tokenizer, d.batch_size, d.max_length, d.padding_side,
+                                bucket_window=d.bucket_window))
     padded, single = {}, {}
     with torch.no_grad():
         for b in batches:
@@ -132,7 +134,7 @@ def main() -> None:
                 factory = AutoModelForCausalLM if case["task"] == "score" else AutoModel
                 model = factory.from_pretrained(case["model"], dtype=torch.float32).eval()
                 rows = list(read_rows(case["data"]))
-                ref = reference(case, tokenizer, model, rows)
+                ref = reference(case, cfg, tokenizer, model, rows)
                 res, attrs = read_results(out)
                 entry["rows"] = res["row"].tolist()
                 entry["complete"] = bool(attrs["complete"])

@@ -87,7 +87,7 @@ def test_bad_row_mid_run_stops_all_ranks_and_keeps_committed_rows(tiny_models, t
     rows.write_text("\n".join(good + ['{"text": "broken', *good]) + "\n")
     out = tmp_path / "out.h5"
     proc = _infer(3, f"model.path={tiny_models['gpt2']}", f"data.path={rows}", f"output.path={out}",
-                  "data.batch_size=4", "runtime.inflight=1", timeout=120)
+                  "data.batch_size=4", "data.bucket_window=0", "runtime.inflight=1", timeout=120)
     assert proc.returncode != 0
     assert f"{rows}:13: malformed JSON" in proc.stderr
     with h5py.File(out) as f:  # still readable: the batches committed before the bad line

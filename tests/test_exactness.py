@@ -24,6 +24,14 @@ def _cases(n: int, models: dict, data: str) -> list[dict]:
     # decoder embeddings (final norm, pooled) on the tiny Llama
     cases.append({"model": str(models["llama"]), "task": "embed", "k": 1, "head": "last", "padding": "left",
                   "pooling": "last", "data": data, "family": "llama"})
+    # balanced partitions (the owner may keep tail layers before its head), no bucketing, one in flight
+    for family, folder in models.items():
+        cases.append({"model": str(folder), "task": "score", "k": 1, "head": "owner", "padding": "right",
+                      "data": data, "family": family,
+                      "extra": {"split.partition": "balanced", "data.bucket_window": 0, "runtime.inflight": 1}})
+    if n > 1:
+        cases.append({"model": str(models["llama"]), "task": "score", "k": 0, "head": "owner", "padding": "left",
+                      "data": data, "family": "llama", "extra": {"split.owner_tail": 2}})
     return cases
 
 

@@ -1,0 +1,22 @@
+"""Throughput benchmark: monolithic transformers in one process vs the split pipeline at N ranks.
+
+    python jobs/bench.py                              # SmolLM2-135M, 256 rows of 16-256 tokens, N = 1..4
+    python jobs/bench.py bench.ranks=[2] data.batch_size=16 bench.rss_rows=[256,2048]
+
+Prints a table and writes ``<bench.out_dir>/bench.json``. Ratios are against the baseline measured in
+the same invocation (these machines are shared and noisy).
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from nesa_hpc.bench import run_bench
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def bench(cfg: DictConfig) -> None:
+    run_bench(cfg)
+
+
+if __name__ == "__main__":
+    bench()

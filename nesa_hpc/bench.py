@@ -1,0 +1,163 @@
+"""The benchmark behind ``jobs/bench.py``: same model, data and batch shapes for every contender."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from .config import settings_from_cfg
+from .data import make_batches, read_rows, sample_path
+from .runner import _model_folder
+from .tasks import score_positions
+
+__all__ = ["run_bench", "make_dataset", "baseline_score"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_dataset(path: Path, tokenizer, rows: int, lo: int, hi: int, seed: int) -> None:
+    """``rows`` texts of lo..hi tokens each (uniform), cut from the shipped sample sentences."""
+    rng = random.Random(seed)
+    sentences = [t for _, t in read_rows(sample_path())]
+    with open(path, "w") as fh:
+        for _ in range(rows):
+            target = rng.randint(lo, hi)
+            words: list[int] = []
+            while len(words) < target:
+                words += tokenizer(" " + rng.choice(sentences), add_special_tokens=False)["input_ids"]
+            fh.write(json.dumps({"text": tokenizer.decode(words[:target])}) + "\n")
+
+
+def baseline_score(folder: str, data: Path, cfg: DictConfig, threads: int) -> dict:
+    """Plain transformers in one process with ``threads`` threads, on the pipeline's own batches."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    d = cfg.data
+    batches = list(make_batches(read_rows(data), tokenizer, d.batch_size, d.max_length, d.padding_side,
+                                bucket_window=d.bucket_window))
+    nll_mean: dict[int, float] = {}
+    tokens = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for b in batches:
+            logits = model(b.ids, attention_mask=b.mask, position_ids=b.pos).logits  # (B, T, V)
+            sel = score_positions(b.mask)
+            nll = F.cross_entropy(logits[:, :-1][sel], b.ids[:, 1:][sel], reduction="none")
+            row_of = torch.arange(b.size).unsqueeze(1).expand_as(sel)[sel]
+            sums = torch.zeros(b.size, dtype=torch.float64).index_add_(0, row_of, nll.double())
+            for r, s, n in zip(b.rows.tolist(), sums.tolist(), sel.sum(-1).tolist(), strict=True):
+                nll_mean[r] = s / n
+            tokens += b.tokens
+    seconds = time.perf_counter() - start
+    padded = sum(b.ids.numel() for b in batches)
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+            "padding_waste": 1 - tokens / padded, "nll_mean": nll_mean}
+
+
+def _mpiexec(cfg: DictConfig) -> str:
+    if cfg.bench.mpiexec:
+        return str(cfg.bench.mpiexec)
+    local = Path(sys.executable).with_name("mpiexec")
+    return str(local) if local.exists() else (shutil.which("mpiexec") or "mpiexec")
+
+
+def _pipeline(cfg: DictConfig, n: int, threads: int, folder: str, data: Path, out: Path,
+              extra: list[str] = ()) -> dict:
+    overrides = [f"model.path={folder}", f"data.path={data}", f"output.path={out}", "output.overwrite=true",
+                 f"runtime.threads={threads}", f"split.k={cfg.split.k}", f"split.head={cfg.split.head}",
+                 f"split.partition={_override(cfg.split.partition)}", f"data.batch_size={cfg.data.batch_size}",
+                 f"data.max_length={cfg.data.max_length}", f"data.bucket_window={cfg.data.bucket_window}",
+                 f"data.padding_side={cfg.data.padding_side}", f"model.dtype={cfg.model.dtype}", *extra]
+    for key in ("wire_dtype", "inflight"):
+        if cfg.runtime.get(key) is not None:
+            overrides.append(f"runtime.{key}={cfg.runtime[key]}")
+    cmd = [_mpiexec(cfg), "-n", str(n), sys.executable, str(ROOT / "jobs" / "infer.py"), *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"pipeline at {n} ranks failed:\n{proc.stderr[-3000:]}")
+    with h5py.File(out) as f:
+        a = f.attrs
+        nll = dict(zip(f["row"][()].tolist(), f["nll_mean"][()].tolist(), strict=True))
+        return {"seconds": float(a["seconds"]), "tokens": int(a["tokens"]),
+                "tokens_per_s": float(a["tokens"]) / float(a["seconds"]),
+                "padding_waste": float(a["padding_waste"]), "rank_stats": json.loads(a["rank_stats"]),
+                "layers_per_rank": json.loads(a["layers_per_rank"]), "nll_mean": nll}
+
+
+def _override(value) -> str:
+    return f"[{','.join(str(v) for v in value)}]" if OmegaConf.is_list(value) else str(value)
+
+
+def run_bench(cfg: DictConfig) -> dict:
+    from transformers import AutoTokenizer
+
+    b = cfg.bench
+    if cfg.task.name != "score":
+        raise SystemExit("jobs/bench.py measures task=score")
+    out_dir = Path(b.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = str(_model_folder(settings_from_cfg(cfg)))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    data = out_dir / f"bench_{b.rows}rows_{b.min_tokens}-{b.max_tokens}.jsonl"
+    make_dataset(data, tokenizer, b.rows, b.min_tokens, b.max_tokens, b.seed)
+    cores = b.cores or len(os.sched_getaffinity(0))
+    print(f"model {folder}; {b.rows} rows of {b.min_tokens}-{b.max_tokens} tokens; batch {cfg.data.batch_size}; "
+          f"bucket window {cfg.data.bucket_window}; split.k={cfg.split.k}; partition {cfg.split.partition}; "
+          f"{cores} cores", flush=True)
+    base = baseline_score(folder, data, cfg, cores)
+    print(f"baseline (transformers, 1 process, {cores} threads): {base['tokens_per_s']:.1f} tokens/s", flush=True)
+    rows = [{"name": f"transformers 1 proc x {cores} thr", "ranks": 1, "threads": cores,
+             "tokens_per_s": base["tokens_per_s"], "ratio": 1.0, "padding_waste": base["padding_waste"],
+             "peak_rss_mb": [], "max_abs_nll_diff": 0.0}]
+    for n in b.ranks:
+        threads = max(1, cores // n)
+        res = _pipeline(cfg, n, threads, folder, data, out_dir / f"bench_n{n}.h5")
+        diff = max(abs(res["nll_mean"][r] - v) for r, v in base["nll_mean"].items())
+        rows.append({"name": f"nesa_hpc {n} ranks x {threads} thr", "ranks": n, "threads": threads,
+                     "tokens_per_s": res["tokens_per_s"], "ratio": res["tokens_per_s"] / base["tokens_per_s"],
+                     "padding_waste": res["padding_waste"], "layers_per_rank": res["layers_per_rank"],
+                     "peak_rss_mb": [s["peak_rss_mb"] for s in res["rank_stats"]],
+                     "idle_share": [s["idle_share"] for s in res["rank_stats"]], "max_abs_nll_diff": diff})
+        print(f"{rows[-1]['name']}: {res['tokens_per_s']:.1f} tokens/s ({rows[-1]['ratio']:.2f}x)", flush=True)
+    rss = []
+    for count in b.rss_rows:
+        small = out_dir / f"rss_{count}rows.jsonl"
+        make_dataset(small, tokenizer, count, 16, 32, b.seed)
+        res = _pipeline(cfg, 2, max(1, cores // 2), folder, small, out_dir / f"rss_{count}.h5")
+        rss.append({"rows": count, "peak_rss_mb": [s["peak_rss_mb"] for s in res["rank_stats"]]})
+    _print_table(rows, rss)
+    report = {"config": OmegaConf.to_container(cfg.bench), "model": folder, "batch_size": cfg.data.batch_size,
+              "bucket_window": cfg.data.bucket_window, "split_k": cfg.split.k, "cores": cores,
+              "partition": _override(cfg.split.partition), "results": rows, "rss_check": rss}
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {out_dir / 'bench.json'}")
+    return report
+
+
+def _print_table(rows: list[dict], rss: list[dict]) -> None:
+    print()
+    print(f"| {'run':34s} | {'layers per rank':18s} | tokens/s | ratio | padding | max |dNLL| | peak RSS MB per rank |")
+    print(f"|{'-' * 36}|{'-' * 20}|---------:|------:|--------:|----------:|----------------------|")
+    for r in rows:
+        layers = ",".join(str(x) for x in r.get("layers_per_rank", [])) or "all"
+        rss_text = ", ".join(f"{x:.0f}" for x in r["peak_rss_mb"]) or "-"
+        print(f"| {r['name']:34s} | {layers:18s} | {r['tokens_per_s']:8.1f} | {r['ratio']:5.2f} | "
+              f"{100 * r['padding_waste']:6.1f}% | {r['max_abs_nll_diff']:9.1e} | {rss_text} |")
+    for r in rss:
+        print(f"rank memory at 2 ranks, {r['rows']} rows: peak RSS {r['peak_rss_mb']} MB")
+    print(flush=True)
+
