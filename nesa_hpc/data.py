@@ -162,7 +162,7 @@ def make_batches(rows: Iterable[tuple[int, str]], tokenizer, batch_size: int, ma
     """Tokenize ``rows`` with the tokenizer's defaults, truncate to ``max_length`` and pad.
 
     With ``bucket_window > 0`` rows are read ``bucket_window`` at a time and, inside each window, sorted
-    by length before being cut into batches, so rows of similar length share a batch (less padding).
+    by length (longest first) before being cut into batches, so rows of similar length share a batch.
     Batches then leave input order within a window; every row keeps its input index in ``Batch.rows``.
     """
     if padding_side not in ("left", "right"):
@@ -180,7 +180,9 @@ def make_batches(rows: Iterable[tuple[int, str]], tokenizer, batch_size: int, ma
                 raise DataError(f"{source}: row {row}: the text is empty (no tokens)")
             items.append((row, list(ids[:max_length]), len(ids) > max_length))
         if bucket_window > 0:
-            items.sort(key=lambda it: len(it[1]))  # stable: equal lengths keep input order
+            # longest first (stable: equal lengths keep input order), so a window ends with its cheapest
+            # batches and the pipeline drains quickly
+            items.sort(key=lambda it: -len(it[1]))
         for start in range(0, len(items), batch_size):
             part = items[start:start + batch_size]
             ids, mask = pad_batch([seq for _, seq, _ in part], pad_id, padding_side)

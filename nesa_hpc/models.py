@@ -96,13 +96,13 @@ class Adapter:
     def head_cost(self, task: str) -> float:
         """Cost of the final norm + head in units of one layer, for ``split.partition=balanced``.
 
-        From parameter counts (meta tensors have sizes), times 1.4 for scoring: the log-softmax over the
-        vocabulary and the loss, measured on SmolLM2 fp32 on CPU (head + loss = 11 layers, weights = 8).
+        From parameter counts (meta tensors have sizes), times 1.25 for scoring: the log-softmax over the
+        vocabulary and the loss, measured on SmolLM2 fp32 on CPU (head + loss = 10 layers, weights = 8).
         """
         layer = self._numel((self.layer_module(0),)) or 1
         if task != "score" or not self.has_head:
             return self._numel(self.norm_modules) / layer
-        return 1.4 * self._numel(self.head_modules) / layer
+        return 1.25 * self._numel(self.head_modules) / layer
 
 
 class LlamaLikeAdapter(Adapter):
