@@ -43,6 +43,7 @@ class Settings:
     bucket_window: int
     output_path: str
     overwrite: bool
+    resume: bool
     threads: int | None
     inflight: int | None
     timeout: float
@@ -122,6 +123,7 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
         bucket_window=_int("data.bucket_window", data.get("bucket_window", 0), 0),
         output_path=str(out["path"]),
         overwrite=_bool("output.overwrite", out.get("overwrite", False)),
+        resume=_bool("output.resume", out.get("resume", False)),
         threads=_int("runtime.threads", rt.get("threads"), 1, allow_none=True),
         inflight=_int("runtime.inflight", rt.get("inflight"), 1, allow_none=True),
         timeout=_positive("runtime.timeout", rt.get("timeout", 300)),

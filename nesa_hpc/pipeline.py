@@ -43,9 +43,11 @@ def _unwire(tensors: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tens
 
 def run_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task: Task, batches: Iterable[Batch],
               on_result: Callable[[Batch, list[torch.Tensor]], None], transport: MpiTransport | None,
-              inflight: int, wire_dtype: torch.dtype | None = None) -> StageStats:
+              inflight: int, wire_dtype: torch.dtype | None = None,
+              should_stop: Callable[[], bool] = lambda: False) -> StageStats:
     """Rank 0: embed, run layers [0, k), privatise, send; collect results in order and hand them to
-    ``on_result`` (which runs ``task.finish`` and writes)."""
+    ``on_result`` (which runs ``task.finish`` and writes). When ``should_stop()`` turns true no new
+    batch is started; the batches in flight are finished and the workers are told to stop."""
     stats = StageStats()
     front = range(0, topo.k)
     back = range(topo.k, topo.num_layers) if topo.world_size == 1 else range(0)
@@ -72,6 +74,8 @@ def run_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task: Task, ba
         stats.compute_s += time.perf_counter() - t0
 
     for batch in batches:
+        if should_stop():
+            break
         t0 = time.perf_counter()
         with torch.inference_mode():
             h = adapter.embed(batch.ids, batch.pos)  # (B, T, H)

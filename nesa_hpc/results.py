@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-__all__ = ["ResultWriter", "InOrder", "OutputExistsError", "read_results"]
+__all__ = ["ResultWriter", "InOrder", "OutputExistsError", "ResumeMismatch", "read_results"]
 
 _COMMON = {"row": (np.int64, ()), "n_tokens": (np.int32, ()), "truncated": (np.bool_, ())}
 
@@ -31,15 +31,29 @@ def check_output_path(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
+class ResumeMismatch(ValueError):
+    """``output.resume=true`` on a file written with a different configuration."""
+
+
 class ResultWriter:
-    """Appends per-row columns batch by batch; ``complete`` becomes True only in :meth:`close`."""
+    """Appends per-row columns batch by batch; ``complete`` becomes True only in :meth:`close`.
+
+    With ``resume=True`` and an existing file, the file is reopened instead: its ``resume_key``
+    attribute must equal ``attrs["resume_key"]`` (else :class:`ResumeMismatch` names what differs), and
+    appending continues after the rows it holds (:attr:`rows`). A file cut short by a kill between two
+    datasets' writes is trimmed back to the rows every dataset holds.
+    """
 
     def __init__(self, path: str | Path, columns: dict[str, tuple[type, tuple[int, ...]]], attrs: dict,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, resume: bool = False) -> None:
+        self.columns = {**_COMMON, **columns}
+        self.path = Path(path)
+        if resume and self.path.exists():
+            self._reopen(attrs)
+            return
         self.path = check_output_path(path, overwrite)
         if self.path.exists():
             self.path.unlink()
-        self.columns = {**_COMMON, **columns}
         self.file = h5py.File(self.path, "w")
         for name, (dtype, shape) in self.columns.items():
             chunk_rows = max(1, min(1024, (1 << 20) // max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)))
@@ -49,6 +63,41 @@ class ResultWriter:
             self.file.attrs[key] = _attr(value)
         self.file.attrs["complete"] = False
         self.rows = 0
+        self.resumed_rows = 0
+        self.file.flush()
+
+    def _reopen(self, attrs: dict) -> None:
+        try:
+            self.file = h5py.File(self.path, "r+")
+        except OSError as exc:
+            raise ResumeMismatch(f"output.path {self.path}: cannot reopen the file to resume ({exc}); move it "
+                                 "away or pass output.overwrite=true") from None
+        try:
+            old = json.loads(self.file.attrs.get("resume_key", "{}"))
+            new = attrs.get("resume_key", {})
+            new = json.loads(new) if isinstance(new, str) else new
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if diff:
+                parts = ", ".join(f"{k}: file has {old.get(k)!r}, this run {new.get(k)!r}" for k in diff)
+                raise ResumeMismatch(f"output.path {self.path} was written with a different configuration "
+                                     f"({parts}); resume with the same settings or pass output.overwrite=true")
+            missing = [n for n in self.columns if n not in self.file]
+            if missing:
+                raise ResumeMismatch(f"output.path {self.path} lacks datasets {missing}: not a result file of "
+                                     "this task")
+            n = min(len(self.file[name]) for name in self.columns)
+            if not np.array_equal(self.file["row"][:n], np.arange(n)):
+                raise ResumeMismatch(f"output.path {self.path}: its `row` dataset is not 0..{n - 1} in order")
+            for name in self.columns:  # a kill between two datasets' writes leaves them uneven
+                self.file[name].resize(n, axis=0)
+        except BaseException:
+            self.file.close()
+            raise
+        for key, value in attrs.items():
+            if key != "resume_key":
+                self.file.attrs[key] = _attr(value)
+        self.file.attrs["complete"] = False
+        self.rows = self.resumed_rows = n
         self.file.flush()
 
     def append(self, values: dict[str, np.ndarray]) -> None:
@@ -63,6 +112,16 @@ class ResultWriter:
             ds[self.rows:self.rows + n] = values[name]
         self.rows += n
         self.file.flush()
+
+    def totals(self) -> dict:
+        """Whole-file totals (rows committed by this run and any run it resumed): rows, tokens and, for
+        scores, the dataset perplexity exp(sum nll_sum / sum n_tokens)."""
+        out = {"rows": self.rows, "tokens": int(self.file["n_tokens"][()].sum())}
+        if "nll_sum" in self.file:
+            n = int(self.file["n_tokens"][()].sum())
+            out["perplexity"] = float(np.exp(self.file["nll_sum"][()].sum() / n)) if n else float("nan")
+            out["tokens"] = n
+        return out
 
     def close(self, attrs: dict | None = None, complete: bool = True) -> None:
         for key, value in (attrs or {}).items():

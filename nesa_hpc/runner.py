@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,13 +21,16 @@ from .config import ConfigError, Settings, settings_from_cfg
 from .data import DataError, make_batches, prefetch, read_rows, sample_path
 from .pipeline import run_owner, run_worker
 from .privacy import make_privacy
-from .results import InOrder, ResultWriter, check_output_path
-from .tasks import ScoreTask, make_task
+from .results import InOrder, ResultWriter
+from .tasks import make_task
 from .topology import make_topology
 from .transport import MpiTransport, TransportTimeout
 from .weights import DTYPES, build_adapter, load_modules, packaged_model_path
 
-__all__ = ["run", "main", "JobError"]
+__all__ = ["run", "main", "JobError", "EXIT_STOPPED"]
+
+# Exit status of a job stopped early by SIGTERM/SIGUSR1 (EX_TEMPFAIL: rerun with output.resume=true).
+EXIT_STOPPED = 75
 
 log = logging.getLogger("nesa_hpc")
 
@@ -48,18 +53,19 @@ def _setup_logging(rank: int) -> None:
     root.propagate = False
 
 
-def _agree(comm, fn: Callable[[], object], root: int = 0):
-    """Run ``fn`` on ``root`` and broadcast its result; if it fails, every rank raises the same error."""
+def _agree(comm, fn: Callable[[], object], root: int = 0, share: bool = True):
+    """Run ``fn`` on ``root``; if it fails, every rank raises the same error. With ``share`` its result
+    is broadcast to every rank, else only ``root`` gets it (the others get None)."""
     result, error = None, None
     if comm.Get_rank() == root:
         try:
             result = fn()
         except USER_ERRORS as exc:
             error = _message(exc)
-    result, error = comm.bcast((result, error), root=root)
+    shared, error = comm.bcast((result if share else None, error), root=root)
     if error is not None:
         raise JobError(error)
-    return result
+    return shared if share else result
 
 
 def _all_ok(comm, fn: Callable[[], object]):
@@ -103,11 +109,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run(cfg: DictConfig, comm=None, on_recv=None) -> dict | None:
+def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
     """Run one inference job on every rank of ``comm`` (default ``MPI.COMM_WORLD``).
 
-    Returns the summary on rank 0 and ``None`` on the workers. Errors that every rank can see the same
-    way (config, data, model folder) end all ranks with :class:`JobError` before any work starts.
+    Returns the summary on rank 0 and ``{"exit_code": ...}`` on the workers; ``exit_code`` is 0, or
+    :data:`EXIT_STOPPED` when a SIGTERM/SIGUSR1 stopped the job early (rerun with ``output.resume=true``).
+    Errors that every rank can see the same way (config, data, model folder, output file) end all ranks
+    with :class:`JobError` before any work starts.
     """
     from mpi4py import MPI
 
@@ -124,36 +132,95 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict | None:
     head_cost = adapter.head_cost(settings.task) if settings.head_cost is None else settings.head_cost
     topo = _all_ok(comm, lambda: make_topology(adapter.num_layers, settings.k, size, settings.head,
                                                settings.partition, head_cost, settings.owner_tail))
-    num_layers = topo.num_layers
-
-    data_path = settings.data_path or str(sample_path())
-
-    def owner_checks():
-        if not Path(data_path).is_file():
-            raise DataError(f"data.path: no such file: {data_path}")
-        check_output_path(settings.output_path, settings.overwrite)
-
-    if rank == 0:
-        log.info("model %s: %d layers, world size %d, split.k=%d, head on %s", folder, num_layers, size,
-                 settings.k, "rank 0 (owner)" if topo.head == "owner" else f"rank {topo.last} (last worker)")
-        for line in topo.describe(topo.stage_costs(head_cost)):
-            log.info("  %s", line)
-    _agree(comm, owner_checks)
-
-    _all_ok(comm, lambda: load_modules(adapter, folder, _rank_modules(rank, topo, adapter, settings.task),
-                                       settings.model_dtype))
     task = _all_ok(comm, lambda: make_task(settings.task, topo.head_rank() == 0, settings.pooling,
                                            settings.normalize))
     _all_ok(comm, lambda: _check_task(settings, adapter))
+    data_path = settings.data_path or str(sample_path())
+    if rank == 0:
+        log.info("model %s: %d layers, world size %d, split.k=%d, head on %s", folder, topo.num_layers, size,
+                 settings.k, "rank 0 (owner)" if topo.head == "owner" else f"rank {topo.last} (last worker)")
+        for line in topo.describe(topo.stage_costs(head_cost)):
+            log.info("  %s", line)
+    # rank 0 opens (or reopens, to resume) the results file before any rank loads weights
+    writer = _agree(comm, lambda: _open_results(cfg, settings, topo, adapter, task, folder, data_path), share=False)
+
+    _all_ok(comm, lambda: load_modules(adapter, folder, _rank_modules(rank, topo, adapter, settings.task),
+                                       settings.model_dtype))
     transport = MpiTransport(comm, settings.timeout, on_recv) if size > 1 else None
+    stop = _StopFlag()
     start = time.perf_counter()
 
     wire_dtype = DTYPES[settings.wire_dtype] if settings.wire_dtype else None
     if rank != 0:
         stats = run_worker(rank, topo, adapter, task, transport, wire_dtype)
         comm.gather(_rank_stats(rank, stats, transport, time.perf_counter() - start), root=0)
-        return None
-    return _run_owner(comm, cfg, settings, topo, adapter, task, transport, folder, data_path, start, wire_dtype)
+        return {"exit_code": comm.bcast(None, root=0)}
+    try:
+        summary = _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path, start, wire_dtype,
+                             writer, stop)
+    finally:
+        stop.restore()
+    if size > 1:
+        comm.bcast(summary["exit_code"], root=0)
+    return summary
+
+
+class _StopFlag:
+    """SIGTERM / SIGUSR1 (Slurm before a time limit or preemption) set a flag instead of killing the rank:
+    rank 0 then stops feeding batches, drains the pipeline, flushes and exits with EXIT_STOPPED."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _resume_key(settings: Settings, folder: str, data_path: str, privacy_attrs: dict) -> dict:
+    """What must match for rows of two runs to be interchangeable (world size and partition need not)."""
+    return {"task": settings.task, "pooling": settings.pooling, "normalize": settings.normalize,
+            "model_path": folder, "model_dtype": settings.model_dtype, "split_k": settings.k,
+            "data_path": str(data_path), "data_format": settings.data_format, "text_field": settings.text_field,
+            "max_length": settings.max_length, "batch_size": settings.batch_size,
+            "bucket_window": settings.bucket_window, "padding_side": settings.padding_side,
+            "wire_dtype": settings.wire_dtype or settings.model_dtype, **privacy_attrs}
+
+
+def _open_results(cfg, settings: Settings, topo, adapter, task, folder: str, data_path: str) -> ResultWriter:
+    if not Path(data_path).is_file():
+        raise DataError(f"data.path: no such file: {data_path}")
+    privacy = make_privacy(settings.privacy)
+    attrs = {
+        "task": settings.task, "model_path": folder, "num_layers": topo.num_layers, "split_k": topo.k,
+        "split_head": topo.head, "world_size": topo.world_size, "layers_per_rank": topo.layer_counts(),
+        "layer_ranges": [[r.start, r.stop] for r in topo.ranges], "owner_tail": [topo.tail.start, topo.tail.stop],
+        "split_partition": list(settings.partition) if isinstance(settings.partition, tuple) else settings.partition,
+        "data_path": str(data_path), "config": OmegaConf.to_yaml(cfg, resolve=True),
+        "nesa_hpc_version": __version__, "model_dtype": settings.model_dtype,
+        "wire_dtype": settings.wire_dtype or settings.model_dtype, "bucket_window": settings.bucket_window,
+        "batch_size": settings.batch_size, **privacy.attrs(),
+        "resume_key": _resume_key(settings, folder, data_path, privacy.attrs()),
+    }
+    if settings.task == "embed":
+        attrs.update(pooling=settings.pooling, normalize=settings.normalize)
+    writer = ResultWriter(settings.output_path, task.columns(adapter.hidden_size), attrs, settings.overwrite,
+                          resume=settings.resume)
+    if writer.resumed_rows:
+        log.info("resuming %s after %d committed rows", settings.output_path, writer.resumed_rows)
+    return writer
 
 
 def _check_task(settings: Settings, adapter) -> None:
@@ -187,30 +254,31 @@ def _rank_stats(rank: int, stats, transport, wall: float) -> dict:
             "bytes_sent": transport.bytes_sent if transport else 0}
 
 
-def _run_owner(comm, cfg, settings, topo, adapter, task, transport, folder, data_path, start, wire_dtype) -> dict:
+def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path, start, wire_dtype,
+               writer: ResultWriter, stop: _StopFlag) -> dict:
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as exc:
+        writer.abort()
         raise JobError(f"cannot load the tokenizer from {folder}: {exc}") from None
-    attrs = {
-        "task": settings.task, "model_path": folder, "num_layers": topo.num_layers, "split_k": topo.k,
-        "split_head": topo.head, "world_size": topo.world_size, "layers_per_rank": topo.layer_counts(),
-        "layer_ranges": [[r.start, r.stop] for r in topo.ranges], "owner_tail": [topo.tail.start, topo.tail.stop],
-        "split_partition": list(settings.partition) if isinstance(settings.partition, tuple) else settings.partition,
-        "data_path": str(data_path),
-        "config": OmegaConf.to_yaml(cfg, resolve=True), "nesa_hpc_version": __version__,
-        "model_dtype": settings.model_dtype, "wire_dtype": settings.wire_dtype or settings.model_dtype,
-        "bucket_window": settings.bucket_window, "batch_size": settings.batch_size,
-    }
-    if settings.task == "embed":
-        attrs.update(pooling=settings.pooling, normalize=settings.normalize)
     privacy = make_privacy(settings.privacy)
-    attrs.update(privacy.attrs())
-    writer = ResultWriter(settings.output_path, task.columns(adapter.hidden_size), attrs, settings.overwrite)
-    ordered = InOrder(writer.append)
-    progress = _Progress(settings.log_every, _count_rows(data_path, settings))
+    committed = writer.rows
+    # Resume at the start of the batching window holding the first missing row, so every remaining row
+    # lands in the same batch as in an uninterrupted run (identical results); rows of that window that
+    # were already committed are recomputed but not written again.
+    window = max(settings.bucket_window, settings.batch_size) if settings.bucket_window else settings.batch_size
+    replay_from = committed // window * window
+
+    def write_new(cols):
+        keep = cols["row"] >= committed
+        if keep.any():
+            writer.append({name: values[keep] for name, values in cols.items()})
+
+    ordered = InOrder(write_new if replay_from < committed else writer.append, first_row=replay_from)
+    total = _count_rows(data_path, settings)
+    progress = _Progress(settings.log_every, None if total is None else total - replay_from)
     done = {"rows": 0, "tokens": 0, "padded": 0}
 
     def on_result(batch, outputs):
@@ -223,11 +291,14 @@ def _run_owner(comm, cfg, settings, topo, adapter, task, transport, folder, data
         progress.update(batch.size, batch.tokens)
 
     try:
-        rows = read_rows(data_path, settings.data_format, settings.text_field)
+        rows = ((r, t) for r, t in read_rows(data_path, settings.data_format, settings.text_field)
+                if r >= replay_from)
         batches = prefetch(make_batches(rows, tokenizer, settings.batch_size, settings.max_length,
                                         settings.padding_side, str(data_path), settings.bucket_window))
         stats = run_owner(topo, adapter, privacy, task, batches, on_result, transport,
-                          settings.inflight or topo.world_size + 1, wire_dtype)
+                          settings.inflight or topo.world_size + 1, wire_dtype, should_stop=stop)
+        if ordered.pending and not stop():
+            raise RuntimeError(f"{ordered.pending} rows finished but could not be written in input order")
     except BaseException:
         progress.close()
         writer.abort()
@@ -240,16 +311,17 @@ def _run_owner(comm, cfg, settings, topo, adapter, task, transport, folder, data
     waste = 1 - done["tokens"] / done["padded"] if done["padded"] else 0.0
     summary = {"rows": done["rows"], "tokens": done["tokens"], "seconds": round(elapsed, 3),
                "tokens_per_s": round(done["tokens"] / elapsed, 1) if elapsed > 0 else 0.0,
-               "padding_waste": round(waste, 4)}
-    final = {"rows": done["rows"], "tokens": done["tokens"], "seconds": elapsed, "padding_waste": waste,
-             "peak_rss_mb": [r["peak_rss_mb"] for r in ranks], "rank_stats": ranks}
-    if isinstance(task, ScoreTask):
-        summary["perplexity"] = task.perplexity()
-        final["perplexity"] = summary["perplexity"]
-    if ordered.pending:
-        writer.abort()
-        raise RuntimeError(f"{ordered.pending} rows finished but could not be written in input order")
-    if done["rows"] == 0:
+               "padding_waste": round(waste, 4), "exit_code": 0}
+    final = {"seconds": elapsed, "padding_waste": waste, "peak_rss_mb": [r["peak_rss_mb"] for r in ranks],
+             "rank_stats": ranks, **writer.totals()}
+    if stop():
+        summary["exit_code"] = EXIT_STOPPED
+        final["stopped_by"] = stop.signal
+        writer.close(final, complete=False)
+        log.warning("stopped by %s after %d committed rows; rerun with output.resume=true to continue",
+                    stop.signal, final["rows"])
+        return summary
+    if final["rows"] == 0:
         writer.abort()
         raise JobError(f"{data_path}: the dataset has no rows")
     writer.close(final)
@@ -259,8 +331,11 @@ def _run_owner(comm, cfg, settings, topo, adapter, task, transport, folder, data
                  100 * r["idle_share"], r["peak_rss_mb"])
     line = (f"done: {summary['rows']} rows, {summary['tokens']} tokens in {summary['seconds']:.1f} s "
             f"({summary['tokens_per_s']:.1f} tokens/s, padding {100 * waste:.1f}%)")
-    if "perplexity" in summary:
-        line += f", perplexity {summary['perplexity']:.4f}"
+    if "perplexity" in final:
+        summary["perplexity"] = final["perplexity"]
+        line += f", perplexity {final['perplexity']:.4f}"
+    if committed:
+        line += f" (resumed after {committed} rows; the file holds {final['rows']})"
     log.info("%s -> %s", line, settings.output_path)
     summary["ranks"] = ranks
     summary["output"] = settings.output_path
@@ -322,7 +397,7 @@ def main(cfg: DictConfig) -> None:
 
     comm = MPI.COMM_WORLD
     try:
-        run(cfg, comm)
+        summary = run(cfg, comm)
     except JobError as exc:
         if comm.Get_rank() == 0:
             logging.getLogger("nesa_hpc").error("error: %s", exc)
@@ -337,3 +412,5 @@ def main(cfg: DictConfig) -> None:
         logging.getLogger("nesa_hpc").exception("rank %d failed", comm.Get_rank())
         sys.stderr.flush()
         comm.Abort(1)
+    else:
+        sys.exit(summary["exit_code"])

@@ -49,8 +49,6 @@ class ScoreTask(Task):
 
     def __init__(self, head_on_owner: bool) -> None:
         self.head_on_owner = head_on_owner
-        self.total_nll = 0.0
-        self.total_tokens = 0
 
     def head_stage(self, adapter, h, mask):
         sel = score_positions(mask)
@@ -73,8 +71,6 @@ class ScoreTask(Task):
         row_of = torch.arange(batch.size).unsqueeze(1).expand_as(sel)[sel]
         nll_sum = torch.zeros(batch.size, dtype=torch.float64).index_add_(0, row_of, nll.double())
         n_tokens = sel.sum(-1)
-        self.total_nll += float(nll_sum.sum())
-        self.total_tokens += int(n_tokens.sum())
         with np.errstate(invalid="ignore", divide="ignore"):
             nll_mean = nll_sum.numpy() / n_tokens.numpy()
         return {"n_tokens": n_tokens.numpy().astype(np.int32), "nll_sum": nll_sum.numpy(),
@@ -82,9 +78,6 @@ class ScoreTask(Task):
 
     def columns(self, hidden_size):
         return {"nll_sum": (np.float64, ()), "nll_mean": (np.float64, ())}
-
-    def perplexity(self) -> float:
-        return float(np.exp(self.total_nll / self.total_tokens)) if self.total_tokens else float("nan")
 
 
 class EmbedTask(Task):
