@@ -7,7 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .data import FORMATS
+from .data import FORMATS, ON_ERROR, ON_LONG
 from .privacy import MECHANISMS
 from .tasks import TASKS
 from .topology import HEAD_PLACEMENTS, PARTITIONS
@@ -41,6 +41,8 @@ class Settings:
     batch_size: int
     padding_side: str
     bucket_window: int
+    on_error: str
+    on_long: str
     output_path: str
     overwrite: bool
     resume: bool
@@ -121,6 +123,8 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
         batch_size=_int("data.batch_size", data["batch_size"], 1),
         padding_side=_choice("data.padding_side", data.get("padding_side", "right"), ("left", "right")),
         bucket_window=_int("data.bucket_window", data.get("bucket_window", 0), 0),
+        on_error=_choice("data.on_error", data.get("on_error", "fail"), ON_ERROR),
+        on_long=_choice("data.on_long", data.get("on_long", "truncate"), ON_LONG),
         output_path=str(out["path"]),
         overwrite=_bool("output.overwrite", out.get("overwrite", False)),
         resume=_bool("output.resume", out.get("resume", False)),

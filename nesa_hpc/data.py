@@ -6,13 +6,14 @@ import csv
 import json
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["DataError", "Batch", "read_rows", "make_batches", "prefetch", "detect_format", "sample_path", "FORMATS"]
+__all__ = ["DataError", "RowError", "ON_ERROR", "ON_LONG", "Batch", "read_rows", "make_batches", "prefetch",
+           "detect_format", "sample_path", "FORMATS"]
 
 FORMATS = ("jsonl", "text", "csv", "parquet")
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".txt": "text", ".text": "text",
@@ -21,6 +22,17 @@ _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".txt": 
 
 class DataError(ValueError):
     """Bad input data; the message names the file and the line or row."""
+
+
+@dataclass(frozen=True)
+class RowError:
+    """A row that cannot be used, yielded in its place with ``data.on_error=skip``."""
+
+    reason: str
+
+
+ON_ERROR = ("fail", "skip")
+ON_LONG = ("truncate", "skip", "fail")
 
 
 def sample_path() -> Path:
@@ -40,35 +52,57 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
     return _EXTENSIONS[suffix]
 
 
-def read_rows(path: str | Path, fmt: str = "auto", text_field: str = "text") -> Iterator[tuple[int, str]]:
-    """Yield ``(row_index, text)`` for every row, streaming; row indices count from 0 in file order."""
+def read_rows(path: str | Path, fmt: str = "auto", text_field: str = "text",
+              on_error: str = "fail") -> Iterator[tuple[int, str | RowError]]:
+    """Yield ``(row_index, text)`` for every row, streaming; row indices count from 0 in file order.
+
+    A bad row (malformed JSON, missing or non-string field, invalid UTF-8, empty JSONL line) raises
+    :class:`DataError` naming the file and line, or with ``on_error="skip"`` is yielded as
+    ``(row_index, RowError(reason))`` so the caller can record it. Errors that make the rest of the
+    file unreadable (a broken CSV or Parquet file) always raise.
+    """
+    if on_error not in ON_ERROR:
+        raise DataError(f"data.on_error={on_error!r} must be one of {ON_ERROR}")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data.path: no such file: {path}")
     fmt = detect_format(path, fmt)
     if fmt == "parquet":
-        yield from _read_parquet(path, text_field)
-        return
+        rows = _read_parquet(path, text_field)
+    elif fmt == "csv":
+        rows = _read_csv(path, text_field)
+    else:
+        rows = _read_lines(path, fmt, text_field)
+    for row, value in rows:
+        if isinstance(value, RowError) and on_error == "fail":
+            raise DataError(value.reason)
+        yield row, value
+
+
+def _read_lines(path: Path, fmt: str, text_field: str) -> Iterator[tuple[int, str | RowError]]:
     with open(path, "rb") as fh:
-        if fmt == "csv":
-            yield from _read_csv(path, fh, text_field)
-            return
         for lineno, raw in enumerate(fh, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid UTF-8 ({exc.reason} at byte {exc.start})") from None
+                yield lineno - 1, RowError(f"{path}:{lineno}: invalid UTF-8 ({exc.reason} at byte {exc.start})")
+                continue
             line = line.rstrip("\r\n")
             if fmt == "text":
                 yield lineno - 1, line
                 continue
             if not line.strip():
-                raise DataError(f"{path}:{lineno}: empty line (JSONL needs one JSON object per line)")
+                yield lineno - 1, RowError(f"{path}:{lineno}: empty line (JSONL needs one JSON object per line)")
+                continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            yield lineno - 1, _text_of(obj, text_field, f"{path}:{lineno}")
+                yield lineno - 1, RowError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})")
+                continue
+            try:
+                yield lineno - 1, _text_of(obj, text_field, f"{path}:{lineno}")
+            except DataError as exc:
+                yield lineno - 1, RowError(str(exc))
 
 
 def _text_of(obj: object, field: str, where: str) -> str:
@@ -82,26 +116,25 @@ def _text_of(obj: object, field: str, where: str) -> str:
     return value
 
 
-def _read_csv(path: Path, fh, text_field: str) -> Iterator[tuple[int, str]]:
-    import io
+def _read_csv(path: Path, text_field: str) -> Iterator[tuple[int, str | RowError]]:
+    with open(path, encoding="utf-8-sig", newline="") as text:  # -sig: tolerate a byte-order mark
+        reader = csv.DictReader(text)
+        try:
+            if reader.fieldnames is None or text_field not in reader.fieldnames:
+                raise DataError(f"{path}: no column {text_field!r} (data.text_field); columns: {reader.fieldnames}")
+            for i, rec in enumerate(reader):
+                value = rec.get(text_field)
+                if value is None:
+                    yield i, RowError(f"{path}: row {i} (line {reader.line_num}): missing value for {text_field!r}")
+                else:
+                    yield i, value
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: invalid UTF-8 after line {reader.line_num} ({exc.reason})") from None
+        except csv.Error as exc:
+            raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
 
-    text = io.TextIOWrapper(fh, encoding="utf-8-sig", newline="")  # -sig: tolerate a byte-order mark
-    reader = csv.DictReader(text)
-    try:
-        if reader.fieldnames is None or text_field not in reader.fieldnames:
-            raise DataError(f"{path}: no column {text_field!r} (data.text_field); columns: {reader.fieldnames}")
-        for i, rec in enumerate(reader):
-            value = rec.get(text_field)
-            if value is None:
-                raise DataError(f"{path}: row {i} (line {reader.line_num}): missing value for {text_field!r}")
-            yield i, value
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: invalid UTF-8 after line {reader.line_num} ({exc.reason})") from None
-    except csv.Error as exc:
-        raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
 
-
-def _read_parquet(path: Path, text_field: str) -> Iterator[tuple[int, str]]:
+def _read_parquet(path: Path, text_field: str) -> Iterator[tuple[int, str | RowError]]:
     import pyarrow.parquet as pq
 
     try:
@@ -114,9 +147,10 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[tuple[int, str]]:
     for batch in pf.iter_batches(columns=[text_field]):
         for value in batch.column(0).to_pylist():
             if not isinstance(value, str):
-                raise DataError(f"{path}: row {i}: column {text_field!r} must be a string, got "
-                                f"{type(value).__name__}")
-            yield i, value
+                yield i, RowError(f"{path}: row {i}: column {text_field!r} must be a string, got "
+                                  f"{type(value).__name__}")
+            else:
+                yield i, value
             i += 1
 
 
@@ -157,27 +191,62 @@ def pad_batch(seqs: list[list[int]], pad_id: int, padding_side: str) -> tuple[to
     return ids, mask
 
 
-def make_batches(rows: Iterable[tuple[int, str]], tokenizer, batch_size: int, max_length: int,
-                 padding_side: str = "right", source: str = "data", bucket_window: int = 0) -> Iterator[Batch]:
+def make_batches(rows: Iterable[tuple[int, str | RowError]], tokenizer, batch_size: int, max_length: int,
+                 padding_side: str = "right", source: str = "data", bucket_window: int = 0,
+                 on_error: str = "fail", on_long: str = "truncate",
+                 on_skip: Callable[[int, str], None] | None = None) -> Iterator[Batch]:
     """Tokenize ``rows`` with the tokenizer's defaults, truncate to ``max_length`` and pad.
 
     With ``bucket_window > 0`` rows are read ``bucket_window`` at a time and, inside each window, sorted
     by length (longest first) before being cut into batches, so rows of similar length share a batch.
     Batches then leave input order within a window; every row keeps its input index in ``Batch.rows``.
+
+    Rows that cannot be used go to ``on_skip(row, reason)``: ``RowError`` rows and empty texts (with
+    ``on_error="skip"``; else they raise), and rows longer than ``max_length`` with ``on_long="skip"``
+    (``"truncate"`` keeps the first ``max_length`` tokens and flags the row; ``"fail"`` raises).
     """
     if padding_side not in ("left", "right"):
         raise DataError(f"data.padding_side={padding_side!r} must be 'left' or 'right'")
+    if on_long not in ON_LONG:
+        raise DataError(f"data.on_long={on_long!r} must be one of {ON_LONG}")
+
+    def skip(row: int, reason: str) -> None:
+        if on_skip is None:
+            raise DataError(reason)
+        on_skip(row, reason)
+
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     window = max(bucket_window, batch_size) if bucket_window > 0 else batch_size
     index = 0
     for chunk in _chunks(rows, window):
-        encoded = tokenizer([t for _, t in chunk])["input_ids"]
+        good = []
+        for row, text in chunk:
+            if isinstance(text, str) and not text:
+                text = RowError(f"{source}: row {row}: the text is empty")
+            if isinstance(text, RowError):
+                if on_error == "fail":
+                    raise DataError(text.reason)
+                skip(row, text.reason)
+            else:
+                good.append((row, text))
+        encoded = tokenizer([t for _, t in good])["input_ids"] if good else []
         items = []
-        for (row, _), ids in zip(chunk, encoded, strict=True):
+        for (row, _), ids in zip(good, encoded, strict=True):
             if len(ids) == 0:
-                raise DataError(f"{source}: row {row}: the text is empty (no tokens)")
+                reason = f"{source}: row {row}: the text has no tokens"
+                if on_error == "fail":
+                    raise DataError(reason)
+                skip(row, reason)
+                continue
+            if len(ids) > max_length and on_long != "truncate":
+                reason = (f"{source}: row {row}: {len(ids)} tokens, longer than data.max_length={max_length} "
+                          f"(data.on_long={on_long})")
+                if on_long == "fail":
+                    raise DataError(reason)
+                skip(row, reason)
+                continue
             items.append((row, list(ids[:max_length]), len(ids) > max_length))
         if bucket_window > 0:
             # longest first (stable: equal lengths keep input order), so a window ends with its cheapest

@@ -12,6 +12,7 @@ import numpy as np
 __all__ = ["ResultWriter", "InOrder", "OutputExistsError", "ResumeMismatch", "read_results"]
 
 _COMMON = {"row": (np.int64, ()), "n_tokens": (np.int32, ()), "truncated": (np.bool_, ())}
+_SKIPPED = {"skipped_row": (np.int64, ()), "skipped_reason": (h5py.string_dtype(), ())}
 
 
 class OutputExistsError(FileExistsError):
@@ -36,12 +37,14 @@ class ResumeMismatch(ValueError):
 
 
 class ResultWriter:
-    """Appends per-row columns batch by batch; ``complete`` becomes True only in :meth:`close`.
+    """Writes per-row columns as batches commit; ``complete`` becomes True only in :meth:`close`.
 
-    With ``resume=True`` and an existing file, the file is reopened instead: its ``resume_key``
-    attribute must equal ``attrs["resume_key"]`` (else :class:`ResumeMismatch` names what differs), and
-    appending continues after the rows it holds (:attr:`rows`). A file cut short by a kill between two
-    datasets' writes is trimmed back to the rows every dataset holds.
+    Besides the task's columns the file holds ``skipped_row`` / ``skipped_reason`` (rows left out by
+    ``data.on_error=skip`` or ``data.on_long=skip``) and the root attribute ``next_row``: every input
+    row before it is either in ``row`` or in ``skipped_row``. With ``resume=True`` and an existing file,
+    the file is reopened instead: its ``resume_key`` attribute must equal ``attrs["resume_key"]`` (else
+    :class:`ResumeMismatch` names what differs), rows a kill left beyond ``next_row`` are trimmed, and
+    writing continues from ``next_row``.
     """
 
     def __init__(self, path: str | Path, columns: dict[str, tuple[type, tuple[int, ...]]], attrs: dict,
@@ -55,15 +58,17 @@ class ResultWriter:
         if self.path.exists():
             self.path.unlink()
         self.file = h5py.File(self.path, "w")
-        for name, (dtype, shape) in self.columns.items():
+        for name, (dtype, shape) in {**self.columns, **_SKIPPED}.items():
             chunk_rows = max(1, min(1024, (1 << 20) // max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)))
             self.file.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
                                      chunks=(chunk_rows, *shape))
         for key, value in attrs.items():
             self.file.attrs[key] = _attr(value)
         self.file.attrs["complete"] = False
-        self.rows = 0
+        self.file.attrs["next_row"] = 0
+        self.rows = self.skipped = self.next_row = 0
         self.resumed_rows = 0
+        self.was_complete = False
         self.file.flush()
 
     def _reopen(self, attrs: dict) -> None:
@@ -81,46 +86,69 @@ class ResultWriter:
                 parts = ", ".join(f"{k}: file has {old.get(k)!r}, this run {new.get(k)!r}" for k in diff)
                 raise ResumeMismatch(f"output.path {self.path} was written with a different configuration "
                                      f"({parts}); resume with the same settings or pass output.overwrite=true")
-            missing = [n for n in self.columns if n not in self.file]
-            if missing:
-                raise ResumeMismatch(f"output.path {self.path} lacks datasets {missing}: not a result file of "
-                                     "this task")
+            missing = [n for n in {**self.columns, **_SKIPPED} if n not in self.file]
+            if missing or "next_row" not in self.file.attrs:
+                raise ResumeMismatch(f"output.path {self.path} is not a nesa_hpc result file of this task "
+                                     f"(missing {missing or 'the next_row attribute'})")
+            next_row = int(self.file.attrs["next_row"])
             n = min(len(self.file[name]) for name in self.columns)
-            if not np.array_equal(self.file["row"][:n], np.arange(n)):
-                raise ResumeMismatch(f"output.path {self.path}: its `row` dataset is not 0..{n - 1} in order")
-            for name in self.columns:  # a kill between two datasets' writes leaves them uneven
+            rows = self.file["row"][:n]
+            if n and np.any(np.diff(rows) <= 0):
+                raise ResumeMismatch(f"output.path {self.path}: its `row` dataset is not in input order")
+            # a kill between a commit's writes and its `next_row` update leaves rows past next_row: drop them
+            n = int(np.searchsorted(rows, next_row))
+            for name in self.columns:
                 self.file[name].resize(n, axis=0)
+            m = min(len(self.file[name]) for name in _SKIPPED)
+            m = int(np.searchsorted(self.file["skipped_row"][:m], next_row))
+            for name in _SKIPPED:
+                self.file[name].resize(m, axis=0)
         except BaseException:
             self.file.close()
             raise
+        self.was_complete = bool(self.file.attrs.get("complete", False))
         for key, value in attrs.items():
             if key != "resume_key":
                 self.file.attrs[key] = _attr(value)
         self.file.attrs["complete"] = False
-        self.rows = self.resumed_rows = n
+        self.rows, self.skipped, self.next_row = n, m, next_row
+        self.resumed_rows = next_row
+        self.file.flush()
+
+    def commit(self, values: dict[str, np.ndarray] | None, skipped: list[tuple[int, str]], next_row: int) -> None:
+        """Write one run of rows (task columns and/or skipped rows), then advance ``next_row`` and flush."""
+        if values is not None and len(values["row"]):
+            missing = set(self.columns) - set(values)
+            if missing:
+                raise KeyError(f"batch lacks columns {sorted(missing)}")
+            n = len(values["row"])
+            for name in self.columns:
+                ds = self.file[name]
+                ds.resize(self.rows + n, axis=0)
+                ds[self.rows:self.rows + n] = values[name]
+            self.rows += n
+        if skipped:
+            n = len(skipped)
+            for name, data in (("skipped_row", [r for r, _ in skipped]), ("skipped_reason", [w for _, w in skipped])):
+                ds = self.file[name]
+                ds.resize(self.skipped + n, axis=0)
+                ds[self.skipped:self.skipped + n] = data
+            self.skipped += n
+        self.next_row = next_row
+        self.file.attrs["next_row"] = next_row
         self.file.flush()
 
     def append(self, values: dict[str, np.ndarray]) -> None:
-        """Write one batch of rows (every column, same length) and flush."""
-        n = len(values["row"])
-        missing = set(self.columns) - set(values)
-        if missing:
-            raise KeyError(f"batch lacks columns {sorted(missing)}")
-        for name in self.columns:
-            ds = self.file[name]
-            ds.resize(self.rows + n, axis=0)
-            ds[self.rows:self.rows + n] = values[name]
-        self.rows += n
-        self.file.flush()
+        """Write rows that directly follow everything written so far (no skipped rows) and flush."""
+        self.commit(values, [], int(values["row"][-1]) + 1 if len(values["row"]) else self.next_row)
 
     def totals(self) -> dict:
-        """Whole-file totals (rows committed by this run and any run it resumed): rows, tokens and, for
-        scores, the dataset perplexity exp(sum nll_sum / sum n_tokens)."""
-        out = {"rows": self.rows, "tokens": int(self.file["n_tokens"][()].sum())}
+        """Whole-file totals (rows committed by this run and any run it resumed): rows, skipped, tokens
+        and, for scores, the dataset perplexity exp(sum nll_sum / sum n_tokens)."""
+        n = int(self.file["n_tokens"][()].sum())
+        out = {"rows": self.rows, "skipped": self.skipped, "tokens": n}
         if "nll_sum" in self.file:
-            n = int(self.file["n_tokens"][()].sum())
             out["perplexity"] = float(np.exp(self.file["nll_sum"][()].sum() / n)) if n else float("nan")
-            out["tokens"] = n
         return out
 
     def close(self, attrs: dict | None = None, complete: bool = True) -> None:
@@ -135,6 +163,12 @@ class ResultWriter:
         if self.file.id.valid:
             self.file.flush()
             self.file.close()
+
+    def discard(self) -> None:
+        """Close, and delete the file if this run created it and wrote no row (a failed start-up)."""
+        self.abort()
+        if self.resumed_rows == 0 and self.next_row == 0 and self.path.exists():
+            self.path.unlink()
 
 
 def _attr(value):
@@ -152,26 +186,43 @@ def read_results(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
 
 
 class InOrder:
-    """Hands rows to ``write`` in input order when batches finish out of order (length bucketing).
+    """Commits rows to a :class:`ResultWriter` in input order when batches finish out of order.
 
-    Rows are numbered 0, 1, 2, ... in input order; a finished batch's rows wait here until every earlier
-    row has been written, so memory holds at most one bucketing window plus the batches in flight.
+    Rows are numbered 0, 1, 2, ... in input order; a finished (or skipped) row waits here until every
+    earlier row is finished or skipped, so memory holds at most one bucketing window plus the batches in
+    flight. Rows before ``keep_from`` (already in the file when resuming) are passed over, not written.
     """
 
-    def __init__(self, write, first_row: int = 0) -> None:
-        self.write = write
+    _SKIP = object()
+
+    def __init__(self, writer: ResultWriter, first_row: int = 0, keep_from: int = 0) -> None:
+        self.writer = writer
         self.next_row = first_row
-        self.waiting: dict[int, tuple[dict[str, np.ndarray], int]] = {}
+        self.keep_from = keep_from
+        self.waiting: dict[int, tuple] = {}
 
     def add(self, cols: dict[str, np.ndarray]) -> None:
         for i, r in enumerate(cols["row"].tolist()):
             self.waiting[r] = (cols, i)
-        run = []
+        self._flush()
+
+    def skip(self, row: int, reason: str) -> None:
+        self.waiting[row] = (self._SKIP, reason)
+        self._flush()
+
+    def _flush(self) -> None:
+        done, skipped = [], []
         while self.next_row in self.waiting:
-            run.append(self.waiting.pop(self.next_row))
+            item = self.waiting.pop(self.next_row)
+            if self.next_row >= self.keep_from:
+                if item[0] is self._SKIP:
+                    skipped.append((self.next_row, item[1]))
+                else:
+                    done.append(item)
             self.next_row += 1
-        if run:
-            self.write({name: np.stack([c[name][i] for c, i in run]) for name in run[0][0]})
+        if done or skipped:
+            values = {name: np.stack([c[name][i] for c, i in done]) for name in done[0][0]} if done else None
+            self.writer.commit(values, skipped, self.next_row)
 
     @property
     def pending(self) -> int:

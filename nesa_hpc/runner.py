@@ -144,8 +144,13 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
     # rank 0 opens (or reopens, to resume) the results file before any rank loads weights
     writer = _agree(comm, lambda: _open_results(cfg, settings, topo, adapter, task, folder, data_path), share=False)
 
-    _all_ok(comm, lambda: load_modules(adapter, folder, _rank_modules(rank, topo, adapter, settings.task),
-                                       settings.model_dtype))
+    try:
+        _all_ok(comm, lambda: load_modules(adapter, folder, _rank_modules(rank, topo, adapter, settings.task),
+                                           settings.model_dtype))
+    except JobError:
+        if writer is not None:
+            writer.discard()
+        raise
     transport = MpiTransport(comm, settings.timeout, on_recv) if size > 1 else None
     stop = _StopFlag()
     start = time.perf_counter()
@@ -154,7 +159,10 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
     if rank != 0:
         stats = run_worker(rank, topo, adapter, task, transport, wire_dtype)
         comm.gather(_rank_stats(rank, stats, transport, time.perf_counter() - start), root=0)
-        return {"exit_code": comm.bcast(None, root=0)}
+        code = comm.bcast(None, root=0)
+        if code == 2:
+            raise JobError("reported by rank 0")
+        return {"exit_code": code}
     try:
         summary = _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path, start, wire_dtype,
                              writer, stop)
@@ -162,6 +170,8 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
         stop.restore()
     if size > 1:
         comm.bcast(summary["exit_code"], root=0)
+    if "error" in summary:
+        raise JobError(summary["error"])
     return summary
 
 
@@ -189,12 +199,37 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+class _SkipLog:
+    """Rows the reader thread skipped, handed to the in-order writer on the main thread."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.rows: list[tuple[int, str]] = []
+        self.count = 0
+
+    def add(self, row: int, reason: str) -> None:
+        with self.lock:
+            self.rows.append((row, reason))
+            self.count += 1
+            if self.count <= 20:
+                log.warning("skipping row %d: %s", row, reason)
+            elif self.count == 21:
+                log.warning("more rows skipped; every one is listed in skipped_row / skipped_reason")
+
+    def drain_into(self, ordered: InOrder) -> None:
+        with self.lock:
+            rows, self.rows = self.rows, []
+        for row, reason in rows:
+            ordered.skip(row, reason)
+
+
 def _resume_key(settings: Settings, folder: str, data_path: str, privacy_attrs: dict) -> dict:
     """What must match for rows of two runs to be interchangeable (world size and partition need not)."""
     return {"task": settings.task, "pooling": settings.pooling, "normalize": settings.normalize,
             "model_path": folder, "model_dtype": settings.model_dtype, "split_k": settings.k,
             "data_path": str(data_path), "data_format": settings.data_format, "text_field": settings.text_field,
             "max_length": settings.max_length, "batch_size": settings.batch_size,
+            "on_error": settings.on_error, "on_long": settings.on_long,
             "bucket_window": settings.bucket_window, "padding_side": settings.padding_side,
             "wire_dtype": settings.wire_dtype or settings.model_dtype, **privacy_attrs}
 
@@ -260,28 +295,24 @@ def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except Exception as exc:
+    except Exception as exc:  # rank 0 alone sees this: main() aborts every rank
         writer.abort()
-        raise JobError(f"cannot load the tokenizer from {folder}: {exc}") from None
+        raise ValueError(f"cannot load the tokenizer from {folder}: {exc}") from None
     privacy = make_privacy(settings.privacy)
-    committed = writer.rows
+    committed = writer.next_row
     # Resume at the start of the batching window holding the first missing row, so every remaining row
     # lands in the same batch as in an uninterrupted run (identical results); rows of that window that
     # were already committed are recomputed but not written again.
     window = max(settings.bucket_window, settings.batch_size) if settings.bucket_window else settings.batch_size
-    replay_from = committed // window * window
-
-    def write_new(cols):
-        keep = cols["row"] >= committed
-        if keep.any():
-            writer.append({name: values[keep] for name, values in cols.items()})
-
-    ordered = InOrder(write_new if replay_from < committed else writer.append, first_row=replay_from)
+    replay_from = committed if writer.was_complete else committed // window * window
+    ordered = InOrder(writer, first_row=replay_from, keep_from=committed)
+    skips = _SkipLog()
     total = _count_rows(data_path, settings)
     progress = _Progress(settings.log_every, None if total is None else total - replay_from)
     done = {"rows": 0, "tokens": 0, "padded": 0}
 
     def on_result(batch, outputs):
+        skips.drain_into(ordered)  # rows the reader skipped before this batch was read
         cols = task.finish(adapter, batch, outputs)
         cols.update(row=batch.rows.numpy(), truncated=batch.truncated.numpy())
         ordered.add(cols)
@@ -291,12 +322,15 @@ def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path
         progress.update(batch.size, batch.tokens)
 
     try:
-        rows = ((r, t) for r, t in read_rows(data_path, settings.data_format, settings.text_field)
-                if r >= replay_from)
+        rows = ((r, t) for r, t in read_rows(data_path, settings.data_format, settings.text_field,
+                                             settings.on_error) if r >= replay_from)
         batches = prefetch(make_batches(rows, tokenizer, settings.batch_size, settings.max_length,
-                                        settings.padding_side, str(data_path), settings.bucket_window))
+                                        settings.padding_side, str(data_path), settings.bucket_window,
+                                        settings.on_error, settings.on_long, skips.add))
         stats = run_owner(topo, adapter, privacy, task, batches, on_result, transport,
                           settings.inflight or topo.world_size + 1, wire_dtype, should_stop=stop)
+        if not stop():
+            skips.drain_into(ordered)
         if ordered.pending and not stop():
             raise RuntimeError(f"{ordered.pending} rows finished but could not be written in input order")
     except BaseException:
@@ -323,7 +357,8 @@ def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path
         return summary
     if final["rows"] == 0:
         writer.abort()
-        raise JobError(f"{data_path}: the dataset has no rows")
+        summary.update(exit_code=2, error=f"{data_path}: the dataset has no usable rows ({final['skipped']} skipped)")
+        return summary
     writer.close(final)
     for r in ranks:
         log.info("rank %d (%s): compute %.2f s, waiting for input %.2f s, waiting to send %.2f s, idle %.0f%%, "
@@ -334,6 +369,8 @@ def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path
     if "perplexity" in final:
         summary["perplexity"] = final["perplexity"]
         line += f", perplexity {final['perplexity']:.4f}"
+    if final["skipped"]:
+        line += f", {final['skipped']} rows skipped (see skipped_row / skipped_reason)"
     if committed:
         line += f" (resumed after {committed} rows; the file holds {final['rows']})"
     log.info("%s -> %s", line, settings.output_path)

@@ -41,15 +41,33 @@ def test_bucketing_cuts_padding_and_keeps_every_row(tokenizer):
     assert [b.index for b in bucketed] == list(range(len(bucketed)))
 
 
-def test_in_order_writes_contiguous_rows_only():
-    written = []
-    sink = InOrder(lambda cols: written.append(cols["row"].tolist()))
+class _Recorder:
+    def __init__(self):
+        self.commits = []
+
+    def commit(self, values, skipped, next_row):
+        self.commits.append((None if values is None else values["row"].tolist(), skipped, next_row))
+
+
+def test_in_order_commits_contiguous_rows_only():
+    rec = _Recorder()
+    sink = InOrder(rec)
     sink.add({"row": np.array([2, 3]), "x": np.array([2.0, 3.0])})
-    assert written == [] and sink.pending == 2
+    assert rec.commits == [] and sink.pending == 2
     sink.add({"row": np.array([0]), "x": np.array([0.0])})
-    assert written == [[0]]
-    sink.add({"row": np.array([1, 4]), "x": np.array([1.0, 4.0])})
-    assert written == [[0], [1, 2, 3, 4]] and sink.pending == 0
+    assert rec.commits == [([0], [], 1)]
+    sink.skip(1, "bad row")
+    assert rec.commits[-1] == ([2, 3], [(1, "bad row")], 4)
+    sink.add({"row": np.array([4]), "x": np.array([4.0])})
+    assert rec.commits[-1] == ([4], [], 5) and sink.pending == 0
+
+
+def test_in_order_passes_over_rows_already_in_the_file():
+    rec = _Recorder()
+    sink = InOrder(rec, first_row=8, keep_from=10)
+    sink.skip(9, "bad")
+    sink.add({"row": np.array([8, 10, 11]), "x": np.zeros(3)})
+    assert rec.commits == [([10, 11], [], 12)]
 
 
 def test_prefetch_passes_items_and_raises_reader_errors_in_the_consumer():

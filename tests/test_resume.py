@@ -1,0 +1,151 @@
+"""Kill or stop a real MPI run mid-way, resume it, and compare with an uninterrupted run row by row."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import psutil
+import pytest
+from conftest import ROOT, mpiexec, run_mpi
+
+from nesa_hpc.results import read_results
+
+INFER = str(ROOT / "jobs" / "infer.py")
+ROWS = 3000
+
+
+@pytest.fixture(scope="module")
+def long_data(tmp_path_factory):
+    rng = random.Random(7)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    path = tmp_path_factory.mktemp("resume") / "rows.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 60)))})
+                            + "\n" for _ in range(ROWS)))
+    return path
+
+
+def _args(model, data, out, *extra):
+    return [INFER, f"model.path={model}", f"data.path={data}", f"output.path={out}", "runtime.threads=1",
+            "data.batch_size=8", "data.bucket_window=64", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models, long_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "ref.h5"
+    proc = run_mpi(3, _args(tiny_models["llama"], long_data, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return read_results(out)[0]
+
+
+def _start(args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([mpiexec(), "-n", "3", sys.executable, *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_for_progress(proc, min_rows: int = 200) -> list[str]:
+    """Read rank 0's log until it reports ``min_rows`` rows done (so the kill lands mid-run)."""
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "progress:" in line and int(line.split("progress:")[1].split("/")[0]) >= min_rows:
+            return lines
+    raise AssertionError("the run never reported progress:\n" + "".join(lines[-30:]))
+
+
+def _rank_pid(proc, rank: int) -> int:
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if "infer.py" in " ".join(child.cmdline()) and child.environ().get("PMI_RANK") == str(rank):
+                return child.pid
+        except psutil.Error:
+            continue
+    raise AssertionError(f"rank {rank} not found")
+
+
+def _finish(proc, timeout: float = 60) -> tuple[int, str]:
+    start = time.monotonic()
+    rest = proc.communicate(timeout=timeout)[1]
+    assert time.monotonic() - start < timeout
+    return proc.returncode, rest
+
+
+def _assert_identical(out, reference):
+    got, attrs = read_results(out)
+    assert attrs["complete"] == True  # noqa: E712
+    assert set(got) == set(reference)
+    for name, values in reference.items():
+        assert np.array_equal(got[name], values, equal_nan=True), name
+
+
+def _committed(out) -> int:
+    with h5py.File(out) as f:
+        assert f.attrs["complete"] == False  # noqa: E712
+        n = len(f["row"])
+        assert f["row"][()].tolist() == list(range(n))
+        return n
+
+
+@pytest.mark.parametrize("how", ["sigterm", "kill-rank0", "kill-worker"])
+def test_interrupt_then_resume_equals_uninterrupted(how, tiny_models, long_data, reference, tmp_path):
+    out = tmp_path / "out.h5"
+    args = _args(tiny_models["llama"], long_data, out, "runtime.log_every=0.05")
+    proc = _start(args)
+    _wait_for_progress(proc)
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)  # mpiexec forwards it to every rank, as srun does
+    else:
+        os.kill(_rank_pid(proc, 0 if how == "kill-rank0" else 1), signal.SIGKILL)
+    code, stderr = _finish(proc)
+    assert code != 0
+    if how == "sigterm":
+        assert code == 75 and "stopped by SIGTERM" in stderr
+        with h5py.File(out) as f:
+            assert f.attrs["stopped_by"] == "SIGTERM"
+    committed = _committed(out)
+    assert 0 < committed < ROWS
+    resumed = run_mpi(3, [*args, "output.resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed after {committed} rows" in resumed.stderr
+    _assert_identical(out, reference)
+
+
+def test_resume_refuses_other_settings_and_keeps_the_file(tiny_models, long_data, reference, tmp_path):
+    out = tmp_path / "out.h5"
+    proc = _start(_args(tiny_models["llama"], long_data, out, "runtime.log_every=0.05"))
+    _wait_for_progress(proc)
+    proc.send_signal(signal.SIGTERM)
+    _finish(proc)
+    before = out.read_bytes()
+    bad = run_mpi(2, [*_args(tiny_models["llama"], long_data, out, "data.max_length=16"), "output.resume=true"])
+    assert bad.returncode != 0
+    assert "different configuration" in bad.stderr and "max_length: file has 512, this run 16" in bad.stderr
+    assert out.read_bytes() == before
+    # a different world size is fine: the rows do not depend on it
+    ok = run_mpi(2, [*_args(tiny_models["llama"], long_data, out), "output.resume=true"])
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    _assert_identical(out, reference)
+
+
+def test_resume_of_a_complete_file_changes_nothing(tiny_models, texts_file, tmp_path):
+    out = tmp_path / "out.h5"
+    args = _args(tiny_models["gpt2"], texts_file, out)
+    assert run_mpi(2, args).returncode == 0
+    first = read_results(out)[0]
+    again = run_mpi(2, [*args, "output.resume=true"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    got, attrs = read_results(out)
+    assert attrs["complete"] == True and len(got["row"]) == 9  # noqa: E712
+    assert all(np.array_equal(got[k], first[k]) for k in first)
