@@ -29,7 +29,9 @@ def test_datasets_dtypes_and_shapes(tmp_path):
     writer = ResultWriter(path, COLUMNS, {"task": "embed"})
     try:
         with h5py.File(path, "r") as f:
-            assert set(f.keys()) == {"row", "n_tokens", "truncated", "nll", "embedding"}
+            assert set(f.keys()) == {"row", "n_tokens", "truncated", "nll", "embedding", "skipped_row",
+                                     "skipped_reason"}
+            assert f["skipped_row"].dtype == np.int64 and f.attrs["next_row"] == 0
             assert f["row"].dtype == np.int64
             assert f["n_tokens"].dtype == np.int32
             assert f["truncated"].dtype == np.bool_
@@ -59,7 +61,8 @@ def test_append_across_batches_and_complete_flag(tmp_path):
 
     data, attrs = read_results(path)
     expected = {k: np.concatenate([_batch(0, 3)[k], _batch(3, 2)[k]]) for k in _batch(0, 1)}
-    assert set(data) == set(expected)
+    assert set(data) == set(expected) | {"skipped_row", "skipped_reason"}
+    assert len(data["skipped_row"]) == 0 and attrs["next_row"] == 5
     for name, values in expected.items():
         np.testing.assert_array_equal(data[name], values)
         assert data[name].dtype == values.dtype
