@@ -50,6 +50,7 @@ class Settings:
     inflight: int | None
     timeout: float
     wire_dtype: str | None
+    on_nonfinite: str
     log_every: float
     device: str
 
@@ -132,6 +133,7 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
         inflight=_int("runtime.inflight", rt.get("inflight"), 1, allow_none=True),
         timeout=_positive("runtime.timeout", rt.get("timeout", 300)),
         wire_dtype=_choice("runtime.wire_dtype", rt.get("wire_dtype"), (None, *DTYPES)),
+        on_nonfinite=_choice("runtime.on_nonfinite", rt.get("on_nonfinite", "error"), ("error", "flag")),
         log_every=_positive("runtime.log_every", rt.get("log_every", 10)),
         device=_choice("runtime.device", rt.get("device", "cpu"), ("cpu",)),
     )

@@ -31,23 +31,35 @@ class StageStats:
     extra: dict = field(default_factory=dict)
 
 
-def _wire(h: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, wire_dtype: torch.dtype) -> list[torch.Tensor]:
-    # (B, T, H) hidden states, (B, T) int8 mask, (B, T) int32 positions: no token ids, ever.
-    return [h.to(wire_dtype), mask.to(torch.int8), pos.to(torch.int32)]
+def _wire(h: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, bad: torch.Tensor,
+          wire_dtype: torch.dtype) -> list[torch.Tensor]:
+    # (B, T, H) hidden states, (B, T) int8 mask, (B, T) int32 positions, (B,) int32 non-finite marks:
+    # no token ids, ever.
+    return [h.to(wire_dtype), mask.to(torch.int8), pos.to(torch.int32), bad]
 
 
-def _unwire(tensors: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    h, mask, pos = tensors
-    return h.to(dtype), mask.long(), pos.long()
+def _unwire(tensors: list[torch.Tensor], dtype: torch.dtype):
+    h, mask, pos, bad = tensors
+    return h.to(dtype), mask.long(), pos.long(), bad
+
+
+def mark_nonfinite(h: torch.Tensor, mask: torch.Tensor, bad: torch.Tensor, stage: int) -> torch.Tensor:
+    """(B,) int32: rows whose real tokens hold NaN/Inf in ``h`` (B, T, H) and were clean so far get
+    ``stage`` (the stage where it first appeared); others keep their mark (-1 = clean)."""
+    ok = (torch.isfinite(h).all(-1) | ~mask.bool()).all(-1)  # (B,)
+    return torch.where((bad < 0) & ~ok, torch.full_like(bad, stage), bad)
 
 
 def run_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task: Task, batches: Iterable[Batch],
-              on_result: Callable[[Batch, list[torch.Tensor]], None], transport: MpiTransport | None,
+              on_result: Callable[[Batch, list[torch.Tensor], torch.Tensor], None],
+              transport: MpiTransport | None,
               inflight: int, wire_dtype: torch.dtype | None = None,
               should_stop: Callable[[], bool] = lambda: False) -> StageStats:
     """Rank 0: embed, run layers [0, k), privatise, send; collect results in order and hand them to
-    ``on_result`` (which runs ``task.finish`` and writes). When ``should_stop()`` turns true no new
-    batch is started; the batches in flight are finished and the workers are told to stop."""
+    ``on_result(batch, outputs, nonfinite)`` (which runs ``task.finish`` and writes). ``nonfinite`` (B,)
+    marks rows whose activations held NaN/Inf with the stage where it first appeared: a rank, or
+    ``world_size`` for the owner's tail layers and head (-1 = clean). When ``should_stop()`` turns true
+    no new batch is started; the batches in flight are finished and the workers are told to stop."""
     stats = StageStats()
     front = range(0, topo.k)
     back = range(topo.k, topo.num_layers) if topo.world_size == 1 else range(0)
@@ -64,13 +76,15 @@ def run_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task: Task, ba
                                f"batch {msg.batch_id}")
         pending.wait()
         t0 = time.perf_counter()
+        *tensors, bad = msg.tensors
         with torch.inference_mode():
             if head_here:
-                h = adapter.run_layers(topo.tail, msg.tensors[0].to(dtype), batch.mask, batch.pos)  # (B, T, H)
+                h = adapter.run_layers(topo.tail, tensors[0].to(dtype), batch.mask, batch.pos)  # (B, T, H)
+                bad = mark_nonfinite(h, batch.mask, bad, topo.world_size)
                 out = task.head_stage(adapter, h, batch.mask)
             else:
-                out = msg.tensors
-            on_result(batch, out)
+                out = tensors
+            on_result(batch, out, bad)
         stats.compute_s += time.perf_counter() - t0
 
     for batch in batches:
@@ -81,14 +95,16 @@ def run_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task: Task, ba
             h = adapter.embed(batch.ids, batch.pos)  # (B, T, H)
             h = adapter.run_layers(front, h, batch.mask, batch.pos)
             z = privacy.apply(h, batch.mask)  # (B, T, H): the only activations that leave rank 0
+            bad = mark_nonfinite(z, batch.mask, torch.full((batch.size,), -1, dtype=torch.int32), 0)
             if topo.world_size == 1:
                 h = adapter.run_layers(back, z, batch.mask, batch.pos)
-                on_result(batch, task.head_stage(adapter, h, batch.mask))
+                bad = mark_nonfinite(h, batch.mask, bad, 0)
+                on_result(batch, task.head_stage(adapter, h, batch.mask), bad)
         stats.compute_s += time.perf_counter() - t0
         stats.batches += 1
         if topo.world_size == 1:
             continue
-        wire = _wire(z, batch.mask, batch.pos, wire_dtype)
+        wire = _wire(z, batch.mask, batch.pos, bad, wire_dtype)
         outstanding.append((batch, transport.send(1, Kind.DATA, batch.index, wire)))
         while len(outstanding) >= inflight:
             collect()
@@ -123,16 +139,18 @@ def run_worker(rank: int, topo: Topology, adapter: Adapter, task: Task, transpor
             raise RuntimeError(f"rank {rank}: unexpected message kind {msg.kind} from rank {rank - 1}")
         t0 = time.perf_counter()
         with torch.inference_mode():
-            h, mask, pos = _unwire(msg.tensors, dtype)
+            h, mask, pos, bad = _unwire(msg.tensors, dtype)
             h = adapter.run_layers(layers, h, mask, pos)  # (B, T, H)
+            bad = mark_nonfinite(h, mask, bad, rank)
             if is_last:
                 out = task.head_stage(adapter, h, mask) if head_here else [h.to(wire_dtype)]
+                out = [*out, bad]
         stats.compute_s += time.perf_counter() - t0
         stats.batches += 1
         if is_last:
             nxt = transport.send(0, Kind.RESULT, msg.batch_id, out)
         else:
-            nxt = transport.send(rank + 1, Kind.DATA, msg.batch_id, _wire(h, mask, pos, wire_dtype))
+            nxt = transport.send(rank + 1, Kind.DATA, msg.batch_id, _wire(h, mask, pos, bad, wire_dtype))
         if pending is not None:
             pending.wait()
         pending = nxt

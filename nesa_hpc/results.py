@@ -11,7 +11,8 @@ import numpy as np
 
 __all__ = ["ResultWriter", "InOrder", "OutputExistsError", "ResumeMismatch", "read_results"]
 
-_COMMON = {"row": (np.int64, ()), "n_tokens": (np.int32, ()), "truncated": (np.bool_, ())}
+_COMMON = {"row": (np.int64, ()), "n_tokens": (np.int32, ()), "truncated": (np.bool_, ()),
+           "nonfinite": (np.bool_, ())}
 _SKIPPED = {"skipped_row": (np.int64, ()), "skipped_reason": (h5py.string_dtype(), ())}
 
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -199,6 +200,35 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+class NonFiniteError(ValueError):
+    """NaN or Inf in the activations of some rows (``runtime.on_nonfinite=error``)."""
+
+
+def _stage_name(stage: int, topo) -> str:
+    if stage == topo.world_size:
+        extra = f"layers [{topo.tail.start}, {topo.tail.stop}) + " if len(topo.tail) else ""
+        return f"rank {topo.head_rank()}: {extra}final norm and head"
+    r = topo.ranges[stage] if topo.world_size > 1 else range(0, topo.num_layers)
+    return f"rank {stage}: layers [{r.start}, {r.stop})"
+
+
+def _check_finite(cols: dict, bad: torch.Tensor, batch, topo, mode: str) -> torch.Tensor:
+    """Mark rows whose outputs are NaN/Inf (stage = the head) and raise or log per ``mode``."""
+    outputs = np.stack([np.isfinite(v.reshape(len(v), -1)).all(-1) for k, v in cols.items()
+                        if k in ("nll_sum", "embedding")]).all(0)
+    # a row with no predicted token has nll_mean NaN by definition; nll_sum stays finite
+    bad = torch.where((bad < 0) & torch.from_numpy(~outputs), torch.full_like(bad, topo.world_size), bad)
+    if (bad >= 0).any():
+        rows = batch.rows[bad >= 0].tolist()
+        stages = sorted(set(bad[bad >= 0].tolist()))
+        where = "; ".join(_stage_name(st, topo) for st in stages)
+        text = f"NaN/Inf in the activations of rows {rows[:20]}{' ...' if len(rows) > 20 else ''}, first in {where}"
+        if mode == "error":
+            raise NonFiniteError(text + " (runtime.on_nonfinite=error; use flag to record and continue)")
+        log.warning("%s: flagged in `nonfinite`", text)
+    return bad
+
+
 class _SkipLog:
     """Rows the reader thread skipped, handed to the in-order writer on the main thread."""
 
@@ -311,10 +341,11 @@ def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path
     progress = _Progress(settings.log_every, None if total is None else total - replay_from)
     done = {"rows": 0, "tokens": 0, "padded": 0}
 
-    def on_result(batch, outputs):
+    def on_result(batch, outputs, bad):
         skips.drain_into(ordered)  # rows the reader skipped before this batch was read
         cols = task.finish(adapter, batch, outputs)
-        cols.update(row=batch.rows.numpy(), truncated=batch.truncated.numpy())
+        bad = _check_finite(cols, bad, batch, topo, settings.on_nonfinite)
+        cols.update(row=batch.rows.numpy(), truncated=batch.truncated.numpy(), nonfinite=bad.numpy() >= 0)
         ordered.add(cols)
         done["rows"] += batch.size
         done["tokens"] += batch.tokens

@@ -90,11 +90,13 @@ def check_traffic(records: list, batches: list) -> str | None:
             return f"first tensor is {rec['dtypes'][0]}, not floating point"
         if rec["shapes"][0][:2] != list(b.ids.shape):
             return f"hidden states of shape {rec['shapes'][0]} for a batch of {list(b.ids.shape)}"
-        if rec["dtypes"][1:] != ["torch.int8", "torch.int32"]:
+        if rec["dtypes"][1:] != ["torch.int8", "torch.int32", "torch.int32"]:
             return f"unexpected tensors {rec['dtypes']}"
+        if rec["shapes"][3] != [b.size] or set(rec["ints"][2]) != {-1}:
+            return f"the non-finite marks are not one clean (-1) value per row: {rec['ints'][2]}"
         if rec["ints"][0] != b.mask.tolist() or rec["ints"][1] != b.pos.tolist():
             return "an integer tensor is neither the mask nor the positions"
-        if rec["ints"][1] == b.ids.tolist() or rec["ints"][0] == b.ids.tolist():
+        if any(ints == b.ids.tolist() for ints in rec["ints"]):
             return "token ids crossed the wire"
     return None
 

@@ -94,10 +94,11 @@ def test_reopen_trims_rows_past_next_row(tmp_path):
     key = {"resume_key": {"task": "score"}}
     w = ResultWriter(path, cols, key)
     w.commit({"row": np.array([0, 1]), "n_tokens": np.array([3, 4]), "truncated": np.array([False, False]),
-              "nll_sum": np.array([1.0, 2.0])}, [(2, "bad")], 3)
+              "nonfinite": np.array([False, False]), "nll_sum": np.array([1.0, 2.0])}, [(2, "bad")], 3)
     w.abort()
     with h5py.File(path, "r+") as f:  # as if killed after writing row 3 but before next_row moved
-        for name, value in (("row", 3), ("n_tokens", 5), ("truncated", False), ("nll_sum", 3.0)):
+        for name, value in (("row", 3), ("n_tokens", 5), ("truncated", False), ("nonfinite", False),
+                            ("nll_sum", 3.0)):
             f[name].resize(3, axis=0)
             f[name][2] = value
     again = ResultWriter(path, cols, key, resume=True)

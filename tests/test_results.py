@@ -19,6 +19,7 @@ def _batch(start: int, n: int) -> dict[str, np.ndarray]:
         "row": rows,
         "n_tokens": (rows + 3).astype(np.int32),
         "truncated": rows % 2 == 0,
+        "nonfinite": np.zeros(len(rows), dtype=bool),
         "nll": rows * 0.5,
         "embedding": np.stack([rows + j for j in range(4)], axis=1).astype(np.float32),
     }
@@ -29,8 +30,8 @@ def test_datasets_dtypes_and_shapes(tmp_path):
     writer = ResultWriter(path, COLUMNS, {"task": "embed"})
     try:
         with h5py.File(path, "r") as f:
-            assert set(f.keys()) == {"row", "n_tokens", "truncated", "nll", "embedding", "skipped_row",
-                                     "skipped_reason"}
+            assert set(f.keys()) == {"row", "n_tokens", "truncated", "nonfinite", "nll", "embedding",
+                                     "skipped_row", "skipped_reason"}
             assert f["skipped_row"].dtype == np.int64 and f.attrs["next_row"] == 0
             assert f["row"].dtype == np.int64
             assert f["n_tokens"].dtype == np.int32
@@ -76,7 +77,8 @@ def test_append_across_batches_and_complete_flag(tmp_path):
 def test_close_without_complete(tmp_path):
     path = tmp_path / "out.h5"
     writer = ResultWriter(path, {}, {})
-    writer.append({"row": np.array([0]), "n_tokens": np.array([1]), "truncated": np.array([False])})
+    writer.append({"row": np.array([0]), "n_tokens": np.array([1]), "truncated": np.array([False]),
+                   "nonfinite": np.array([False])})
     writer.close(complete=False)
     data, attrs = read_results(path)
     assert bool(attrs["complete"]) is False

@@ -1,0 +1,101 @@
+"""Broken models, NaN activations and bad output paths end the job with one clear message."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import h5py
+import pytest
+import torch
+from conftest import ROOT, run_mpi
+
+INFER = str(ROOT / "jobs" / "infer.py")
+
+
+def _infer(model, data, out, *extra, n=3):
+    return run_mpi(n, [INFER, f"model.path={model}", f"data.path={data}", f"output.path={out}",
+                       "runtime.threads=1", "split.k=1", *extra], timeout=120)
+
+
+@pytest.fixture(scope="module")
+def nan_model(tiny_models, tmp_path_factory):
+    """The tiny Llama with one NaN weight in layer 3 (held by rank 1 at 3 ranks, k=1: layers [1, 4))."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("nan") / "llama"
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    with torch.no_grad():
+        model.model.layers[3].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(folder)
+    for f in tiny_models["llama"].iterdir():  # the tokenizer files
+        if not (folder / f.name).exists():
+            shutil.copy(f, folder)
+    return folder
+
+
+def test_nan_activations_name_the_rows_and_layers(nan_model, texts_file, tmp_path):
+    proc = _infer(nan_model, texts_file, tmp_path / "out.h5")
+    assert proc.returncode != 0
+    assert "NaN/Inf in the activations of rows" in proc.stderr
+    assert "first in rank 1: layers [1, 4)" in proc.stderr
+
+
+def test_nan_activations_flagged(nan_model, texts_file, tmp_path):
+    out = tmp_path / "out.h5"
+    proc = _infer(nan_model, texts_file, out, "runtime.on_nonfinite=flag", "split.head=last")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with h5py.File(out) as f:
+        assert f["nonfinite"][()].all() and len(f["row"]) == 9 and f.attrs["complete"] == True  # noqa: E712
+
+
+def test_clean_rows_are_not_flagged(tiny_models, texts_file, tmp_path):
+    out = tmp_path / "out.h5"
+    assert _infer(tiny_models["gpt2"], texts_file, out, "runtime.on_nonfinite=flag").returncode == 0
+    with h5py.File(out) as f:
+        assert not f["nonfinite"][()].any()
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("truncate", "model.safetensors: cannot read safetensors file"),
+    ("garbage", "model.safetensors: cannot read safetensors file"),
+    ("missing-shard", "names shard files that do not exist"),
+    ("no-weights", "no safetensors checkpoint in"),
+    ("unsupported", "unsupported model architecture BloomForCausalLM"),
+])
+def test_broken_model_folder(damage, expected, tiny_models, texts_file, tmp_path):
+    folder = _copy(tiny_models["llama"], tmp_path / "model")
+    weights = folder / "model.safetensors"
+    if damage == "truncate":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) * 2 // 3])
+    elif damage == "garbage":
+        weights.write_bytes(b"\x00\x01 not safetensors at all")
+    elif damage == "missing-shard":
+        weights.rename(folder / "model-00001-of-00002.safetensors")
+        index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+                                                "lm_head.weight": "model-00002-of-00002.safetensors"}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    elif damage == "no-weights":
+        weights.unlink()
+    else:
+        from transformers import BloomConfig
+
+        BloomConfig(vocab_size=100, hidden_size=16, n_layer=2, n_head=2).save_pretrained(folder)
+    out = tmp_path / "out.h5"
+    proc = _infer(folder, texts_file, out)
+    assert proc.returncode != 0
+    assert expected in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("error:") == 1
+    assert not out.exists()
+
+
+def test_output_folder_missing(tiny_models, texts_file, tmp_path):
+    proc = _infer(tiny_models["gpt2"], texts_file, tmp_path / "nope" / "out.h5", n=2)
+    assert proc.returncode != 0
+    assert f"folder {tmp_path / 'nope'} does not exist" in proc.stderr
