@@ -152,7 +152,8 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
         if writer is not None:
             writer.discard()
         raise
-    transport = MpiTransport(comm, settings.timeout, on_recv) if size > 1 else None
+    hosts = comm.allgather(socket.gethostname())
+    transport = MpiTransport(comm, settings.timeout, on_recv, hosts) if size > 1 else None
     stop = _StopFlag()
     start = time.perf_counter()
 

@@ -101,14 +101,15 @@ class Pending:
 
     def wait(self) -> None:
         if self.transport is not None:
-            self.transport._wait_all(self.requests, f"sending to rank {self.peer}", "send")
+            self.transport._wait_all(self.requests, f"sending to rank {self.transport._peer(self.peer)}", "send")
 
 
 class MpiTransport:
     """Header + raw buffers over an mpi4py communicator, with polling waits and a progress deadline."""
 
-    def __init__(self, comm, timeout: float = 300.0, on_recv=None) -> None:
+    def __init__(self, comm, timeout: float = 300.0, on_recv=None, hosts: list[str] | None = None) -> None:
         self.comm = comm
+        self.hosts = hosts
         self.timeout = float(timeout)
         self.on_recv = on_recv  # optional hook(source, Message), used by tests to inspect traffic
         self.wait_seconds = {"recv": 0.0, "send": 0.0}  # time blocked waiting for input / for a send
@@ -136,16 +137,19 @@ class MpiTransport:
 
         header = np.empty(HEADER_LEN, dtype=np.int64)
         req = self.comm.Irecv([header, MPI.INT64_T], source=source, tag=_TAG_HEADER)
-        self._wait_all([req], f"waiting for rank {source}", "recv")
+        self._wait_all([req], f"waiting for rank {self._peer(source)}", "recv")
         kind, batch_id, specs = decode_header(header)
         tensors = [torch.empty(shape, dtype=dtype) for dtype, shape in specs]
         reqs = [self.comm.Irecv([_bytes(t), MPI.BYTE], source=source, tag=_TAG_DATA) for t in tensors if t.numel()]
         if reqs:
-            self._wait_all(reqs, f"receiving data from rank {source}", "recv")
+            self._wait_all(reqs, f"receiving data from rank {self._peer(source)}", "recv")
         msg = Message(kind, batch_id, tensors)
         if self.on_recv is not None:
             self.on_recv(source, msg)
         return msg
+
+    def _peer(self, rank: int) -> str:
+        return f"{rank} on {self.hosts[rank]}" if self.hosts else str(rank)
 
     def _wait_all(self, requests: list, what: str, kind: str) -> None:
         from mpi4py import MPI
