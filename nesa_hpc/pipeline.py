@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,7 @@ from .tasks import Task
 from .topology import Topology
 from .transport import Kind, MpiTransport
 
-__all__ = ["StageStats", "run_owner", "run_worker"]
+__all__ = ["StageStats", "run_owner", "run_worker", "BatchMemoryError", "memory_guard", "mark_nonfinite"]
 
 
 @dataclass
@@ -41,6 +42,26 @@ def _wire(h: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, bad: torch.Ten
 def _unwire(tensors: list[torch.Tensor], dtype: torch.dtype):
     h, mask, pos, bad = tensors
     return h.to(dtype), mask.long(), pos.long(), bad
+
+
+class BatchMemoryError(ValueError):
+    """A micro-batch did not fit in memory; the message suggests smaller batches."""
+
+
+@contextmanager
+def memory_guard(rank: int, what: str, shape: tuple[int, ...]):
+    """Turn an allocation failure while computing one micro-batch into an error that says what to change."""
+    try:
+        yield
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
+        text = str(exc)
+        if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and "alloc" not in text \
+                and "out of memory" not in text:
+            raise
+        rows, tokens = shape
+        raise BatchMemoryError(f"rank {rank}: out of memory running {what} on a micro-batch of {rows} rows x "
+                               f"{tokens} tokens ({type(exc).__name__}: {text.splitlines()[0][:200]}); lower "
+                               "data.batch_size or data.max_length, or spread the layers over more ranks") from None
 
 
 def mark_nonfinite(h: torch.Tensor, mask: torch.Tensor, bad: torch.Tensor, stage: int) -> torch.Tensor:
@@ -77,7 +98,7 @@ def run_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task: Task, ba
         pending.wait()
         t0 = time.perf_counter()
         *tensors, bad = msg.tensors
-        with torch.inference_mode():
+        with torch.inference_mode(), memory_guard(0, "the head", tuple(batch.ids.shape)):
             if head_here:
                 h = adapter.run_layers(topo.tail, tensors[0].to(dtype), batch.mask, batch.pos)  # (B, T, H)
                 bad = mark_nonfinite(h, batch.mask, bad, topo.world_size)
@@ -91,7 +112,7 @@ def run_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task: Task, ba
         if should_stop():
             break
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), memory_guard(0, "embedding and layers [0, k)", tuple(batch.ids.shape)):
             h = adapter.embed(batch.ids, batch.pos)  # (B, T, H)
             h = adapter.run_layers(front, h, batch.mask, batch.pos)
             z = privacy.apply(h, batch.mask)  # (B, T, H): the only activations that leave rank 0
@@ -138,7 +159,8 @@ def run_worker(rank: int, topo: Topology, adapter: Adapter, task: Task, transpor
         if msg.kind != Kind.DATA:
             raise RuntimeError(f"rank {rank}: unexpected message kind {msg.kind} from rank {rank - 1}")
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), memory_guard(rank, f"layers [{layers.start}, {layers.stop})",
+                                                  tuple(msg.tensors[1].shape)):
             h, mask, pos, bad = _unwire(msg.tensors, dtype)
             h = adapter.run_layers(layers, h, mask, pos)  # (B, T, H)
             bad = mark_nonfinite(h, mask, bad, rank)

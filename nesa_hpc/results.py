@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-__all__ = ["ResultWriter", "InOrder", "OutputExistsError", "ResumeMismatch", "read_results"]
+__all__ = ["ResultWriter", "InOrder", "OutputExistsError", "ResumeMismatch", "ResultWriteError", "read_results"]
 
 _COMMON = {"row": (np.int64, ()), "n_tokens": (np.int32, ()), "truncated": (np.bool_, ()),
            "nonfinite": (np.bool_, ())}
@@ -31,6 +31,10 @@ def check_output_path(path: str | Path, overwrite: bool) -> Path:
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"output.path {path}: folder {parent} is not writable")
     return path
+
+
+class ResultWriteError(ValueError):
+    """The results file could not be written (disk full, I/O error)."""
 
 
 class ResumeMismatch(ValueError):
@@ -117,7 +121,19 @@ class ResultWriter:
         self.file.flush()
 
     def commit(self, values: dict[str, np.ndarray] | None, skipped: list[tuple[int, str]], next_row: int) -> None:
-        """Write one run of rows (task columns and/or skipped rows), then advance ``next_row`` and flush."""
+        """Write one run of rows (task columns and/or skipped rows), then advance ``next_row`` and flush.
+
+        A failed write (disk full, quota, I/O error) raises :class:`ResultWriteError`; ``next_row`` is
+        only advanced after the rows are written, so a resumed run redoes the rows of the failed commit.
+        """
+        try:
+            self._commit(values, skipped, next_row)
+        except (OSError, RuntimeError) as exc:  # h5py reports a failed write or flush as either
+            raise ResultWriteError(f"output.path {self.path}: cannot write rows up to input row {next_row - 1} "
+                                   f"({exc}); rows committed before stay readable, and output.resume=true "
+                                   "continues once there is room") from None
+
+    def _commit(self, values, skipped, next_row) -> None:
         if values is not None and len(values["row"]):
             missing = set(self.columns) - set(values)
             if missing:
@@ -135,9 +151,12 @@ class ResultWriter:
                 ds.resize(self.skipped + n, axis=0)
                 ds[self.skipped:self.skipped + n] = data
             self.skipped += n
-        self.next_row = next_row
+        # the rows reach the disk before `next_row` moves past them: a write that fails (disk full) or a
+        # kill in between leaves next_row behind, and reopening trims whatever lies beyond it
+        self.file.flush()
         self.file.attrs["next_row"] = next_row
         self.file.flush()
+        self.next_row = next_row
 
     def append(self, values: dict[str, np.ndarray]) -> None:
         """Write rows that directly follow everything written so far (no skipped rows) and flush."""
@@ -160,10 +179,17 @@ class ResultWriter:
         self.file.close()
 
     def abort(self) -> None:
-        """Close without marking complete (rows written so far stay readable)."""
+        """Close without marking complete (rows written so far stay readable); never raises, since it
+        runs on the way out of another error (a full disk makes the final flush fail too)."""
         if self.file.id.valid:
-            self.file.flush()
-            self.file.close()
+            try:
+                self.file.flush()
+            except (OSError, RuntimeError):
+                pass
+            try:
+                self.file.close()
+            except (OSError, RuntimeError):
+                pass
 
     def discard(self) -> None:
         """Close, and delete the file if this run created it and wrote no row (a failed start-up)."""

@@ -25,7 +25,7 @@ from .privacy import make_privacy
 from .results import InOrder, ResultWriter
 from .tasks import make_task
 from .topology import make_topology
-from .transport import MpiTransport, TransportTimeout
+from .transport import MpiTransport, PeerFailure, TransportTimeout
 from .weights import DTYPES, build_adapter, load_modules, packaged_model_path
 
 __all__ = ["run", "main", "JobError", "EXIT_STOPPED"]
@@ -37,7 +37,7 @@ log = logging.getLogger("nesa_hpc")
 
 # Errors that are the user's to fix: reported as one line, no traceback.
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FileExistsError, PermissionError, ValueError, KeyError,
-               TransportTimeout)
+               TransportTimeout, PeerFailure)
 
 
 class JobError(RuntimeError):
@@ -137,11 +137,12 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
                                            settings.normalize))
     _all_ok(comm, lambda: _check_task(settings, adapter))
     data_path = settings.data_path or str(sample_path())
+    places = comm.allgather((socket.gethostname(), os.getpid()))
     if rank == 0:
         log.info("model %s: %d layers, world size %d, split.k=%d, head on %s", folder, topo.num_layers, size,
                  settings.k, "rank 0 (owner)" if topo.head == "owner" else f"rank {topo.last} (last worker)")
-        for line in topo.describe(topo.stage_costs(head_cost)):
-            log.info("  %s", line)
+        for (host, pid), line in zip(places, topo.describe(topo.stage_costs(head_cost)), strict=True):
+            log.info("  %s [%s pid %d, %s]", line, host, pid, settings.device)
     # rank 0 opens (or reopens, to resume) the results file before any rank loads weights
     writer = _agree(comm, lambda: _open_results(cfg, settings, topo, adapter, task, folder, data_path), share=False)
 
@@ -152,8 +153,7 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
         if writer is not None:
             writer.discard()
         raise
-    hosts = comm.allgather(socket.gethostname())
-    transport = MpiTransport(comm, settings.timeout, on_recv, hosts) if size > 1 else None
+    transport = MpiTransport(comm, settings.timeout, on_recv, [h for h, _ in places]) if size > 1 else None
     stop = _StopFlag()
     start = time.perf_counter()
 

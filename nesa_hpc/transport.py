@@ -15,7 +15,7 @@ from enum import IntEnum
 import numpy as np
 import torch
 
-__all__ = ["Kind", "Message", "MpiTransport", "TransportTimeout", "encode_header", "decode_header",
+__all__ = ["Kind", "Message", "MpiTransport", "TransportTimeout", "PeerFailure", "encode_header", "decode_header",
            "HEADER_LEN", "WIRE_DTYPES"]
 
 HEADER_LEN = 64
@@ -38,6 +38,10 @@ class Kind(IntEnum):
 
 class TransportTimeout(RuntimeError):
     """No progress on a message within the deadline (peer dead, hung, or cut off)."""
+
+
+class PeerFailure(RuntimeError):
+    """MPI reported a failed message: the peer rank has died or its connection broke."""
 
 
 def encode_header(kind: int, batch_id: int, tensors: list[torch.Tensor]) -> np.ndarray:
@@ -94,11 +98,6 @@ class Pending:
     transport: MpiTransport | None = None
     peer: int = -1
 
-    def done(self) -> bool:
-        from mpi4py import MPI
-
-        return bool(MPI.Request.Testall(self.requests))
-
     def wait(self) -> None:
         if self.transport is not None:
             self.transport._wait_all(self.requests, f"sending to rank {self.transport._peer(self.peer)}", "send")
@@ -148,6 +147,15 @@ class MpiTransport:
             self.on_recv(source, msg)
         return msg
 
+    def _test_all(self, requests: list, what: str) -> bool:
+        from mpi4py import MPI
+
+        try:
+            return bool(MPI.Request.Testall(requests))
+        except MPI.Exception as exc:
+            raise PeerFailure(f"rank {self.comm.Get_rank()}: {what} failed ({exc.Get_error_string().strip()}); "
+                              "that rank has probably exited or been killed") from None
+
     def _peer(self, rank: int) -> str:
         return f"{rank} on {self.hosts[rank]}" if self.hosts else str(rank)
 
@@ -156,7 +164,7 @@ class MpiTransport:
 
         start = time.monotonic()
         nap = 1e-5
-        while not MPI.Request.Testall(requests):
+        while not self._test_all(requests, what):
             now = time.monotonic()
             if now - start > self.timeout:
                 for r in requests:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import h5py
 import pytest
@@ -99,3 +100,46 @@ def test_output_folder_missing(tiny_models, texts_file, tmp_path):
     proc = _infer(tiny_models["gpt2"], texts_file, tmp_path / "nope" / "out.h5", n=2)
     assert proc.returncode != 0
     assert f"folder {tmp_path / 'nope'} does not exist" in proc.stderr
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 400 KiB tmpfs: fills up mid-run."""
+    import os
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("a small tmpfs needs root and mount")
+    yield mnt
+    for _ in range(20):
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
+            break
+        time.sleep(0.5)
+
+
+def test_disk_full_keeps_committed_rows_and_resumes(small_disk, tiny_models, tmp_path):
+    import numpy as np
+
+    from nesa_hpc.results import read_results
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"text": "word " * (1 + i % 50)}) + "\n" for i in range(3000)))
+    args = ["task=embed", "data.bucket_window=0"]
+    out = small_disk / "out.h5"
+    proc = _infer(tiny_models["llama"], data, out, *args, n=2)
+    assert proc.returncode == 2
+    assert f"output.path {out}: cannot write rows" in proc.stderr and "No space left on device" in proc.stderr
+    moved = tmp_path / "moved.h5"
+    shutil.copy(out, moved)
+    with h5py.File(moved) as f:
+        assert 0 < f.attrs["next_row"] < 3000 and f.attrs["complete"] == False  # noqa: E712
+    assert _infer(tiny_models["llama"], data, moved, *args, "output.resume=true", n=2).returncode == 0
+    full = tmp_path / "full.h5"
+    assert _infer(tiny_models["llama"], data, full, *args, n=2).returncode == 0
+    got, attrs = read_results(moved)
+    want, _ = read_results(full)
+    assert attrs["complete"] == True  # noqa: E712
+    assert all(np.array_equal(got[k], want[k]) for k in want)

@@ -116,3 +116,17 @@ def test_wire_dtype_bfloat16_stays_close(tiny_models, texts_file, tmp_path):
     diff = np.abs(outs["float32"] - outs["bfloat16"]).max()
     assert 0 < diff < 0.05
     assert outs["bfloat16_bytes"] < 0.7 * outs["float32_bytes"]
+
+
+def test_memory_guard_turns_a_failed_allocation_into_advice():
+    import torch
+
+    from nesa_hpc.pipeline import BatchMemoryError, memory_guard
+
+    with pytest.raises(BatchMemoryError, match=r"rank 2: out of memory running layers \[4, 8\) on a micro-batch of "
+                                               r"8 rows x 512 tokens .*lower data.batch_size or data.max_length"):
+        with memory_guard(2, "layers [4, 8)", (8, 512)):
+            torch.empty(2**46, dtype=torch.uint8)  # 64 TiB: a real allocation failure
+    with pytest.raises(RuntimeError, match="unrelated"):
+        with memory_guard(0, "head", (1, 1)):
+            raise RuntimeError("unrelated failure")

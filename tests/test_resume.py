@@ -107,9 +107,13 @@ def test_interrupt_then_resume_equals_uninterrupted(how, tiny_models, long_data,
     if how == "sigterm":
         proc.send_signal(signal.SIGTERM)  # mpiexec forwards it to every rank, as srun does
     else:
-        os.kill(_rank_pid(proc, 0 if how == "kill-rank0" else 1), signal.SIGKILL)
+        victim = _rank_pid(proc, 0 if how == "kill-rank0" else 1)
+        os.kill(victim, signal.SIGKILL)
     code, stderr = _finish(proc)
     assert code != 0
+    if how != "sigterm":  # the launcher names the dead process (its pid is in rank 0's layer map) or a rank
+        # reports the broken peer
+        assert f"PID {victim} RUNNING AT" in stderr or "has probably exited or been killed" in stderr, stderr[-2000:]
     if how == "sigterm":
         assert code == 75 and "stopped by SIGTERM" in stderr
         with h5py.File(out) as f:
