@@ -7,12 +7,14 @@ block, starts the send, and receives the next batch while the send completes.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .data import Batch
@@ -22,7 +24,10 @@ from .tasks import Task
 from .topology import Topology
 from .transport import Kind, MpiTransport
 
-__all__ = ["StageStats", "run_owner", "run_worker", "BatchMemoryError", "memory_guard", "mark_nonfinite"]
+__all__ = ["StageStats", "run_owner", "run_worker", "BatchMemoryError", "memory_guard", "mark_nonfinite",
+           "check_finite", "NonFiniteError"]
+
+log = logging.getLogger("nesa_hpc")
 
 
 @dataclass
@@ -179,3 +184,32 @@ def run_worker(rank: int, topo: Topology, adapter: Adapter, task: Task, transpor
     if pending is not None:
         pending.wait()
     return stats
+
+
+class NonFiniteError(ValueError):
+    """NaN or Inf in the activations of some rows (``runtime.on_nonfinite=error``)."""
+
+
+def _stage_name(stage: int, topo) -> str:
+    if stage == topo.world_size:
+        extra = f"layers [{topo.tail.start}, {topo.tail.stop}) + " if len(topo.tail) else ""
+        return f"rank {topo.head_rank()}: {extra}final norm and head"
+    r = topo.ranges[stage] if topo.world_size > 1 else range(0, topo.num_layers)
+    return f"rank {stage}: layers [{r.start}, {r.stop})"
+
+
+def check_finite(cols: dict, bad: torch.Tensor, batch, topo, mode: str) -> torch.Tensor:
+    """Mark rows whose outputs are NaN/Inf (stage = the head) and raise or log per ``mode``."""
+    outputs = np.stack([np.isfinite(v.reshape(len(v), -1)).all(-1) for k, v in cols.items()
+                        if k in ("nll_sum", "embedding")]).all(0)
+    # a row with no predicted token has nll_mean NaN by definition; nll_sum stays finite
+    bad = torch.where((bad < 0) & torch.from_numpy(~outputs), torch.full_like(bad, topo.world_size), bad)
+    if (bad >= 0).any():
+        rows = batch.rows[bad >= 0].tolist()
+        stages = sorted(set(bad[bad >= 0].tolist()))
+        where = "; ".join(_stage_name(st, topo) for st in stages)
+        text = f"NaN/Inf in the activations of rows {rows[:20]}{' ...' if len(rows) > 20 else ''}, first in {where}"
+        if mode == "error":
+            raise NonFiniteError(text + " (runtime.on_nonfinite=error; use flag to record and continue)")
+        log.warning("%s: flagged in `nonfinite`", text)
+    return bad

@@ -5,22 +5,20 @@ from __future__ import annotations
 import logging
 import os
 import resource
-import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import __version__
 from .config import ConfigError, Settings, settings_from_cfg
+from .control import Progress, SkipLog, StopFlag
 from .data import DataError, make_batches, prefetch, read_rows, sample_path
-from .pipeline import run_owner, run_worker
+from .pipeline import check_finite, run_owner, run_worker
 from .privacy import make_privacy
 from .results import InOrder, ResultWriter
 from .tasks import make_task
@@ -154,12 +152,15 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
             writer.discard()
         raise
     transport = MpiTransport(comm, settings.timeout, on_recv, [h for h, _ in places]) if size > 1 else None
-    stop = _StopFlag()
+    stop = StopFlag()
     start = time.perf_counter()
 
     wire_dtype = DTYPES[settings.wire_dtype] if settings.wire_dtype else None
     if rank != 0:
-        stats = run_worker(rank, topo, adapter, task, transport, wire_dtype)
+        try:  # workers ignore SIGTERM/SIGUSR1: rank 0 drains the pipeline and then tells them to stop
+            stats = run_worker(rank, topo, adapter, task, transport, wire_dtype)
+        finally:
+            stop.restore()
         comm.gather(_rank_stats(rank, stats, transport, time.perf_counter() - start), root=0)
         code = comm.bcast(None, root=0)
         if code == 2:
@@ -175,83 +176,6 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
     if "error" in summary:
         raise JobError(summary["error"])
     return summary
-
-
-class _StopFlag:
-    """SIGTERM / SIGUSR1 (Slurm before a time limit or preemption) set a flag instead of killing the rank:
-    rank 0 then stops feeding batches, drains the pipeline, flushes and exits with EXIT_STOPPED."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signal.Signals(signum).name
-
-    def __call__(self) -> bool:
-        return self.signal is not None
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-class NonFiniteError(ValueError):
-    """NaN or Inf in the activations of some rows (``runtime.on_nonfinite=error``)."""
-
-
-def _stage_name(stage: int, topo) -> str:
-    if stage == topo.world_size:
-        extra = f"layers [{topo.tail.start}, {topo.tail.stop}) + " if len(topo.tail) else ""
-        return f"rank {topo.head_rank()}: {extra}final norm and head"
-    r = topo.ranges[stage] if topo.world_size > 1 else range(0, topo.num_layers)
-    return f"rank {stage}: layers [{r.start}, {r.stop})"
-
-
-def _check_finite(cols: dict, bad: torch.Tensor, batch, topo, mode: str) -> torch.Tensor:
-    """Mark rows whose outputs are NaN/Inf (stage = the head) and raise or log per ``mode``."""
-    outputs = np.stack([np.isfinite(v.reshape(len(v), -1)).all(-1) for k, v in cols.items()
-                        if k in ("nll_sum", "embedding")]).all(0)
-    # a row with no predicted token has nll_mean NaN by definition; nll_sum stays finite
-    bad = torch.where((bad < 0) & torch.from_numpy(~outputs), torch.full_like(bad, topo.world_size), bad)
-    if (bad >= 0).any():
-        rows = batch.rows[bad >= 0].tolist()
-        stages = sorted(set(bad[bad >= 0].tolist()))
-        where = "; ".join(_stage_name(st, topo) for st in stages)
-        text = f"NaN/Inf in the activations of rows {rows[:20]}{' ...' if len(rows) > 20 else ''}, first in {where}"
-        if mode == "error":
-            raise NonFiniteError(text + " (runtime.on_nonfinite=error; use flag to record and continue)")
-        log.warning("%s: flagged in `nonfinite`", text)
-    return bad
-
-
-class _SkipLog:
-    """Rows the reader thread skipped, handed to the in-order writer on the main thread."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.rows: list[tuple[int, str]] = []
-        self.count = 0
-
-    def add(self, row: int, reason: str) -> None:
-        with self.lock:
-            self.rows.append((row, reason))
-            self.count += 1
-            if self.count <= 20:
-                log.warning("skipping row %d: %s", row, reason)
-            elif self.count == 21:
-                log.warning("more rows skipped; every one is listed in skipped_row / skipped_reason")
-
-    def drain_into(self, ordered: InOrder) -> None:
-        with self.lock:
-            rows, self.rows = self.rows, []
-        for row, reason in rows:
-            ordered.skip(row, reason)
 
 
 def _resume_key(settings: Settings, folder: str, data_path: str, privacy_attrs: dict) -> dict:
@@ -321,7 +245,7 @@ def _rank_stats(rank: int, stats, transport, wall: float) -> dict:
 
 
 def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path, start, wire_dtype,
-               writer: ResultWriter, stop: _StopFlag) -> dict:
+               writer: ResultWriter, stop: StopFlag) -> dict:
     from transformers import AutoTokenizer
 
     try:
@@ -337,15 +261,15 @@ def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path
     window = max(settings.bucket_window, settings.batch_size) if settings.bucket_window else settings.batch_size
     replay_from = committed if writer.was_complete else committed // window * window
     ordered = InOrder(writer, first_row=replay_from, keep_from=committed)
-    skips = _SkipLog()
+    skips = SkipLog()
     total = _count_rows(data_path, settings)
-    progress = _Progress(settings.log_every, None if total is None else total - replay_from)
+    progress = Progress(settings.log_every, None if total is None else total - replay_from)
     done = {"rows": 0, "tokens": 0, "padded": 0}
 
     def on_result(batch, outputs, bad):
         skips.drain_into(ordered)  # rows the reader skipped before this batch was read
         cols = task.finish(adapter, batch, outputs)
-        bad = _check_finite(cols, bad, batch, topo, settings.on_nonfinite)
+        bad = check_finite(cols, bad, batch, topo, settings.on_nonfinite)
         cols.update(row=batch.rows.numpy(), truncated=batch.truncated.numpy(), nonfinite=bad.numpy() >= 0)
         ordered.add(cols)
         done["rows"] += batch.size
@@ -427,37 +351,6 @@ def _count_rows(path: str, settings: Settings) -> int | None:
     except Exception:
         return None
     return None
-
-
-class _Progress:
-    """A tqdm bar on a terminal; otherwise a log line every ``every`` seconds."""
-
-    def __init__(self, every: float, total: int | None) -> None:
-        self.every, self.total = every, total
-        self.rows = self.tokens = 0
-        self.start = self.last = time.perf_counter()
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="row", dynamic_ncols=True, file=sys.stderr)
-
-    def update(self, rows: int, tokens: int) -> None:
-        self.rows += rows
-        self.tokens += tokens
-        now = time.perf_counter()
-        rate = self.tokens / max(now - self.start, 1e-9)
-        if self.bar is not None:
-            self.bar.update(rows)
-            self.bar.set_postfix_str(f"{rate:.0f} tok/s")
-        elif now - self.last >= self.every:
-            self.last = now
-            of = f"/{self.total}" if self.total else ""
-            log.info("progress: %d%s rows, %d tokens, %.0f tokens/s", self.rows, of, self.tokens, rate)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def main(cfg: DictConfig) -> None:
