@@ -121,8 +121,6 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
     comm = comm or MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     _setup_logging(rank)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     settings = _all_ok(comm, lambda: settings_from_cfg(cfg))
     torch.set_num_threads(_threads(settings, comm))
 
