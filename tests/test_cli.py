@@ -46,10 +46,13 @@ def test_score_job_writes_the_documented_schema(tiny_models, texts_file, tmp_pat
 
 
 def test_embed_job_on_minilm(texts_file, tmp_path):
-    out = tmp_path / "emb.h5"
-    proc = _infer(2, "model=minilm", "task=embed", "task.normalize=true", "split.head=last",
-                  f"data.path={texts_file}", f"output.path={out}")
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "emb.h5"
+    proc = run_mpi(2, [INFER, "runtime.threads=1", "model=minilm", "task=embed", "task.normalize=true",
+                       "split.head=last", f"data.path={texts_file}", "output.path=emb.h5"], timeout=180, cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in work.iterdir()] == ["emb.h5"]  # no Hydra folders or log files, from any rank
     with h5py.File(out) as f:
         emb = f["embedding"][()]
         assert emb.shape == (9, 384) and emb.dtype == np.float32
