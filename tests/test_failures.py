@@ -102,22 +102,36 @@ def test_output_folder_missing(tiny_models, texts_file, tmp_path):
     assert f"folder {tmp_path / 'nope'} does not exist" in proc.stderr
 
 
-@pytest.fixture()
-def small_disk(tmp_path):
-    """A 400 KiB tmpfs: fills up mid-run."""
+def _tmpfs(path, options: str):
     import os
     import subprocess
 
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)],
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
                                            capture_output=True).returncode != 0:
-        pytest.skip("a small tmpfs needs root and mount")
-    yield mnt
+        pytest.skip("a tmpfs of our own needs root and mount")
+    yield path
     for _ in range(20):
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode == 0:
             break
         time.sleep(0.5)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 400 KiB tmpfs: fills up mid-run."""
+    yield from _tmpfs(tmp_path / "small", "size=400k")
+
+
+@pytest.fixture()
+def read_only_dir(tmp_path):
+    yield from _tmpfs(tmp_path / "ro", "ro,size=64k")
+
+
+def test_output_folder_read_only(read_only_dir, tiny_models, texts_file):
+    proc = _infer(tiny_models["gpt2"], texts_file, read_only_dir / "out.h5", n=2)
+    assert proc.returncode != 0
+    assert f"folder {read_only_dir} is not writable" in proc.stderr and proc.stderr.count("error:") == 1
 
 
 def test_disk_full_keeps_committed_rows_and_resumes(small_disk, tiny_models, tmp_path):
