@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from .results import InOrder
 
@@ -64,17 +65,29 @@ class SkipLog:
 
 
 class Progress:
-    """A tqdm bar on a terminal; otherwise a log line every ``every`` seconds."""
+    """A tqdm bar on a terminal; otherwise a log line every ``every`` seconds.
 
-    def __init__(self, every: float, total: int | None) -> None:
-        self.every, self.total = every, total
+    ``count`` (rows to do, or None when unknown) runs in a background thread, so counting a large input
+    file never delays the first batch; the total appears in the bar and log lines once known.
+    """
+
+    def __init__(self, every: float, count: Callable[[], int | None]) -> None:
+        self.every, self.total = every, None
         self.rows = self.tokens = 0
         self.start = self.last = time.perf_counter()
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="row", dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(total=None, unit="row", dynamic_ncols=True, file=sys.stderr)
+        threading.Thread(target=self._count, args=(count,), name="nesa-count", daemon=True).start()
+
+    def _count(self, count: Callable[[], int | None]) -> None:
+        total = count()
+        if total is not None:
+            self.total = total
+            if self.bar is not None:
+                self.bar.total = total
 
     def update(self, rows: int, tokens: int) -> None:
         self.rows += rows

@@ -260,8 +260,11 @@ def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path
     replay_from = committed if writer.was_complete else committed // window * window
     ordered = InOrder(writer, first_row=replay_from, keep_from=committed)
     skips = SkipLog()
-    total = _count_rows(data_path, settings)
-    progress = Progress(settings.log_every, None if total is None else total - replay_from)
+    def rows_to_do() -> int | None:
+        total = _count_rows(data_path, settings)
+        return None if total is None else total - replay_from
+
+    progress = Progress(settings.log_every, rows_to_do)
     done = {"rows": 0, "tokens": 0, "padded": 0}
 
     def on_result(batch, outputs, bad):
