@@ -8,7 +8,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .data import FORMATS, ON_ERROR, ON_LONG
-from .privacy import MECHANISMS
+from .privacy import MECHANISMS, UNITS, PrivacyConfigError, PrivacySpec
 from .tasks import TASKS
 from .topology import HEAD_PLACEMENTS, PARTITIONS
 from .weights import DTYPES, PACKAGED_MODELS
@@ -33,7 +33,7 @@ class Settings:
     partition: str | tuple[int, ...]
     owner_tail: int | None
     head_cost: float | None
-    privacy: str
+    privacy: PrivacySpec
     data_path: str | None
     data_format: str
     text_field: str
@@ -89,6 +89,36 @@ def _bool(name: str, value: Any) -> bool:
     return value
 
 
+def _privacy(p: dict, k: Any) -> PrivacySpec:
+    mechanism = _choice("privacy.mechanism", p.get("mechanism"), MECHANISMS)
+    clip = p.get("clip")
+    if clip is not None and clip != "auto":
+        clip = _positive("privacy.clip", clip)
+    percentile = _positive("privacy.clip_percentile", p.get("clip_percentile", 90))
+    if percentile > 100:
+        raise ConfigError(f"privacy.clip_percentile={percentile} must be in (0, 100]")
+    delta = p.get("delta")
+    if delta is not None and (_positive("privacy.delta", delta) >= 1):
+        raise ConfigError(f"privacy.delta={delta} must be in (0, 1)")
+    spec = PrivacySpec(
+        mechanism=mechanism,
+        unit=_choice("privacy.unit", p.get("unit", "sequence"), UNITS),
+        epsilon=None if p.get("epsilon") is None else _positive("privacy.epsilon", p["epsilon"]),
+        delta=None if delta is None else float(delta),
+        clip=clip,
+        clip_percentile=percentile,
+        calibration_path=None if p.get("calibration_path") is None else str(p["calibration_path"]),
+        sigma=None if p.get("sigma") is None else _nonneg("privacy.sigma", p["sigma"]),
+        seed=_int("privacy.seed", p.get("seed"), 0, allow_none=True),
+        releases=_int("privacy.releases", p.get("releases", 1), 1),
+    )
+    try:
+        spec.check(k if isinstance(k, int) else 0)
+    except PrivacyConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    return spec
+
+
 def settings_from_cfg(cfg: DictConfig) -> Settings:
     """Check every option once and return typed settings; raise :class:`ConfigError` naming the key."""
     try:
@@ -116,7 +146,7 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
         partition=partition,
         owner_tail=_int("split.owner_tail", split.get("owner_tail"), 0, allow_none=True),
         head_cost=None if split.get("head_cost") is None else _nonneg("split.head_cost", split["head_cost"]),
-        privacy=_choice("privacy.mechanism", privacy["mechanism"], MECHANISMS),
+        privacy=_privacy(privacy, split["k"]),
         data_path=data.get("path"),
         data_format=_choice("data.format", data.get("format", "auto"), ("auto", *FORMATS)),
         text_field=str(data.get("text_field", "text")),

@@ -120,7 +120,7 @@ def run_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task: Task, ba
         with torch.inference_mode(), memory_guard(0, "embedding and layers [0, k)", tuple(batch.ids.shape)):
             h = adapter.embed(batch.ids, batch.pos)  # (B, T, H)
             h = adapter.run_layers(front, h, batch.mask, batch.pos)
-            z = privacy.apply(h, batch.mask)  # (B, T, H): the only activations that leave rank 0
+            z = privacy.apply(h, batch.mask, batch.rows)  # (B, T, H): the only activations that leave rank 0
             bad = mark_nonfinite(z, batch.mask, torch.full((batch.size,), -1, dtype=torch.int32), 0)
             if topo.world_size == 1:
                 h = adapter.run_layers(back, z, batch.mask, batch.pos)

@@ -1,29 +1,288 @@
-"""The privacy transform applied on rank 0 to exactly the activations Z that leave it."""
+"""The privacy transform applied on rank 0 to exactly the activations Z that leave it, and its ledger.
+
+Mechanisms (``privacy.mechanism``):
+
+- ``none``: Z leaves unchanged (the exactness baseline).
+- ``gaussian``: (epsilon, delta)-differential privacy. Each unit of Z is clipped to L2 norm C, then
+  isotropic Gaussian noise of standard deviation sigma is added to every real position. Adjacency is
+  replace-one (two inputs that differ in one unit, with the same token length), so the L2 sensitivity
+  is 2C and sigma = 2C * s(epsilon, delta), with s from the analytic Gaussian mechanism
+  (``dp_accounting.get_sigma_gaussian``, Balle & Wang 2018). With ``privacy.releases = R`` the
+  (epsilon, delta) budget covers R releases of the same row (generation: one per decode step), and
+  sigma grows by sqrt(R), which is exact for Gaussian composition.
+- ``sigma``: clip (when ``privacy.clip`` is set) and add Gaussian noise of the given absolute standard
+  deviation ``privacy.sigma`` in the units of Z. No formal claim: only the audit speaks for it.
+- ``dchi``: metric differential privacy at k=0 (d_chi-privacy): each token's row gets noise with density
+  proportional to exp(-epsilon * ||n||_2), so two tokens whose embeddings are d apart are
+  (epsilon * d)-indistinguishable. This is *not* (epsilon, delta)-DP.
+
+Units (``privacy.unit``): ``token`` clips each position's row of Z (sound only at k=0, where rows do not
+mix: at k>0 every row depends on the tokens before it); ``sequence`` clips the whole row's Z (all its
+real positions, Frobenius norm), sound at any k.
+
+Noise is drawn on rank 0 only, once per release, from a generator keyed by (key, input row, release
+index): the key comes from the OS's secure randomness, or from ``privacy.seed`` for reproducible
+experiments. A row's noise therefore does not depend on the batch it lands in or on the world size.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import math
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
 import torch
 
-__all__ = ["Privacy", "make_privacy", "MECHANISMS"]
+__all__ = ["Privacy", "PrivacySpec", "Ledger", "make_privacy", "gaussian_sigma", "calibrate_clip",
+           "clip_norms", "unit_norms", "MECHANISMS", "UNITS", "PrivacyConfigError"]
 
-MECHANISMS = ("none",)
+MECHANISMS = ("none", "gaussian", "sigma", "dchi")
+UNITS = ("token", "sequence")
 
 
+class PrivacyConfigError(ValueError):
+    """A privacy setting that cannot be honoured; the message names the option."""
+
+
+@dataclass(frozen=True)
+class PrivacySpec:
+    """Validated ``privacy.*`` options (see conf/privacy/*.yaml for their meaning)."""
+
+    mechanism: str = "none"
+    unit: str = "sequence"
+    epsilon: float | None = None
+    delta: float | None = None
+    clip: float | str | None = None  # a number, "auto" (public calibration text) or None (no clipping)
+    clip_percentile: float = 90.0
+    calibration_path: str | None = None
+    sigma: float | None = None
+    seed: int | None = None
+    releases: int = 1
+
+    @property
+    def adds_noise(self) -> bool:
+        return self.mechanism != "none"
+
+    def check(self, k: int) -> None:
+        """Refuse settings whose claim would be false at split point ``k``."""
+        m = self.mechanism
+        if m == "none":
+            return
+        if m in ("gaussian", "dchi") and (self.epsilon is None or self.epsilon <= 0):
+            raise PrivacyConfigError(f"privacy.mechanism={m} needs privacy.epsilon > 0")
+        if m == "gaussian":
+            if self.delta is None or not 0 < self.delta < 1:
+                raise PrivacyConfigError("privacy.mechanism=gaussian needs 0 < privacy.delta < 1")
+            if self.clip is None:
+                raise PrivacyConfigError("privacy.mechanism=gaussian needs privacy.clip (a norm, or auto to "
+                                         "estimate it from public calibration text)")
+        if m == "sigma" and (self.sigma is None or self.sigma < 0):
+            raise PrivacyConfigError("privacy.mechanism=sigma needs privacy.sigma >= 0 (absolute noise std)")
+        if m == "dchi" and k != 0:
+            raise PrivacyConfigError(f"privacy.mechanism=dchi is metric DP on token embeddings and needs split.k=0 "
+                                     f"(got split.k={k}): at k>0 a row of Z mixes every earlier token")
+        if m in ("gaussian", "sigma") and self.unit == "token" and k != 0:
+            raise PrivacyConfigError(
+                f"privacy.unit=token with split.k={k}: clipping each position's row bounds one token's influence "
+                "only at k=0; after any layer a row mixes every earlier token of the sequence, so a per-token "
+                "guarantee would be false. Use privacy.unit=sequence, or split.k=0")
+
+
+def gaussian_sigma(epsilon: float, delta: float, sensitivity: float, releases: int = 1) -> float:
+    """Noise std so that ``releases`` Gaussian releases with L2 ``sensitivity`` are (epsilon, delta)-DP in all.
+
+    The analytic Gaussian mechanism gives the noise multiplier s for one release; R releases at noise
+    multiplier s*sqrt(R) compose to exactly one release at s, so sigma = sensitivity * s * sqrt(R).
+    """
+    from dp_accounting import get_sigma_gaussian
+
+    return float(sensitivity * get_sigma_gaussian(epsilon, delta) * math.sqrt(releases))
+
+
+class Ledger:
+    """Epsilon spent per row as a function of how many times that row was released.
+
+    Gaussian releases are composed with Google's dp-accounting PLD accountant (noise multiplier
+    sigma / sensitivity, at the job's delta). d_chi releases add up linearly (metric DP composes
+    additively). ``none`` and ``sigma`` make no claim: their epsilon is inf and nan.
+    """
+
+    def __init__(self, mechanism: str, delta: float | None, noise_multiplier: float | None,
+                 epsilon: float | None) -> None:
+        self.mechanism = mechanism
+        self.delta = delta
+        self.noise_multiplier = noise_multiplier
+        self.epsilon_per_release = epsilon
+        self._cache: dict[int, float] = {}
+
+    def epsilon(self, releases: int) -> float:
+        if releases <= 0:
+            return 0.0
+        if self.mechanism == "none":
+            return math.inf
+        if self.mechanism == "sigma":
+            return math.nan
+        if self.mechanism == "dchi":
+            return float(self.epsilon_per_release * releases)
+        if releases not in self._cache:
+            from dp_accounting import GaussianDpEvent, SelfComposedDpEvent
+            from dp_accounting.pld import PLDAccountant
+
+            acc = PLDAccountant()
+            acc.compose(SelfComposedDpEvent(GaussianDpEvent(self.noise_multiplier), releases))
+            self._cache[releases] = float(acc.get_epsilon(self.delta))
+        return self._cache[releases]
+
+    def per_row(self, releases: Iterable[int]) -> np.ndarray:
+        return np.array([self.epsilon(int(r)) for r in releases], dtype=np.float64)
+
+
+def unit_norms(z: torch.Tensor, mask: torch.Tensor, unit: str) -> torch.Tensor:
+    """L2 norms of the units of Z (B, T, H): per real position (N,) for token, per row (B,) for sequence."""
+    m = mask.bool()
+    if unit == "token":
+        return z[m].norm(dim=-1)
+    return (z * m.unsqueeze(-1)).flatten(1).norm(dim=-1)
+
+
+def clip_norms(z: torch.Tensor, mask: torch.Tensor, unit: str, clip: float) -> torch.Tensor:
+    """Scale each unit of Z down to L2 norm <= ``clip``; padded positions become zero."""
+    m = mask.bool().unsqueeze(-1)
+    z = torch.where(m, z, torch.zeros((), dtype=z.dtype))
+    if unit == "token":
+        norms = z.norm(dim=-1, keepdim=True)  # (B, T, 1)
+    else:
+        norms = z.flatten(1).norm(dim=-1).view(-1, 1, 1)  # (B, 1, 1)
+    scale = torch.clamp(clip / torch.clamp(norms, min=1e-30), max=1.0)
+    return z * scale
+
+
+def _noise_key(seed: int | None) -> bytes:
+    return secrets.token_bytes(32) if seed is None else f"nesa_hpc-seed:{int(seed)}".encode()
+
+
+@dataclass
 class Privacy:
-    """``privacy=none``: Z leaves rank 0 unchanged (the exactness baseline)."""
+    """Applies a mechanism to Z on rank 0 and keeps count of what each row has released."""
 
-    mechanism = "none"
+    spec: PrivacySpec = field(default_factory=PrivacySpec)
+    clip: float | None = None  # resolved clip norm in units of Z (None: no clipping)
+    sigma: float = 0.0  # Gaussian std in units of Z (gaussian, sigma)
+    key: bytes = b""
+    releases: dict[int, int] = field(default_factory=dict)  # input row -> releases made by this job
 
-    def apply(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Transform Z (B, T, H) before it is sent; ``mask`` (B, T) marks real tokens."""
-        return z
+    @property
+    def mechanism(self) -> str:
+        return self.spec.mechanism
+
+    def apply(self, z: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None = None,
+              release: int = 0) -> torch.Tensor:
+        """Transform Z (B, T, H) before it is sent; ``mask`` (B, T) marks real tokens and ``rows`` (B,)
+        the input rows. ``release`` numbers the releases of the same rows (generation: decode steps).
+        Padded positions are sent as zeros, since at k>0 they depend on the row's real tokens."""
+        if rows is not None:
+            for r in rows.tolist():
+                self.releases[r] = self.releases.get(r, 0) + 1
+        if not self.spec.adds_noise:
+            return z
+        if rows is None:
+            raise ValueError("privacy.apply needs the input row numbers to key the noise")
+        z = clip_norms(z, mask, self.spec.unit, self.clip) if self.clip is not None else \
+            torch.where(mask.bool().unsqueeze(-1), z, torch.zeros((), dtype=z.dtype))
+        noise = torch.zeros_like(z)
+        m = mask.bool()
+        H = z.shape[-1]
+        for i, r in enumerate(rows.tolist()):
+            n = int(m[i].sum())
+            if n:
+                noise[i][m[i]] = self._draw(r, release, n, H).to(z.dtype)
+        return z + noise
+
+    def _draw(self, row: int, release: int, n: int, H: int) -> torch.Tensor:
+        digest = hashlib.blake2b(self.key + f":{row}:{release}".encode(), digest_size=16).digest()
+        rng = np.random.Generator(np.random.PCG64(int.from_bytes(digest, "little")))
+        if self.spec.mechanism == "dchi":
+            # density ∝ exp(-eps ||x||): a uniform direction times a Gamma(H, 1/eps) radius
+            direction = rng.standard_normal((n, H))
+            direction /= np.linalg.norm(direction, axis=-1, keepdims=True)
+            radius = rng.gamma(shape=H, scale=1.0 / self.spec.epsilon, size=(n, 1))
+            return torch.from_numpy(direction * radius)
+        return torch.from_numpy(rng.standard_normal((n, H)) * self.sigma)
+
+    def ledger(self) -> Ledger:
+        nm = self.sigma / (2 * self.clip) if self.spec.mechanism == "gaussian" else None
+        return Ledger(self.spec.mechanism, self.spec.delta, nm, self.spec.epsilon)
 
     def attrs(self) -> dict:
-        """Root attributes recorded in the results file."""
-        return {"privacy_mechanism": self.mechanism}
+        """Root attributes recorded in the results file (the settings; the spent budget is added at the end)."""
+        s = self.spec
+        out = {"privacy_mechanism": s.mechanism}
+        if not s.adds_noise:
+            out.update(privacy_unit="none", privacy_epsilon=math.inf, privacy_delta=float("nan"),
+                       privacy_clip=float("nan"), privacy_sigma=0.0, privacy_seed="none",
+                       privacy_releases_budget=int(s.releases),
+                       privacy_guarantee="none (activations leave rank 0 unchanged)")
+        else:
+            out.update(privacy_unit=s.unit if s.mechanism != "dchi" else "token",
+                       privacy_epsilon=_num(s.epsilon), privacy_delta=_num(s.delta),
+                       privacy_clip=_num(self.clip), privacy_sigma=float(self.sigma),
+                       privacy_seed="os" if s.seed is None else int(s.seed),
+                       privacy_releases_budget=int(s.releases),
+                       privacy_guarantee={"gaussian": "(epsilon, delta)-DP, replace-one adjacency",
+                                          "sigma": "none (noise without a formal claim)",
+                                          "dchi": "metric DP (d_chi), epsilon per unit of L2 distance"}[s.mechanism])
+            if s.clip == "auto":
+                out.update(privacy_clip_source=f"percentile {s.clip_percentile:g} of {s.unit} norms at layer k on "
+                                               f"{s.calibration_path or 'the built-in public text'}")
+        return out
 
 
-def make_privacy(mechanism: str) -> Privacy:
-    if mechanism not in MECHANISMS:
-        raise ValueError(f"privacy.mechanism={mechanism!r} is not one of {MECHANISMS}")
-    return Privacy()
+def _num(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def make_privacy(spec: PrivacySpec | str, k: int = 0, clip: float | None = None, key: bytes | None = None) -> Privacy:
+    """Build the transform; ``clip`` is the resolved norm when ``spec.clip`` is "auto"; ``key`` keys the
+    noise (default: from ``spec.seed``, or fresh OS randomness)."""
+    if isinstance(spec, str):
+        spec = PrivacySpec(mechanism=spec)
+    if spec.mechanism not in MECHANISMS:
+        raise PrivacyConfigError(f"privacy.mechanism={spec.mechanism!r} is not one of {MECHANISMS}")
+    spec.check(k)
+    if not spec.adds_noise:
+        return Privacy(spec)
+    if spec.clip == "auto":
+        if clip is None:
+            raise ValueError("privacy.clip=auto: the clip norm has not been calibrated")
+    elif spec.mechanism != "dchi":
+        clip = None if spec.clip is None else float(spec.clip)
+    else:
+        clip = None
+    sigma = 0.0
+    if spec.mechanism == "gaussian":
+        sigma = gaussian_sigma(spec.epsilon, spec.delta, 2 * clip, spec.releases)
+    elif spec.mechanism == "sigma":
+        sigma = float(spec.sigma)
+    if key is None or spec.seed is not None:
+        key = _noise_key(spec.seed)
+    return Privacy(spec, clip=clip, sigma=sigma, key=key)
+
+
+def calibrate_clip(adapter, tokenizer, k: int, unit: str, percentile: float, texts: list[str],
+                   max_length: int = 128, batch_size: int = 8) -> float:
+    """The ``percentile`` of unit norms of Z (layer k) over *public* ``texts``, on the owner's own layers."""
+    from .data import make_batches
+
+    norms = []
+    with torch.inference_mode():
+        for b in make_batches(enumerate(texts), tokenizer, batch_size, max_length, "right"):
+            h = adapter.embed(b.ids, b.pos)
+            h = adapter.run_layers(range(0, k), h, b.mask, b.pos)
+            norms.append(unit_norms(h.float(), b.mask, unit))
+    values = torch.cat(norms)
+    if not len(values):
+        raise PrivacyConfigError("privacy.clip=auto: the calibration text has no tokens")
+    return float(torch.quantile(values.double(), percentile / 100.0))

@@ -158,6 +158,12 @@ class ResultWriter:
         self.file.flush()
         self.next_row = next_row
 
+    def set_attrs(self, attrs: dict) -> None:
+        """Record root attributes now (flushed)."""
+        for key, value in attrs.items():
+            self.file.attrs[key] = _attr(value)
+        self.file.flush()
+
     def append(self, values: dict[str, np.ndarray]) -> None:
         """Write rows that directly follow everything written so far (no skipped rows) and flush."""
         self.commit(values, [], int(values["row"][-1]) + 1 if len(values["row"]) else self.next_row)

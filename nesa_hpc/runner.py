@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,7 +20,8 @@ from .config import ConfigError, Settings, settings_from_cfg
 from .control import Progress, SkipLog, StopFlag
 from .data import DataError, make_batches, prefetch, read_rows, sample_path
 from .pipeline import check_finite, run_owner, run_worker
-from .privacy import make_privacy
+from .privacy import PrivacySpec, calibrate_clip, make_privacy
+from .public_text import load_texts
 from .results import InOrder, ResultWriter
 from .tasks import make_task
 from .topology import make_topology
@@ -176,6 +178,14 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
     return summary
 
 
+def _privacy_key(spec: PrivacySpec) -> dict:
+    """The privacy settings a resumed run must share (the calibrated clip follows from them)."""
+    return {"privacy_mechanism": spec.mechanism, "privacy_unit": spec.unit, "privacy_epsilon": spec.epsilon,
+            "privacy_delta": spec.delta, "privacy_clip": spec.clip, "privacy_clip_percentile": spec.clip_percentile,
+            "privacy_calibration_path": spec.calibration_path, "privacy_sigma": spec.sigma,
+            "privacy_seed": "os" if spec.seed is None else spec.seed, "privacy_releases": spec.releases}
+
+
 def _resume_key(settings: Settings, folder: str, data_path: str, privacy_attrs: dict) -> dict:
     """What must match for rows of two runs to be interchangeable (world size and partition need not)."""
     return {"task": settings.task, "pooling": settings.pooling, "normalize": settings.normalize,
@@ -190,7 +200,6 @@ def _resume_key(settings: Settings, folder: str, data_path: str, privacy_attrs: 
 def _open_results(cfg, settings: Settings, topo, adapter, task, folder: str, data_path: str) -> ResultWriter:
     if not Path(data_path).is_file():
         raise DataError(f"data.path: no such file: {data_path}")
-    privacy = make_privacy(settings.privacy)
     attrs = {
         "task": settings.task, "model_path": folder, "num_layers": topo.num_layers, "split_k": topo.k,
         "split_head": topo.head, "world_size": topo.world_size, "layers_per_rank": topo.layer_counts(),
@@ -199,13 +208,13 @@ def _open_results(cfg, settings: Settings, topo, adapter, task, folder: str, dat
         "data_path": str(data_path), "config": OmegaConf.to_yaml(cfg, resolve=True),
         "nesa_hpc_version": __version__, "model_dtype": settings.model_dtype,
         "wire_dtype": settings.wire_dtype or settings.model_dtype, "bucket_window": settings.bucket_window,
-        "batch_size": settings.batch_size, **privacy.attrs(),
-        "resume_key": _resume_key(settings, folder, data_path, privacy.attrs()),
+        "batch_size": settings.batch_size, "privacy_mechanism": settings.privacy.mechanism,
+        "resume_key": _resume_key(settings, folder, data_path, _privacy_key(settings.privacy)),
     }
     if settings.task == "embed":
         attrs.update(pooling=settings.pooling, normalize=settings.normalize)
-    writer = ResultWriter(settings.output_path, task.columns(adapter.hidden_size), attrs, settings.overwrite,
-                          resume=settings.resume)
+    columns = {**task.columns(adapter.hidden_size), "epsilon_spent": (np.float64, ())}
+    writer = ResultWriter(settings.output_path, columns, attrs, settings.overwrite, resume=settings.resume)
     if writer.resumed_rows:
         log.info("resuming %s after %d committed rows", settings.output_path, writer.resumed_rows)
     return writer
@@ -251,7 +260,12 @@ def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path
     except Exception as exc:  # rank 0 alone sees this: main() aborts every rank
         writer.abort()
         raise ValueError(f"cannot load the tokenizer from {folder}: {exc}") from None
-    privacy = make_privacy(settings.privacy)
+    try:
+        privacy = _owner_privacy(settings, topo, adapter, tokenizer, writer)
+    except BaseException:
+        writer.abort()
+        raise
+    ledger = privacy.ledger()
     committed = writer.next_row
     # Resume at the start of the batching window holding the first missing row, so every remaining row
     # lands in the same batch as in an uninterrupted run (identical results); rows of that window that
@@ -265,13 +279,16 @@ def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path
         return None if total is None else total - replay_from
 
     progress = Progress(settings.log_every, rows_to_do)
-    done = {"rows": 0, "tokens": 0, "padded": 0}
+    done = {"rows": 0, "tokens": 0, "padded": 0, "releases": 0}
 
     def on_result(batch, outputs, bad):
         skips.drain_into(ordered)  # rows the reader skipped before this batch was read
         cols = task.finish(adapter, batch, outputs)
         bad = check_finite(cols, bad, batch, topo, settings.on_nonfinite)
-        cols.update(row=batch.rows.numpy(), truncated=batch.truncated.numpy(), nonfinite=bad.numpy() >= 0)
+        released = [privacy.releases.pop(r, 0) for r in batch.rows.tolist()]
+        cols.update(row=batch.rows.numpy(), truncated=batch.truncated.numpy(), nonfinite=bad.numpy() >= 0,
+                    epsilon_spent=ledger.per_row(released))
+        done["releases"] = max(done["releases"], max(released, default=0))
         ordered.add(cols)
         done["rows"] += batch.size
         done["tokens"] += batch.tokens
@@ -304,7 +321,7 @@ def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path
                "tokens_per_s": round(done["tokens"] / elapsed, 1) if elapsed > 0 else 0.0,
                "padding_waste": round(waste, 4), "exit_code": 0}
     final = {"seconds": elapsed, "padding_waste": waste, "peak_rss_mb": [r["peak_rss_mb"] for r in ranks],
-             "rank_stats": ranks, **writer.totals()}
+             "rank_stats": ranks, **writer.totals(), **_spent(writer, done["releases"])}
     if stop():
         summary["exit_code"] = EXIT_STOPPED
         final["stopped_by"] = stop.signal
@@ -317,6 +334,7 @@ def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path
         summary.update(exit_code=2, error=f"{data_path}: the dataset has no usable rows ({final['skipped']} skipped)")
         return summary
     writer.close(final)
+    _key_file(settings.output_path).unlink(missing_ok=True)  # complete: nothing will be re-sent
     for r in ranks:
         log.info("rank %d (%s): compute %.2f s, waiting for input %.2f s, waiting to send %.2f s, idle %.0f%%, "
                  "peak RSS %.0f MB", r["rank"], r["host"], r["compute_s"], r["wait_input_s"], r["wait_send_s"],
@@ -334,6 +352,56 @@ def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path
     summary["ranks"] = ranks
     summary["output"] = settings.output_path
     return summary
+
+
+def _key_file(output_path: str) -> Path:
+    return Path(f"{output_path}.noise-key")
+
+
+def _owner_privacy(settings: Settings, topo, adapter, tokenizer, writer: ResultWriter):
+    """Rank 0: calibrate the clip on public text if asked, set up the noise key, record the attributes.
+
+    With OS-seeded noise the key is kept next to the results (``<output.path>.noise-key``, mode 0600)
+    until the job completes, so a resumed run re-sends a replayed row with the same noise as before
+    instead of releasing it a second time with fresh noise."""
+    spec = settings.privacy
+    clip = None
+    if spec.adds_noise and spec.clip == "auto":
+        texts = load_texts(spec.calibration_path)
+        clip = calibrate_clip(adapter, tokenizer, topo.k, spec.unit, spec.clip_percentile, texts,
+                              max_length=settings.max_length)
+        log.info("privacy.clip=auto: C = %.4g (percentile %g of %s norms at layer %d over %d public texts)",
+                 clip, spec.clip_percentile, spec.unit, topo.k, len(texts))
+    key = None
+    if spec.adds_noise and spec.seed is None:
+        path = _key_file(settings.output_path)
+        if writer.resumed_rows and not writer.was_complete:
+            if not path.is_file():
+                raise ValueError(f"output.resume=true with OS-seeded noise needs {path}, written by the first run: "
+                                 "without it, rows sent before the stop would be released again with fresh noise. "
+                                 "Restore the file, or start over with output.overwrite=true")
+            key = path.read_bytes()
+        else:
+            import secrets
+
+            key = secrets.token_bytes(32)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(key)
+    privacy = make_privacy(spec, topo.k, clip, key)
+    writer.set_attrs(privacy.attrs())
+    if spec.adds_noise:
+        log.info("privacy: %s, unit %s, clip %s, sigma %.4g", spec.mechanism, privacy.attrs()["privacy_unit"],
+                 "none" if privacy.clip is None else f"{privacy.clip:.4g}", privacy.sigma)
+    return privacy
+
+
+def _spent(writer: ResultWriter, releases: int) -> dict:
+    """The ledger's totals over every row in the file: worst-case epsilon and the most releases of a row."""
+    eps = writer.file["epsilon_spent"][()]
+    worst = float(np.max(eps)) if len(eps) else 0.0
+    before = int(writer.file.attrs.get("privacy_releases", 0)) if writer.resumed_rows else 0
+    return {"privacy_epsilon_spent": worst, "privacy_releases": max(before, releases)}
 
 
 def _count_rows(path: str, settings: Settings) -> int | None:

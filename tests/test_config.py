@@ -39,7 +39,7 @@ def test_defaults(hydra_ctx):
     assert s.model_path is None
     assert s.model_dtype == "float32"
     assert (s.k, s.head, s.partition) == (2, "owner", "uniform")
-    assert s.privacy == "none"
+    assert s.privacy.mechanism == "none" and not s.privacy.adds_noise
     assert (s.data_path, s.data_format, s.text_field) == (None, "auto", "text")
     assert (s.max_length, s.batch_size, s.padding_side) == (512, 8, "right")
     assert (s.output_path, s.overwrite) == ("results.h5", False)
@@ -52,7 +52,7 @@ def test_defaults(hydra_ctx):
 def test_every_group_has_the_expected_options():
     assert _options("model") == ["minilm", "smollm2"]
     assert _options("task") == ["embed", "score"]
-    assert _options("privacy") == ["none"]
+    assert _options("privacy") == ["dchi", "gaussian", "none", "sigma"]
     for group in ("split", "data", "runtime"):
         assert _options(group) == ["default"]
 
@@ -65,7 +65,8 @@ def test_every_option_composes_and_validates(hydra_ctx, group):
     options = _options(group)
     assert options
     for option in options:
-        cfg = _compose(f"{group}={option}")
+        extra = ["split.k=0"] if (group, option) == ("privacy", "dchi") else []  # metric DP is for k=0 only
+        cfg = _compose(f"{group}={option}", *extra)
         expected = OmegaConf.load(CONF_DIR / group / f"{option}.yaml")
         assert OmegaConf.to_container(cfg[group]) == OmegaConf.to_container(expected)
         settings_from_cfg(cfg)
@@ -129,6 +130,18 @@ def test_partition_with_zeros_is_left_to_topology(hydra_ctx):
         (["model.dtype=int8"], "model.dtype"),
         (["model.packaged=gpt-5"], "model.packaged"),
         (["privacy.mechanism=dp"], "privacy.mechanism"),
+        (["privacy=gaussian", "privacy.unit=token"], "privacy.unit=token with split.k=2"),
+        (["privacy=gaussian", "privacy.unit=word"], "privacy.unit"),
+        (["privacy=gaussian", "privacy.epsilon=0"], "privacy.epsilon"),
+        (["privacy=gaussian", "privacy.delta=1"], "privacy.delta"),
+        (["privacy=gaussian", "privacy.delta=null"], "privacy.delta"),
+        (["privacy=gaussian", "privacy.clip=-1"], "privacy.clip"),
+        (["privacy=gaussian", "privacy.clip=null"], "privacy.clip"),
+        (["privacy=gaussian", "privacy.clip_percentile=101"], "privacy.clip_percentile"),
+        (["privacy=gaussian", "privacy.releases=0"], "privacy.releases"),
+        (["privacy=gaussian", "privacy.seed=-1"], "privacy.seed"),
+        (["privacy=sigma", "privacy.sigma=-0.5"], "privacy.sigma"),
+        (["privacy=dchi"], "split.k=0"),
         (["runtime.timeout=0"], "runtime.timeout"),
         (["runtime.timeout=-5"], "runtime.timeout"),
         (["runtime.timeout=soon"], "runtime.timeout"),

@@ -1,0 +1,185 @@
+"""The privacy transform: calibration against dp-accounting and an independent formula, noise statistics,
+clipping, the ledger's composition, refused settings, and noise keyed by row (not by batch)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+from nesa_hpc.privacy import (
+    Ledger,
+    PrivacyConfigError,
+    PrivacySpec,
+    clip_norms,
+    gaussian_sigma,
+    make_privacy,
+    unit_norms,
+)
+
+
+def _delta_of(sigma: float, eps: float, sensitivity: float) -> float:
+    """Balle & Wang (2018), Theorem 8: the exact delta of the Gaussian mechanism at epsilon, written out here
+    independently of dp-accounting."""
+    a = sensitivity / (2 * sigma)
+    b = eps * sigma / sensitivity
+    return norm.cdf(a - b) - math.exp(eps) * norm.cdf(-a - b)
+
+
+@pytest.mark.parametrize("eps,delta,clip", [(0.5, 1e-5, 1.0), (1.0, 1e-6, 3.0), (8.0, 1e-5, 0.25),
+                                            (50.0, 1e-3, 10.0)])
+def test_sigma_matches_dp_accounting_and_the_closed_form(eps, delta, clip):
+    from dp_accounting import get_sigma_gaussian
+
+    sigma = gaussian_sigma(eps, delta, 2 * clip)
+    assert sigma == pytest.approx(2 * clip * get_sigma_gaussian(eps, delta), rel=1e-12)
+    # the calibrated sigma meets delta exactly (to the solver's tolerance) with sensitivity 2C
+    assert _delta_of(sigma, eps, 2 * clip) == pytest.approx(delta, rel=1e-6)
+    # and 1% less noise would break the guarantee
+    assert _delta_of(sigma * 0.99, eps, 2 * clip) > delta
+    # the classic bound sigma >= sqrt(2 ln(1.25/delta)) * sens / eps (eps < 1) is looser than the analytic one
+    if eps < 1:
+        assert sigma < math.sqrt(2 * math.log(1.25 / delta)) * 2 * clip / eps
+
+
+def test_privacy_object_uses_replace_one_sensitivity():
+    p = make_privacy(PrivacySpec("gaussian", unit="sequence", epsilon=2.0, delta=1e-5, clip=3.0, seed=1), k=2)
+    assert p.clip == 3.0
+    assert p.sigma == pytest.approx(gaussian_sigma(2.0, 1e-5, 6.0))
+    assert p.ledger().epsilon(1) == pytest.approx(2.0, rel=1e-3)
+
+
+def test_noise_std_within_two_percent_and_padding_is_zero():
+    p = make_privacy(PrivacySpec("gaussian", unit="sequence", epsilon=1.0, delta=1e-5, clip=1.0, seed=3), k=1)
+    z = torch.zeros(8, 64, 96)
+    mask = torch.ones(8, 64, dtype=torch.long)
+    mask[:, 50:] = 0
+    out = p.apply(z, mask, torch.arange(8))
+    real = out[mask.bool()]
+    assert abs(float(real.std()) / p.sigma - 1) < 0.02
+    assert abs(float(real.mean())) < 0.02 * p.sigma
+    assert torch.all(out[~mask.bool()] == 0)
+    assert p.releases == {r: 1 for r in range(8)}
+
+
+@pytest.mark.parametrize("unit", ["token", "sequence"])
+def test_clipping_bounds_every_unit(unit):
+    torch.manual_seed(0)
+    z = torch.randn(5, 7, 16) * torch.rand(5, 7, 1) * 10
+    mask = torch.ones(5, 7, dtype=torch.long)
+    mask[0, 4:] = 0
+    clipped = clip_norms(z, mask, unit, 2.5)
+    norms = unit_norms(clipped, mask, unit)
+    assert torch.all(norms <= 2.5 + 1e-5)
+    before = unit_norms(z, mask, unit)
+    small = before <= 2.5
+    assert torch.allclose(norms[small], before[small])  # units already inside the ball are untouched
+    assert torch.allclose(norms[~small], torch.full_like(norms[~small], 2.5))
+    assert torch.all(clipped[0, 4:] == 0)
+
+
+def test_ledger_composition_equals_one_release_at_sigma_over_sqrt_k():
+    from dp_accounting import get_epsilon_gaussian
+
+    nm, delta = 3.0, 1e-5
+    ledger = Ledger("gaussian", delta, nm, None)
+    for k in (1, 4, 16, 64):
+        exact = get_epsilon_gaussian(nm / math.sqrt(k), delta)
+        assert ledger.epsilon(k) == pytest.approx(exact, rel=2e-3, abs=1e-3)
+    assert ledger.epsilon(0) == 0.0
+    assert ledger.per_row([1, 4]).tolist() == [ledger.epsilon(1), ledger.epsilon(4)]
+    assert Ledger("none", None, None, None).epsilon(1) == math.inf
+    assert math.isnan(Ledger("sigma", None, None, None).epsilon(1))
+    assert Ledger("dchi", None, None, 5.0).epsilon(3) == 15.0
+
+
+def test_budget_for_several_releases():
+    spec = PrivacySpec("gaussian", unit="sequence", epsilon=4.0, delta=1e-5, clip=1.0, seed=0, releases=9)
+    p = make_privacy(spec, k=3)
+    one = gaussian_sigma(4.0, 1e-5, 2.0)
+    assert p.sigma == pytest.approx(3 * one)
+    assert p.ledger().epsilon(9) == pytest.approx(4.0, rel=2e-3)
+    assert p.ledger().epsilon(1) < 4.0
+
+
+def test_noise_is_keyed_by_row_not_by_batch():
+    spec = PrivacySpec("gaussian", unit="token", epsilon=1.0, delta=1e-5, clip=1.0, seed=11)
+    z = torch.randn(3, 6, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1]])
+    batch = make_privacy(spec, 0).apply(z, mask, torch.tensor([4, 9, 2]))
+    # row 9 alone, unpadded, gets the same values at its real positions
+    alone = make_privacy(spec, 0).apply(z[1:2, :3], mask[1:2, :3], torch.tensor([9]))
+    assert torch.equal(alone[0], batch[1, :3])
+    # row 2 left-padded in the batch, unpadded alone
+    alone = make_privacy(spec, 0).apply(z[2:3, 2:], mask[2:3, 2:], torch.tensor([2]))
+    assert torch.equal(alone[0], batch[2, 2:])
+    # another release of the same row, another seed, or the OS key: other noise
+    again = make_privacy(spec, 0).apply(z[1:2, :3], mask[1:2, :3], torch.tensor([9]), release=1)
+    assert not torch.equal(again[0], batch[1, :3])
+    other = make_privacy(PrivacySpec(**{**spec.__dict__, "seed": 12}), 0).apply(z, mask, torch.tensor([4, 9, 2]))
+    assert not torch.equal(other, batch)
+    os1 = make_privacy(PrivacySpec(**{**spec.__dict__, "seed": None}), 0)
+    os2 = make_privacy(PrivacySpec(**{**spec.__dict__, "seed": None}), 0)
+    assert os1.key != os2.key and len(os1.key) == 32
+
+
+def test_none_is_the_identity_and_counts_releases():
+    p = make_privacy("none")
+    z = torch.randn(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert p.apply(z, mask, torch.tensor([0, 1])) is z
+    assert p.releases == {0: 1, 1: 1}
+    assert p.ledger().epsilon(1) == math.inf
+    assert p.attrs()["privacy_epsilon"] == math.inf
+
+
+def test_dchi_radius_follows_gamma():
+    eps, H = 50.0, 32
+    p = make_privacy(PrivacySpec("dchi", epsilon=eps, seed=5), k=0)
+    z = torch.zeros(4, 500, H, dtype=torch.float64)
+    noise = p.apply(z, torch.ones(4, 500, dtype=torch.long), torch.arange(4))
+    radius = noise.norm(dim=-1).flatten().numpy()
+    assert abs(radius.mean() / (H / eps) - 1) < 0.02  # Gamma(H, 1/eps) has mean H/eps
+    direction = (noise / noise.norm(dim=-1, keepdim=True)).reshape(-1, H).numpy()
+    assert np.abs(direction.mean(0)).max() < 0.05  # isotropic
+
+
+@pytest.mark.parametrize("spec,k,match", [
+    (PrivacySpec("gaussian", unit="token", epsilon=1, delta=1e-5, clip=1), 2, "privacy.unit=token with split.k=2"),
+    (PrivacySpec("sigma", unit="token", sigma=1.0), 1, "privacy.unit=token"),
+    (PrivacySpec("dchi", epsilon=1), 3, "needs split.k=0"),
+    (PrivacySpec("gaussian", unit="sequence", epsilon=1, delta=1e-5, clip=None), 0, "needs privacy.clip"),
+    (PrivacySpec("gaussian", unit="sequence", epsilon=None, delta=1e-5, clip=1), 0, "privacy.epsilon"),
+    (PrivacySpec("gaussian", unit="sequence", epsilon=1, delta=None, clip=1), 0, "privacy.delta"),
+    (PrivacySpec("sigma", sigma=None), 0, "privacy.sigma"),
+])
+def test_unsound_settings_are_refused(spec, k, match):
+    with pytest.raises(PrivacyConfigError, match=match):
+        make_privacy(spec, k)
+
+
+def test_calibrated_clip_is_a_percentile_of_public_norms(tiny_models):
+    from transformers import AutoTokenizer
+
+    from nesa_hpc.data import make_batches
+    from nesa_hpc.privacy import calibrate_clip
+    from nesa_hpc.public_text import public_texts
+    from nesa_hpc.weights import build_adapter, load_modules
+
+    folder = str(tiny_models["llama"])
+    adapter = build_adapter(folder)
+    load_modules(adapter, folder, [*adapter.embed_modules, *adapter.stage_modules] +
+                 [adapter.layer_module(i) for i in range(2)], "float32")
+    tok = AutoTokenizer.from_pretrained(folder)
+    texts = public_texts(40)
+    assert len(texts) == 40 and all(isinstance(t, str) and len(t) >= 40 for t in texts)
+    clip = calibrate_clip(adapter, tok, 2, "token", 50, texts)
+    norms = []
+    with torch.inference_mode():
+        for b in make_batches(enumerate(texts), tok, 8, 128, "right"):
+            h = adapter.run_layers(range(2), adapter.embed(b.ids, b.pos), b.mask, b.pos)
+            norms.append(h[b.mask.bool()].norm(dim=-1))
+    assert clip == pytest.approx(float(torch.cat(norms).median()), rel=0.02)
