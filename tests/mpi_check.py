@@ -101,6 +101,46 @@ def check_traffic(records: list, batches: list) -> str | None:
     return None
 
 
+def privacy_report(case: dict, cfg, out: str, traffic: list) -> dict:
+    """With noise on: the per-row results, and how far the states rank 1 received are from one application
+    of the privacy transform to rank 0's layer-k states, computed here from the whole model."""
+    from transformers import AutoTokenizer
+
+    from nesa_hpc.config import settings_from_cfg
+    from nesa_hpc.privacy import make_privacy
+    from nesa_hpc.weights import build_adapter, load_modules
+
+    res, attrs = read_results(out)
+    report = {"rows": res["row"].tolist(), "complete": bool(attrs["complete"]), "values": res["nll_mean"].tolist(),
+              "epsilon_spent": res["epsilon_spent"].tolist(),
+              "attrs": {k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()
+                        if k.startswith("privacy_")}}
+    received = [r for r in (traffic[1] if len(traffic) > 1 else []) if r["states"] is not None]
+    if not received:
+        return report
+    settings = settings_from_cfg(cfg)
+    adapter = build_adapter(case["model"])
+    load_modules(adapter, case["model"], [*adapter.embed_modules, *adapter.stage_modules] +
+                 [adapter.layer_module(i) for i in range(case["k"])], "float32")
+    clip = attrs["privacy_clip"] if settings.privacy.clip == "auto" else None
+    privacy = make_privacy(settings.privacy, case["k"], clip)
+    tokenizer = AutoTokenizer.from_pretrained(case["model"])
+    d = cfg.data
+    batches = {b.index: b for b in make_batches(iter(read_rows(case["data"])), tokenizer, d.batch_size,
+                                                d.max_length, d.padding_side, bucket_window=d.bucket_window)}
+    diff, seen, pad = 0.0, 0.0, 0.0
+    with torch.inference_mode():
+        for rec in received:
+            b = batches[rec["batch_id"]]
+            h = adapter.run_layers(range(case["k"]), adapter.embed(b.ids, b.pos), b.mask, b.pos)
+            expected = privacy.apply(h, b.mask, b.rows)
+            diff = max(diff, float((rec["states"] - expected).abs().max()))
+            pad = max(pad, float(rec["states"][~b.mask.bool()].abs().max()) if (b.mask == 0).any() else 0.0)
+            seen = max(seen, float(expected.abs().max()))
+    report.update(max_diff_states=diff, max_abs_states=seen, max_abs_padding=pad, messages_checked=len(received))
+    return report
+
+
 def main() -> None:
     spec_path, report_path = sys.argv[1], sys.argv[2]
     cases = json.loads(Path(spec_path).read_text())
@@ -114,12 +154,14 @@ def main() -> None:
             out = str(Path(report_path).with_name(f"case{n}.h5"))
             cfg = compose(config_name="infer", overrides=overrides(case, out))
             records: list = []
+            keep_states = bool(case.get("privacy_check", False))
 
-            def spy(source, msg, records=records):
+            def spy(source, msg, records=records, keep=keep_states):
                 records.append({"source": source, "kind": int(msg.kind), "batch_id": msg.batch_id,
                                 "dtypes": [str(t.dtype) for t in msg.tensors],
                                 "shapes": [list(t.shape) for t in msg.tensors],
-                                "ints": [t.tolist() for t in msg.tensors if not t.is_floating_point()]})
+                                "ints": [t.tolist() for t in msg.tensors if not t.is_floating_point()],
+                                "states": msg.tensors[0].clone() if keep and source == 0 and msg.tensors else None})
 
             error = None
             try:
@@ -131,7 +173,9 @@ def main() -> None:
             if rank != 0:
                 continue
             entry = {"case": case, "error": next((e for e in errors if e), None)}
-            if entry["error"] is None:
+            if entry["error"] is None and case.get("privacy_check"):
+                entry.update(privacy_report(case, cfg, out, traffic))
+            elif entry["error"] is None:
                 tokenizer = AutoTokenizer.from_pretrained(case["model"])
                 factory = AutoModelForCausalLM if case["task"] == "score" else AutoModel
                 model = factory.from_pretrained(case["model"], dtype=torch.float32).eval()

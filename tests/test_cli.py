@@ -35,6 +35,10 @@ def test_score_job_writes_the_documented_schema(tiny_models, texts_file, tmp_pat
         assert a["world_size"] == 3 and json.loads(a["layers_per_rank"]) == [1, 3, 2]
         assert a["model_path"] == str(tiny_models["llama"]) and a["nesa_hpc_version"]
         assert "split:" in a["config"] and a["privacy_mechanism"] == "none"
+        # privacy off: every row was released in the clear, which the ledger records as an infinite epsilon
+        assert f["epsilon_spent"].dtype == np.float64 and np.all(np.isinf(f["epsilon_spent"][()]))
+        assert a["privacy_epsilon_spent"] == np.inf and a["privacy_releases"] == 1
+        assert a["privacy_unit"] == "none" and a["privacy_sigma"] == 0.0
         total = f["nll_sum"][()].sum() / f["n_tokens"][()].sum()
         assert a["perplexity"] == pytest.approx(np.exp(total))
     # an existing file is refused, and left as it was

@@ -161,3 +161,32 @@ def test_resume_of_a_complete_file_changes_nothing(tiny_models, texts_file, tmp_
     got, attrs = read_results(out)
     assert attrs["complete"] == True and len(got["row"]) == 9  # noqa: E712
     assert all(np.array_equal(got[k], first[k]) for k in first)
+
+
+def test_os_seeded_noise_keeps_its_key_until_the_job_completes(tiny_models, long_data, tmp_path):
+    """A stopped job with OS-seeded noise leaves its key (mode 0600) for the resume, which re-sends replayed
+    rows with the same noise; the key goes once the file is complete, and a resume without it is refused."""
+    out = tmp_path / "out.h5"
+    key = tmp_path / "out.h5.noise-key"
+    noisy = ["privacy=gaussian", "privacy.epsilon=50", "privacy.clip=5.0"]
+    args = _args(tiny_models["llama"], long_data, out, "runtime.log_every=0.05", *noisy)
+    proc = _start(args)
+    _wait_for_progress(proc)
+    proc.send_signal(signal.SIGTERM)
+    code, _ = _finish(proc)
+    assert code == 75
+    assert key.is_file() and (key.stat().st_mode & 0o777) == 0o600 and len(key.read_bytes()) == 32
+    committed = _committed(out)
+    saved = key.read_bytes()
+    key.unlink()
+    refused = run_mpi(2, [*args, "output.resume=true"])
+    assert refused.returncode != 0 and "noise-key" in refused.stderr and "overwrite" in refused.stderr
+    assert _committed(out) == committed
+    key.write_bytes(saved)
+    key.chmod(0o600)
+    resumed = run_mpi(3, [*args, "output.resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not key.exists()
+    got, attrs = read_results(out)
+    assert attrs["complete"] == True and got["row"].tolist() == list(range(ROWS))  # noqa: E712
+    assert attrs["privacy_seed"] == "os" and np.allclose(got["epsilon_spent"], 50.0, rtol=1e-3)
