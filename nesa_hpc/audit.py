@@ -1,0 +1,414 @@
+"""The privacy audit behind ``jobs/audit.py``: what an attacker recovers from Z against the utility lost.
+
+For every split point k and privacy level (an epsilon of ``privacy=gaussian``, or a sigma of
+``privacy=sigma``) the audit runs the model in one process with the privacy transform at layer k, on
+held-out rows (``audit.eval_path``, default: the shipped sample data), and measures
+
+- utility relative to privacy off: perplexity ratio (causal LMs) and the cosine similarity of the
+  mean-pooled final hidden states to the noise-free ones (the ``task=embed`` output);
+- leakage as top-1 recovery of the token at each real position of Z, by three attackers who see only
+  Z: nearest neighbour against the embedding matrix (k=0), the model's own final norm and LM head
+  applied to Z (any k), and an MLP probe trained on *public* text (``audit.public_path``, default: the
+  built-in standard-library prose) passed through the same mechanism (the noise-aware attacker);
+- the floor: always guessing the public text's most frequent token;
+- the bound of the guarantee: with (epsilon, delta)-DP on the unit, no attacker recovers a token with
+  probability above e^epsilon * p_prior + delta, p_prior being the frequency of the most common token of
+  the held-out rows (the best guess of an attacker who knows the unigram distribution and not Z).
+
+The grid of settings is shared among the MPI ranks (each rank runs the whole model); rank 0 writes
+``audit.h5``, ``audit.csv``, ``audit.json`` and three PNG figures into ``audit.out_dir``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from .data import make_batches, sample_path
+from .privacy import PrivacySpec, make_privacy, unit_norms
+from .public_text import load_texts
+from .tasks import score_positions
+
+__all__ = ["run_audit", "AuditSettings", "COLUMNS"]
+
+log = logging.getLogger("nesa_hpc")
+
+COLUMNS = ("k", "mechanism", "unit", "epsilon", "delta", "sigma", "clip", "noise_to_signal", "perplexity",
+           "perplexity_ratio", "cosine", "nn_recovery", "head_recovery", "probe_recovery", "floor", "p_prior",
+           "bound", "eval_tokens", "public_tokens")
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    ks: tuple[int, ...]
+    mechanism: str
+    levels: tuple[float | None, ...]  # epsilons (gaussian) or sigmas (sigma); None = privacy off
+    delta: float
+    clip_percentile: float
+    public_path: str | None
+    eval_path: str | None
+    max_public_rows: int
+    max_eval_rows: int
+    max_length: int
+    batch_size: int
+    probe_hidden: int
+    probe_epochs: int
+    seed: int
+    out_dir: str
+
+
+def audit_settings(cfg: DictConfig) -> AuditSettings:
+    from .config import ConfigError
+
+    a = OmegaConf.to_container(cfg.audit, resolve=True)
+    mechanism = a.get("mechanism", "gaussian")
+    if mechanism not in ("gaussian", "sigma"):
+        raise ConfigError(f"audit.mechanism={mechanism!r} must be gaussian or sigma")
+    levels = a.get("epsilons") if mechanism == "gaussian" else a.get("sigmas")
+    name = "audit.epsilons" if mechanism == "gaussian" else "audit.sigmas"
+    if not levels or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in levels):
+        raise ConfigError(f"{name} must be a non-empty list of positive numbers (got {levels!r})")
+    ks = a.get("ks")
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in ks):
+        raise ConfigError(f"audit.ks must be a non-empty list of split points >= 0 (got {ks!r})")
+    delta = float(a.get("delta", 1e-5))
+    if not 0 < delta < 1:
+        raise ConfigError(f"audit.delta={delta} must be in (0, 1)")
+    return AuditSettings(ks=tuple(ks), mechanism=mechanism, levels=(None, *sorted(levels, reverse=True)),
+                         delta=delta, clip_percentile=float(a.get("clip_percentile", 90)),
+                         public_path=a.get("public_path"), eval_path=a.get("eval_path"),
+                         max_public_rows=int(a.get("max_public_rows", 400)),
+                         max_eval_rows=int(a.get("max_eval_rows", 64)), max_length=int(a.get("max_length", 64)),
+                         batch_size=int(a.get("batch_size", 16)), probe_hidden=int(a.get("probe_hidden", 256)),
+                         probe_epochs=int(a.get("probe_epochs", 6)), seed=int(a.get("seed", 0)),
+                         out_dir=str(a.get("out_dir", "audit_results")))
+
+
+class _Corpus:
+    """Batches of one text set and, per split point, their layer-k states."""
+
+    def __init__(self, texts: list[str], tokenizer, s: AuditSettings, first_row: int) -> None:
+        rows = ((first_row + i, t) for i, t in enumerate(texts))
+        self.batches = list(make_batches(rows, tokenizer, s.batch_size, s.max_length, "right"))
+        self.ids = torch.cat([b.ids[b.mask.bool()] for b in self.batches])  # (N,) real tokens in order
+        self.pos = torch.cat([b.pos[b.mask.bool()] for b in self.batches])
+        self.states: dict[int, list[torch.Tensor]] = {}
+
+    def at(self, adapter, k: int) -> list[torch.Tensor]:
+        if k not in self.states:
+            with torch.inference_mode():
+                self.states[k] = [adapter.run_layers(range(k), adapter.embed(b.ids, b.pos), b.mask, b.pos)
+                                  for b in self.batches]
+        return self.states[k]
+
+
+def _finish(adapter, corpus: _Corpus, zs: list[torch.Tensor], k: int):
+    """Run layers [k, L) + norm (+ head): total NLL, predicted-token count and pooled final states."""
+    nll, count, pooled = 0.0, 0, []
+    with torch.inference_mode():
+        for b, z in zip(corpus.batches, zs, strict=True):
+            h = adapter.norm(adapter.run_layers(range(k, adapter.num_layers), z, b.mask, b.pos)).float()
+            m = b.mask.unsqueeze(-1).float()
+            pooled.append((h * m).sum(1) / m.sum(1).clamp(min=1))
+            if adapter.has_head:
+                sel = score_positions(b.mask)
+                logits = adapter.logits(h[:, :-1][sel]).float()
+                nll += float(F.cross_entropy(logits, b.ids[:, 1:][sel], reduction="sum"))
+                count += int(sel.sum())
+    return nll, count, torch.cat(pooled)
+
+
+def _real(zs: list[torch.Tensor], corpus: _Corpus) -> torch.Tensor:
+    return torch.cat([z[b.mask.bool()] for b, z in zip(corpus.batches, zs, strict=True)]).float()
+
+
+class _Attacks:
+    """The three attackers of one model; the vocabulary tables are built once."""
+
+    def __init__(self, adapter, max_pos: int) -> None:
+        self.adapter = adapter
+        with torch.inference_mode():
+            V = adapter.config.vocab_size
+            zeros = torch.zeros(1, V, dtype=torch.long)
+            self.table = adapter.embed(torch.arange(V).unsqueeze(0), zeros)[0].float()  # (V, H) at position 0
+            # what moving a token from position 0 to position p adds (learned absolute positions; 0 for RoPE)
+            pos = torch.arange(max_pos).unsqueeze(0)
+            self.shift = (adapter.embed(torch.zeros_like(pos), pos) -
+                          adapter.embed(torch.zeros_like(pos), torch.zeros_like(pos)))[0].float()
+        self.sq = (self.table ** 2).sum(-1)
+
+    def nearest(self, z: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        z = z - self.shift[pos]
+        out = []
+        for chunk in z.split(512):
+            out.append((self.sq.unsqueeze(0) - 2 * chunk @ self.table.T).argmin(-1))
+        return torch.cat(out)
+
+    def head(self, z: torch.Tensor) -> torch.Tensor | None:
+        if not self.adapter.has_head:
+            return None
+        with torch.inference_mode():
+            return torch.cat([self.adapter.logits(self.adapter.norm(c)).argmax(-1) for c in z.split(512)])
+
+
+def _probe(train_z: torch.Tensor, train_ids: torch.Tensor, test_z: torch.Tensor, hidden: int, epochs: int,
+           seed: int) -> torch.Tensor:
+    """An MLP from one row of (noisy) Z to its token, trained on public rows; returns test predictions."""
+    classes, target = torch.unique(train_ids, return_inverse=True)
+    scale = train_z.pow(2).mean().sqrt().clamp(min=1e-12)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(train_z.shape[1], hidden), torch.nn.GELU(),
+                              torch.nn.Linear(hidden, len(classes)))
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    x = train_z / scale
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=gen)
+            for idx in order.split(256):
+                loss = F.cross_entropy(net(x[idx]), target[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    with torch.no_grad():
+        return classes[net(test_z / scale).argmax(-1)]
+
+
+def _point(adapter, attacks: _Attacks, public: _Corpus, held: _Corpus, k: int, level: float | None,
+           s: AuditSettings, clean: dict) -> dict:
+    unit = "token" if k == 0 else "sequence"
+    row = {"k": k, "unit": unit, "delta": s.delta, "mechanism": s.mechanism if level is not None else "none"}
+    clip = clean["clip"]
+    if level is None:
+        eval_z, public_z = held.at(adapter, k), public.at(adapter, k)
+        row.update(epsilon=math.inf, sigma=0.0, clip=clip)
+    else:
+        if s.mechanism == "gaussian":
+            spec = PrivacySpec("gaussian", unit=unit, epsilon=level, delta=s.delta, clip="auto", seed=s.seed)
+        else:
+            spec = PrivacySpec("sigma", unit=unit, sigma=level, clip="auto", seed=s.seed)
+        on_eval = make_privacy(spec, k, clip)
+        # the attacker's own public data goes through the same mechanism with other noise
+        on_public = make_privacy(PrivacySpec(**{**spec.__dict__, "seed": s.seed + 1}), k, clip)
+        with torch.inference_mode():
+            eval_z = [on_eval.apply(z, b.mask, b.rows) for b, z in zip(held.batches, held.at(adapter, k),
+                                                                       strict=True)]
+            public_z = [on_public.apply(z, b.mask, b.rows) for b, z in zip(public.batches, public.at(adapter, k),
+                                                                           strict=True)]
+        row.update(epsilon=level if s.mechanism == "gaussian" else math.nan, sigma=on_eval.sigma, clip=clip)
+    nll, count, pooled = _finish(adapter, held, eval_z, k)
+    row["perplexity"] = math.exp(nll / count) if count else math.nan
+    row["perplexity_ratio"] = row["perplexity"] / clean["perplexity"] if count else math.nan
+    row["cosine"] = float(F.cosine_similarity(pooled, clean["pooled"], dim=-1).mean())
+    z_eval, z_public = _real(eval_z, held), _real(public_z, public)
+    signal = float(_real(held.at(adapter, k), held).norm(dim=-1).mean())
+    row["noise_to_signal"] = row["sigma"] * math.sqrt(z_eval.shape[1]) / signal
+    ids = held.ids
+    row["nn_recovery"] = float((attacks.nearest(z_eval, held.pos) == ids).float().mean()) if k == 0 else math.nan
+    guess = attacks.head(z_eval)
+    row["head_recovery"] = float((guess == ids).float().mean()) if guess is not None else math.nan
+    pred = _probe(z_public, public.ids, z_eval, s.probe_hidden, s.probe_epochs, s.seed)
+    row["probe_recovery"] = float((pred == ids).float().mean())
+    row["floor"], row["p_prior"] = clean["floor"], clean["p_prior"]
+    eps = row["epsilon"]
+    if math.isnan(eps):
+        row["bound"] = math.nan
+    else:
+        row["bound"] = 1.0 if eps > 50 else min(1.0, math.exp(eps) * row["p_prior"] + s.delta)
+    row["eval_tokens"], row["public_tokens"] = len(ids), len(public.ids)
+    return row
+
+
+def run_audit(cfg: DictConfig, comm=None) -> list[dict] | None:
+    """Every rank evaluates its share of the (k, level) grid; rank 0 gathers and writes the report."""
+    from mpi4py import MPI
+    from transformers import AutoTokenizer
+
+    from .config import settings_from_cfg
+    from .runner import _model_folder, _setup_logging
+    from .weights import build_adapter, load_modules
+
+    comm = comm or MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    _setup_logging(rank)
+    s = audit_settings(cfg)
+    settings = settings_from_cfg(cfg)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    folder = _model_folder(settings)
+    adapter = build_adapter(folder)
+    bad = [k for k in s.ks if k > adapter.num_layers]
+    if bad:
+        raise ValueError(f"audit.ks={list(s.ks)}: the model has {adapter.num_layers} layers, so k <= "
+                         f"{adapter.num_layers}")
+    modules = [*adapter.embed_modules, *adapter.stage_modules, *adapter.norm_modules,
+               *(adapter.head_modules if adapter.has_head else ())]
+    load_modules(adapter, folder, modules + [adapter.layer_module(i) for i in range(adapter.num_layers)],
+                 settings.model_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    start = time.perf_counter()
+    public = _Corpus(load_texts(s.public_path, s.max_public_rows), tokenizer, s, first_row=1_000_000)
+    held = _Corpus(load_texts(s.eval_path or sample_path(), s.max_eval_rows), tokenizer, s, first_row=0)
+    attacks = _Attacks(adapter, s.max_length)
+    counts = torch.bincount(public.ids, minlength=adapter.config.vocab_size)
+    top = int(counts.argmax())
+    held_counts = torch.bincount(held.ids, minlength=adapter.config.vocab_size)
+    base = {"floor": float((held.ids == top).float().mean()), "p_prior": float(held_counts.max() / len(held.ids))}
+    grid = [(k, level) for k in s.ks for level in s.levels]
+    mine = grid[rank::size]
+    clean_by_k: dict[int, dict] = {}
+    rows = []
+    for k, level in mine:
+        if k not in clean_by_k:
+            nll, count, pooled = _finish(adapter, held, held.at(adapter, k), k)
+            unit = "token" if k == 0 else "sequence"
+            # the clip calibration of privacy.clip=auto, on the public states already computed
+            norms = torch.cat([unit_norms(z.float(), b.mask, unit)
+                               for b, z in zip(public.batches, public.at(adapter, k), strict=True)])
+            clip = float(torch.quantile(norms.double(), s.clip_percentile / 100.0))
+            clean_by_k[k] = {"perplexity": math.exp(nll / count) if count else math.nan, "pooled": pooled,
+                             "clip": clip, **base}
+        rows.append(_point(adapter, attacks, public, held, k, level, s, clean_by_k[k]))
+        log.info("audit k=%d %s=%s: perplexity x%.3g, cosine %.3f, recovery nn %.3f head %.3f probe %.3f",
+                 k, "epsilon" if s.mechanism == "gaussian" else "sigma", level, rows[-1]["perplexity_ratio"],
+                 rows[-1]["cosine"], rows[-1]["nn_recovery"], rows[-1]["head_recovery"],
+                 rows[-1]["probe_recovery"])
+    gathered = comm.gather(rows, root=0)
+    if rank != 0:
+        return None
+    table = sorted((r for part in gathered for r in part),
+                   key=lambda r: (r["k"], -r["epsilon"] if s.mechanism == "gaussian" else r["sigma"]))
+    out = Path(s.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model_path": folder, "mechanism": s.mechanism, "delta": s.delta,
+            "clip_percentile": s.clip_percentile, "public_text": s.public_path or "built-in (stdlib docstrings)",
+            "eval_text": s.eval_path or str(sample_path()), "probe": f"MLP H-{s.probe_hidden}-|V_public|, "
+            f"{s.probe_epochs} epochs", "seconds": round(time.perf_counter() - start, 1), "world_size": size}
+    _write(out, table, meta)
+    _plot(out, table, meta)
+    log.info("audit: %d settings in %.0f s -> %s", len(table), meta["seconds"], out)
+    return table
+
+
+def _write(out: Path, table: list[dict], meta: dict) -> None:
+    import h5py
+
+    with open(out / "audit.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in table:
+            w.writerow({c: r[c] for c in COLUMNS})
+    (out / "audit.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=1))
+    with h5py.File(out / "audit.h5", "w") as f:
+        for c in COLUMNS:
+            values = [r[c] for r in table]
+            f[c] = np.array(values, dtype=h5py.string_dtype()) if isinstance(values[0], str) else np.array(values)
+        for key, value in meta.items():
+            f.attrs[key] = value
+
+
+def _plot(out: Path, table: list[dict], meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gaussian = meta["mechanism"] == "gaussian"
+    xkey = "epsilon" if gaussian else "sigma"
+    kind = "(eps, delta)-DP Gaussian" if gaussian else "Gaussian noise, no formal claim"
+    caption = (f"{kind}, delta={meta['delta']:g}, C = percentile {meta['clip_percentile']:g} of unit norms on "
+               "public text; unit: token at k=0, sequence at k>0.\nAttackers see Z and know the model and public "
+               "text (probe trained on it "
+               "through the same mechanism).")
+    ks = sorted({r["k"] for r in table})
+    noisy = [r for r in table if r["mechanism"] != "none"]
+
+    def series(k, key):
+        pts = sorted((r[xkey], r[key]) for r in noisy if r["k"] == k)
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
+    for k in ks:
+        x, y = series(k, "perplexity_ratio")
+        ax[0].plot(x, y, marker="o", label=f"k={k}")
+        x, y = series(k, "cosine")
+        ax[1].plot(x, y, marker="o", label=f"k={k}")
+    for a, title in zip(ax, ("perplexity / perplexity without noise", "cosine to noise-free embedding"),
+                        strict=True):
+        a.set_xscale("log")
+        a.set_xlabel(xkey)
+        a.set_title(title)
+        a.legend()
+    ax[0].set_yscale("log")
+    fig.text(0.01, 0.01, caption, fontsize=7)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(out / "audit_utility.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(1, len(ks), figsize=(4.2 * len(ks), 4), squeeze=False)
+    for a, k in zip(ax[0], ks, strict=True):
+        for key, label in (("nn_recovery", "nearest neighbour"), ("head_recovery", "final norm + LM head"),
+                           ("probe_recovery", "MLP probe (noise-aware)")):
+            x, y = series(k, key)
+            if not all(math.isnan(v) for v in y):
+                a.plot(x, y, marker="o", label=label)
+        x, y = series(k, "floor")
+        a.plot(x, y, "k--", label="floor (most frequent token)")
+        if gaussian:
+            x, y = series(k, "bound")
+            a.plot(x, y, "r:", label="DP bound e^eps p + delta")
+        a.set_xscale("log")
+        a.set_ylim(-0.02, 1.02)
+        a.set_xlabel(xkey)
+        a.set_title(f"token recovery, k={k}")
+    ax[0][0].legend(fontsize=7)
+    fig.text(0.01, 0.01, caption, fontsize=7)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(out / "audit_leakage.png", dpi=110)
+    plt.close(fig)
+
+    fig, a = plt.subplots(figsize=(6.5, 4.8))
+    for k in ks:
+        pts = sorted((r for r in noisy if r["k"] == k), key=lambda r: r[xkey])
+        best = [max(v for v in (r["nn_recovery"], r["head_recovery"], r["probe_recovery"]) if not math.isnan(v))
+                for r in pts]
+        a.plot([r["perplexity_ratio"] for r in pts], best, marker="o", label=f"k={k}")
+        for r, b in zip(pts, best, strict=True):
+            a.annotate(f"{r[xkey]:g}", (r["perplexity_ratio"], b), fontsize=6, xytext=(3, 3),
+                       textcoords="offset points")
+    a.set_xscale("log")
+    a.set_xlabel("perplexity ratio (utility lost)")
+    a.set_ylabel("best attacker's token recovery")
+    a.set_title(f"leakage-utility frontier (points labelled by {xkey})")
+    a.legend()
+    fig.text(0.01, 0.01, caption, fontsize=6)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(out / "audit_frontier.png", dpi=110)
+    plt.close(fig)
+
+
+def main(cfg: DictConfig) -> None:
+    """Entry point body for ``jobs/audit.py``: a bad option ends every rank with one message."""
+    import sys
+
+    from mpi4py import MPI
+
+    from .config import ConfigError
+
+    comm = MPI.COMM_WORLD
+    try:
+        run_audit(cfg, comm)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        logging.getLogger("nesa_hpc").error("error: %s", exc)
+        sys.stderr.flush()
+        comm.Abort(2)

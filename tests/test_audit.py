@@ -1,0 +1,66 @@
+"""The privacy audit job on a tiny model: files, columns, and the sanity of what it measures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import h5py
+import pytest
+from conftest import ROOT, run_mpi
+
+from nesa_hpc.audit import COLUMNS
+
+AUDIT = str(ROOT / "jobs" / "audit.py")
+
+
+@pytest.fixture(scope="module")
+def audit(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("audit")
+    rows = out / "held.jsonl"
+    texts = ["the quick brown fox jumps over the lazy dog", "a somewhat longer row of plain words to tokenize",
+             "hello world", "numbers one two three four five six seven", "padding matters when rows differ"]
+    rows.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    proc = run_mpi(2, [AUDIT, f"model.path={tiny_models['llama']}", "audit.ks=[0,2]", "audit.epsilons=[1000000,1]",
+                       "audit.max_public_rows=80", f"audit.eval_path={rows}", "audit.probe_epochs=3",
+                       f"audit.out_dir={out}", "runtime.threads=1"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads((out / "audit.json").read_text())["rows"]
+
+
+def test_audit_writes_table_and_figures(audit):
+    out, rows = audit
+    assert len(rows) == 6  # 2 split points x (privacy off, eps=1e6, eps=1)
+    with open(out / "audit.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert list(table[0]) == list(COLUMNS) and len(table) == 6
+    with h5py.File(out / "audit.h5") as f:
+        assert sorted(f.keys()) == sorted(COLUMNS) and len(f["k"]) == 6
+        assert f.attrs["mechanism"] == "gaussian" and f.attrs["world_size"] == 2
+    for name in ("audit_utility.png", "audit_leakage.png", "audit_frontier.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_audit_measures_what_it_should(audit):
+    _, rows = audit
+    by = {(r["k"], r["epsilon"]): r for r in rows}
+    clean0, weak0, strong0 = by[(0, math.inf)], by[(0, 1000000)], by[(0, 1)]
+    # no noise at k=0: nearest-neighbour inversion recovers every token; utility is untouched
+    assert clean0["nn_recovery"] == 1.0 and clean0["perplexity_ratio"] == 1.0 and clean0["cosine"] == pytest.approx(1)
+    assert clean0["mechanism"] == "none" and clean0["unit"] == "token"
+    # eps = 1e6 is nearly no noise; eps = 1 swamps the activations
+    assert weak0["nn_recovery"] >= 0.9
+    assert strong0["nn_recovery"] <= 0.3 and strong0["noise_to_signal"] > 5
+    assert strong0["perplexity_ratio"] > weak0["perplexity_ratio"] and strong0["cosine"] < weak0["cosine"]
+    for key in ("nn_recovery", "head_recovery", "probe_recovery"):
+        assert strong0[key] <= clean0[key] + 1e-9, key
+    # the bound e^eps * p_prior + delta, next to the floor
+    assert strong0["bound"] == pytest.approx(min(1.0, math.e * strong0["p_prior"] + 1e-5))
+    assert 0 <= strong0["floor"] <= strong0["p_prior"] <= 1
+    assert weak0["bound"] == 1.0
+    # k > 0: sequence unit, no nearest-neighbour attack, sigma from the clip calibrated on public text
+    clean2, strong2 = by[(2, math.inf)], by[(2, 1)]
+    assert clean2["unit"] == "sequence" and math.isnan(clean2["nn_recovery"])
+    assert strong2["sigma"] > 0 and strong2["clip"] > 0
+    assert strong2["probe_recovery"] <= clean2["probe_recovery"] + 1e-9
