@@ -56,7 +56,8 @@ class ResultWriter:
                  overwrite: bool = False, resume: bool = False) -> None:
         self.columns = {**_COMMON, **columns}
         self.path = Path(path)
-        if resume and self.path.exists():
+        self.reopened = bool(resume and self.path.exists())
+        if self.reopened:
             self._reopen(attrs)
             return
         self.path = check_output_path(path, overwrite)

@@ -375,7 +375,8 @@ def _owner_privacy(settings: Settings, topo, adapter, tokenizer, writer: ResultW
     key = None
     if spec.adds_noise and spec.seed is None:
         path = _key_file(settings.output_path)
-        if writer.resumed_rows and not writer.was_complete:
+        # a reopened file whose run got as far as its privacy set-up may have sent rows with that key
+        if writer.reopened and not writer.was_complete and "privacy_seed" in writer.file.attrs:
             if not path.is_file():
                 raise ValueError(f"output.resume=true with OS-seeded noise needs {path}, written by the first run: "
                                  "without it, rows sent before the stop would be released again with fresh noise. "
