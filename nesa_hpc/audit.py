@@ -357,11 +357,12 @@ def _plot(out: Path, table: list[dict], meta: dict) -> None:
 
     fig, ax = plt.subplots(1, len(ks), figsize=(4.2 * len(ks), 4), squeeze=False)
     for a, k in zip(ax[0], ks, strict=True):
-        for key, label in (("nn_recovery", "nearest neighbour"), ("head_recovery", "final norm + LM head"),
-                           ("probe_recovery", "MLP probe (noise-aware)")):
+        for key, label, color in (("nn_recovery", "nearest neighbour", "C0"),
+                                  ("head_recovery", "final norm + LM head", "C1"),
+                                  ("probe_recovery", "MLP probe (noise-aware)", "C2")):
             x, y = series(k, key)
             if not all(math.isnan(v) for v in y):
-                a.plot(x, y, marker="o", label=label)
+                a.plot(x, y, marker="o", color=color, label=label)
         x, y = series(k, "floor")
         a.plot(x, y, "k--", label="floor (most frequent token)")
         if gaussian:
@@ -371,7 +372,7 @@ def _plot(out: Path, table: list[dict], meta: dict) -> None:
         a.set_ylim(-0.02, 1.02)
         a.set_xlabel(xkey)
         a.set_title(f"token recovery, k={k}")
-    ax[0][0].legend(fontsize=7)
+        a.legend(fontsize=7)
     fig.text(0.01, 0.01, caption, fontsize=7)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(out / "audit_leakage.png", dpi=110)
