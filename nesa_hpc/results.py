@@ -206,6 +206,16 @@ def _attr(value):
     return value
 
 
+def _gather(items: list, dtype) -> np.ndarray:
+    """Stack per-row values; values of a variable-length column (token ids, strings) go into an object array."""
+    if dtype is not None and np.dtype(dtype) == object:
+        out = np.empty(len(items), dtype=object)
+        for i, x in enumerate(items):
+            out[i] = x
+        return out
+    return np.stack(items)
+
+
 def read_results(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     """Load every dataset and root attribute of a results file."""
     with h5py.File(path, "r") as f:
@@ -248,7 +258,9 @@ class InOrder:
                     done.append(item)
             self.next_row += 1
         if done or skipped:
-            values = {name: np.stack([c[name][i] for c, i in done]) for name in done[0][0]} if done else None
+            kinds = getattr(self.writer, "columns", {})
+            values = {name: _gather([c[name][i] for c, i in done], kinds.get(name, (None,))[0])
+                      for name in done[0][0]} if done else None
             self.writer.commit(values, skipped, self.next_row)
 
     @property
