@@ -142,7 +142,12 @@ class ResultWriter:
             for name in self.columns:
                 ds = self.file[name]
                 ds.resize(self.rows + n, axis=0)
-                ds[self.rows:self.rows + n] = values[name]
+                if h5py.check_vlen_dtype(ds.dtype) not in (None, str, bytes):
+                    # variable-length arrays one by one: h5py reads equal-length ones as a 2-D block
+                    for j, v in enumerate(values[name]):
+                        ds[self.rows + j] = v
+                else:
+                    ds[self.rows:self.rows + n] = values[name]
             self.rows += n
         if skipped:
             n = len(skipped)
