@@ -144,3 +144,46 @@ def test_pick_tokens_sampling_rules():
     a = pick_tokens(logits, Decoding(4, temperature=1.0), [row_generator(5, r) for r in range(3)])
     b = pick_tokens(logits[[2, 1, 0]], Decoding(4, temperature=1.0), [row_generator(5, r) for r in (2, 1, 0)])
     assert a.tolist() == b.flip(0).tolist()
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["task.max_new_tokens=0"], "task.max_new_tokens"),
+    (["task.max_new_tokens=many"], "task.max_new_tokens"),
+    (["task.temperature=-1"], "task.temperature"),
+    (["task.temperature=hot"], "task.temperature"),
+    (["task.temperature=1", "task.top_k=-3"], "task.top_k"),
+    (["task.temperature=1", "task.top_p=0"], "task.top_p"),
+    (["task.temperature=1", "task.top_p=1.5"], "task.top_p"),
+    (["task.top_k=5"], "task.top_k"),  # top-k only applies to sampling
+    (["task.top_p=0.9"], "task.top_p"),
+    (["task.seed=-1"], "task.seed"),
+    (["task.stop=[1,2]"], "task.stop"),
+    (["task.stop=['']"], "task.stop"),
+    (["data.chat_template=sometimes"], "data.chat_template"),
+])
+def test_bad_generate_options_name_the_key(overrides, key):
+    import re
+
+    from hydra import compose, initialize_config_dir
+
+    from nesa_hpc.config import ConfigError, settings_from_cfg
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="infer", overrides=["task=generate", *overrides])
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        settings_from_cfg(cfg)
+
+
+def test_generate_job_refuses_model_limits(tiny_models, texts_file, tmp_path):
+    """Prompt length + new tokens beyond the model's positions, or a chat template the tokenizer lacks:
+    every rank exits with an error naming the option, before any work."""
+    infer = str(ROOT / "jobs" / "infer.py")
+    base = [infer, f"model.path={tiny_models['llama']}", "task=generate", f"data.path={texts_file}",
+            f"output.path={tmp_path / 'out.h5'}", "runtime.threads=1"]
+    proc = run_mpi(2, [*base, "data.max_length=200", "task.max_new_tokens=100"], timeout=120)
+    assert proc.returncode != 0
+    assert "data.max_length=200 + task.max_new_tokens=100 exceeds the model's 256 positions" in proc.stderr
+    proc = run_mpi(2, [*base, "data.max_length=64", "data.chat_template=true"], timeout=120)
+    assert proc.returncode != 0
+    assert "data.chat_template=true but the tokenizer" in proc.stderr
+    assert not (tmp_path / "out.h5").exists()
