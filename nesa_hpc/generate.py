@@ -160,11 +160,13 @@ class _Stopper:
 def run_generate_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task, batches: Iterable[Batch],
                        on_result: Callable[[Batch, list, torch.Tensor], None], transport: MpiTransport | None,
                        inflight: int, decoding: Decoding, tokenizer, wire_dtype: torch.dtype | None = None,
-                       should_stop: Callable[[], bool] = lambda: False) -> StageStats:
+                       should_stop: Callable[[], bool] = lambda: False, max_rows: int | None = None) -> StageStats:
     """Rank 0 of ``task=generate``: keep ``inflight`` groups in the pipeline, pick every next token here,
     and hand each finished group to ``on_result(batch, [GroupResult], nonfinite)``. Batches must be
-    left-padded. When ``should_stop()`` turns true no new group starts; the groups in flight finish."""
-    stats = StageStats(extra={"generated": 0, "steps": 0})
+    left-padded. With ``max_rows``, a further group (up to ``2 * inflight``) starts as soon as the rows
+    still running leave room for it, so rows that finished early are replaced before their whole group
+    is done. When ``should_stop()`` turns true no new group starts; the groups in flight finish."""
+    stats = StageStats(extra={"generated": 0, "steps": 0, "max_groups": 0})
     world = topo.world_size
     front = range(0, topo.k)
     back = range(topo.k, topo.num_layers) if world == 1 else range(0)
@@ -256,17 +258,25 @@ def run_generate_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task,
         ids = torch.tensor([[g.tokens[r][-1]] for r in g.alive], dtype=torch.long)  # (B', 1)
         forward(g, ids, keep_t)
 
+    def room(batch: Batch) -> bool:
+        if len(groups) < inflight:
+            return True
+        if max_rows is None or len(groups) >= 2 * inflight:
+            return False
+        return sum(len(g.alive) for g in groups.values()) + batch.size <= max_rows
+
     batches = iter(batches)
-    more = True
+    waiting: Batch | None = None
     with torch.inference_mode():
         while True:
-            while more and len(groups) < inflight and not should_stop():
-                batch = next(batches, None)
-                if batch is None:
-                    more = False
+            while not should_stop():
+                waiting = waiting or next(batches, None)
+                if waiting is None or not room(waiting):
                     break
                 t0 = time.perf_counter()
-                start(batch)
+                start(waiting)
+                stats.extra["max_groups"] = max(stats.extra["max_groups"], len(groups))
+                waiting = None
                 stats.compute_s += time.perf_counter() - t0
                 stats.batches += 1
             if not groups:

@@ -114,8 +114,8 @@ def main() -> None:
                 entry["finish_reason"] = [x.decode() for x in res["finish_reason"]]
                 entry["generated_text"] = [x.decode() for x in res["generated_text"]]
                 entry["n_prompt_tokens"] = res["n_prompt_tokens"].tolist()
-                entry["attrs"] = {k: attrs[k].item() if isinstance(attrs[k], np.generic) else attrs[k]
-                                  for k in ("decoding", "seed", "temperature", "max_new_tokens")}
+                keys = ("decoding", "seed", "temperature", "max_new_tokens", "max_groups_in_flight")
+                entry["attrs"] = {k: attrs[k].item() if isinstance(attrs[k], np.generic) else attrs[k] for k in keys}
                 entry["eos_token_ids"] = json.loads(attrs["eos_token_ids"])
                 if float(case.get("extra", {}).get("task.temperature", 0)) == 0:
                     if case["model"] not in models:

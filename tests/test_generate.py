@@ -28,6 +28,9 @@ def _cases(n: int, models: dict, data: str) -> list[dict]:
     # one group at a time, batches of 3 (rows finish at different steps inside a group)
     cases.append({"model": llama, "k": 2, "head": "owner", "data": data, "batch_size": 3,
                   "extra": {"runtime.inflight": 1, "data.bucket_window": 0}})
+    # two groups in flight, batches of 2: once rows end with EOS, a third group starts before either is done
+    cases.append({"model": str(models["gpt2"]), "k": 1, "head": "owner", "data": data, "batch_size": 2,
+                  "extra": {"runtime.inflight": 2, "data.bucket_window": 0}, "refill": True})
     if n > 1:  # the owner runs tail layers before its head: the last worker returns the whole prompt once
         cases.append({"model": llama, "k": 1, "head": "owner", "data": data, "extra": {"split.owner_tail": 2}})
     # sampling: must equal the same job at world size 1
@@ -80,6 +83,8 @@ def test_greedy_equals_transformers_every_split(n, tiny_models, texts_file, tmp_
     assert greedy and len(sampled) == 2
     # the GPT-2 model ends some rows with EOS right away: rows finish at different steps
     assert any("eos" in e["finish_reason"] and "length" in e["finish_reason"] for e in greedy)
+    (refill,) = [e for e in entries if e["case"].get("refill")]
+    assert refill["attrs"]["max_groups_in_flight"] > 2
     # sampling really samples: its tokens differ from greedy decoding of the same model and prompts
     greedy_llama = next(e for e in greedy if e["case"]["model"] == sampled[0]["case"]["model"])
     assert any(t != greedy_llama["tokens"][r][:len(t)] for r, t in sampled[0]["tokens"].items())
