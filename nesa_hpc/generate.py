@@ -225,8 +225,11 @@ def run_generate_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task,
                 logits = task.head_stage(adapter, h, None)[0]  # (B', V)
             else:
                 logits = out[0]
-        if not torch.isfinite(logits).all():
-            bad = torch.where((bad < 0) & ~torch.isfinite(logits).all(-1), torch.full_like(bad, world), bad)
+        finite = torch.isfinite(logits).all(-1)  # (B',)
+        if not finite.all():
+            # recorded (runtime.on_nonfinite) when the group is written; such a row still gets a token
+            bad = torch.where((bad < 0) & ~finite, torch.full_like(bad, world), bad)
+            logits = torch.where(finite.unsqueeze(-1), logits, torch.zeros_like(logits))
         g.bad[g.alive] = bad
         gens = [g.generators[r] for r in g.alive] if g.generators is not None else []
         picked = pick_tokens(logits, decoding, gens).tolist()
