@@ -2,9 +2,10 @@
 
     python jobs/bench.py                              # SmolLM2-135M, 256 rows of 16-256 tokens, N = 1..4
     python jobs/bench.py bench.ranks=[2] data.batch_size=16 bench.rss_rows=[256,2048]
+    python jobs/bench.py task=generate data.batch_size=16 task.max_new_tokens=64   # generated tokens/s
 
-Prints a table and writes ``<bench.out_dir>/bench.json``. Ratios are against the baseline measured in
-the same invocation (these machines are shared and noisy).
+Prints a table and writes ``<bench.out_dir>/bench.json`` (``bench_generate.json`` for ``task=generate``).
+Ratios are against the baseline measured in the same invocation (these machines are shared and noisy).
 """
 
 import hydra

@@ -1,7 +1,8 @@
-"""Split inference over MPI: score or embed every row of a dataset, results in HDF5.
+"""Split inference over MPI: score, embed or continue (generate) every row of a dataset, results in HDF5.
 
     mpiexec -n 3 python jobs/infer.py task=score data.path=rows.jsonl output.path=out.h5 split.k=2
     srun --mpi=pmi2 python jobs/infer.py task=embed model=minilm output.path=emb.h5
+    mpiexec -n 2 python jobs/infer.py task=generate data.chat_template=true task.max_new_tokens=64 output.path=gen.h5
 
 Every rank composes the same config (conf/infer.yaml); rank 0 is the data owner.
 """

@@ -21,7 +21,7 @@ from .data import make_batches, read_rows, sample_path
 from .runner import _model_folder
 from .tasks import score_positions
 
-__all__ = ["run_bench", "make_dataset", "baseline_score"]
+__all__ = ["run_bench", "make_dataset", "baseline_score", "baseline_generate", "run_bench_generate"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,8 +75,7 @@ def _mpiexec(cfg: DictConfig) -> str:
     return str(local) if local.exists() else (shutil.which("mpiexec") or "mpiexec")
 
 
-def _pipeline(cfg: DictConfig, n: int, threads: int, folder: str, data: Path, out: Path,
-              extra: list[str] = ()) -> dict:
+def _launch(cfg: DictConfig, n: int, threads: int, folder: str, data: Path, out: Path, extra: list[str] = ()) -> None:
     overrides = [f"model.path={folder}", f"data.path={data}", f"output.path={out}", "output.overwrite=true",
                  f"runtime.threads={threads}", f"split.k={cfg.split.k}", f"split.head={cfg.split.head}",
                  f"split.partition={_override(cfg.split.partition)}", f"data.batch_size={cfg.data.batch_size}",
@@ -89,6 +88,11 @@ def _pipeline(cfg: DictConfig, n: int, threads: int, folder: str, data: Path, ou
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode != 0:
         raise RuntimeError(f"pipeline at {n} ranks failed:\n{proc.stderr[-3000:]}")
+
+
+def _pipeline(cfg: DictConfig, n: int, threads: int, folder: str, data: Path, out: Path,
+              extra: list[str] = ()) -> dict:
+    _launch(cfg, n, threads, folder, data, out, extra)
     with h5py.File(out) as f:
         a = f.attrs
         nll = dict(zip(f["row"][()].tolist(), f["nll_mean"][()].tolist(), strict=True))
@@ -106,8 +110,10 @@ def run_bench(cfg: DictConfig) -> dict:
     from transformers import AutoTokenizer
 
     b = cfg.bench
+    if cfg.task.name == "generate":
+        return run_bench_generate(cfg)
     if cfg.task.name != "score":
-        raise SystemExit("jobs/bench.py measures task=score")
+        raise SystemExit("jobs/bench.py measures task=score or task=generate")
     out_dir = Path(b.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     folder = str(_model_folder(settings_from_cfg(cfg)))
@@ -161,3 +167,88 @@ def _print_table(rows: list[dict], rss: list[dict]) -> None:
         print(f"rank memory at 2 ranks, {r['rows']} rows: peak RSS {r['peak_rss_mb']} MB")
     print(flush=True)
 
+
+
+def baseline_generate(folder: str, data: Path, cfg: DictConfig, threads: int) -> dict:
+    """transformers ``generate`` (greedy) in one process with ``threads`` threads, on the pipeline's own
+    left-padded batches; counts each row's tokens up to and including its first EOS."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .generate import eos_token_ids
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    eos = sorted(eos_token_ids(tokenizer, folder, model.config))
+    d = cfg.data
+    batches = list(make_batches(read_rows(data), tokenizer, d.batch_size, d.max_length, "left",
+                                bucket_window=d.bucket_window))
+    tokens: dict[int, list[int]] = {}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for b in batches:
+            out = model.generate(b.ids, attention_mask=b.mask, do_sample=False, max_new_tokens=cfg.task.max_new_tokens,
+                                 eos_token_id=eos, pad_token_id=eos[0] if eos else 0)
+            for r, seq in zip(b.rows.tolist(), out[:, b.ids.shape[1]:].tolist(), strict=True):
+                end = next((i + 1 for i, t in enumerate(seq) if t in eos), len(seq))
+                tokens[r] = seq[:end]
+    seconds = time.perf_counter() - start
+    generated = sum(len(t) for t in tokens.values())
+    return {"seconds": seconds, "generated": generated, "generated_per_s": generated / seconds, "tokens": tokens}
+
+
+def run_bench_generate(cfg: DictConfig) -> dict:
+    """Generated tokens/s of transformers ``generate`` in one process against the pipeline at N ranks:
+    same prompts, batch size and ``task.max_new_tokens``, greedy, in one invocation."""
+    from transformers import AutoTokenizer
+
+    b = cfg.bench
+    out_dir = Path(b.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = str(_model_folder(settings_from_cfg(cfg)))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    g = b.generate
+    data = out_dir / f"prompts_{g.rows}rows_{g.min_tokens}-{g.max_tokens}.jsonl"
+    make_dataset(data, tokenizer, g.rows, g.min_tokens, g.max_tokens, b.seed)
+    cores = b.cores or len(os.sched_getaffinity(0))
+    max_new = cfg.task.max_new_tokens
+    print(f"model {folder}; {g.rows} prompts of {g.min_tokens}-{g.max_tokens} tokens; batch {cfg.data.batch_size}; "
+          f"max_new_tokens {max_new}; split.k={cfg.split.k}; partition {cfg.split.partition}; {cores} cores",
+          flush=True)
+    base = baseline_generate(folder, data, cfg, cores)
+    print(f"baseline (transformers generate, 1 process, {cores} threads): {base['generated_per_s']:.1f} "
+          "generated tokens/s", flush=True)
+    rows = [{"name": f"transformers generate 1 proc x {cores} thr", "ranks": 1, "threads": cores,
+             "generated": base["generated"], "generated_per_s": base["generated_per_s"], "ratio": 1.0,
+             "same_tokens": 1.0}]
+    for n in b.ranks:
+        threads = max(1, cores // n)
+        out = out_dir / f"bench_generate_n{n}.h5"
+        _launch(cfg, n, threads, folder, data, out, [f"task.max_new_tokens={max_new}", "task=generate"])
+        with h5py.File(out) as f:
+            got = {int(r): [int(t) for t in ids] for r, ids in zip(f["row"][()], f["generated_ids"][()], strict=True)}
+            seconds = float(f.attrs["seconds"])
+            stats = json.loads(f.attrs["rank_stats"])
+            layers = json.loads(f.attrs["layers_per_rank"])
+        generated = sum(len(t) for t in got.values())
+        same = sum(got[r] == t for r, t in base["tokens"].items()) / len(base["tokens"])
+        rate = generated / seconds
+        rows.append({"name": f"nesa_hpc {n} ranks x {threads} thr", "ranks": n, "threads": threads,
+                     "generated": generated, "generated_per_s": rate, "ratio": rate / base["generated_per_s"],
+                     "layers_per_rank": layers, "idle_share": [s["idle_share"] for s in stats],
+                     "peak_rss_mb": [s["peak_rss_mb"] for s in stats], "same_tokens": same})
+        print(f"{rows[-1]['name']}: {rate:.1f} generated tokens/s ({rows[-1]['ratio']:.2f}x)", flush=True)
+    print()
+    print(f"| {'run':40s} | {'layers per rank':18s} | generated | tokens/s | ratio | rows equal to baseline |")
+    print(f"|{'-' * 42}|{'-' * 20}|----------:|---------:|------:|-----------------------:|")
+    for r in rows:
+        layers = ",".join(str(x) for x in r.get("layers_per_rank", [])) or "all"
+        print(f"| {r['name']:40s} | {layers:18s} | {r['generated']:9d} | {r['generated_per_s']:8.1f} | "
+              f"{r['ratio']:5.2f} | {100 * r['same_tokens']:21.0f}% |")
+    print(flush=True)
+    report = {"config": OmegaConf.to_container(cfg.bench), "model": folder, "batch_size": cfg.data.batch_size,
+              "max_new_tokens": max_new, "split_k": cfg.split.k, "cores": cores, "inflight": cfg.runtime.inflight,
+              "partition": _override(cfg.split.partition), "results": rows}
+    (out_dir / "bench_generate.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {out_dir / 'bench_generate.json'}")
+    return report

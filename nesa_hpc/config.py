@@ -53,6 +53,14 @@ class Settings:
     on_nonfinite: str
     log_every: float
     device: str
+    # task=generate
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    chat_template: bool = False
 
 
 def _choice(name: str, value: Any, allowed) -> Any:
@@ -166,4 +174,35 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
         on_nonfinite=_choice("runtime.on_nonfinite", rt.get("on_nonfinite", "error"), ("error", "flag")),
         log_every=_positive("runtime.log_every", rt.get("log_every", 10)),
         device=_choice("runtime.device", rt.get("device", "cpu"), ("cpu",)),
+        chat_template=_bool("data.chat_template", data.get("chat_template", False)),
+        **_generate_options(task),
     )
+
+
+def _stop_strings(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) and s for s in items):
+        raise ConfigError(f"task.stop={value!r} must be a list of non-empty strings")
+    return tuple(items)
+
+
+def _generate_options(task: dict) -> dict:
+    """Decoding options of task=generate (other tasks ignore them)."""
+    if task.get("name") != "generate":
+        return {}
+    opts = dict(
+        max_new_tokens=_int("task.max_new_tokens", task.get("max_new_tokens", 64), 1),
+        stop=_stop_strings(task.get("stop")),
+        temperature=_nonneg("task.temperature", task.get("temperature", 0.0)),
+        top_k=_int("task.top_k", task.get("top_k", 0), 0),
+        top_p=_positive("task.top_p", task.get("top_p", 1.0)),
+        seed=_int("task.seed", task.get("seed", 0), 0),
+    )
+    if opts["top_p"] > 1:
+        raise ConfigError(f"task.top_p={opts['top_p']} must be in (0, 1]")
+    if opts["temperature"] == 0 and (opts["top_k"] or opts["top_p"] < 1):
+        key = "task.top_k" if opts["top_k"] else "task.top_p"
+        raise ConfigError(f"{key} only applies to sampling: set task.temperature > 0 (0 = greedy decoding)")
+    return opts

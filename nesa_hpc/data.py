@@ -305,3 +305,6 @@ def prefetch(batches: Iterable[Batch], depth: int = 4) -> Iterator[Batch]:
             yield item
     finally:
         stop.set()
+        # let the reader finish the batch it is on: a daemon thread still tokenizing when the process exits
+        # can abort it ("terminate called without an active exception")
+        thread.join()

@@ -68,18 +68,23 @@ class Adapter:
     def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def context(self, h: torch.Tensor, mask2d: torch.Tensor, pos: torch.Tensor) -> StageContext:
+    def context(self, h: torch.Tensor, mask2d: torch.Tensor, pos: torch.Tensor, cache=None,
+                first: int = 0) -> StageContext:
+        """Masks and position embeddings for a block of layers starting at layer ``first``. With a KV
+        ``cache`` (generation), ``h`` holds only the new positions and ``mask2d`` (B, past + T) covers the
+        cached ones too; the cache's layer ``first`` tells how many positions are cached."""
         raise NotImplementedError
 
     def layer(self, i: int, h: torch.Tensor, ctx: StageContext) -> torch.Tensor:
         raise NotImplementedError
 
     def run_layers(self, layers: range, h: torch.Tensor, mask2d: torch.Tensor,
-                   pos: torch.Tensor) -> torch.Tensor:
-        """Run ``layers`` (original indices) over ``h`` (B, T, H); returns (B, T, H)."""
+                   pos: torch.Tensor, cache=None) -> torch.Tensor:
+        """Run ``layers`` (original indices) over ``h`` (B, T, H); returns (B, T, H). With ``cache`` (a
+        transformers ``Cache`` indexed by original layer index) the layers read and extend their KV cache."""
         if len(layers) == 0:
             return h
-        ctx = self.context(h, mask2d, pos)
+        ctx = self.context(h, mask2d, pos, cache, layers[0])
         for i in layers:
             h = self.layer(i, h, ctx)
         return h
@@ -100,9 +105,10 @@ class Adapter:
         vocabulary and the loss, measured on SmolLM2 fp32 on CPU (head + loss = 10 layers, weights = 8).
         """
         layer = self._numel((self.layer_module(0),)) or 1
-        if task != "score" or not self.has_head:
+        if task not in ("score", "generate") or not self.has_head:
             return self._numel(self.norm_modules) / layer
-        return 1.25 * self._numel(self.head_modules) / layer
+        # generation applies the head to one position per row and step, like a layer: no loss on top
+        return (1.25 if task == "score" else 1.0) * self._numel(self.head_modules) / layer
 
 
 class LlamaLikeAdapter(Adapter):
@@ -125,20 +131,31 @@ class LlamaLikeAdapter(Adapter):
     def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.model.model.embed_tokens(ids)  # (B, T, H)
 
-    def context(self, h: torch.Tensor, mask2d: torch.Tensor, pos: torch.Tensor) -> StageContext:
-        kwargs = dict(config=self.config, inputs_embeds=h, attention_mask=mask2d, cache=None, position_ids=pos)
-        masks = {"full_attention": create_causal_mask(**kwargs)}
+    def context(self, h, mask2d, pos, cache=None, first=0) -> StageContext:
+        kwargs = dict(config=self.config, inputs_embeds=h, attention_mask=mask2d, cache=cache, position_ids=pos)
         layer_types = getattr(self.config, "layer_types", None) or []
-        if "sliding_attention" in layer_types:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        if cache is None:
+            masks = {"full_attention": create_causal_mask(**kwargs)}
+            if "sliding_attention" in layer_types:
+                masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        else:
+            # size each mask against a layer of its type in this stage (the cache holds this stage's layers only)
+            masks = {}
+            for kind, make in (("full_attention", create_causal_mask),
+                               ("sliding_attention", create_sliding_window_causal_mask)):
+                idx = next((i for i in range(first, len(self.layers)) if (layer_types[i] if layer_types
+                                                                           else "full_attention") == kind), None)
+                if idx is not None:
+                    masks[kind] = make(**kwargs, layer_idx=idx)
         rotary = self.model.model.rotary_emb(h, position_ids=pos)  # (cos, sin), each (B, T, head_dim)
-        return StageContext(masks, pos, {"position_embeddings": rotary, "layer_types": layer_types})
+        return StageContext(masks, pos, {"position_embeddings": rotary, "layer_types": layer_types, "cache": cache})
 
     def layer(self, i: int, h: torch.Tensor, ctx: StageContext) -> torch.Tensor:
         types = ctx.extra["layer_types"]
         mask = ctx.mask[types[i]] if types else ctx.mask["full_attention"]
+        kw = {"cache": ctx.extra["cache"], "use_cache": True} if ctx.extra["cache"] is not None else {}
         return self.layers[i](h, attention_mask=mask, position_ids=ctx.position_ids,
-                              position_embeddings=ctx.extra["position_embeddings"])
+                              position_embeddings=ctx.extra["position_embeddings"], **kw)
 
     def norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.model.norm(h)
@@ -166,13 +183,16 @@ class GPT2Adapter(Adapter):
         t = self.model.transformer
         return t.wte(ids) + t.wpe(pos)  # (B, T, H)
 
-    def context(self, h: torch.Tensor, mask2d: torch.Tensor, pos: torch.Tensor) -> StageContext:
-        mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=mask2d, cache=None,
-                                  position_ids=pos)
-        return StageContext(mask, pos, {})
+    def context(self, h, mask2d, pos, cache=None, first=0) -> StageContext:
+        extra = {} if cache is None else {"layer_idx": first}
+        mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=mask2d, cache=cache,
+                                  position_ids=pos, **extra)
+        return StageContext(mask, pos, {"cache": cache})
 
     def layer(self, i: int, h: torch.Tensor, ctx: StageContext) -> torch.Tensor:
-        return self.layers[i](h, None, ctx.mask, position_ids=ctx.position_ids)
+        cache = ctx.extra["cache"]
+        kw = {"use_cache": True} if cache is not None else {}
+        return self.layers[i](h, cache, ctx.mask, position_ids=ctx.position_ids, **kw)
 
     def norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.transformer.ln_f(h)
@@ -198,7 +218,7 @@ class BertAdapter(Adapter):
     def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.model.embeddings(input_ids=ids, position_ids=pos)  # (B, T, H)
 
-    def context(self, h: torch.Tensor, mask2d: torch.Tensor, pos: torch.Tensor) -> StageContext:
+    def context(self, h, mask2d, pos, cache=None, first=0) -> StageContext:
         return StageContext(create_bidirectional_mask(config=self.config, inputs_embeds=h, attention_mask=mask2d),
                             pos, {})
 

@@ -200,8 +200,8 @@ def _stage_name(stage: int, topo) -> str:
 
 def check_finite(cols: dict, bad: torch.Tensor, batch, topo, mode: str) -> torch.Tensor:
     """Mark rows whose outputs are NaN/Inf (stage = the head) and raise or log per ``mode``."""
-    outputs = np.stack([np.isfinite(v.reshape(len(v), -1)).all(-1) for k, v in cols.items()
-                        if k in ("nll_sum", "embedding")]).all(0)
+    checked = [np.isfinite(v.reshape(len(v), -1)).all(-1) for k, v in cols.items() if k in ("nll_sum", "embedding")]
+    outputs = np.stack(checked).all(0) if checked else np.ones(len(bad), dtype=bool)
     # a row with no predicted token has nll_mean NaN by definition; nll_sum stays finite
     bad = torch.where((bad < 0) & torch.from_numpy(~outputs), torch.full_like(bad, topo.world_size), bad)
     if (bad >= 0).any():

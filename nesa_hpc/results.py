@@ -143,7 +143,12 @@ class ResultWriter:
             for name in self.columns:
                 ds = self.file[name]
                 ds.resize(self.rows + n, axis=0)
-                ds[self.rows:self.rows + n] = values[name]
+                if h5py.check_vlen_dtype(ds.dtype) not in (None, str, bytes):
+                    # variable-length arrays one by one: h5py reads equal-length ones as a 2-D block
+                    for j, v in enumerate(values[name]):
+                        ds[self.rows + j] = v
+                else:
+                    ds[self.rows:self.rows + n] = values[name]
             self.rows += n
         if skipped:
             n = len(skipped)
@@ -213,6 +218,16 @@ def _attr(value):
     return value
 
 
+def _gather(items: list, dtype) -> np.ndarray:
+    """Stack per-row values; values of a variable-length column (token ids, strings) go into an object array."""
+    if dtype is not None and np.dtype(dtype) == object:
+        out = np.empty(len(items), dtype=object)
+        for i, x in enumerate(items):
+            out[i] = x
+        return out
+    return np.stack(items)
+
+
 def read_results(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     """Load every dataset and root attribute of a results file."""
     with h5py.File(path, "r") as f:
@@ -255,7 +270,9 @@ class InOrder:
                     done.append(item)
             self.next_row += 1
         if done or skipped:
-            values = {name: np.stack([c[name][i] for c, i in done]) for name in done[0][0]} if done else None
+            kinds = getattr(self.writer, "columns", {})
+            values = {name: _gather([c[name][i] for c, i in done], kinds.get(name, (None,))[0])
+                      for name in done[0][0]} if done else None
             self.writer.commit(values, skipped, self.next_row)
 
     @property

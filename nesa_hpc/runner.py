@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from . import __version__
 from .config import ConfigError, Settings, settings_from_cfg
 from .control import Progress, SkipLog, StopFlag
-from .data import DataError, make_batches, prefetch, read_rows, sample_path
+from .data import DataError, RowError, make_batches, prefetch, read_rows, sample_path
+from .generate import Decoding, eos_token_ids, run_generate_owner, run_generate_worker
 from .pipeline import check_finite, run_owner, run_worker
 from .privacy import PrivacySpec, calibrate_clip, make_privacy
 from .public_text import load_texts
@@ -134,6 +135,8 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
     task = _all_ok(comm, lambda: make_task(settings.task, topo.head_rank() == 0, settings.pooling,
                                            settings.normalize))
     _all_ok(comm, lambda: _check_task(settings, adapter))
+    if settings.task == "generate":
+        _agree(comm, lambda: _check_generate(settings, adapter, folder))
     data_path = settings.data_path or str(sample_path())
     places = comm.allgather((socket.gethostname(), os.getpid()))
     if rank == 0:
@@ -158,7 +161,8 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
     wire_dtype = DTYPES[settings.wire_dtype] if settings.wire_dtype else None
     if rank != 0:
         try:  # workers ignore SIGTERM/SIGUSR1: rank 0 drains the pipeline and then tells them to stop
-            stats = run_worker(rank, topo, adapter, task, transport, wire_dtype)
+            worker = run_generate_worker if settings.task == "generate" else run_worker
+            stats = worker(rank, topo, adapter, task, transport, wire_dtype)
         finally:
             stop.restore()
         comm.gather(_rank_stats(rank, stats, transport, time.perf_counter() - start), root=0)
@@ -194,7 +198,14 @@ def _resume_key(settings: Settings, folder: str, data_path: str, privacy_attrs: 
             "max_length": settings.max_length, "batch_size": settings.batch_size,
             "on_error": settings.on_error, "on_long": settings.on_long,
             "bucket_window": settings.bucket_window, "padding_side": settings.padding_side,
-            "wire_dtype": settings.wire_dtype or settings.model_dtype, **privacy_attrs}
+            "wire_dtype": settings.wire_dtype or settings.model_dtype, **privacy_attrs,
+            **(_decoding_attrs(settings) if settings.task == "generate" else {})}
+
+
+def _decoding_attrs(settings: Settings) -> dict:
+    return {"max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature, "top_k": settings.top_k,
+            "top_p": settings.top_p, "seed": settings.seed, "stop": list(settings.stop),
+            "chat_template": settings.chat_template}
 
 
 def _open_results(cfg, settings: Settings, topo, adapter, task, folder: str, data_path: str) -> ResultWriter:
@@ -213,6 +224,9 @@ def _open_results(cfg, settings: Settings, topo, adapter, task, folder: str, dat
     }
     if settings.task == "embed":
         attrs.update(pooling=settings.pooling, normalize=settings.normalize)
+    if settings.task == "generate":
+        attrs.update(_decoding_attrs(settings), decoding="greedy" if settings.temperature == 0 else "sample",
+                     padding_side="left", eos_token_ids=sorted(_generate_eos(settings, adapter, folder)))
     columns = {**task.columns(adapter.hidden_size), "epsilon_spent": (np.float64, ())}
     writer = ResultWriter(settings.output_path, columns, attrs, settings.overwrite, resume=settings.resume)
     if writer.resumed_rows:
@@ -221,9 +235,27 @@ def _open_results(cfg, settings: Settings, topo, adapter, task, folder: str, dat
 
 
 def _check_task(settings: Settings, adapter) -> None:
-    if settings.task == "score" and not adapter.has_head:
-        raise ConfigError(f"task=score needs a causal language model; {type(adapter.model).__name__} has no LM "
-                          "head (use task=embed)")
+    if settings.task in ("score", "generate") and not adapter.has_head:
+        raise ConfigError(f"task={settings.task} needs a causal language model; {type(adapter.model).__name__} has "
+                          "no LM head (use task=embed)")
+
+
+def _generate_eos(settings: Settings, adapter, folder: str) -> frozenset[int]:
+    from transformers import AutoTokenizer
+
+    return eos_token_ids(AutoTokenizer.from_pretrained(folder), folder, adapter.config)
+
+
+def _check_generate(settings: Settings, adapter, folder: str) -> None:
+    """Options of task=generate that depend on the model: chat template, position limit."""
+    from transformers import AutoTokenizer
+
+    limit = getattr(adapter.config, "max_position_embeddings", None) or getattr(adapter.config, "n_positions", None)
+    if limit and settings.max_length + settings.max_new_tokens > limit:
+        raise ConfigError(f"data.max_length={settings.max_length} + task.max_new_tokens={settings.max_new_tokens} "
+                          f"exceeds the model's {limit} positions; lower one of them")
+    if settings.chat_template and not AutoTokenizer.from_pretrained(folder).chat_template:
+        raise ConfigError(f"data.chat_template=true but the tokenizer in {folder} has no chat template")
 
 
 def _rank_modules(rank: int, topo, adapter, task: str) -> list[str]:
@@ -237,7 +269,7 @@ def _rank_modules(rank: int, topo, adapter, task: str) -> list[str]:
         names += [adapter.layer_module(i) for i in layers]
     if topo.head_rank() == rank:
         names += adapter.norm_modules
-        if task == "score":
+        if task in ("score", "generate"):
             names += adapter.head_modules
     return names
 
@@ -295,14 +327,26 @@ def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path
         done["padded"] += batch.ids.numel()
         progress.update(batch.size, batch.tokens)
 
+    generate = settings.task == "generate"
     try:
         rows = ((r, t) for r, t in read_rows(data_path, settings.data_format, settings.text_field,
                                              settings.on_error) if r >= replay_from)
+        if generate and settings.chat_template:
+            rows = ((r, _chat(tokenizer, t)) for r, t in rows)
+        # generation pads on the left, so that every prompt ends at the last column
+        padding = "left" if generate else settings.padding_side
         batches = prefetch(make_batches(rows, tokenizer, settings.batch_size, settings.max_length,
-                                        settings.padding_side, str(data_path), settings.bucket_window,
+                                        padding, str(data_path), settings.bucket_window,
                                         settings.on_error, settings.on_long, skips.add))
-        stats = run_owner(topo, adapter, privacy, task, batches, on_result, transport,
-                          settings.inflight or topo.world_size + 1, wire_dtype, should_stop=stop)
+        if generate:
+            decoding = Decoding(settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
+                                settings.seed, settings.stop, eos_token_ids(tokenizer, folder, adapter.config))
+            groups = settings.inflight or topo.world_size
+            stats = run_generate_owner(topo, adapter, privacy, task, batches, on_result, transport, groups, decoding,
+                                       tokenizer, wire_dtype, should_stop=stop, max_rows=groups * settings.batch_size)
+        else:
+            stats = run_owner(topo, adapter, privacy, task, batches, on_result, transport,
+                              settings.inflight or topo.world_size + 1, wire_dtype, should_stop=stop)
         if not stop():
             skips.drain_into(ordered)
         if ordered.pending and not stop():
@@ -322,6 +366,11 @@ def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path
                "padding_waste": round(waste, 4), "exit_code": 0}
     final = {"seconds": elapsed, "padding_waste": waste, "peak_rss_mb": [r["peak_rss_mb"] for r in ranks],
              "rank_stats": ranks, **writer.totals(), **_spent(writer, done["releases"])}
+    if generate:
+        # tokens generated by this run (rows replayed on resume included), and the rate
+        summary["generated"] = final["generated_this_run"] = stats.extra["generated"]
+        summary["generated_per_s"] = final["generated_per_s"] = stats.extra["generated"] / elapsed if elapsed else 0.0
+        final["max_groups_in_flight"] = stats.extra["max_groups"]
     if stop():
         summary["exit_code"] = EXIT_STOPPED
         final["stopped_by"] = stop.signal
@@ -341,6 +390,8 @@ def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path
                  100 * r["idle_share"], r["peak_rss_mb"])
     line = (f"done: {summary['rows']} rows, {summary['tokens']} tokens in {summary['seconds']:.1f} s "
             f"({summary['tokens_per_s']:.1f} tokens/s, padding {100 * waste:.1f}%)")
+    if generate:
+        line += f", {summary['generated']} tokens generated ({summary['generated_per_s']:.1f}/s)"
     if "perplexity" in final:
         summary["perplexity"] = final["perplexity"]
         line += f", perplexity {final['perplexity']:.4f}"
@@ -403,6 +454,14 @@ def _spent(writer: ResultWriter, releases: int) -> dict:
     worst = float(np.max(eps)) if len(eps) else 0.0
     before = int(writer.file.attrs.get("privacy_releases", 0)) if writer.resumed_rows else 0
     return {"privacy_epsilon_spent": worst, "privacy_releases": max(before, releases)}
+
+
+def _chat(tokenizer, text):
+    """Wrap one prompt as a user message in the tokenizer's chat template, ready for the assistant's reply."""
+    if isinstance(text, RowError) or not text:
+        return text
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def _count_rows(path: str, settings: Settings) -> int | None:

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from .data import Batch
 from .models import Adapter
 
-__all__ = ["Task", "ScoreTask", "EmbedTask", "make_task", "TASKS"]
+__all__ = ["Task", "ScoreTask", "EmbedTask", "GenerateTask", "make_task", "TASKS"]
 
-TASKS = ("score", "embed")
+TASKS = ("score", "embed", "generate")
 _CHUNK = 256  # positions per LM-head chunk: bounds the (chunk, vocab) logits buffer
 
 
@@ -111,9 +111,40 @@ class EmbedTask(Task):
         return {"embedding": (np.float32, (hidden_size,))}
 
 
+class GenerateTask(Task):
+    """Autoregressive generation (the loop lives in :mod:`nesa_hpc.generate`): the head turns the last
+    position's state into next-token logits; ``finish`` writes the generated tokens and text."""
+
+    name = "generate"
+
+    def head_stage(self, adapter, h, mask):
+        return [adapter.logits(adapter.norm(h[:, -1])).float()]  # (B, V) logits of the last position
+
+    def finish(self, adapter, batch, outputs):
+        (res,) = outputs  # a nesa_hpc.generate.GroupResult
+        ids = np.empty(batch.size, dtype=object)
+        for i, t in enumerate(res.tokens):
+            ids[i] = np.asarray(t, dtype=np.int32)
+        return {"n_tokens": batch.lengths.numpy().astype(np.int32),
+                "n_prompt_tokens": batch.lengths.numpy().astype(np.int32),
+                "n_generated": np.array([len(t) for t in res.tokens], dtype=np.int32),
+                "generated_ids": ids, "generated_text": np.array(res.texts, dtype=object),
+                "finish_reason": np.array(res.reasons, dtype=object),
+                "n_releases": np.asarray(res.releases, dtype=np.int32)}
+
+    def columns(self, hidden_size):
+        import h5py
+
+        return {"n_prompt_tokens": (np.int32, ()), "n_generated": (np.int32, ()),
+                "generated_ids": (h5py.vlen_dtype(np.int32), ()), "generated_text": (h5py.string_dtype(), ()),
+                "finish_reason": (h5py.string_dtype(), ()), "n_releases": (np.int32, ())}
+
+
 def make_task(name: str, head_on_owner: bool, pooling: str = "mean", normalize: bool = False) -> Task:
     if name == "score":
         return ScoreTask(head_on_owner)
     if name == "embed":
         return EmbedTask(pooling, normalize)
+    if name == "generate":
+        return GenerateTask()
     raise ValueError(f"task={name!r} is not one of {TASKS}")

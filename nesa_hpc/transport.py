@@ -34,6 +34,9 @@ class Kind(IntEnum):
     DATA = 1      # hidden states (B, T, H) + mask (B, T) + positions (B, T), owner -> workers
     RESULT = 2    # what the owner needs back from the last rank
     STOP = 3      # no more batches
+    PREFILL = 4   # task=generate: a new group's prompts (states, mask, positions, marks, kept rows)
+    DECODE = 5    # task=generate: one new position per row of a group
+    FREE = 6      # task=generate: a group is finished; every stage drops its KV cache
 
 
 class TransportTimeout(RuntimeError):

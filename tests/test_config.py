@@ -51,7 +51,7 @@ def test_defaults(hydra_ctx):
 
 def test_every_group_has_the_expected_options():
     assert _options("model") == ["minilm", "smollm2"]
-    assert _options("task") == ["embed", "score"]
+    assert _options("task") == ["embed", "generate", "score"]
     assert _options("privacy") == ["dchi", "gaussian", "none", "sigma"]
     for group in ("split", "data", "runtime"):
         assert _options(group) == ["default"]
@@ -126,7 +126,7 @@ def test_partition_with_zeros_is_left_to_topology(hydra_ctx):
         (["data.padding_side=center"], "data.padding_side"),
         (["task=embed", "task.pooling=max"], "task.pooling"),
         (["task=embed", "task.normalize=maybe"], "task.normalize"),
-        (["task.name=generate"], "task.name"),
+        (["task.name=translate"], "task.name"),
         (["model.dtype=int8"], "model.dtype"),
         (["model.packaged=gpt-5"], "model.packaged"),
         (["privacy.mechanism=dp"], "privacy.mechanism"),
@@ -181,9 +181,9 @@ def test_config_error_is_value_error():
 
 @pytest.mark.parametrize(
     "override",
-    ["foo=1", "split.bogus=1", "data.batchsize=4", "task.pooling=max", "model=gpt5", "task=generate"],
+    ["foo=1", "split.bogus=1", "data.batchsize=4", "task.pooling=max", "model=gpt5", "task=translate"],
 )
 def test_unknown_keys_and_options_refused_at_compose(hydra_ctx, override):
-    # task.pooling does not exist in task=score; model=gpt5 and task=generate are not options
+    # task.pooling does not exist in task=score; model=gpt5 and task=translate are not options
     with pytest.raises(HydraException, match=r"Could not (override|find)"):
         _compose(override)

@@ -1,0 +1,367 @@
+"""Generation across the pipeline: every stage keeps the KV cache of its own layers; rank 0 picks the tokens.
+
+A group is one micro-batch of left-padded prompts. Its prefill sends the whole prompt through the
+pipeline; after that each decode step sends one position per row. Rank 0 (the owner) reads the last
+position's state back (or, with ``split.head=last``, the last worker's next-token logits), picks the next
+token of every row, embeds it, runs layers [0, k) over it and sends the privatised state on: token ids
+never leave rank 0. Several groups are in flight at once, so while the owner picks tokens for one group
+the workers run the others; a finished group's slot takes the next micro-batch, and rows that finish
+early are dropped from their group's caches on every stage at the next step.
+
+Messages (``batch_id`` = the group's micro-batch index):
+
+- ``PREFILL`` / ``DECODE``: (B', T, H) states, (B', past + T) int8 mask, (B', T) int32 positions,
+  (B',) int32 non-finite marks, (B',) int32 indices of the rows kept from the group's previous step.
+- ``RESULT`` (last worker -> owner): the last position's (B', 1, H) states, or the whole prompt's on a
+  prefill when the owner runs tail layers; with ``split.head=last`` the (B', V) float32 logits instead.
+- ``FREE``: the group is done; every stage drops its cache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from .data import Batch
+from .models import Adapter
+from .pipeline import StageStats, adapter_dtype, mark_nonfinite, memory_guard
+from .privacy import Privacy
+from .topology import Topology
+from .transport import Kind, MpiTransport
+
+__all__ = ["Decoding", "GroupResult", "eos_token_ids", "row_generator", "pick_tokens", "run_generate_owner",
+           "run_generate_worker", "FINISH_REASONS"]
+
+FINISH_REASONS = ("eos", "length", "stop")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Decoding settings: greedy when ``temperature == 0``, else sampling (``top_k`` 0 and ``top_p`` 1 = off)."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    eos_ids: frozenset[int] = frozenset()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def eos_token_ids(tokenizer, folder: str | None = None, config=None) -> frozenset[int]:
+    """End-of-sequence ids: the tokenizer's EOS and the model's generation config (or config) EOS ids."""
+    ids: set[int] = set()
+
+    def add(value) -> None:
+        if value is None:
+            return
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            ids.add(int(v))
+
+    add(getattr(tokenizer, "eos_token_id", None))
+    gen = None
+    if folder is not None:
+        from transformers import GenerationConfig
+
+        try:
+            gen = GenerationConfig.from_pretrained(folder)
+        except OSError:  # no generation_config.json: the model config's ids apply
+            gen = None
+    add(gen.eos_token_id if gen is not None else getattr(config, "eos_token_id", None))
+    return frozenset(ids)
+
+
+def row_generator(seed: int, row: int) -> torch.Generator:
+    """The sampling generator of input row ``row``: depends only on (seed, row), so a row draws the same
+    numbers whatever the world size, batching or order of completion."""
+    state = np.random.SeedSequence([int(seed), int(row)]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+
+
+def pick_tokens(logits: torch.Tensor, decoding: Decoding, generators: list[torch.Generator]) -> torch.Tensor:
+    """Next token per row from (B, V) logits: argmax, or a draw after temperature / top-k / top-p."""
+    logits = logits.float()
+    if decoding.greedy:
+        return logits.argmax(-1)
+    x = logits / decoding.temperature
+    if decoding.top_k and decoding.top_k < x.shape[-1]:
+        kth = torch.topk(x, decoding.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        x = x.masked_fill(x < kth, float("-inf"))
+    if decoding.top_p < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        # drop a token when the tokens ranked before it already hold top_p of the mass (the first always stays)
+        drop = probs.cumsum(-1) - probs > decoding.top_p
+        x = x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(x, dim=-1)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+
+
+@dataclass
+class GroupResult:
+    """What a finished group hands to ``GenerateTask.finish`` (per row of the micro-batch)."""
+
+    tokens: list[list[int]]
+    reasons: list[str]
+    texts: list[str]
+    releases: np.ndarray  # (B,) int32: privacy releases of each row's activations
+
+
+@dataclass
+class _Group:
+    batch: Batch
+    cache: DynamicCache
+    alive: list[int]            # rows of the batch still generating, in cache order
+    mask: torch.Tensor          # (B', past + T) 2-D mask of the alive rows, including this step's positions
+    pos: torch.Tensor           # (B', T) positions sent this step
+    bad: torch.Tensor           # (B,) int32 non-finite marks
+    releases: np.ndarray        # (B,) int32
+    generators: list[torch.Generator] | None
+    tokens: list[list[int]] = field(default_factory=list)
+    reasons: list[str | None] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    prefill: bool = True
+
+
+class _Stopper:
+    """Per-row finish checks: EOS ids, ``max_new_tokens``, and stop strings in the decoded continuation."""
+
+    def __init__(self, decoding: Decoding, tokenizer) -> None:
+        self.d = decoding
+        self.tokenizer = tokenizer
+
+    def text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
+
+    def check(self, tokens: list[int]) -> tuple[str | None, str | None]:
+        """(finish reason or None, the text cut before the first stop string when one matched)."""
+        if tokens[-1] in self.d.eos_ids:
+            return "eos", None
+        if self.d.stop:
+            text = self.text(tokens)
+            hits = [text.find(s) for s in self.d.stop if s in text]
+            if hits:
+                return "stop", text[:min(hits)]
+        if len(tokens) >= self.d.max_new_tokens:
+            return "length", None
+        return None, None
+
+
+def run_generate_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task, batches: Iterable[Batch],
+                       on_result: Callable[[Batch, list, torch.Tensor], None], transport: MpiTransport | None,
+                       inflight: int, decoding: Decoding, tokenizer, wire_dtype: torch.dtype | None = None,
+                       should_stop: Callable[[], bool] = lambda: False, max_rows: int | None = None) -> StageStats:
+    """Rank 0 of ``task=generate``: keep ``inflight`` groups in the pipeline, pick every next token here,
+    and hand each finished group to ``on_result(batch, [GroupResult], nonfinite)``. Batches must be
+    left-padded. With ``max_rows``, a further group (up to ``2 * inflight``) starts as soon as the rows
+    still running leave room for it, so rows that finished early are replaced before their whole group
+    is done. When ``should_stop()`` turns true no new group starts; the groups in flight finish."""
+    stats = StageStats(extra={"generated": 0, "steps": 0, "max_groups": 0})
+    world = topo.world_size
+    front = range(0, topo.k)
+    back = range(topo.k, topo.num_layers) if world == 1 else range(0)
+    head_here = topo.head_rank() == 0
+    dtype = adapter_dtype(adapter)
+    wire_dtype = wire_dtype or dtype
+    stopper = _Stopper(decoding, tokenizer)
+    groups: dict[int, _Group] = {}
+    local: deque[tuple[int, list[torch.Tensor]]] = deque()  # world size 1: results computed here
+    expected: deque[int] = deque()  # groups whose RESULT is due from the last rank, in order
+    sends: deque = deque()
+
+    def send(kind: Kind, gid: int, tensors: list[torch.Tensor]) -> None:
+        sends.append(transport.send(1, kind, gid, tensors))
+        while len(sends) > 2 * inflight:
+            sends.popleft().wait()
+
+    def forward(g: _Group, ids: torch.Tensor, keep: torch.Tensor) -> None:
+        """Embed ``ids`` (B', T) at ``g.pos``, run layers [0, k) with the owner's cache, privatise, send on."""
+        T = ids.shape[1]
+        with memory_guard(0, "embedding and layers [0, k)", tuple(ids.shape)):
+            h = adapter.embed(ids, g.pos)  # (B', T, H)
+            h = adapter.run_layers(front, h, g.mask, g.pos, g.cache)
+            step_mask = g.mask[:, -T:]
+            # (B', T, H): the only activations that leave rank 0; every row still running in a group has made
+            # the same number of releases so far (0 before the prefill), which keys this step's noise
+            z = privacy.apply(h, step_mask, g.batch.rows[g.alive], release=int(g.releases[g.alive[0]]))
+            g.releases[g.alive] += 1
+            bad = mark_nonfinite(z, step_mask, g.bad[g.alive], 0)
+            if world == 1:
+                h = adapter.run_layers(back, z, g.mask, g.pos, g.cache)
+                local.append((g.batch.index, [h[:, -1:], mark_nonfinite(h, step_mask, bad, 0)]))
+                return
+        kind = Kind.PREFILL if g.prefill else Kind.DECODE
+        # (B', T, H) states, (B', past + T) mask, (B', T) positions, (B',) marks, (B',) kept rows: no token ids
+        send(kind, g.batch.index, [z.to(wire_dtype), g.mask.to(torch.int8), g.pos.to(torch.int32), bad,
+                                   keep.to(torch.int32)])
+        expected.append(g.batch.index)
+
+    def start(batch: Batch) -> None:
+        B = batch.size
+        gens = None if decoding.greedy else [row_generator(decoding.seed, r) for r in batch.rows.tolist()]
+        g = _Group(batch, DynamicCache(config=adapter.config), list(range(B)), batch.mask, batch.pos,
+                   torch.full((B,), -1, dtype=torch.int32), np.zeros(B, dtype=np.int32), gens,
+                   [[] for _ in range(B)], [None] * B, [""] * B)
+        groups[batch.index] = g
+        forward(g, batch.ids, torch.arange(B))
+
+    def step(gid: int, tensors: list[torch.Tensor]) -> None:
+        g = groups[gid]
+        *out, bad = tensors
+        with memory_guard(0, "the head", tuple(g.mask.shape)):
+            if head_here:
+                h = out[0].to(dtype)  # (B', T', H)
+                if len(topo.tail):
+                    h = adapter.run_layers(topo.tail, h, g.mask, g.pos, g.cache)
+                bad = mark_nonfinite(h, torch.ones(h.shape[:2]), bad, world)
+                logits = task.head_stage(adapter, h, None)[0]  # (B', V)
+            else:
+                logits = out[0]
+        finite = torch.isfinite(logits).all(-1)  # (B',)
+        if not finite.all():
+            # recorded (runtime.on_nonfinite) when the group is written; such a row still gets a token
+            bad = torch.where((bad < 0) & ~finite, torch.full_like(bad, world), bad)
+            logits = torch.where(finite.unsqueeze(-1), logits, torch.zeros_like(logits))
+        g.bad[g.alive] = bad
+        gens = [g.generators[r] for r in g.alive] if g.generators is not None else []
+        picked = pick_tokens(logits, decoding, gens).tolist()
+        stats.extra["steps"] += 1
+        keep = []
+        for j, (r, t) in enumerate(zip(g.alive, picked, strict=True)):
+            g.tokens[r].append(int(t))
+            stats.extra["generated"] += 1
+            reason, cut = stopper.check(g.tokens[r])
+            if reason is None:
+                keep.append(j)
+            else:
+                g.reasons[r] = reason
+                g.texts[r] = cut if cut is not None else stopper.text(g.tokens[r])
+        if not keep:
+            del groups[gid]
+            if world > 1:
+                send(Kind.FREE, gid, [])
+            on_result(g.batch, [GroupResult(g.tokens, g.reasons, g.texts, g.releases)], g.bad)
+            return
+        keep_t = torch.tensor(keep, dtype=torch.long)
+        if len(keep) < len(g.alive):  # free the finished rows' cache entries
+            g.cache.batch_select_indices(keep_t)
+            g.mask = g.mask[keep_t]
+        g.alive = [g.alive[j] for j in keep]
+        g.pos = g.pos[keep_t, -1:] + 1  # (B', 1)
+        g.mask = torch.cat([g.mask, torch.ones(len(keep), 1, dtype=g.mask.dtype)], dim=1)
+        g.prefill = False
+        ids = torch.tensor([[g.tokens[r][-1]] for r in g.alive], dtype=torch.long)  # (B', 1)
+        forward(g, ids, keep_t)
+
+    def room(batch: Batch) -> bool:
+        if len(groups) < inflight:
+            return True
+        if max_rows is None or len(groups) >= 2 * inflight:
+            return False
+        return sum(len(g.alive) for g in groups.values()) + batch.size <= max_rows
+
+    batches = iter(batches)
+    waiting: Batch | None = None
+    with torch.inference_mode():
+        while True:
+            while not should_stop():
+                waiting = waiting or next(batches, None)
+                if waiting is None or not room(waiting):
+                    break
+                t0 = time.perf_counter()
+                start(waiting)
+                stats.extra["max_groups"] = max(stats.extra["max_groups"], len(groups))
+                waiting = None
+                stats.compute_s += time.perf_counter() - t0
+                stats.batches += 1
+            if not groups:
+                break
+            if world == 1:
+                gid, tensors = local.popleft()
+            else:
+                msg = transport.recv(topo.last)
+                if msg.kind != Kind.RESULT or msg.batch_id != expected[0]:
+                    raise RuntimeError(f"rank 0 expected the result of group {expected[0]}, got kind {msg.kind} "
+                                       f"group {msg.batch_id}")
+                expected.popleft()
+                gid, tensors = msg.batch_id, msg.tensors
+            t0 = time.perf_counter()
+            step(gid, tensors)
+            stats.compute_s += time.perf_counter() - t0
+    if world > 1:
+        send(Kind.STOP, -1, [])
+        while sends:
+            sends.popleft().wait()
+    return stats
+
+
+def run_generate_worker(rank: int, topo: Topology, adapter: Adapter, task, transport: MpiTransport,
+                        wire_dtype: torch.dtype | None = None) -> StageStats:
+    """Ranks 1..N-1 of ``task=generate``: one KV cache per group in flight, for this rank's layers only."""
+    stats = StageStats()
+    layers = topo.layers_of(rank)
+    is_last = rank == topo.last
+    head_here = topo.head_rank() == rank
+    dtype = adapter_dtype(adapter)
+    wire_dtype = wire_dtype or dtype
+    caches: dict[int, tuple[DynamicCache, int]] = {}  # group -> (cache, rows in it)
+    sends: deque = deque()
+
+    def send(dest: int, kind: Kind, gid: int, tensors: list[torch.Tensor]) -> None:
+        sends.append(transport.send(dest, kind, gid, tensors))
+        while len(sends) > 2:
+            sends.popleft().wait()
+
+    while True:
+        msg = transport.recv(rank - 1)
+        if msg.kind == Kind.STOP:
+            if not is_last:
+                send(rank + 1, Kind.STOP, -1, [])
+            break
+        if msg.kind == Kind.FREE:
+            caches.pop(msg.batch_id, None)
+            if not is_last:
+                send(rank + 1, Kind.FREE, msg.batch_id, [])
+            continue
+        if msg.kind not in (Kind.PREFILL, Kind.DECODE):
+            raise RuntimeError(f"rank {rank}: unexpected message kind {msg.kind} from rank {rank - 1}")
+        t0 = time.perf_counter()
+        h, mask, pos, bad, keep = msg.tensors
+        h, mask, pos, keep = h.to(dtype), mask.long(), pos.long(), keep.long()
+        with torch.inference_mode(), memory_guard(rank, f"layers [{layers.start}, {layers.stop})",
+                                                  tuple(mask.shape)):
+            if msg.kind == Kind.PREFILL:
+                caches[msg.batch_id] = (DynamicCache(config=adapter.config), len(keep))
+            cache, rows = caches[msg.batch_id]
+            if len(keep) != rows:  # rows that finished at the owner: drop their cache entries
+                cache.batch_select_indices(keep)
+                caches[msg.batch_id] = (cache, len(keep))
+            h = adapter.run_layers(layers, h, mask, pos, cache)  # (B', T, H)
+            bad = mark_nonfinite(h, mask[:, -h.shape[1]:], bad, rank)
+            if is_last:
+                if head_here:
+                    out = task.head_stage(adapter, h, None)  # [(B', V) logits of the last position]
+                elif msg.kind == Kind.PREFILL and len(topo.tail):
+                    out = [h.to(wire_dtype)]  # the owner's tail layers need every prompt position
+                else:
+                    out = [h[:, -1:].to(wire_dtype)]  # (B', 1, H)
+        stats.compute_s += time.perf_counter() - t0
+        stats.batches += 1
+        if is_last:
+            send(0, Kind.RESULT, msg.batch_id, [*out, bad])
+        else:
+            send(rank + 1, msg.kind, msg.batch_id, [h.to(wire_dtype), mask.to(torch.int8), pos.to(torch.int32), bad,
+                                                   keep.to(torch.int32)])
+    while sends:
+        sends.popleft().wait()
+    return stats

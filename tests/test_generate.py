@@ -1,0 +1,239 @@
+"""task=generate across the pipeline equals transformers ``generate`` token for token, for every world size."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, run_mpi
+
+from nesa_hpc.generate import Decoding, pick_tokens, row_generator
+
+SCRIPT = ROOT / "tests" / "mpi_generate.py"
+NUM_LAYERS = 6  # the tiny models in conftest
+
+
+def _cases(n: int, models: dict, data: str) -> list[dict]:
+    cases = []
+    for family, folder in models.items():
+        for k in (0, 1, 3, NUM_LAYERS):
+            if n > 1 and 0 < NUM_LAYERS - k < n - 1:
+                continue  # not enough layers left to give every worker one
+            for head in ("owner", "last"):
+                cases.append({"model": str(folder), "k": k, "head": head, "data": data, "family": family})
+    llama = str(models["llama"])
+    # one group at a time, batches of 3 (rows finish at different steps inside a group)
+    cases.append({"model": llama, "k": 2, "head": "owner", "data": data, "batch_size": 3,
+                  "extra": {"runtime.inflight": 1, "data.bucket_window": 0}})
+    # two groups in flight, batches of 2: once rows end with EOS, a third group starts before either is done
+    cases.append({"model": str(models["gpt2"]), "k": 1, "head": "owner", "data": data, "batch_size": 2,
+                  "extra": {"runtime.inflight": 2, "data.bucket_window": 0}, "refill": True})
+    if n > 1:  # the owner runs tail layers before its head: the last worker returns the whole prompt once
+        cases.append({"model": llama, "k": 1, "head": "owner", "data": data, "extra": {"split.owner_tail": 2}})
+    # sampling: must equal the same job at world size 1
+    cases.append({"model": llama, "k": 1, "head": "owner", "data": data, "max_new_tokens": 8,
+                  "extra": {"task.temperature": 0.8, "task.top_k": 50, "task.top_p": 0.9, "task.seed": 7}})
+    cases.append({"model": str(models["gpt2"]), "k": 2, "head": "last", "data": data, "max_new_tokens": 8,
+                  "extra": {"task.temperature": 1.3, "task.seed": 3}})
+    return cases
+
+
+def _run(n: int, cases: list[dict], tmp_path, timeout: float = 600) -> list[dict]:
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(cases))
+    report = tmp_path / "report.json"
+    proc = run_mpi(n, [str(SCRIPT), str(spec), str(report)], timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(report.read_text())
+
+
+def _check(entries: list[dict], n: int) -> None:
+    assert entries
+    for e in entries:
+        label = {k: v for k, v in e["case"].items() if k not in ("model", "data")}
+        assert e["error"] is None, (label, e["error"])
+        assert e["complete"], label
+        assert e["rows"] == sorted(e["rows"]), label
+        assert e["mismatched_rows"] == [], (label, e["mismatched_rows"])
+        assert e["wire_error"] is None, (label, e["wire_error"])
+        assert n == 1 or e["worker_messages"] > 0, label
+        max_new = e["case"].get("max_new_tokens", 12)
+        for gen, rel, reason, tokens in zip(e["n_generated"], e["n_releases"], e["finish_reason"],
+                                            e["tokens"].values(), strict=True):
+            assert gen == len(tokens) >= 1, label
+            # the prompt is released once, then every decode step that sent the row's new position
+            assert rel == gen, (label, rel, gen)
+            assert reason in ("eos", "length"), label
+            assert (reason == "eos") == (tokens[-1] in e["eos_token_ids"]), label
+            assert reason == "eos" or gen == max_new, label
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_greedy_equals_transformers_every_split(n, tiny_models, texts_file, tmp_path):
+    """Greedy output equals transformers generate on each prompt alone (no padding), on both tiny models,
+    several k, both head placements, prompts of different lengths in one batch; sampling with a fixed
+    seed gives the same tokens as the same job at world size 1."""
+    entries = _run(n, _cases(n, tiny_models, str(texts_file)), tmp_path)
+    _check(entries, n)
+    greedy = [e for e in entries if e["attrs"]["decoding"] == "greedy"]
+    sampled = [e for e in entries if e["attrs"]["decoding"] == "sample"]
+    assert greedy and len(sampled) == 2
+    # the GPT-2 model ends some rows with EOS right away: rows finish at different steps
+    assert any("eos" in e["finish_reason"] and "length" in e["finish_reason"] for e in greedy)
+    (refill,) = [e for e in entries if e["case"].get("refill")]
+    assert refill["attrs"]["max_groups_in_flight"] > 2
+    # sampling really samples: its tokens differ from greedy decoding of the same model and prompts
+    greedy_llama = next(e for e in greedy if e["case"]["model"] == sampled[0]["case"]["model"])
+    assert any(t != greedy_llama["tokens"][r][:len(t)] for r, t in sampled[0]["tokens"].items())
+
+
+def test_smollm2_chat_template(smollm2_path, tmp_path):
+    """SmolLM2-135M-Instruct with its chat template across 3 ranks equals transformers generate; the
+    instruct model ends some replies with EOS."""
+    rows = tmp_path / "prompts.jsonl"
+    prompts = ["What is the capital of France?", "Say hello.", "List three colors.",
+               "Write one sentence about the sea and the wind and the old boats in the harbour."]
+    rows.write_text("".join(json.dumps({"text": p}) + "\n" for p in prompts))
+    case = {"model": str(smollm2_path), "k": 2, "head": "owner", "data": str(rows), "batch_size": 4,
+            "max_new_tokens": 24, "max_length": 128, "extra": {"data.chat_template": "true"}}
+    entries = _run(3, [case], tmp_path)
+    _check(entries, 3)
+    (e,) = entries
+    assert all(text.strip() for text in e["generated_text"])
+
+
+def test_stop_strings_and_schema(tiny_models, texts_file, tmp_path):
+    """A stop string ends a row with finish_reason=stop and the text cut before it; the schema's dtypes."""
+    case = {"model": str(tiny_models["llama"]), "k": 1, "head": "owner", "data": str(texts_file),
+            "max_new_tokens": 12}
+    first = _run(2, [case], tmp_path)[0]
+    # stop at a piece of text that some row generates (its third token's text)
+    text = first["generated_text"][1]
+    stop = text.split()[2] if len(text.split()) > 2 else text[:3]
+    case2 = dict(case, extra={"task.stop": json.dumps([stop])})
+    second = _run(2, [case2], tmp_path)[0]
+    assert second["error"] is None, second["error"]
+    stopped = [i for i, r in enumerate(second["finish_reason"]) if r == "stop"]
+    assert 1 in stopped
+    for i in stopped:
+        assert stop not in second["generated_text"][i]
+        assert second["n_generated"][i] < 12
+        tokens = second["tokens"][str(second["rows"][i])]
+        assert tokens == first["tokens"][str(first["rows"][i])][:len(tokens)]  # same tokens up to the stop
+    with h5py.File(tmp_path / "gen0.h5") as f:
+        assert f["generated_ids"].dtype == h5py.vlen_dtype(np.int32)
+        assert h5py.check_string_dtype(f["generated_text"].dtype) is not None
+        assert h5py.check_string_dtype(f["finish_reason"].dtype) is not None
+        for name in ("n_prompt_tokens", "n_generated", "n_releases"):
+            assert f[name].dtype == np.int32, name
+        assert json.loads(f.attrs["stop"]) == [stop]
+        assert f.attrs["decoding"] == "greedy"
+
+
+def test_pick_tokens_sampling_rules():
+    """top_k=1 is greedy; top_p keeps the smallest set of tokens holding p of the mass; a row's draws
+    depend only on (seed, row)."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    gens = [row_generator(0, r) for r in range(3)]
+    top1 = pick_tokens(logits, Decoding(4, temperature=1.0, top_k=1), gens)
+    assert top1.tolist() == logits.argmax(-1).tolist()
+    peaked = torch.full((1, 5), -10.0)
+    peaked[0, 3] = 10.0  # one token holds ~all the mass: top_p=0.5 keeps only it
+    draws = {pick_tokens(peaked, Decoding(4, temperature=5.0, top_p=0.5), [row_generator(1, i)]).item()
+             for i in range(20)}
+    assert draws == {3}
+    a = pick_tokens(logits, Decoding(4, temperature=1.0), [row_generator(5, r) for r in range(3)])
+    b = pick_tokens(logits[[2, 1, 0]], Decoding(4, temperature=1.0), [row_generator(5, r) for r in (2, 1, 0)])
+    assert a.tolist() == b.flip(0).tolist()
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["task.max_new_tokens=0"], "task.max_new_tokens"),
+    (["task.max_new_tokens=many"], "task.max_new_tokens"),
+    (["task.temperature=-1"], "task.temperature"),
+    (["task.temperature=hot"], "task.temperature"),
+    (["task.temperature=1", "task.top_k=-3"], "task.top_k"),
+    (["task.temperature=1", "task.top_p=0"], "task.top_p"),
+    (["task.temperature=1", "task.top_p=1.5"], "task.top_p"),
+    (["task.top_k=5"], "task.top_k"),  # top-k only applies to sampling
+    (["task.top_p=0.9"], "task.top_p"),
+    (["task.seed=-1"], "task.seed"),
+    (["task.stop=[1,2]"], "task.stop"),
+    (["task.stop=['']"], "task.stop"),
+    (["data.chat_template=sometimes"], "data.chat_template"),
+])
+def test_bad_generate_options_name_the_key(overrides, key):
+    import re
+
+    from hydra import compose, initialize_config_dir
+
+    from nesa_hpc.config import ConfigError, settings_from_cfg
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="infer", overrides=["task=generate", *overrides])
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        settings_from_cfg(cfg)
+
+
+def test_generate_job_refuses_model_limits(tiny_models, texts_file, tmp_path):
+    """Prompt length + new tokens beyond the model's positions, or a chat template the tokenizer lacks:
+    every rank exits with an error naming the option, before any work."""
+    infer = str(ROOT / "jobs" / "infer.py")
+    base = [infer, f"model.path={tiny_models['llama']}", "task=generate", f"data.path={texts_file}",
+            f"output.path={tmp_path / 'out.h5'}", "runtime.threads=1"]
+    proc = run_mpi(2, [*base, "data.max_length=200", "task.max_new_tokens=100"], timeout=120)
+    assert proc.returncode != 0
+    assert "data.max_length=200 + task.max_new_tokens=100 exceeds the model's 256 positions" in proc.stderr
+    proc = run_mpi(2, [*base, "data.max_length=64", "data.chat_template=true"], timeout=120)
+    assert proc.returncode != 0
+    assert "data.chat_template=true but the tokenizer" in proc.stderr
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_stop_then_resume_equals_uninterrupted(tiny_models, tmp_path):
+    """SIGUSR1 mid-run, then output.resume=true: the file equals an uninterrupted sampling run row for row
+    (each row's generator depends only on (seed, row), and a resumed run replays whole batching windows)."""
+    import random
+    import signal
+
+    from test_resume import _committed, _finish, _start, _wait_for_progress
+
+    from nesa_hpc.results import read_results
+
+    rng = random.Random(3)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(2, 30)))})
+                            + "\n" for _ in range(400)))
+
+    def args(out):
+        return [str(ROOT / "jobs" / "infer.py"), f"model.path={tiny_models['llama']}", "task=generate",
+                f"data.path={data}", f"output.path={out}", "runtime.threads=1", "data.batch_size=4",
+                "data.bucket_window=16", "data.max_length=64", "task.max_new_tokens=6", "task.temperature=0.9",
+                "task.seed=11", "runtime.log_every=0.05"]
+
+    ref = tmp_path / "ref.h5"
+    assert run_mpi(3, args(ref)).returncode == 0
+    out = tmp_path / "out.h5"
+    proc = _start(args(out))
+    _wait_for_progress(proc, 40)
+    proc.send_signal(signal.SIGUSR1)
+    code, stderr = _finish(proc)
+    assert code == 75 and "stopped by SIGUSR1" in stderr, stderr[-2000:]
+    committed = _committed(out)
+    assert 0 < committed < 400
+    resumed = run_mpi(3, [*args(out), "output.resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed after {committed} rows" in resumed.stderr
+    got, attrs = read_results(out)
+    want = read_results(ref)[0]
+    assert attrs["complete"] and set(got) == set(want)
+    for name, values in want.items():
+        if name == "generated_ids":
+            assert [v.tolist() for v in got[name]] == [v.tolist() for v in values]
+        else:
+            assert np.array_equal(got[name], values), name
