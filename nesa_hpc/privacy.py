@@ -106,8 +106,8 @@ class Ledger:
     """Epsilon spent per row as a function of how many times that row was released.
 
     Gaussian releases are composed with Google's dp-accounting PLD accountant (noise multiplier
-    sigma / sensitivity, at the job's delta). d_chi releases add up linearly (metric DP composes
-    additively). ``none`` and ``sigma`` make no claim: their epsilon is inf and nan.
+    sigma / sensitivity, at the job's delta), on a grid of 1e-4 relative to epsilon. d_chi releases add
+    up linearly (metric DP composes additively). ``none`` and ``sigma`` make no claim: their epsilon is inf and nan.
     """
 
     def __init__(self, mechanism: str, delta: float | None, noise_multiplier: float | None,
@@ -128,10 +128,13 @@ class Ledger:
         if self.mechanism == "dchi":
             return float(self.epsilon_per_release * releases)
         if releases not in self._cache:
-            from dp_accounting import GaussianDpEvent, SelfComposedDpEvent
+            from dp_accounting import GaussianDpEvent, SelfComposedDpEvent, get_epsilon_gaussian
             from dp_accounting.pld import PLDAccountant
 
-            acc = PLDAccountant()
+            # the PLD's grid spacing follows the size of epsilon (1e-4 relative, at least 1e-4 absolute): a
+            # fixed 1e-4 grid needs millions of buckets when the noise is small and epsilon in the thousands
+            scale = get_epsilon_gaussian(self.noise_multiplier / math.sqrt(releases), self.delta)
+            acc = PLDAccountant(value_discretization_interval=max(1e-4, 1e-4 * scale))
             acc.compose(SelfComposedDpEvent(GaussianDpEvent(self.noise_multiplier), releases))
             self._cache[releases] = float(acc.get_epsilon(self.delta))
         return self._cache[releases]

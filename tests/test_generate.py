@@ -237,3 +237,30 @@ def test_stop_then_resume_equals_uninterrupted(tiny_models, tmp_path):
             assert [v.tolist() for v in got[name]] == [v.tolist() for v in values]
         else:
             assert np.array_equal(got[name], values), name
+
+
+def test_generation_with_noise_is_keyed_per_step_and_accounted(tiny_models, texts_file, tmp_path):
+    """With privacy=gaussian every decode step is one keyed release: the generated tokens do not depend on
+    the world size, and each row's epsilon_spent is the PLD composition of its n_releases."""
+    from nesa_hpc.privacy import Ledger
+
+    outs = {}
+    for n in (1, 3):
+        out = tmp_path / f"noisy{n}.h5"
+        proc = run_mpi(n, [str(ROOT / "jobs" / "infer.py"), f"model.path={tiny_models['llama']}", "task=generate",
+                           f"data.path={texts_file}", "split.k=1", "task.max_new_tokens=6", "privacy=gaussian",
+                           "privacy.epsilon=2000", "privacy.clip=20.0", "privacy.seed=4", f"output.path={out}",
+                           "data.max_length=64",
+                           "runtime.threads=1"], timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with h5py.File(out) as f:
+            outs[n] = ({k: f[k][()] for k in ("generated_ids", "n_generated", "n_releases", "epsilon_spent")},
+                       dict(f.attrs))
+    (one, attrs), (three, _) = outs[1], outs[3]
+    assert [list(t) for t in one["generated_ids"]] == [list(t) for t in three["generated_ids"]]
+    assert np.array_equal(one["n_releases"], one["n_generated"])
+    sigma, clip = attrs["privacy_sigma"], attrs["privacy_clip"]
+    ledger = Ledger("gaussian", 1e-5, sigma / (2 * clip), None)
+    np.testing.assert_allclose(three["epsilon_spent"], [ledger.epsilon(int(r)) for r in three["n_releases"]])
+    assert attrs["privacy_epsilon_spent"] == pytest.approx(float(three["epsilon_spent"].max()))
+    assert attrs["privacy_releases"] == int(one["n_releases"].max()) == 6
