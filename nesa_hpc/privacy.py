@@ -201,7 +201,7 @@ class Privacy:
         for i, r in enumerate(rows.tolist()):
             n = int(m[i].sum())
             if n:
-                noise[i][m[i]] = self._draw(r, release, n, H).to(z.dtype)
+                noise[i][m[i]] = self._draw(r, release, n, H).to(device=z.device, dtype=z.dtype)
         return z + noise
 
     def _draw(self, row: int, release: int, n: int, H: int) -> torch.Tensor:
