@@ -117,10 +117,10 @@ def merge_shards(paths: list[str | Path], output: str | Path, overwrite: bool = 
     """
     if not paths:
         raise MergeError("no shard files given")
+    output = check_output_path(output, overwrite)
     shards = [_read_shard(Path(p)) for p in paths]
     _check(shards)
     shards.sort(key=lambda s: s["shard"])
-    output = check_output_path(output, overwrite)
     if any(output.resolve() == s["path"].resolve() for s in shards):
         raise MergeError(f"{output}: the merged file cannot be one of the shard files")
     first = shards[0]
