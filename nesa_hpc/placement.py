@@ -34,23 +34,24 @@ def launcher_local_rank() -> int | None:
     return None
 
 
-def pick_device(kind: str, local_rank: int, local_size: int) -> torch.device:
+def pick_device(kind: str, local_rank: int, local_size: int, option: str = "runtime.device") -> torch.device:
     """``cpu``, or ``cuda:i`` with ``i = local_rank % visible GPUs`` (made the current CUDA device).
 
     With one GPU visible per rank (Slurm ``--gpus-per-task=1`` or ``--gpu-bind=single:1`` set
     CUDA_VISIBLE_DEVICES per task) every rank takes device 0 of its own list; with all of a node's GPUs
-    visible, local rank i takes GPU i. More ranks than GPUs on a node share them round-robin.
+    visible, local rank i takes GPU i. More ranks than GPUs on a node share them round-robin. ``option``
+    names the setting in errors.
     """
     if kind == "cpu":
         return torch.device("cpu")
     if kind != "cuda":
-        raise ValueError(f"runtime.device={kind!r} must be 'cpu' or 'cuda'")
+        raise ValueError(f"{option}={kind!r} must be 'cpu' or 'cuda'")
     from .config import ConfigError
 
     if not torch.cuda.is_available():
         built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        raise ConfigError(f"runtime.device=cuda (or runtime.owner_device=cuda), but no GPU is usable on "
+        raise ConfigError(f"{option}=cuda, but no GPU is usable on "
                           f"{socket.gethostname()}: torch {torch.__version__} is {built}"
                           f"{f', CUDA_VISIBLE_DEVICES={visible!r}' if visible is not None else ''}; "
                           "use runtime.device=cpu or ask Slurm for GPUs (--gpus-per-task=1)")

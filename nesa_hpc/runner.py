@@ -127,8 +127,9 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
     settings = _all_ok(comm, lambda: settings_from_cfg(cfg))
     torch.set_num_threads(_threads(settings, comm))
     local_rank, local_size = node_local_rank(comm)
-    device = _all_ok(comm, lambda: pick_device(settings.owner_device if rank == 0 else settings.device,
-                                               local_rank, local_size))
+    kind = settings.owner_device if rank == 0 else settings.device
+    option = "runtime.owner_device" if rank == 0 and settings.device != kind else "runtime.device"
+    device = _all_ok(comm, lambda: pick_device(kind, local_rank, local_size, option))
     _setup_logging(rank, device)
     hint = launcher_local_rank()
     if hint is not None and hint != local_rank and device.type == "cuda":
