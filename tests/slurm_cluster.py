@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "sinfo")
+COMMANDS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "srun", "sinfo")
 _SBIN = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
 
@@ -81,7 +81,7 @@ class SlurmCluster:
         return {"SLURM_CONF": str(self.conf)}
 
     def start(self, timeout: float = 30.0) -> SlurmCluster:
-        missing = [d for d in DAEMONS if _which(d) is None]
+        missing = [d for d in COMMANDS if _which(d) is None]
         if missing:
             raise SlurmUnavailable(f"Slurm/munge are not installed (missing {', '.join(missing)}); as root: "
                                    "apt-get install slurm-wlm munge (.ci/run does this)")
