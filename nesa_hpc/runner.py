@@ -213,6 +213,7 @@ def _make_transport(comm, settings: Settings, device: torch.device, local_rank: 
     _all_ok(comm, lambda: TorchTransport.check_backend(wire))
     address = _agree(comm, lambda: transport.start_store(hosts))
     _all_ok(comm, lambda: transport.connect(*address))
+    _all_ok(comm, transport.join)
     return transport
 
 

@@ -304,20 +304,31 @@ class TorchTransport:
         return rendezvous_address(self.comm, hosts), self._store.port
 
     def connect(self, address: str, port: int) -> None:
-        """Every rank: join the store (rank 0 already holds it) and the process group."""
+        """Ranks other than 0: join rank 0's rendezvous store."""
         import torch.distributed as dist
 
-        if self.rank != 0:
-            try:
-                self._store = dist.TCPStore(address, port, self.comm.Get_size(), is_master=False,
-                                            timeout=timedelta(seconds=self.timeout))
-            except (RuntimeError, OSError) as exc:
-                raise PeerFailure(f"rank {self.rank}: cannot reach rank 0's rendezvous store at {address}:{port} "
-                                  f"({str(exc).splitlines()[0]}); set MASTER_ADDR to an address of rank 0's host "
-                                  "that the other nodes can reach") from None
+        if self.rank == 0:
+            return
+        try:
+            self._store = dist.TCPStore(address, port, self.comm.Get_size(), is_master=False,
+                                        timeout=timedelta(seconds=self.timeout))
+        except (RuntimeError, OSError) as exc:
+            raise PeerFailure(f"cannot reach rank 0's rendezvous store at {address}:{port} "
+                              f"({str(exc).splitlines()[0]}); set MASTER_ADDR to an address of rank 0's host "
+                              "that the other nodes can reach") from None
+
+    def join(self) -> None:
+        """Every rank, once all hold the store: start the process group."""
+        import torch.distributed as dist
+
         kwargs = {"device_id": self.device} if self.device.type == "cuda" else {}
-        dist.init_process_group(self.backend, store=self._store, rank=self.rank, world_size=self.comm.Get_size(),
-                                timeout=timedelta(seconds=self.timeout), **kwargs)
+        try:
+            dist.init_process_group(self.backend, store=self._store, rank=self.rank,
+                                    world_size=self.comm.Get_size(), timeout=timedelta(seconds=self.timeout),
+                                    **kwargs)
+        except RuntimeError as exc:
+            raise PeerFailure(f"cannot start the {self.backend} process group "
+                              f"({str(exc).splitlines()[0][:300]})") from None
         self._started = True
 
     def send(self, dest: int, kind: int, batch_id: int, tensors: list[torch.Tensor] = ()) -> _TorchPending:

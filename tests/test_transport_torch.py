@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
 from conftest import ROOT, run_mpi
 
 CHECK = str(ROOT / "tests" / "transport_check.py")
+INFER = str(ROOT / "jobs" / "infer.py")
 
 
 def _cases(models, data) -> list[list[str]]:
@@ -51,3 +53,17 @@ def test_gloo_transport_equals_mpi_transport(tiny_models, texts_file, tmp_path):
 def test_nccl_transport_equals_mpi_transport_on_gpus(tiny_models, texts_file, tmp_path):
     cases = _cases(tiny_models, texts_file)
     _assert_report(_run_check(tmp_path, "cuda", 3, cases), cases)
+
+
+def test_unreachable_rendezvous_ends_every_rank_with_one_message(tiny_models, texts_file, tmp_path):
+    out = tmp_path / "out.h5"
+    start = time.monotonic()
+    # 192.0.2.1 (TEST-NET-1) is never routed: the workers cannot reach the store that rank 0 started
+    proc = run_mpi(3, [INFER, f"model.path={tiny_models['llama']}", f"data.path={texts_file}", f"output.path={out}",
+                       "runtime.threads=1", "runtime.transport=torch", "runtime.timeout=2"],
+                   env={"MASTER_ADDR": "192.0.2.1"}, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "cannot reach rank 0's rendezvous store at 192.0.2.1:" in proc.stderr
+    assert "set MASTER_ADDR" in proc.stderr and proc.stderr.count("error:") == 1
+    assert time.monotonic() - start < 90
+    assert not out.exists()

@@ -95,6 +95,8 @@ def main() -> None:
     torch_t = TorchTransport(comm, device, timeout=60)
     address = comm.bcast(torch_t.start_store([MPI.Get_processor_name()] * comm.Get_size()) if rank == 0 else None)
     torch_t.connect(*address)
+    comm.Barrier()
+    torch_t.join()
     errors = comm.gather(_raw_messages(torch_t, rank, device), root=0) or []
     report["torch_messages"] = next((e for e in errors if e), None)
     report["torch_deadline_s"] = comm.gather(_deadline(torch_t, rank), root=0)
