@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,10 @@ from .tasks import TASKS
 from .topology import HEAD_PLACEMENTS, PARTITIONS
 from .weights import DTYPES, PACKAGED_MODELS
 
-__all__ = ["ConfigError", "Settings", "settings_from_cfg"]
+__all__ = ["ConfigError", "Settings", "settings_from_cfg", "DEVICES", "TRANSPORTS"]
+
+DEVICES = ("cpu", "cuda")
+TRANSPORTS = ("mpi", "torch")
 
 
 class ConfigError(ValueError):
@@ -53,6 +57,11 @@ class Settings:
     on_nonfinite: str
     log_every: float
     device: str
+    owner_device: str
+    transport: str
+    cuda_aware_mpi: bool | None
+    num_shards: int = 1
+    shard: int = 0
     # task=generate
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()
@@ -173,7 +182,11 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
         wire_dtype=_choice("runtime.wire_dtype", rt.get("wire_dtype"), (None, *DTYPES)),
         on_nonfinite=_choice("runtime.on_nonfinite", rt.get("on_nonfinite", "error"), ("error", "flag")),
         log_every=_positive("runtime.log_every", rt.get("log_every", 10)),
-        device=_choice("runtime.device", rt.get("device", "cpu"), ("cpu",)),
+        device=_choice("runtime.device", rt.get("device", "cpu"), DEVICES),
+        owner_device=_choice("runtime.owner_device", rt.get("owner_device") or rt.get("device", "cpu"), DEVICES),
+        transport=_choice("runtime.transport", rt.get("transport", "mpi"), TRANSPORTS),
+        cuda_aware_mpi=_choice("runtime.cuda_aware_mpi", rt.get("cuda_aware_mpi"), (None, True, False)),
+        **_shards(data.get("num_shards"), data.get("shard"), os.environ),
         chat_template=_bool("data.chat_template", data.get("chat_template", False)),
         **_generate_options(task),
     )
@@ -206,3 +219,35 @@ def _generate_options(task: dict) -> dict:
         key = "task.top_k" if opts["top_k"] else "task.top_p"
         raise ConfigError(f"{key} only applies to sampling: set task.temperature > 0 (0 = greedy decoding)")
     return opts
+
+
+def _shards(num_shards: Any, shard: Any, env) -> dict:
+    """``data.num_shards`` / ``data.shard``, defaulting from a Slurm job array.
+
+    In a job array ``--array=A-B[:S]`` Slurm sets SLURM_ARRAY_TASK_COUNT and, per task,
+    SLURM_ARRAY_TASK_ID (A, A+S, ... B), SLURM_ARRAY_TASK_MIN (A) and SLURM_ARRAY_TASK_STEP (S): the task
+    then processes shard (ID - MIN) / STEP of COUNT unless the options say otherwise.
+    """
+    array = {k: env.get(f"SLURM_ARRAY_TASK_{k}") for k in ("ID", "COUNT", "MIN", "STEP")}
+    in_array = array["ID"] is not None and array["COUNT"] is not None
+    from_array = num_shards is None and in_array
+    if num_shards is None:
+        num_shards = int(array["COUNT"]) if in_array else 1
+    num_shards = _int("data.num_shards", num_shards, 1)
+    if shard is None:
+        if num_shards == 1:
+            shard = 0
+        elif in_array and (from_array or int(array["COUNT"]) == num_shards):
+            step = int(array["STEP"] or 1) or 1
+            shard = (int(array["ID"]) - int(array["MIN"] or 0)) // step
+            if not 0 <= shard < num_shards:
+                raise ConfigError(f"data.shard: the job array task SLURM_ARRAY_TASK_ID={array['ID']} (min "
+                                  f"{array['MIN']}, step {step}) gives shard {shard}, outside 0..{num_shards - 1}; "
+                                  "set data.shard explicitly")
+        else:
+            raise ConfigError(f"data.shard must be set when data.num_shards={num_shards} outside a Slurm job array "
+                              "of as many tasks")
+    shard = _int("data.shard", shard, 0)
+    if shard >= num_shards:
+        raise ConfigError(f"data.shard={shard} must be < data.num_shards={num_shards}")
+    return {"num_shards": num_shards, "shard": shard}

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["DataError", "RowError", "ON_ERROR", "ON_LONG", "Batch", "read_rows", "make_batches", "prefetch",
-           "detect_format", "sample_path", "FORMATS"]
+           "detect_format", "sample_path", "FORMATS", "count_rows", "shard_range"]
 
 FORMATS = ("jsonl", "text", "csv", "parquet")
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".txt": "text", ".text": "text",
@@ -152,6 +152,41 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[tuple[int, str | RowE
             else:
                 yield i, value
             i += 1
+
+
+def count_rows(path: str | Path, fmt: str = "auto") -> int:
+    """Rows :func:`read_rows` yields for the file (bad rows included: they keep their row numbers)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data.path: no such file: {path}")
+    fmt = detect_format(path, fmt)
+    if fmt in ("jsonl", "text"):
+        with open(path, "rb") as fh:
+            return sum(1 for _ in fh)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    with open(path, encoding="utf-8-sig", newline="") as text:
+        reader = csv.reader(text)
+        try:
+            return max(0, sum(1 for rec in reader if rec) - 1)  # DictReader passes blank lines over; minus the header
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(f"{path}: cannot read as CSV after line {reader.line_num} ({exc})") from None
+
+
+def shard_range(num_rows: int, num_shards: int, shard: int, window: int) -> range:
+    """Input rows of shard ``shard`` of ``num_shards``: a contiguous block whose bounds are multiples of
+    ``window`` (the batching window), so every row lands in the same micro-batch as in an unsharded run.
+    The ``ceil(num_rows / window)`` windows are dealt out as evenly as possible."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"data.shard={shard} must be in [0, data.num_shards={num_shards})")
+    windows = -(-num_rows // window)
+    first, last = shard * windows // num_shards, (shard + 1) * windows // num_shards
+    return range(min(first * window, num_rows), min(last * window, num_rows))
 
 
 @dataclass

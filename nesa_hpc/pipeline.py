@@ -22,7 +22,7 @@ from .models import Adapter
 from .privacy import Privacy
 from .tasks import Task
 from .topology import Topology
-from .transport import Kind, MpiTransport
+from .transport import Kind, Transport
 
 __all__ = ["StageStats", "run_owner", "run_worker", "BatchMemoryError", "memory_guard", "mark_nonfinite",
            "check_finite", "NonFiniteError"]
@@ -44,8 +44,8 @@ def _wire(h: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, bad: torch.Ten
     return [h.to(wire_dtype), mask.to(torch.int8), pos.to(torch.int32), bad]
 
 
-def _unwire(tensors: list[torch.Tensor], dtype: torch.dtype):
-    h, mask, pos, bad = tensors
+def _unwire(tensors: list[torch.Tensor], dtype: torch.dtype, device: torch.device):
+    h, mask, pos, bad = (t.to(device) for t in tensors)
     return h.to(dtype), mask.long(), pos.long(), bad
 
 
@@ -78,14 +78,16 @@ def mark_nonfinite(h: torch.Tensor, mask: torch.Tensor, bad: torch.Tensor, stage
 
 def run_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task: Task, batches: Iterable[Batch],
               on_result: Callable[[Batch, list[torch.Tensor], torch.Tensor], None],
-              transport: MpiTransport | None,
+              transport: Transport | None,
               inflight: int, wire_dtype: torch.dtype | None = None,
-              should_stop: Callable[[], bool] = lambda: False) -> StageStats:
+              should_stop: Callable[[], bool] = lambda: False,
+              device: torch.device | str = "cpu") -> StageStats:
     """Rank 0: embed, run layers [0, k), privatise, send; collect results in order and hand them to
     ``on_result(batch, outputs, nonfinite)`` (which runs ``task.finish`` and writes). ``nonfinite`` (B,)
     marks rows whose activations held NaN/Inf with the stage where it first appeared: a rank, or
     ``world_size`` for the owner's tail layers and head (-1 = clean). When ``should_stop()`` turns true
-    no new batch is started; the batches in flight are finished and the workers are told to stop."""
+    no new batch is started; the batches in flight are finished and the workers are told to stop.
+    ``device`` is where rank 0 computes: batches move there, outputs and marks come back to the host."""
     stats = StageStats()
     front = range(0, topo.k)
     back = range(topo.k, topo.num_layers) if topo.world_size == 1 else range(0)
@@ -102,15 +104,16 @@ def run_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task: Task, ba
                                f"batch {msg.batch_id}")
         pending.wait()
         t0 = time.perf_counter()
-        *tensors, bad = msg.tensors
+        *tensors, bad = (t.to(device) for t in msg.tensors)
         with torch.inference_mode(), memory_guard(0, "the head", tuple(batch.ids.shape)):
             if head_here:
-                h = adapter.run_layers(topo.tail, tensors[0].to(dtype), batch.mask, batch.pos)  # (B, T, H)
-                bad = mark_nonfinite(h, batch.mask, bad, topo.world_size)
-                out = task.head_stage(adapter, h, batch.mask)
+                mask, pos = batch.mask.to(device), batch.pos.to(device)
+                h = adapter.run_layers(topo.tail, tensors[0].to(dtype), mask, pos)  # (B, T, H)
+                bad = mark_nonfinite(h, mask, bad, topo.world_size)
+                out = task.head_stage(adapter, h, mask)
             else:
                 out = tensors
-            on_result(batch, out, bad)
+            on_result(batch, out, bad.cpu())
         stats.compute_s += time.perf_counter() - t0
 
     for batch in batches:
@@ -118,19 +121,20 @@ def run_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task: Task, ba
             break
         t0 = time.perf_counter()
         with torch.inference_mode(), memory_guard(0, "embedding and layers [0, k)", tuple(batch.ids.shape)):
-            h = adapter.embed(batch.ids, batch.pos)  # (B, T, H)
-            h = adapter.run_layers(front, h, batch.mask, batch.pos)
-            z = privacy.apply(h, batch.mask, batch.rows)  # (B, T, H): the only activations that leave rank 0
-            bad = mark_nonfinite(z, batch.mask, torch.full((batch.size,), -1, dtype=torch.int32), 0)
+            ids, mask, pos = batch.ids.to(device), batch.mask.to(device), batch.pos.to(device)  # (B, T) each
+            h = adapter.embed(ids, pos)  # (B, T, H)
+            h = adapter.run_layers(front, h, mask, pos)
+            z = privacy.apply(h, mask, batch.rows)  # (B, T, H): the only activations that leave rank 0
+            bad = mark_nonfinite(z, mask, torch.full((batch.size,), -1, dtype=torch.int32, device=device), 0)
             if topo.world_size == 1:
-                h = adapter.run_layers(back, z, batch.mask, batch.pos)
-                bad = mark_nonfinite(h, batch.mask, bad, 0)
-                on_result(batch, task.head_stage(adapter, h, batch.mask), bad)
+                h = adapter.run_layers(back, z, mask, pos)
+                bad = mark_nonfinite(h, mask, bad, 0)
+                on_result(batch, task.head_stage(adapter, h, mask), bad.cpu())
         stats.compute_s += time.perf_counter() - t0
         stats.batches += 1
         if topo.world_size == 1:
             continue
-        wire = _wire(z, batch.mask, batch.pos, bad, wire_dtype)
+        wire = _wire(z, mask, pos, bad, wire_dtype)
         outstanding.append((batch, transport.send(1, Kind.DATA, batch.index, wire)))
         while len(outstanding) >= inflight:
             collect()
@@ -145,9 +149,10 @@ def adapter_dtype(adapter: Adapter) -> torch.dtype:
     return next((p.dtype for p in adapter.model.parameters() if p.device.type != "meta"), torch.float32)
 
 
-def run_worker(rank: int, topo: Topology, adapter: Adapter, task: Task, transport: MpiTransport,
-               wire_dtype: torch.dtype | None = None) -> StageStats:
-    """Ranks 1..N-1: receive (B, T, H) states, run this rank's layers, send on (the last rank sends to 0)."""
+def run_worker(rank: int, topo: Topology, adapter: Adapter, task: Task, transport: Transport,
+               wire_dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> StageStats:
+    """Ranks 1..N-1: receive (B, T, H) states, run this rank's layers on ``device``, send on (the last rank
+    sends to 0)."""
     stats = StageStats()
     layers = topo.layers_of(rank)
     is_last = rank == topo.last
@@ -166,7 +171,7 @@ def run_worker(rank: int, topo: Topology, adapter: Adapter, task: Task, transpor
         t0 = time.perf_counter()
         with torch.inference_mode(), memory_guard(rank, f"layers [{layers.start}, {layers.stop})",
                                                   tuple(msg.tensors[1].shape)):
-            h, mask, pos, bad = _unwire(msg.tensors, dtype)
+            h, mask, pos, bad = _unwire(msg.tensors, dtype, device)
             h = adapter.run_layers(layers, h, mask, pos)  # (B, T, H)
             bad = mark_nonfinite(h, mask, bad, rank)
             if is_last:

@@ -275,16 +275,16 @@ def make_privacy(spec: PrivacySpec | str, k: int = 0, clip: float | None = None,
 
 
 def calibrate_clip(adapter, tokenizer, k: int, unit: str, percentile: float, texts: list[str],
-                   max_length: int = 128, batch_size: int = 8) -> float:
+                   max_length: int = 128, batch_size: int = 8, device: torch.device | str = "cpu") -> float:
     """The ``percentile`` of unit norms of Z (layer k) over *public* ``texts``, on the owner's own layers."""
     from .data import make_batches
 
     norms = []
     with torch.inference_mode():
         for b in make_batches(enumerate(texts), tokenizer, batch_size, max_length, "right"):
-            h = adapter.embed(b.ids, b.pos)
-            h = adapter.run_layers(range(0, k), h, b.mask, b.pos)
-            norms.append(unit_norms(h.float(), b.mask, unit))
+            ids, mask, pos = b.ids.to(device), b.mask.to(device), b.pos.to(device)
+            h = adapter.run_layers(range(0, k), adapter.embed(ids, pos), mask, pos)
+            norms.append(unit_norms(h.float(), mask, unit).cpu())
     values = torch.cat(norms)
     if not len(values):
         raise PrivacyConfigError("privacy.clip=auto: the calibration text has no tokens")

@@ -49,16 +49,17 @@ class ResultWriter:
     row before it is either in ``row`` or in ``skipped_row``. With ``resume=True`` and an existing file,
     the file is reopened instead: its ``resume_key`` attribute must equal ``attrs["resume_key"]`` (else
     :class:`ResumeMismatch` names what differs), rows a kill left beyond ``next_row`` are trimmed, and
-    writing continues from ``next_row``.
+    writing continues from ``next_row``. A shard's file holds the rows from ``first_row`` on (its first
+    input row), and ``next_row`` counts from there.
     """
 
     def __init__(self, path: str | Path, columns: dict[str, tuple[type, tuple[int, ...]]], attrs: dict,
-                 overwrite: bool = False, resume: bool = False) -> None:
+                 overwrite: bool = False, resume: bool = False, first_row: int = 0) -> None:
         self.columns = {**_COMMON, **columns}
         self.path = Path(path)
         self.reopened = bool(resume and self.path.exists())
         if self.reopened:
-            self._reopen(attrs)
+            self._reopen(attrs, first_row)
             return
         self.path = check_output_path(path, overwrite)
         if self.path.exists():
@@ -71,13 +72,14 @@ class ResultWriter:
         for key, value in attrs.items():
             self.file.attrs[key] = _attr(value)
         self.file.attrs["complete"] = False
-        self.file.attrs["next_row"] = 0
-        self.rows = self.skipped = self.next_row = 0
+        self.file.attrs["next_row"] = first_row
+        self.rows = self.skipped = 0
+        self.next_row = first_row
         self.resumed_rows = 0
         self.was_complete = False
         self.file.flush()
 
-    def _reopen(self, attrs: dict) -> None:
+    def _reopen(self, attrs: dict, first_row: int) -> None:
         try:
             self.file = h5py.File(self.path, "r+")
         except OSError as exc:
@@ -118,7 +120,7 @@ class ResultWriter:
                 self.file.attrs[key] = _attr(value)
         self.file.attrs["complete"] = False
         self.rows, self.skipped, self.next_row = n, m, next_row
-        self.resumed_rows = next_row
+        self.resumed_rows = next_row - first_row
         self.file.flush()
 
     def commit(self, values: dict[str, np.ndarray] | None, skipped: list[tuple[int, str]], next_row: int) -> None:
@@ -206,7 +208,7 @@ class ResultWriter:
     def discard(self) -> None:
         """Close, and delete the file if this run created it and wrote no row (a failed start-up)."""
         self.abort()
-        if self.resumed_rows == 0 and self.next_row == 0 and self.path.exists():
+        if self.resumed_rows == 0 and self.rows == 0 and self.skipped == 0 and self.path.exists():
             self.path.unlink()
 
 

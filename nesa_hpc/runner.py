@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import resource
@@ -18,15 +19,16 @@ from omegaconf import DictConfig, OmegaConf
 from . import __version__
 from .config import ConfigError, Settings, settings_from_cfg
 from .control import Progress, SkipLog, StopFlag
-from .data import DataError, RowError, make_batches, prefetch, read_rows, sample_path
+from .data import DataError, RowError, count_rows, make_batches, prefetch, read_rows, sample_path, shard_range
 from .generate import Decoding, eos_token_ids, run_generate_owner, run_generate_worker
 from .pipeline import check_finite, run_owner, run_worker
+from .placement import describe_device, launcher_local_rank, node_local_rank, pick_device
 from .privacy import PrivacySpec, calibrate_clip, make_privacy
 from .public_text import load_texts
 from .results import InOrder, ResultWriter
 from .tasks import make_task
 from .topology import make_topology
-from .transport import MpiTransport, PeerFailure, TransportTimeout
+from .transport import MpiTransport, PeerFailure, TorchTransport, TransportTimeout
 from .weights import DTYPES, build_adapter, load_modules, packaged_model_path
 
 __all__ = ["run", "main", "JobError", "EXIT_STOPPED"]
@@ -45,10 +47,11 @@ class JobError(RuntimeError):
     """A failure already reported by the rank that saw it; every rank raises it to exit together."""
 
 
-def _setup_logging(rank: int) -> None:
+def _setup_logging(rank: int, device: torch.device | None = None) -> None:
     host = socket.gethostname()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"[nesa_hpc r{rank}@{host}] %(message)s"))
+    where = f" {device}" if device is not None else ""
+    handler.setFormatter(logging.Formatter(f"[nesa_hpc r{rank}@{host}{where}] %(message)s"))
     root = logging.getLogger("nesa_hpc")
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -126,6 +129,14 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
     _setup_logging(rank)
     settings = _all_ok(comm, lambda: settings_from_cfg(cfg))
     torch.set_num_threads(_threads(settings, comm))
+    local_rank, local_size = node_local_rank(comm)
+    kind = settings.owner_device if rank == 0 else settings.device
+    option = "runtime.owner_device" if rank == 0 and settings.device != kind else "runtime.device"
+    device = _all_ok(comm, lambda: pick_device(kind, local_rank, local_size, option))
+    _setup_logging(rank, device)
+    hint = launcher_local_rank()
+    if hint is not None and hint != local_rank and device.type == "cuda":
+        log.warning("the launcher says node-local rank %d, MPI says %d: using %s", hint, local_rank, device)
 
     folder = _agree(comm, lambda: _model_folder(settings))
     adapter = _all_ok(comm, lambda: build_adapter(folder))
@@ -138,33 +149,42 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
     if settings.task == "generate":
         _agree(comm, lambda: _check_generate(settings, adapter, folder))
     data_path = settings.data_path or str(sample_path())
-    places = comm.allgather((socket.gethostname(), os.getpid()))
+    places = comm.allgather((socket.gethostname(), os.getpid(), describe_device(device)))
     if rank == 0:
-        log.info("model %s: %d layers, world size %d, split.k=%d, head on %s", folder, topo.num_layers, size,
-                 settings.k, "rank 0 (owner)" if topo.head == "owner" else f"rank {topo.last} (last worker)")
-        for (host, pid), line in zip(places, topo.describe(topo.stage_costs(head_cost)), strict=True):
-            log.info("  %s [%s pid %d, %s]", line, host, pid, settings.device)
+        log.info("model %s: %d layers, world size %d, split.k=%d, head on %s, transport %s", folder,
+                 topo.num_layers, size, settings.k,
+                 "rank 0 (owner)" if topo.head == "owner" else f"rank {topo.last} (last worker)",
+                 _transport_name(settings) if size > 1 else "none")
+        for (host, pid, where), line in zip(places, topo.describe(topo.stage_costs(head_cost)), strict=True):
+            log.info("  %s [%s pid %d, %s]", line, host, pid, where)
+    # with data.num_shards > 1, rank 0 counts the input rows to find this shard's block
+    rows = _agree(comm, lambda: _shard_rows(settings, data_path), share=False)
     # rank 0 opens (or reopens, to resume) the results file before any rank loads weights
-    writer = _agree(comm, lambda: _open_results(cfg, settings, topo, adapter, task, folder, data_path), share=False)
+    writer = _agree(comm, lambda: _open_results(cfg, settings, topo, adapter, task, folder, data_path, rows),
+                    share=False)
 
     try:
         _all_ok(comm, lambda: load_modules(adapter, folder, _rank_modules(rank, topo, adapter, settings.task),
-                                           settings.model_dtype))
+                                           settings.model_dtype, device))
+        transport = _make_transport(comm, settings, device, local_rank, local_size, on_recv,
+                                    [h for h, _, _ in places]) if size > 1 else None
     except JobError:
         if writer is not None:
             writer.discard()
         raise
-    transport = MpiTransport(comm, settings.timeout, on_recv, [h for h, _ in places]) if size > 1 else None
     stop = StopFlag()
     start = time.perf_counter()
 
     wire_dtype = DTYPES[settings.wire_dtype] if settings.wire_dtype else None
     if rank != 0:
         try:  # workers ignore SIGTERM/SIGUSR1: rank 0 drains the pipeline and then tells them to stop
-            worker = run_generate_worker if settings.task == "generate" else run_worker
-            stats = worker(rank, topo, adapter, task, transport, wire_dtype)
+            if settings.task == "generate":
+                stats = run_generate_worker(rank, topo, adapter, task, transport, wire_dtype)
+            else:
+                stats = run_worker(rank, topo, adapter, task, transport, wire_dtype, device)
         finally:
             stop.restore()
+            transport.close()
         comm.gather(_rank_stats(rank, stats, transport, time.perf_counter() - start), root=0)
         code = comm.bcast(None, root=0)
         if code == 2:
@@ -172,9 +192,11 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
         return {"exit_code": code}
     try:
         summary = _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path, start, wire_dtype,
-                             writer, stop)
+                             writer, stop, device, rows)
     finally:
         stop.restore()
+        if transport is not None:
+            transport.close()
     if size > 1:
         comm.bcast(summary["exit_code"], root=0)
     if "error" in summary:
@@ -190,15 +212,58 @@ def _privacy_key(spec: PrivacySpec) -> dict:
             "privacy_seed": "os" if spec.seed is None else spec.seed, "privacy_releases": spec.releases}
 
 
-def _resume_key(settings: Settings, folder: str, data_path: str, privacy_attrs: dict) -> dict:
-    """What must match for rows of two runs to be interchangeable (world size and partition need not)."""
+def _transport_name(settings: Settings) -> str:
+    if settings.transport == "mpi":
+        return "mpi"
+    return f"torch ({'nccl' if settings.device == 'cuda' else 'gloo'})"
+
+
+def _make_transport(comm, settings: Settings, device: torch.device, local_rank: int, local_size: int, on_recv,
+                    hosts: list[str]):
+    """The ``runtime.transport`` backend, started on every rank (a failure anywhere ends every rank)."""
+    if settings.transport == "mpi":
+        return MpiTransport(comm, settings.timeout, on_recv, hosts, device, settings.cuda_aware_mpi)
+    # NCCL when the workers compute on GPUs: then every rank, the owner included, sends from its GPU
+    wire = _all_ok(comm, lambda: pick_device(settings.device, local_rank, local_size))
+    transport = TorchTransport(comm, wire, settings.timeout, on_recv, hosts)
+    _all_ok(comm, lambda: TorchTransport.check_backend(wire))
+    address = _agree(comm, lambda: transport.start_store(hosts))
+    _all_ok(comm, lambda: transport.connect(*address))
+    _all_ok(comm, transport.join)
+    return transport
+
+
+def _shard_rows(settings: Settings, data_path: str) -> range | None:
+    """This job's input rows with ``data.num_shards > 1`` (None otherwise: every row)."""
+    if settings.num_shards == 1:
+        return None
+    window = max(settings.bucket_window, settings.batch_size) if settings.bucket_window else settings.batch_size
+    total = count_rows(data_path, settings.data_format)
+    rows = shard_range(total, settings.num_shards, settings.shard, window)
+    if not rows:
+        windows = -(-total // window)
+        raise DataError(f"data.shard={settings.shard} of data.num_shards={settings.num_shards} has no rows: "
+                        f"{data_path} has {total} rows, {windows} batching windows of {window} "
+                        f"(max(data.bucket_window, data.batch_size)); use data.num_shards <= {windows}")
+    log.info("shard %d of %d: input rows [%d, %d) of %d", settings.shard, settings.num_shards, rows.start,
+             rows.stop, total)
+    return rows
+
+
+def _resume_key(settings: Settings, folder: str, data_path: str, privacy_attrs: dict,
+                rows: range | None = None) -> dict:
+    """What must match for rows of two runs to be interchangeable (world size and partition need not).
+    A shard also records which shard it is and its rows (so :mod:`nesa_hpc.merge` can check that shards
+    belong together once those are set aside)."""
+    shard = {} if rows is None else {"num_shards": settings.num_shards, "shard": settings.shard,
+                                     "shard_rows": [rows.start, rows.stop]}
     return {"task": settings.task, "pooling": settings.pooling, "normalize": settings.normalize,
             "model_path": folder, "model_dtype": settings.model_dtype, "split_k": settings.k,
             "data_path": str(data_path), "data_format": settings.data_format, "text_field": settings.text_field,
             "max_length": settings.max_length, "batch_size": settings.batch_size,
             "on_error": settings.on_error, "on_long": settings.on_long,
             "bucket_window": settings.bucket_window, "padding_side": settings.padding_side,
-            "wire_dtype": settings.wire_dtype or settings.model_dtype, **privacy_attrs,
+            "wire_dtype": settings.wire_dtype or settings.model_dtype, **privacy_attrs, **shard,
             **(_decoding_attrs(settings) if settings.task == "generate" else {})}
 
 
@@ -208,7 +273,8 @@ def _decoding_attrs(settings: Settings) -> dict:
             "chat_template": settings.chat_template}
 
 
-def _open_results(cfg, settings: Settings, topo, adapter, task, folder: str, data_path: str) -> ResultWriter:
+def _open_results(cfg, settings: Settings, topo, adapter, task, folder: str, data_path: str,
+                  rows: range | None) -> ResultWriter:
     if not Path(data_path).is_file():
         raise DataError(f"data.path: no such file: {data_path}")
     attrs = {
@@ -220,15 +286,19 @@ def _open_results(cfg, settings: Settings, topo, adapter, task, folder: str, dat
         "nesa_hpc_version": __version__, "model_dtype": settings.model_dtype,
         "wire_dtype": settings.wire_dtype or settings.model_dtype, "bucket_window": settings.bucket_window,
         "batch_size": settings.batch_size, "privacy_mechanism": settings.privacy.mechanism,
-        "resume_key": _resume_key(settings, folder, data_path, _privacy_key(settings.privacy)),
+        "resume_key": _resume_key(settings, folder, data_path, _privacy_key(settings.privacy), rows),
+        "device": settings.device, "owner_device": settings.owner_device, "transport": settings.transport,
     }
+    if rows is not None:
+        attrs.update(num_shards=settings.num_shards, shard=settings.shard, shard_rows=[rows.start, rows.stop])
     if settings.task == "embed":
         attrs.update(pooling=settings.pooling, normalize=settings.normalize)
     if settings.task == "generate":
         attrs.update(_decoding_attrs(settings), decoding="greedy" if settings.temperature == 0 else "sample",
                      padding_side="left", eos_token_ids=sorted(_generate_eos(settings, adapter, folder)))
     columns = {**task.columns(adapter.hidden_size), "epsilon_spent": (np.float64, ())}
-    writer = ResultWriter(settings.output_path, columns, attrs, settings.overwrite, resume=settings.resume)
+    writer = ResultWriter(settings.output_path, columns, attrs, settings.overwrite, resume=settings.resume,
+                          first_row=rows.start if rows is not None else 0)
     if writer.resumed_rows:
         log.info("resuming %s after %d committed rows", settings.output_path, writer.resumed_rows)
     return writer
@@ -238,6 +308,9 @@ def _check_task(settings: Settings, adapter) -> None:
     if settings.task in ("score", "generate") and not adapter.has_head:
         raise ConfigError(f"task={settings.task} needs a causal language model; {type(adapter.model).__name__} has "
                           "no LM head (use task=embed)")
+    if settings.task == "generate" and "cuda" in (settings.device, settings.owner_device):
+        raise ConfigError("task=generate runs on the CPU only (runtime.device=cpu, runtime.owner_device=cpu); "
+                          "score and embed run on CUDA")
 
 
 def _generate_eos(settings: Settings, adapter, folder: str) -> frozenset[int]:
@@ -284,7 +357,7 @@ def _rank_stats(rank: int, stats, transport, wall: float) -> dict:
 
 
 def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path, start, wire_dtype,
-               writer: ResultWriter, stop: StopFlag) -> dict:
+               writer: ResultWriter, stop: StopFlag, device: torch.device, rows: range | None) -> dict:
     from transformers import AutoTokenizer
 
     try:
@@ -293,7 +366,7 @@ def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path
         writer.abort()
         raise ValueError(f"cannot load the tokenizer from {folder}: {exc}") from None
     try:
-        privacy = _owner_privacy(settings, topo, adapter, tokenizer, writer)
+        privacy = _owner_privacy(settings, topo, adapter, tokenizer, writer, device)
     except BaseException:
         writer.abort()
         raise
@@ -307,7 +380,7 @@ def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path
     ordered = InOrder(writer, first_row=replay_from, keep_from=committed)
     skips = SkipLog()
     def rows_to_do() -> int | None:
-        total = _count_rows(data_path, settings)
+        total = _count_rows(data_path, settings) if rows is None else rows.stop
         return None if total is None else total - replay_from
 
     progress = Progress(settings.log_every, rows_to_do)
@@ -329,13 +402,12 @@ def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path
 
     generate = settings.task == "generate"
     try:
-        rows = ((r, t) for r, t in read_rows(data_path, settings.data_format, settings.text_field,
-                                             settings.on_error) if r >= replay_from)
+        todo = _rows_from(data_path, settings, replay_from, rows)
         if generate and settings.chat_template:
-            rows = ((r, _chat(tokenizer, t)) for r, t in rows)
+            todo = ((r, _chat(tokenizer, t)) for r, t in todo)
         # generation pads on the left, so that every prompt ends at the last column
         padding = "left" if generate else settings.padding_side
-        batches = prefetch(make_batches(rows, tokenizer, settings.batch_size, settings.max_length,
+        batches = prefetch(make_batches(todo, tokenizer, settings.batch_size, settings.max_length,
                                         padding, str(data_path), settings.bucket_window,
                                         settings.on_error, settings.on_long, skips.add))
         if generate:
@@ -346,7 +418,7 @@ def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path
                                        tokenizer, wire_dtype, should_stop=stop, max_rows=groups * settings.batch_size)
         else:
             stats = run_owner(topo, adapter, privacy, task, batches, on_result, transport,
-                              settings.inflight or topo.world_size + 1, wire_dtype, should_stop=stop)
+                              settings.inflight or topo.world_size + 1, wire_dtype, should_stop=stop, device=device)
         if not stop():
             skips.drain_into(ordered)
         if ordered.pending and not stop():
@@ -397,8 +469,8 @@ def _run_owner(comm, settings, topo, adapter, task, transport, folder, data_path
         line += f", perplexity {final['perplexity']:.4f}"
     if final["skipped"]:
         line += f", {final['skipped']} rows skipped (see skipped_row / skipped_reason)"
-    if committed:
-        line += f" (resumed after {committed} rows; the file holds {final['rows']})"
+    if writer.resumed_rows:
+        line += f" (resumed after {writer.resumed_rows} rows; the file holds {final['rows']})"
     log.info("%s -> %s", line, settings.output_path)
     summary["ranks"] = ranks
     summary["output"] = settings.output_path
@@ -409,7 +481,7 @@ def _key_file(output_path: str) -> Path:
     return Path(f"{output_path}.noise-key")
 
 
-def _owner_privacy(settings: Settings, topo, adapter, tokenizer, writer: ResultWriter):
+def _owner_privacy(settings: Settings, topo, adapter, tokenizer, writer: ResultWriter, device="cpu"):
     """Rank 0: calibrate the clip on public text if asked, set up the noise key, record the attributes.
 
     With OS-seeded noise the key is kept next to the results (``<output.path>.noise-key``, mode 0600)
@@ -420,7 +492,7 @@ def _owner_privacy(settings: Settings, topo, adapter, tokenizer, writer: ResultW
     if spec.adds_noise and spec.clip == "auto":
         texts = load_texts(spec.calibration_path)
         clip = calibrate_clip(adapter, tokenizer, topo.k, spec.unit, spec.clip_percentile, texts,
-                              max_length=settings.max_length)
+                              max_length=settings.max_length, device=device)
         log.info("privacy.clip=auto: C = %.4g (percentile %g of %s norms at layer %d over %d public texts)",
                  clip, spec.clip_percentile, spec.unit, topo.k, len(texts))
     key = None
@@ -462,6 +534,16 @@ def _chat(tokenizer, text):
         return text
     return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                          add_generation_prompt=True)
+
+
+def _rows_from(data_path: str, settings: Settings, first: int, rows: range | None):
+    """(row, text) of the input from row ``first`` on, and only this shard's rows when sharded."""
+    if rows is None:
+        return ((r, t) for r, t in read_rows(data_path, settings.data_format, settings.text_field,
+                                             settings.on_error) if r >= first)
+    # a bad row of another shard is that shard's to report: read every row, let make_batches judge ours
+    todo = read_rows(data_path, settings.data_format, settings.text_field, "skip")
+    return itertools.takewhile(lambda rt: rt[0] < rows.stop, ((r, t) for r, t in todo if r >= first))
 
 
 def _count_rows(path: str, settings: Settings) -> int | None:

@@ -57,17 +57,18 @@ class ScoreTask(Task):
             return [hs]
         # head on the last worker: it has no labels, so it returns the logits of every scored position
         return [torch.cat([adapter.logits(c) for c in hs.split(_CHUNK)]).float()] if len(hs) else \
-            [torch.zeros(0, adapter.config.vocab_size)]  # (N, V)
+            [torch.zeros(0, adapter.config.vocab_size, device=h.device)]  # (N, V)
 
     def finish(self, adapter, batch, outputs):
         sel = score_positions(batch.mask)
         labels = batch.ids[:, 1:][sel]  # (N,)
-        (x,) = outputs
+        (x,) = outputs  # on the device rank 0 computes on (or where the transport left it)
         nll = torch.empty(len(labels), dtype=torch.float32)
+        targets = labels.to(x.device)
         for start in range(0, len(labels), _CHUNK):
             stop = start + _CHUNK
             logits = adapter.logits(x[start:stop]) if self.head_on_owner else x[start:stop]
-            nll[start:stop] = F.cross_entropy(logits.float(), labels[start:stop], reduction="none")
+            nll[start:stop] = F.cross_entropy(logits.float(), targets[start:stop], reduction="none").cpu()
         row_of = torch.arange(batch.size).unsqueeze(1).expand_as(sel)[sel]
         nll_sum = torch.zeros(batch.size, dtype=torch.float64).index_add_(0, row_of, nll.double())
         n_tokens = sel.sum(-1)
@@ -105,7 +106,7 @@ class EmbedTask(Task):
         return [pooled]  # (B, H)
 
     def finish(self, adapter, batch, outputs):
-        return {"n_tokens": batch.lengths.numpy().astype(np.int32), "embedding": outputs[0].float().numpy()}
+        return {"n_tokens": batch.lengths.numpy().astype(np.int32), "embedding": outputs[0].float().cpu().numpy()}
 
     def columns(self, hidden_size):
         return {"embedding": (np.float32, (hidden_size,))}

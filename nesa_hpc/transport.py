@@ -1,22 +1,32 @@
 """Point-to-point messages between ranks: a fixed int64 header, then one raw byte buffer per tensor.
 
-Tensors travel as ``tensor.view(torch.uint8)`` with mpi4py's buffer API (no pickles: float16 and
-bfloat16 have no MPI datatype, and pickling is an order of magnitude slower). Every wait polls with a
-short sleep, so idle ranks yield the CPU to busy ones, and gives up after ``timeout`` seconds with an
-error naming the peer instead of hanging.
+Two backends share one interface (``send(dest, kind, batch_id, tensors)`` returns a handle with
+``wait()``; ``recv(source)`` returns a :class:`Message`; ``bytes_sent``, ``wait_seconds``, ``close()``):
+
+- :class:`MpiTransport`: ``tensor.view(torch.uint8)`` with mpi4py's buffer API (no pickles: float16
+  and bfloat16 have no MPI datatype, and pickling is an order of magnitude slower). GPU tensors go
+  straight to a CUDA-aware MPI, or are staged through pinned host memory.
+- :class:`TorchTransport`: ``torch.distributed`` point-to-point (NCCL between GPUs, gloo on CPUs), with
+  the rendezvous done over MPI so users configure nothing.
+
+Every wait polls with a short sleep, so idle ranks yield the CPU to busy ones, and gives up after
+``timeout`` seconds with an error naming the peer instead of hanging.
 """
 
 from __future__ import annotations
 
+import ctypes
+import socket
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from enum import IntEnum
 
 import numpy as np
 import torch
 
-__all__ = ["Kind", "Message", "MpiTransport", "TransportTimeout", "PeerFailure", "encode_header", "decode_header",
-           "HEADER_LEN", "WIRE_DTYPES"]
+__all__ = ["Kind", "Message", "MpiTransport", "TorchTransport", "TransportTimeout", "PeerFailure", "encode_header",
+           "decode_header", "HEADER_LEN", "WIRE_DTYPES", "mpi_cuda_aware", "rendezvous_address", "Transport"]
 
 HEADER_LEN = 64
 _MAX_DIMS = 4
@@ -81,8 +91,23 @@ def decode_header(header: np.ndarray) -> tuple[int, int, list[tuple[torch.dtype,
     return kind, batch_id, specs
 
 
-def _bytes(t: torch.Tensor) -> np.ndarray:
-    return t.detach().contiguous().view(torch.uint8).reshape(-1).numpy()
+def _bytes(t: torch.Tensor):
+    """The tensor's bytes as a 1-D buffer: a NumPy view on the host, a uint8 CUDA tensor on a GPU (which
+    mpi4py hands to a CUDA-aware MPI through DLPack / ``__cuda_array_interface__``)."""
+    flat = t.detach().contiguous().view(torch.uint8).reshape(-1)
+    return flat if flat.is_cuda else flat.numpy()
+
+
+def mpi_cuda_aware() -> bool:
+    """Whether the MPI library mpi4py loaded accepts GPU buffers (``MPIX_Query_cuda_support``, offered by
+    MPICH and Open MPI builds with CUDA); False when the library cannot tell."""
+    from mpi4py import MPI
+
+    try:
+        query = getattr(ctypes.CDLL(MPI.__file__), "MPIX_Query_cuda_support", None)
+    except OSError:
+        return False
+    return bool(query()) if query is not None else False
 
 
 @dataclass
@@ -109,19 +134,28 @@ class Pending:
 class MpiTransport:
     """Header + raw buffers over an mpi4py communicator, with polling waits and a progress deadline."""
 
-    def __init__(self, comm, timeout: float = 300.0, on_recv=None, hosts: list[str] | None = None) -> None:
+    def __init__(self, comm, timeout: float = 300.0, on_recv=None, hosts: list[str] | None = None,
+                 device: torch.device | str = "cpu", cuda_aware: bool | None = None) -> None:
         self.comm = comm
         self.hosts = hosts
         self.timeout = float(timeout)
         self.on_recv = on_recv  # optional hook(source, Message), used by tests to inspect traffic
         self.wait_seconds = {"recv": 0.0, "send": 0.0}  # time blocked waiting for input / for a send
         self.bytes_sent = 0
+        # where this rank computes; with CUDA, GPU buffers go to MPI directly only if it is CUDA-aware
+        self.device = torch.device(device)
+        on_gpu = self.device.type == "cuda"
+        self.cuda_aware = on_gpu and (mpi_cuda_aware() if cuda_aware is None else bool(cuda_aware))
+        self.pinned = on_gpu and not self.cuda_aware
 
     def send(self, dest: int, kind: int, batch_id: int, tensors: list[torch.Tensor] = ()) -> Pending:
         """Start sending; returns a handle whose ``wait()`` completes the send."""
         from mpi4py import MPI
 
-        tensors = [t.detach().cpu().contiguous() for t in tensors]
+        on_gpu = any(t.is_cuda for t in tensors)
+        tensors = [self._outgoing(t) for t in tensors]
+        if on_gpu:
+            torch.cuda.current_stream().synchronize()  # the kernels and copies that fill the buffers are done
         header = encode_header(kind, batch_id, tensors)
         reqs = [self.comm.Isend([header, MPI.INT64_T], dest=dest, tag=_TAG_HEADER)]
         bufs = [header]
@@ -130,18 +164,33 @@ class MpiTransport:
                 b = _bytes(t)
                 reqs.append(self.comm.Isend([b, MPI.BYTE], dest=dest, tag=_TAG_DATA))
                 bufs.append(b)
-                self.bytes_sent += b.nbytes
+                self.bytes_sent += t.numel() * t.element_size()
         return Pending(reqs, bufs + tensors, self, dest)
 
+    def _outgoing(self, t: torch.Tensor) -> torch.Tensor:
+        """A buffer MPI can read: the tensor itself (CPU, or GPU with a CUDA-aware MPI), else a pinned copy."""
+        t = t.detach()
+        if not t.is_cuda or self.cuda_aware:
+            return t.contiguous()
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
+    def _incoming(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.cuda_aware:
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pinned)
+
     def recv(self, source: int) -> Message:
-        """Receive one whole message from ``source`` (blocking, with the progress deadline)."""
+        """Receive one whole message from ``source`` (blocking, with the progress deadline). Tensors land
+        on the host (pinned when this rank computes on a GPU), or on the GPU with a CUDA-aware MPI."""
         from mpi4py import MPI
 
         header = np.empty(HEADER_LEN, dtype=np.int64)
         req = self.comm.Irecv([header, MPI.INT64_T], source=source, tag=_TAG_HEADER)
         self._wait_all([req], f"waiting for rank {self._peer(source)}", "recv")
         kind, batch_id, specs = decode_header(header)
-        tensors = [torch.empty(shape, dtype=dtype) for dtype, shape in specs]
+        tensors = [self._incoming(dtype, shape) for dtype, shape in specs]
         reqs = [self.comm.Irecv([_bytes(t), MPI.BYTE], source=source, tag=_TAG_DATA) for t in tensors if t.numel()]
         if reqs:
             self._wait_all(reqs, f"receiving data from rank {self._peer(source)}", "recv")
@@ -178,3 +227,184 @@ class MpiTransport:
             time.sleep(nap)
             nap = min(nap * 2, 1e-3)
         self.wait_seconds[kind] += time.monotonic() - start
+
+    def close(self) -> None:
+        """Nothing to release: the communicator belongs to the caller."""
+
+
+def rendezvous_address(comm, hosts: list[str]) -> str:
+    """The address other ranks use to reach rank 0: ``MASTER_ADDR`` when set; 127.0.0.1 when every rank is
+    on rank 0's host; else rank 0's address on the route to the first other host."""
+    import os
+
+    if os.environ.get("MASTER_ADDR"):
+        return os.environ["MASTER_ADDR"]
+    others = [h for h in hosts if h != hosts[0]]
+    if not others:
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((socket.gethostbyname(others[0]), 9))  # UDP: picks the route, sends nothing
+            return probe.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
+
+
+class _TorchPending:
+    """In-flight ``torch.distributed`` sends: keeps their buffers alive until ``wait()``."""
+
+    def __init__(self, works: list, buffers: list, transport: TorchTransport, peer: int) -> None:
+        self.works, self.buffers, self.transport, self.peer = works, buffers, transport, peer
+
+    def wait(self) -> None:
+        self.transport._wait_all(self.works, f"sending to rank {self.transport._peer(self.peer)}", "send")
+        self.buffers = []
+
+
+class TorchTransport:
+    """The same messages over ``torch.distributed`` point-to-point: NCCL when ``device`` is a GPU, gloo on CPU.
+
+    The process group spans ``comm``'s ranks. Rank 0 starts the rendezvous store on a free port and
+    broadcasts its address over MPI, so no ``MASTER_ADDR``/``MASTER_PORT`` is needed (``MASTER_ADDR``,
+    when set, overrides the address). Messages are a 64 x int64 header followed by one uint8 buffer per
+    tensor, posted in order (NCCL and gloo match point-to-point operations between two ranks in order).
+    Received tensors land on ``device``.
+    """
+
+    def __init__(self, comm, device: torch.device | str = "cpu", timeout: float = 300.0, on_recv=None,
+                 hosts: list[str] | None = None) -> None:
+        self.comm = comm
+        self.device = torch.device(device)
+        self.backend = "nccl" if self.device.type == "cuda" else "gloo"
+        self.hosts = hosts
+        self.timeout = float(timeout)
+        self.on_recv = on_recv
+        self.wait_seconds = {"recv": 0.0, "send": 0.0}
+        self.bytes_sent = 0
+        self.rank = comm.Get_rank()
+        self._started = False
+
+    @staticmethod
+    def check_backend(device: torch.device) -> None:
+        """Raise ValueError when this torch build lacks the backend the device needs."""
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            raise ValueError("runtime.transport=torch: this torch build has no torch.distributed")
+        if device.type == "cuda" and not dist.is_nccl_available():
+            raise ValueError(f"runtime.transport=torch with runtime.device=cuda needs NCCL, which this torch "
+                             f"{torch.__version__} build lacks; use runtime.transport=mpi")
+        if device.type == "cpu" and not dist.is_gloo_available():
+            raise ValueError(f"runtime.transport=torch on CPU needs gloo, which this torch {torch.__version__} "
+                             "build lacks; use runtime.transport=mpi")
+
+    def start_store(self, hosts: list[str]):
+        """Rank 0: start the rendezvous store on a free port; returns (address, port) for the others."""
+        import torch.distributed as dist
+
+        self._store = dist.TCPStore("0.0.0.0", 0, self.comm.Get_size(), is_master=True, wait_for_workers=False,
+                                    timeout=timedelta(seconds=self.timeout))
+        return rendezvous_address(self.comm, hosts), self._store.port
+
+    def connect(self, address: str, port: int) -> None:
+        """Ranks other than 0: join rank 0's rendezvous store."""
+        import torch.distributed as dist
+
+        if self.rank == 0:
+            return
+        try:
+            self._store = dist.TCPStore(address, port, self.comm.Get_size(), is_master=False,
+                                        timeout=timedelta(seconds=self.timeout))
+        except (RuntimeError, OSError) as exc:
+            raise PeerFailure(f"cannot reach rank 0's rendezvous store at {address}:{port} "
+                              f"({str(exc).splitlines()[0]}); set MASTER_ADDR to an address of rank 0's host "
+                              "that the other nodes can reach") from None
+
+    def join(self) -> None:
+        """Every rank, once all hold the store: start the process group."""
+        import torch.distributed as dist
+
+        kwargs = {"device_id": self.device} if self.device.type == "cuda" else {}
+        try:
+            dist.init_process_group(self.backend, store=self._store, rank=self.rank,
+                                    world_size=self.comm.Get_size(), timeout=timedelta(seconds=self.timeout),
+                                    **kwargs)
+        except RuntimeError as exc:
+            raise PeerFailure(f"cannot start the {self.backend} process group "
+                              f"({str(exc).splitlines()[0][:300]})") from None
+        self._started = True
+
+    def send(self, dest: int, kind: int, batch_id: int, tensors: list[torch.Tensor] = ()) -> _TorchPending:
+        """Start sending; returns a handle whose ``wait()`` completes the send."""
+        import torch.distributed as dist
+
+        tensors = [t.detach().to(self.device).contiguous() for t in tensors]
+        header = torch.from_numpy(encode_header(kind, batch_id, tensors)).to(self.device)
+        works = [dist.isend(header, dest)]
+        bufs = [header, *tensors]
+        for t in tensors:
+            if t.numel():
+                b = t.view(torch.uint8).reshape(-1)
+                works.append(dist.isend(b, dest))
+                bufs.append(b)
+                self.bytes_sent += b.numel()
+        return _TorchPending(works, bufs, self, dest)
+
+    def recv(self, source: int) -> Message:
+        """Receive one whole message from ``source`` (blocking, with the progress deadline)."""
+        import torch.distributed as dist
+
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        self._wait_all([dist.irecv(header, source)], f"waiting for rank {self._peer(source)}", "recv")
+        kind, batch_id, specs = decode_header(header.cpu().numpy())
+        tensors = [torch.empty(shape, dtype=dtype, device=self.device) for dtype, shape in specs]
+        works = [dist.irecv(t.view(torch.uint8).reshape(-1), source) for t in tensors if t.numel()]
+        if works:
+            self._wait_all(works, f"receiving data from rank {self._peer(source)}", "recv")
+        msg = Message(kind, batch_id, tensors)
+        if self.on_recv is not None:
+            self.on_recv(source, msg)
+        return msg
+
+    def _peer(self, rank: int) -> str:
+        return f"{rank} on {self.hosts[rank]}" if self.hosts else str(rank)
+
+    def _wait_all(self, works: list, what: str, kind: str) -> None:
+        start = time.monotonic()
+        late = TransportTimeout(f"rank {self.rank}: no progress for {self.timeout:.0f} s while {what} "
+                                "(runtime.timeout)")
+        try:
+            if self.backend == "gloo":
+                # gloo's point-to-point work reports completion only through wait(), which takes a deadline
+                # and sleeps on a condition variable (no busy polling)
+                for w in works:
+                    w.wait(timedelta(seconds=max(1e-3, start + self.timeout - time.monotonic())))
+            else:
+                nap = 1e-5
+                while not all(w.is_completed() for w in works):  # NCCL: polls the CUDA events
+                    if time.monotonic() - start > self.timeout:
+                        raise late
+                    time.sleep(nap)
+                    nap = min(nap * 2, 1e-3)
+                for w in works:
+                    w.wait()  # raises if the operation failed; orders the current stream after it
+        except TransportTimeout:
+            raise
+        except RuntimeError as exc:
+            text = str(exc)
+            if "Timed out" in text or "timed out" in text:
+                raise late from None
+            raise PeerFailure(f"rank {self.rank}: {what} failed ({text.splitlines()[0][:300]}); that rank has "
+                              "probably exited or been killed") from None
+        self.wait_seconds[kind] += time.monotonic() - start
+
+    def close(self) -> None:
+        """Leave the process group (every rank calls it once the pipeline has drained)."""
+        import torch.distributed as dist
+
+        if self._started and dist.is_initialized():
+            dist.destroy_process_group()
+        self._started = False
+
+
+Transport = MpiTransport | TorchTransport

@@ -43,7 +43,8 @@ def test_defaults(hydra_ctx):
     assert (s.data_path, s.data_format, s.text_field) == (None, "auto", "text")
     assert (s.max_length, s.batch_size, s.padding_side) == (512, 8, "right")
     assert (s.output_path, s.overwrite) == ("results.h5", False)
-    assert (s.threads, s.inflight, s.device) == (None, None, "cpu")
+    assert (s.threads, s.inflight, s.device, s.owner_device) == (None, None, "cpu", "cpu")
+    assert (s.transport, s.cuda_aware_mpi) == ("mpi", None)
     assert s.timeout == 300.0 and isinstance(s.timeout, float)
     assert s.log_every == 10.0
     assert s.pooling == "mean" and s.normalize is False
@@ -103,6 +104,14 @@ def test_valid_overrides(hydra_ctx):
     assert s.model_path == "/models/llama"
 
 
+def test_device_and_transport_options(hydra_ctx):
+    # cuda is a valid choice here; whether a GPU is usable is checked by each rank at start-up
+    s = settings_from_cfg(_compose("runtime.device=cuda", "runtime.transport=torch", "runtime.cuda_aware_mpi=false"))
+    assert (s.device, s.owner_device, s.transport, s.cuda_aware_mpi) == ("cuda", "cuda", "torch", False)
+    s = settings_from_cfg(_compose("runtime.device=cuda", "runtime.owner_device=cpu"))
+    assert (s.device, s.owner_device) == ("cuda", "cpu")
+
+
 def test_partition_with_zeros_is_left_to_topology(hydra_ctx):
     # zero counts are valid when split.k equals num_layers, which the config cannot know
     assert settings_from_cfg(_compose("split.partition=[0,0]")).partition == (0, 0)
@@ -148,7 +157,12 @@ def test_partition_with_zeros_is_left_to_topology(hydra_ctx):
         (["runtime.log_every=0"], "runtime.log_every"),
         (["runtime.threads=0"], "runtime.threads"),
         (["runtime.inflight=0"], "runtime.inflight"),
-        (["runtime.device=cuda"], "runtime.device"),
+        (["runtime.device=gpu"], "runtime.device"),
+        (["runtime.owner_device=tpu"], "runtime.owner_device"),
+        (["runtime.transport=nccl"], "runtime.transport"),
+        (["runtime.cuda_aware_mpi=maybe"], "runtime.cuda_aware_mpi"),
+        (["data.num_shards=0"], "data.num_shards"),
+        (["data.num_shards=2", "data.shard=5"], "data.shard"),
         (["output.path=null"], "output.path"),
         (["output.path=''"], "output.path"),
         (["output.overwrite=yes"], "output.overwrite"),

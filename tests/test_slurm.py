@@ -1,0 +1,138 @@
+"""The sbatch templates on a real one-node Slurm started by the tests (see slurm_cluster.py).
+
+One module fixture submits every job at once (`sbatch --wait` each, in parallel: the cluster has 8 CPU
+slots) and runs the same job under `mpiexec`; the tests then compare the files array by array.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_mpi
+from slurm_cluster import SlurmCluster, SlurmUnavailable
+
+from nesa_hpc.results import read_results
+
+INFER = str(ROOT / "jobs" / "infer.py")
+MERGE = str(ROOT / "jobs" / "merge.py")
+ROWS = 40
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except SlurmUnavailable as exc:
+        pytest.skip(f"no Slurm: {exc}")
+    yield cluster
+    cluster.stop()
+
+
+def _env(cluster: SlurmCluster) -> dict[str, str]:
+    """The job runs in the environment sbatch is called from: this Python's venv first on PATH (so the
+    template's `python` is this interpreter), this checkout on PYTHONPATH."""
+    bin_dir = str(Path(sys.executable).parent)
+    path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, **cluster.env, "PATH": path, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def _data(folder: Path) -> Path:
+    words = ["north", "south", "east", "west", "river", "stone", "cloud"]
+    rows = [" ".join(words[(i * 3 + j) % len(words)] for j in range(1 + i % 11)) for i in range(ROWS)]
+    path = folder / "rows.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm, tiny_models, tmp_path_factory):
+    work = tmp_path_factory.mktemp("jobs")
+    data = _data(work)
+    common = [f"model.path={tiny_models['llama']}", f"data.path={data}", "data.batch_size=4",
+              "data.bucket_window=8", "runtime.timeout=120"]
+    env = _env(slurm)
+
+    def submit(*args: str) -> subprocess.Popen:
+        return subprocess.Popen(["sbatch", "--wait", f"--output={work}/slurm-%A_%a.out", *args], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    procs = {
+        "cpu": submit("-n", "3", "slurm/cpu.sbatch", *common, f"output.path={work}/cpu/out.h5"),
+        "array": submit("--array=0-1", "-n", "2", "slurm/array.sbatch", *common, f"output.path={work}/arr/out.h5"),
+        "bad": submit("-n", "2", "slurm/cpu.sbatch", *common, "data.batch_size=0", f"output.path={work}/bad/out.h5"),
+    }
+    reference = run_mpi(3, [INFER, *common, "runtime.threads=1", f"output.path={work}/mpiexec.h5"])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    done = {}
+    for name, proc in procs.items():
+        try:
+            out, _ = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"sbatch --wait ({name}) did not return within 300 s: {slurm.logs()}") from None
+        done[name] = (proc.returncode, out)
+    return {"work": work, "done": done, "reference": read_results(work / "mpiexec.h5")[0]}
+
+
+def _log_text(folder: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(folder.glob("*.log")))
+
+
+def _assert_same(got: dict, reference: dict) -> None:
+    assert set(got) == set(reference)
+    for name, values in reference.items():
+        assert np.array_equal(got[name], values, equal_nan=values.dtype.kind == "f"), name
+
+
+def test_cpu_template_equals_mpiexec(jobs):
+    code, out = jobs["done"]["cpu"]
+    folder = jobs["work"] / "cpu"
+    assert code == 0, out + _log_text(folder)
+    logs = list(folder.glob("out.*.log"))
+    assert len(logs) == 1  # next to the results, named after the job
+    text = logs[0].read_text()
+    assert "world size 3" in text
+    assert text.count("(worker)") == 2 and "done: 40 rows" in text
+    got, attrs = read_results(folder / "out.h5")
+    assert attrs["complete"] == True and attrs["world_size"] == 3  # noqa: E712
+    _assert_same(got, jobs["reference"])
+
+
+def test_array_then_merge_equals_unsharded(jobs, tmp_path):
+    code, out = jobs["done"]["array"]
+    folder = jobs["work"] / "arr"
+    assert code == 0, out + _log_text(folder)
+    shards = sorted(folder.glob("out.shard*.h5"))
+    assert [p.name for p in shards] == ["out.shard0.h5", "out.shard1.h5"]
+    ranges = []
+    for p in shards:
+        _, attrs = read_results(p)
+        assert attrs["num_shards"] == 2 and attrs["complete"] == True  # noqa: E712
+        ranges.append(json.loads(attrs["shard_rows"]))
+    assert ranges == [[0, 16], [16, 40]]  # 5 batching windows of 8 rows, dealt out 2 + 3
+    assert len(list(folder.glob("out.shard*.log"))) == 2
+    merged = tmp_path / "merged.h5"
+    proc = subprocess.run([sys.executable, MERGE, "-o", str(merged), str(folder / "out.shard*.h5")],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert "merged 2 shards: 40 rows" in proc.stdout
+    got, attrs = read_results(merged)
+    _assert_same(got, jobs["reference"])
+    assert attrs["complete"] == True and attrs["rows"] == ROWS and attrs["next_row"] == ROWS  # noqa: E712
+
+
+def test_failed_job_exits_nonzero_with_the_reason_in_the_log(jobs):
+    code, out = jobs["done"]["bad"]
+    assert code != 0, out
+    text = _log_text(jobs["work"] / "bad")
+    assert "data.batch_size=0 must be >= 1" in text
+    assert not (jobs["work"] / "bad" / "out.h5").exists()
