@@ -168,4 +168,8 @@ def _totals(out: h5py.File, shards: list[dict]) -> dict:
     totals = {"rows": len(out["row"]), "skipped": len(out["skipped_row"]), "tokens": n_tokens}
     if "nll_sum" in out:
         totals["perplexity"] = float(np.exp(out["nll_sum"][()].sum() / n_tokens)) if n_tokens else float("nan")
+    if "epsilon_spent" in out:  # the privacy ledger's worst row over every shard
+        eps = out["epsilon_spent"][()]
+        totals["privacy_epsilon_spent"] = float(eps.max()) if len(eps) else 0.0
+        totals["privacy_releases"] = max(int(s["attrs"].get("privacy_releases", 0)) for s in shards)
     return totals
