@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from .data import make_batches, sample_path
-from .privacy import PrivacySpec, make_privacy, unit_norms
+from .privacy import PrivacySpec, make_privacy, percentile_clip, unit_norms
 from .public_text import load_texts
 from .tasks import score_positions
 
@@ -275,7 +275,7 @@ def run_audit(cfg: DictConfig, comm=None) -> list[dict] | None:
             # the clip calibration of privacy.clip=auto, on the public states already computed
             norms = torch.cat([unit_norms(z.float(), b.mask, unit)
                                for b, z in zip(public.batches, public.at(adapter, k), strict=True)])
-            clip = float(torch.quantile(norms.double(), s.clip_percentile / 100.0))
+            clip = percentile_clip(norms, s.clip_percentile)
             clean_by_k[k] = {"perplexity": math.exp(nll / count) if count else math.nan, "pooled": pooled,
                              "clip": clip, **base}
         rows.append(_point(adapter, attacks, public, held, k, level, s, clean_by_k[k]))

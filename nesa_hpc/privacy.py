@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 __all__ = ["Privacy", "PrivacySpec", "Ledger", "make_privacy", "gaussian_sigma", "calibrate_clip",
-           "clip_norms", "unit_norms", "MECHANISMS", "UNITS", "PrivacyConfigError"]
+           "clip_norms", "unit_norms", "percentile_clip", "MECHANISMS", "UNITS", "PrivacyConfigError"]
 
 MECHANISMS = ("none", "gaussian", "sigma", "dchi")
 UNITS = ("token", "sequence")
@@ -285,7 +285,11 @@ def calibrate_clip(adapter, tokenizer, k: int, unit: str, percentile: float, tex
             ids, mask, pos = b.ids.to(device), b.mask.to(device), b.pos.to(device)
             h = adapter.run_layers(range(0, k), adapter.embed(ids, pos), mask, pos)
             norms.append(unit_norms(h.float(), mask, unit).cpu())
-    values = torch.cat(norms)
-    if not len(values):
+    return percentile_clip(torch.cat(norms), percentile)
+
+
+def percentile_clip(norms: torch.Tensor, percentile: float) -> float:
+    """The clip norm of ``privacy.clip=auto``: the ``percentile`` of public unit norms."""
+    if not len(norms):
         raise PrivacyConfigError("privacy.clip=auto: the calibration text has no tokens")
-    return float(torch.quantile(values.double(), percentile / 100.0))
+    return float(torch.quantile(norms.double(), percentile / 100.0))

@@ -495,24 +495,21 @@ def _owner_privacy(settings: Settings, topo, adapter, tokenizer, writer: ResultW
                               max_length=settings.max_length, device=device)
         log.info("privacy.clip=auto: C = %.4g (percentile %g of %s norms at layer %d over %d public texts)",
                  clip, spec.clip_percentile, spec.unit, topo.k, len(texts))
-    key = None
-    if spec.adds_noise and spec.seed is None:
-        path = _key_file(settings.output_path)
-        # a reopened file whose run got as far as its privacy set-up may have sent rows with that key
-        if writer.reopened and not writer.was_complete and "privacy_seed" in writer.file.attrs:
-            if not path.is_file():
-                raise ValueError(f"output.resume=true with OS-seeded noise needs {path}, written by the first run: "
-                                 "without it, rows sent before the stop would be released again with fresh noise. "
-                                 "Restore the file, or start over with output.overwrite=true")
-            key = path.read_bytes()
-        else:
-            import secrets
-
-            key = secrets.token_bytes(32)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(key)
-    privacy = make_privacy(spec, topo.k, clip, key)
+    key, path = None, _key_file(settings.output_path)
+    # a reopened file whose run got as far as its privacy set-up may have sent rows with its key
+    resuming_key = spec.adds_noise and spec.seed is None and writer.reopened and not writer.was_complete \
+        and "privacy_seed" in writer.file.attrs
+    if resuming_key:
+        if not path.is_file():
+            raise ValueError(f"output.resume=true with OS-seeded noise needs {path}, written by the first run: "
+                             "without it, rows sent before the stop would be released again with fresh noise. "
+                             "Restore the file, or start over with output.overwrite=true")
+        key = path.read_bytes()
+    privacy = make_privacy(spec, topo.k, clip, key)  # without a key: a fresh one from the OS
+    if spec.adds_noise and spec.seed is None and not resuming_key:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(privacy.key)
     writer.set_attrs(privacy.attrs())
     if spec.adds_noise:
         log.info("privacy: %s, unit %s, clip %s, sigma %.4g", spec.mechanism, privacy.attrs()["privacy_unit"],
