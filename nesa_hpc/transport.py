@@ -47,6 +47,9 @@ class Kind(IntEnum):
     PREFILL = 4   # task=generate: a new group's prompts (states, mask, positions, marks, kept rows)
     DECODE = 5    # task=generate: one new position per row of a group
     FREE = 6      # task=generate: a group is finished; every stage drops its KV cache
+    TRAIN_FWD = 7  # training: (B, T, H) states + mask + positions of one micro-batch, towards the last rank
+    TRAIN_OUT = 8  # training: the last rank's output for the loss (final states, or logits with head=last)
+    TRAIN_BWD = 9  # training: the gradient of the loss with respect to what the receiver sent
 
 
 class TransportTimeout(RuntimeError):

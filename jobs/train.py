@@ -1,0 +1,24 @@
+"""Split fine-tuning over MPI: the loss on rank 0, gradients back through the pipeline, LoRA or full weights.
+
+    mpiexec -n 3 python jobs/train.py data.path=train.jsonl train.out_dir=ft train.epochs=2
+    mpiexec -n 3 python jobs/train.py privacy=gaussian privacy.epsilon=100 privacy.clip=auto split.k=0 \
+        privacy.unit=token train.grad_privacy.mechanism=gaussian train.grad_privacy.epsilon=10 \
+        train.grad_privacy.clip=1.0
+    mpiexec -n 3 python jobs/infer.py model.adapters=ft/adapter ...      # use the result
+
+Every rank composes the same config (conf/train.yaml); rank 0 is the data owner.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from nesa_hpc.train import main
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def train(cfg: DictConfig) -> None:
+    main(cfg)
+
+
+if __name__ == "__main__":
+    train()
