@@ -62,6 +62,7 @@ class Settings:
     cuda_aware_mpi: bool | None
     num_shards: int = 1
     shard: int = 0
+    model_adapters: str | None = None
     # task=generate
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()
@@ -157,6 +158,7 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
         normalize=_bool("task.normalize", task.get("normalize", False)),
         model_path=model.get("path"),
         model_packaged=_choice("model.packaged", model.get("packaged"), PACKAGED_MODELS),
+        model_adapters=None if model.get("adapters") is None else str(model["adapters"]),
         model_dtype=_choice("model.dtype", model.get("dtype", "float32"), DTYPES),
         k=_int("split.k", split["k"], 0),
         head=_choice("split.head", split["head"], HEAD_PLACEMENTS),

@@ -110,6 +110,16 @@ def _model_folder(settings: Settings) -> str:
     return str(packaged_model_path(settings.model_packaged))
 
 
+def _load_adapters(settings: Settings, adapter, topo, rank: int) -> None:
+    """Merge ``model.adapters`` (a peft LoRA folder, e.g. from jobs/train.py) into this rank's layers."""
+    from .train import apply_adapters
+
+    folder = Path(settings.model_adapters).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model.adapters: no such adapter folder: {folder}")
+    apply_adapters(adapter, folder, list(topo.layers_of(rank)) + (list(topo.tail) if rank == 0 else []))
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -166,6 +176,8 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
     try:
         _all_ok(comm, lambda: load_modules(adapter, folder, _rank_modules(rank, topo, adapter, settings.task),
                                            settings.model_dtype, device))
+        if settings.model_adapters:
+            _all_ok(comm, lambda: _load_adapters(settings, adapter, topo, rank))
         transport = _make_transport(comm, settings, device, local_rank, local_size, on_recv,
                                     [h for h, _, _ in places]) if size > 1 else None
     except JobError:
@@ -258,7 +270,8 @@ def _resume_key(settings: Settings, folder: str, data_path: str, privacy_attrs: 
     shard = {} if rows is None else {"num_shards": settings.num_shards, "shard": settings.shard,
                                      "shard_rows": [rows.start, rows.stop]}
     return {"task": settings.task, "pooling": settings.pooling, "normalize": settings.normalize,
-            "model_path": folder, "model_dtype": settings.model_dtype, "split_k": settings.k,
+            "model_path": folder, "model_adapters": settings.model_adapters or "none",
+            "model_dtype": settings.model_dtype, "split_k": settings.k,
             "data_path": str(data_path), "data_format": settings.data_format, "text_field": settings.text_field,
             "max_length": settings.max_length, "batch_size": settings.batch_size,
             "on_error": settings.on_error, "on_long": settings.on_long,
@@ -278,7 +291,8 @@ def _open_results(cfg, settings: Settings, topo, adapter, task, folder: str, dat
     if not Path(data_path).is_file():
         raise DataError(f"data.path: no such file: {data_path}")
     attrs = {
-        "task": settings.task, "model_path": folder, "num_layers": topo.num_layers, "split_k": topo.k,
+        "task": settings.task, "model_path": folder, "model_adapters": settings.model_adapters or "none",
+        "num_layers": topo.num_layers, "split_k": topo.k,
         "split_head": topo.head, "world_size": topo.world_size, "layers_per_rank": topo.layer_counts(),
         "layer_ranges": [[r.start, r.stop] for r in topo.ranges], "owner_tail": [topo.tail.start, topo.tail.stop],
         "split_partition": list(settings.partition) if isinstance(settings.partition, tuple) else settings.partition,

@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +50,7 @@ log = logging.getLogger("nesa_hpc")
 MODES = ("lora", "full")
 SCHEDULES = ("constant", "linear", "cosine")
 LOSSES = ("causal", "completion")
-EXPORTS = ("adapter", "merged", "none")
+EXPORTS = ("auto", "adapter", "merged", "none")
 _DEFAULT_TARGETS = {LlamaLikeAdapter: ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                     GPT2Adapter: ("c_attn", "c_proj", "c_fc")}
 _LAYERS_PATTERN = {LlamaLikeAdapter: "layers", GPT2Adapter: "h"}
@@ -144,10 +144,12 @@ def train_spec(cfg: DictConfig) -> TrainSpec:
         overwrite=_bool("train.overwrite", t.get("overwrite", False)),
         save_every=_int("train.save_every", t.get("save_every", 100), 1),
         keep_checkpoints=_int("train.keep_checkpoints", t.get("keep_checkpoints", 2), 1),
-        export=_choice("train.export", t.get("export", "adapter"), EXPORTS),
+        export=_choice("train.export", t.get("export", "auto"), EXPORTS),
         log_every=_int("train.log_every", t.get("log_every", 10), 1),
         grad_privacy=grad_privacy,
     )
+    if spec.export == "auto":
+        spec = replace(spec, export="adapter" if spec.mode == "lora" else "merged")
     if not spec.out_dir:
         raise ConfigError("train.out_dir must name the folder for checkpoints and the exported model")
     if spec.lora_dropout >= 1:
@@ -722,10 +724,11 @@ def _key_digest(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_train(cfg: DictConfig, comm=None, on_step=None) -> dict:
+def run_train(cfg: DictConfig, comm=None, on_step=None, on_recv=None) -> dict:
     """Run one training job on every rank of ``comm``; returns the summary on rank 0 and
     ``{"exit_code": ...}`` on the others. ``on_step(stage, step, loss)`` is called on every rank after the
-    backward pass of each step, before clipping and the optimizer (tests read the gradients there)."""
+    backward pass of each step, before clipping and the optimizer (tests read the gradients there);
+    ``on_recv(source, message)`` sees every message a rank receives."""
     from mpi4py import MPI
 
     from .placement import node_local_rank, pick_device
@@ -764,7 +767,7 @@ def run_train(cfg: DictConfig, comm=None, on_step=None) -> dict:
                        "only with train.owner_trainable=true)")
     roles = _Roles.of(flags)
     plan = _agree(comm, lambda: _owner_plan(settings, spec, folder))  # (steps per epoch, total steps, rows)
-    transport = _make_transport(comm, settings, device, local_rank, local_size, None, [""] * size) \
+    transport = _make_transport(comm, settings, device, local_rank, local_size, on_recv, [""] * size) \
         if size > 1 else None
     stage = Stage(rank, topo, adapter, spec, params, transport, comm, roles, device, plan["total_steps"])
     start_step = 0
