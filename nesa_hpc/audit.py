@@ -294,7 +294,8 @@ def run_audit(cfg: DictConfig, comm=None) -> list[dict] | None:
                    key=lambda r: (r["k"], -r["epsilon"] if s.mechanism == "gaussian" else r["sigma"]))
     out = Path(s.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"model_path": folder, "model_adapters": settings.model_adapters or "none", "mechanism": s.mechanism, "delta": s.delta,
+    meta = {"model_path": folder, "model_adapters": settings.model_adapters or "none", "mechanism": s.mechanism,
+            "delta": s.delta,
             "clip_percentile": s.clip_percentile, "public_text": s.public_path or "built-in (stdlib docstrings)",
             "eval_text": s.eval_path or str(sample_path()), "probe": f"MLP H-{s.probe_hidden}-|V_public|, "
             f"{s.probe_epochs} epochs", "seconds": round(time.perf_counter() - start, 1), "world_size": size}

@@ -732,8 +732,16 @@ def run_train(cfg: DictConfig, comm=None, on_step=None, on_recv=None) -> dict:
     from mpi4py import MPI
 
     from .placement import node_local_rank, pick_device
-    from .runner import (JobError, _agree, _all_ok, _make_transport, _model_folder, _rank_modules, _setup_logging,
-                         _threads)
+    from .runner import (
+        JobError,
+        _agree,
+        _all_ok,
+        _make_transport,
+        _model_folder,
+        _rank_modules,
+        _setup_logging,
+        _threads,
+    )
     from .topology import make_topology
     from .weights import build_adapter, load_modules
 

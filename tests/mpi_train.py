@@ -60,7 +60,8 @@ def reference(cfg, case: dict, world: int) -> tuple[dict, list[float]]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, spec.warmup_steps, spec.schedule))
     examples = load_examples(settings, spec, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    per_epoch = -(-(-(-len(examples) // settings.batch_size)) // spec.grad_accum)
+    batches_per_epoch = math.ceil(len(examples) / settings.batch_size)
+    per_epoch = math.ceil(batches_per_epoch / spec.grad_accum)
     grads, losses = {}, []
     for step in range(total):
         epoch, within = divmod(step, per_epoch)
@@ -119,9 +120,10 @@ def main() -> None:
                 entry["ref_losses"] = ref_losses
                 entry["grad_names_equal"] = sorted(split_grads) == sorted(ref_grads) and bool(ref_grads)
                 entry["n_grads"] = len(ref_grads)
-                diffs = [float((split_grads[k] - v).abs().max() / v.abs().max().clamp(min=1e-12))
-                         for k, v in ref_grads.items() if k in split_grads]
-                entry["max_grad_rel_diff"] = max(diffs) if diffs else math.inf
+                for when, step in (("first", 0), ("last", case.get("steps", 3) - 1)):
+                    diffs = [float((split_grads[k] - v).abs().max() / v.abs().max().clamp(min=1e-12))
+                             for k, v in ref_grads.items() if k in split_grads and k[0] == step]
+                    entry[f"max_grad_rel_diff_{when}"] = max(diffs) if diffs else math.inf
                 entry["nonzero_grads"] = sum(bool(v.abs().max() > 0) for v in ref_grads.values())
             # what workers received: kinds and dtypes only (never token ids: no int64 tensors)
             entry["worker_dtypes"] = sorted({d for recs in traffic[1:] for r in recs for d in r["dtypes"]})

@@ -70,8 +70,10 @@ def test_split_gradients_and_losses_equal_unsplit_training(n, tiny_models, texts
         label = {k: v for k, v in e["case"].items() if k not in ("model", "data")}
         assert e["grad_names_equal"], label
         assert e["nonzero_grads"] > 0, label
-        # the first step's gradients of every trainable parameter, and the last step's after two AdamW steps
-        assert e["max_grad_rel_diff"] <= 1e-5, (label, e["max_grad_rel_diff"])
+        # the first step's gradients of every trainable parameter; the last step's come after two AdamW steps,
+        # which divide each gradient by its own running scale and so magnify rounding in the smallest entries
+        assert e["max_grad_rel_diff_first"] <= 1e-5, (label, e["max_grad_rel_diff_first"])
+        assert e["max_grad_rel_diff_last"] <= 1e-4, (label, e["max_grad_rel_diff_last"])
         assert len(e["split_losses"]) == len(e["ref_losses"]) == 3, label
         assert np.allclose(e["split_losses"], e["ref_losses"], rtol=1e-6, atol=0), (label, e["split_losses"],
                                                                                    e["ref_losses"])
