@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -774,8 +775,10 @@ def run_train(cfg: DictConfig, comm=None, on_step=None, on_recv=None) -> dict:
         raise JobError("nothing to train: train.layers selects no layer a rank may train (rank 0's layers train "
                        "only with train.owner_trainable=true)")
     roles = _Roles.of(flags)
-    plan = _agree(comm, lambda: _owner_plan(settings, spec, folder))  # (steps per epoch, total steps, rows)
-    transport = _make_transport(comm, settings, device, local_rank, local_size, on_recv, [""] * size) \
+    planned = _agree(comm, lambda: _owner_plan(settings, spec, folder), share=False)
+    plan = comm.bcast(planned[0] if rank == 0 else None, root=0)
+    hosts = comm.allgather(socket.gethostname())
+    transport = _make_transport(comm, settings, device, local_rank, local_size, on_recv, hosts) \
         if size > 1 else None
     stage = Stage(rank, topo, adapter, spec, params, transport, comm, roles, device, plan["total_steps"])
     start_step = 0
@@ -794,7 +797,7 @@ def run_train(cfg: DictConfig, comm=None, on_step=None, on_recv=None) -> dict:
     stop = StopFlag()
     try:
         if rank == 0:
-            summary = _owner_loop(stage, settings, spec, cfg, folder, plan, start_step, stop, on_step)
+            summary = _owner_loop(stage, settings, spec, folder, plan, planned[1], start_step, stop, on_step)
         else:
             summary = _worker_loop(stage, spec, folder, modules, layers, on_step)
     finally:
@@ -809,8 +812,6 @@ def _check_model(adapter: Adapter, settings: Settings, spec: TrainSpec) -> None:
         raise ConfigError(f"training needs a causal language model; {type(adapter.model).__name__} has no LM head")
     if spec.layers and spec.layers[1] > adapter.num_layers:
         raise ConfigError(f"train.layers={list(spec.layers)}: the model has {adapter.num_layers} layers")
-    if "cuda" in (settings.device, settings.owner_device) and not torch.cuda.is_available():
-        raise ConfigError("runtime.device=cuda: no CUDA device on this node")
     if spec.mode == "lora":
         lora_targets(adapter, spec)
 
@@ -846,15 +847,15 @@ def _resume_point(spec: TrainSpec, cfg: DictConfig) -> str | None:
     return None if ckpt is None else str(ckpt)
 
 
-def _owner_plan(settings: Settings, spec: TrainSpec, folder: str) -> dict:
+def _owner_plan(settings: Settings, spec: TrainSpec, folder: str) -> tuple[dict, list]:
+    """Rank 0: read and tokenize the training rows; the plan (steps per epoch, total steps, rows) and the rows."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder)
-    examples = load_examples(settings, spec, tok)
+    examples = load_examples(settings, spec, AutoTokenizer.from_pretrained(folder))
     batches = -(-len(examples) // settings.batch_size)
     per_epoch = -(-batches // spec.grad_accum)
     total = per_epoch * spec.epochs if spec.max_steps is None else spec.max_steps
-    return {"steps_per_epoch": per_epoch, "total_steps": total, "rows": len(examples)}
+    return {"steps_per_epoch": per_epoch, "total_steps": total, "rows": len(examples)}, examples
 
 
 def _owner_privacy(settings: Settings, spec: TrainSpec, stage: Stage, tokenizer) -> tuple[Privacy, Privacy | None]:
@@ -893,14 +894,13 @@ def _owner_privacy(settings: Settings, spec: TrainSpec, stage: Stage, tokenizer)
     return fwd, bwd
 
 
-def _owner_loop(stage: Stage, settings: Settings, spec: TrainSpec, cfg, folder: str, plan: dict, start_step: int,
-                stop: StopFlag, on_step) -> dict:
+def _owner_loop(stage: Stage, settings: Settings, spec: TrainSpec, folder: str, plan: dict, examples: list,
+                start_step: int, stop: StopFlag, on_step) -> dict:
     from transformers import AutoTokenizer
 
     comm, topo = stage.comm, stage.topo
     tok = AutoTokenizer.from_pretrained(folder)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    examples = load_examples(settings, spec, tok)
     fwd, bwd = _owner_privacy(settings, spec, stage, tok)
     ledger = TrainLedger()
     out = Path(spec.out_dir)
