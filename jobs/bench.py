@@ -3,8 +3,10 @@
     python jobs/bench.py                              # SmolLM2-135M, 256 rows of 16-256 tokens, N = 1..4
     python jobs/bench.py bench.ranks=[2] data.batch_size=16 bench.rss_rows=[256,2048]
     python jobs/bench.py task=generate data.batch_size=16 task.max_new_tokens=64   # generated tokens/s
+    python jobs/bench.py bench.train=true 'bench.ranks=[2,3]' data.max_length=128   # training tokens/s
 
-Prints a table and writes ``<bench.out_dir>/bench.json`` (``bench_generate.json`` for ``task=generate``).
+Prints a table and writes ``<bench.out_dir>/bench.json`` (``bench_generate.json`` for ``task=generate``,
+``bench_train.json`` for ``bench.train=true``).
 Ratios are against the baseline measured in the same invocation (these machines are shared and noisy).
 """
 

@@ -21,7 +21,8 @@ from .data import make_batches, read_rows, sample_path
 from .runner import _model_folder
 from .tasks import score_positions
 
-__all__ = ["run_bench", "make_dataset", "baseline_score", "baseline_generate", "run_bench_generate"]
+__all__ = ["run_bench", "make_dataset", "baseline_score", "baseline_generate", "run_bench_generate", "baseline_train",
+           "run_bench_train"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,6 +111,8 @@ def run_bench(cfg: DictConfig) -> dict:
     from transformers import AutoTokenizer
 
     b = cfg.bench
+    if b.get("train"):
+        return run_bench_train(cfg)
     if cfg.task.name == "generate":
         return run_bench_generate(cfg)
     if cfg.task.name != "score":
@@ -251,4 +254,114 @@ def run_bench_generate(cfg: DictConfig) -> dict:
               "partition": _override(cfg.split.partition), "results": rows}
     (out_dir / "bench_generate.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out_dir / 'bench_generate.json'}")
+    return report
+
+
+def _train_spec(cfg: DictConfig, num_layers: int):
+    from .train import TrainSpec
+
+    return TrainSpec(layers=(cfg.split.k, num_layers), grad_accum=cfg.bench.train_grad_accum,
+                     max_steps=cfg.bench.train_steps, out_dir="unused")
+
+
+def baseline_train(folder: str, data: Path, cfg: DictConfig, threads: int) -> dict:
+    """LoRA training of the unsplit transformers model in one process with ``threads`` threads: the same
+    rows, micro-batches, trainable layers, optimizer and schedule as ``jobs/train.py``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .config import settings_from_cfg as settings_of
+    from .models import make_adapter
+    from .train import epoch_batches, load_examples, lr_factor, make_trainable
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapter = make_adapter(model)
+    spec = _train_spec(cfg, adapter.num_layers)
+    params = [p for _, p in make_trainable(adapter, list(range(*spec.layers)), spec)]
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    steps = spec.max_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, spec.warmup_steps, spec.schedule))
+    settings = OmegaConf.merge(cfg, {"data": {"path": str(data)}})
+    examples = load_examples(settings_of(settings), spec, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    batches = epoch_batches(examples, 0, spec.seed, cfg.data.batch_size, pad)
+    losses, tokens = [], 0
+    start = time.perf_counter()
+    for step in range(steps):
+        part = batches[step * spec.grad_accum:(step + 1) * spec.grad_accum]
+        n_target = sum(float(b.weights().sum()) for b in part)
+        loss = 0.0
+        for b in part:
+            logits = model(b.ids, attention_mask=b.mask, position_ids=b.pos).logits
+            ce = F.cross_entropy(logits[:, :-1][b.scored], b.ids[:, 1:][b.scored], reduction="none")
+            total = (ce * b.weights()).sum()
+            (total / n_target).backward()
+            loss += float(total.detach())
+            tokens += int(b.mask.sum())
+        torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss / n_target)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "losses": losses}
+
+
+def run_bench_train(cfg: DictConfig) -> dict:
+    """Training tokens/s (forward + backward + AdamW) of the unsplit model in one process against
+    ``jobs/train.py`` at N ranks, same steps, in one invocation."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    b = cfg.bench
+    out_dir = Path(b.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = str(_model_folder(settings_from_cfg(cfg)))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    need = b.train_steps * b.train_grad_accum * cfg.data.batch_size
+    rows = max(b.rows, need)
+    data = out_dir / f"train_{rows}rows_{b.min_tokens}-{b.max_tokens}.jsonl"
+    make_dataset(data, tokenizer, rows, b.min_tokens, b.max_tokens, b.seed)
+    cores = b.cores or len(os.sched_getaffinity(0))
+    layers = AutoConfig.from_pretrained(folder).num_hidden_layers
+    print(f"model {folder}; LoRA training of layers [{cfg.split.k}, {layers}); {b.train_steps} steps of "
+          f"{b.train_grad_accum} x {cfg.data.batch_size} rows of {b.min_tokens}-{b.max_tokens} tokens; {cores} cores",
+          flush=True)
+    base = baseline_train(folder, data, cfg, cores)
+    print(f"baseline (transformers + peft LoRA, 1 process, {cores} threads): {base['tokens_per_s']:.1f} tokens/s",
+          flush=True)
+    table = [{"name": f"transformers 1 proc x {cores} thr", "ranks": 1, "threads": cores,
+              "tokens_per_s": base["tokens_per_s"], "ratio": 1.0, "max_abs_loss_diff": 0.0}]
+    for n in b.ranks:
+        threads = max(1, cores // n)
+        run = out_dir / f"train_n{n}"
+        overrides = [f"model.path={folder}", f"data.path={data}", f"data.batch_size={cfg.data.batch_size}",
+                     f"data.max_length={cfg.data.max_length}", f"split.k={cfg.split.k}", f"split.head={cfg.split.head}",
+                     f"split.partition={_override(cfg.split.partition)}", f"runtime.threads={threads}",
+                     f"train.max_steps={b.train_steps}", f"train.grad_accum={b.train_grad_accum}",
+                     f"train.layers=[{cfg.split.k},{layers}]", f"train.out_dir={run}", "train.overwrite=true",
+                     "train.export=none", "train.save_every=1000000"]
+        cmd = [_mpiexec(cfg), "-n", str(n), sys.executable, str(ROOT / "jobs" / "train.py"), *overrides]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"training at {n} ranks failed:\n{proc.stderr[-3000:]}")
+        summary = json.loads((run / "summary.json").read_text())
+        losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        diff = max(abs(a - c) for a, c in zip(losses, base["losses"], strict=True))
+        table.append({"name": f"nesa_hpc {n} ranks x {threads} thr", "ranks": n, "threads": threads,
+                      "tokens_per_s": summary["tokens_per_s"], "ratio": summary["tokens_per_s"] / base["tokens_per_s"],
+                      "max_abs_loss_diff": diff})
+        print(f"{table[-1]['name']}: {summary['tokens_per_s']:.1f} tokens/s ({table[-1]['ratio']:.2f}x)", flush=True)
+    print()
+    print(f"| {'run':34s} | tokens/s | ratio | max |d loss| |")
+    print(f"|{'-' * 36}|---------:|------:|-------------:|")
+    for r in table:
+        print(f"| {r['name']:34s} | {r['tokens_per_s']:8.1f} | {r['ratio']:5.2f} | {r['max_abs_loss_diff']:12.1e} |")
+    print(flush=True)
+    report = {"config": OmegaConf.to_container(cfg.bench), "model": folder, "batch_size": cfg.data.batch_size,
+              "split_k": cfg.split.k, "cores": cores, "partition": _override(cfg.split.partition), "results": table}
+    (out_dir / "bench_train.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {out_dir / 'bench_train.json'}")
     return report

@@ -318,3 +318,13 @@ def test_exported_adapter_and_merged_model_serve_inference(tiny_models, texts_fi
     # both runs trained the same way, so the merged model equals base + adapter; training changed the scores
     assert all(results["merged"][r] == pytest.approx(results["adapter"][r], abs=2e-4) for r in results["adapter"])
     assert any(abs(results["base"][r] - results["adapter"][r]) > 1e-3 for r in results["adapter"])
+
+
+def test_missing_or_foreign_adapter_folder_is_named(tiny_models, texts_file, tmp_path):
+    base = [INFER, f"model.path={tiny_models['llama']}", f"data.path={texts_file}", f"output.path={tmp_path / 'o.h5'}"]
+    proc = run_mpi(2, [*base, f"model.adapters={tmp_path / 'nope'}"], timeout=120)
+    assert proc.returncode != 0 and "model.adapters" in proc.stderr and "nope" in proc.stderr
+    (tmp_path / "empty").mkdir()
+    proc = run_mpi(2, [*base, f"model.adapters={tmp_path / 'empty'}"], timeout=120)
+    assert proc.returncode != 0 and "adapter_config.json" in proc.stderr
+    assert not (tmp_path / "o.h5").exists()
