@@ -256,9 +256,10 @@ def run_audit(cfg: DictConfig, comm=None) -> list[dict] | None:
     load_modules(adapter, folder, modules + [adapter.layer_module(i) for i in range(adapter.num_layers)],
                  settings.model_dtype)
     if settings.model_adapters:
-        from .train import apply_adapters
+        from .train import apply_adapters, check_adapter_use
 
-        apply_adapters(adapter, settings.model_adapters, range(adapter.num_layers))
+        check_adapter_use(settings.model_adapters, *apply_adapters(adapter, settings.model_adapters,
+                                                                    range(adapter.num_layers)))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     start = time.perf_counter()
     public = _Corpus(load_texts(s.public_path, s.max_public_rows), tokenizer, s, first_row=1_000_000)

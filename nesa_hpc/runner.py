@@ -28,6 +28,7 @@ from .public_text import load_texts
 from .results import InOrder, ResultWriter
 from .tasks import make_task
 from .topology import make_topology
+from .train import check_adapter_use
 from .transport import MpiTransport, PeerFailure, TorchTransport, TransportTimeout
 from .weights import DTYPES, build_adapter, load_modules, packaged_model_path
 
@@ -110,14 +111,14 @@ def _model_folder(settings: Settings) -> str:
     return str(packaged_model_path(settings.model_packaged))
 
 
-def _load_adapters(settings: Settings, adapter, topo, rank: int) -> None:
+def _load_adapters(settings: Settings, adapter, topo, rank: int) -> tuple[set[str], set[str]]:
     """Merge ``model.adapters`` (a peft LoRA folder, e.g. from jobs/train.py) into this rank's layers."""
     from .train import apply_adapters
 
     folder = Path(settings.model_adapters).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"model.adapters: no such adapter folder: {folder}")
-    apply_adapters(adapter, folder, list(topo.layers_of(rank)) + (list(topo.tail) if rank == 0 else []))
+    return apply_adapters(adapter, folder, list(topo.layers_of(rank)) + (list(topo.tail) if rank == 0 else []))
 
 
 def _peak_rss_mb() -> float:
@@ -177,7 +178,9 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
         _all_ok(comm, lambda: load_modules(adapter, folder, _rank_modules(rank, topo, adapter, settings.task),
                                            settings.model_dtype, device))
         if settings.model_adapters:
-            _all_ok(comm, lambda: _load_adapters(settings, adapter, topo, rank))
+            used, names = _all_ok(comm, lambda: _load_adapters(settings, adapter, topo, rank))
+            found = set().union(*comm.allgather(used))
+            _agree(comm, lambda: check_adapter_use(settings.model_adapters, found, names))
         transport = _make_transport(comm, settings, device, local_rank, local_size, on_recv,
                                     [h for h, _, _ in places]) if size > 1 else None
     except JobError:

@@ -83,11 +83,13 @@ class TrainSpec:
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     out_dir: str = "train_out"
+    owner_dir: str = ""
+    completion_eos: bool = True
     resume: bool = False
     overwrite: bool = False
     save_every: int = 100
     keep_checkpoints: int = 2
-    export: str = "adapter"
+    export: str = "auto"
     log_every: int = 10
     grad_privacy: PrivacySpec = field(default_factory=PrivacySpec)
 
@@ -141,6 +143,8 @@ def train_spec(cfg: DictConfig) -> TrainSpec:
         prompt_field=str(t.get("prompt_field", "prompt")),
         completion_field=str(t.get("completion_field", "completion")),
         out_dir=str(t.get("out_dir") or ""),
+        owner_dir=str(t.get("owner_dir") or t.get("out_dir") or ""),
+        completion_eos=_bool("train.completion_eos", t.get("completion_eos", True)),
         resume=_bool("train.resume", t.get("resume", False)),
         overwrite=_bool("train.overwrite", t.get("overwrite", False)),
         save_every=_int("train.save_every", t.get("save_every", 100), 1),
@@ -153,8 +157,9 @@ def train_spec(cfg: DictConfig) -> TrainSpec:
         spec = replace(spec, export="adapter" if spec.mode == "lora" else "merged")
     if not spec.out_dir:
         raise ConfigError("train.out_dir must name the folder for checkpoints and the exported model")
-    if spec.lora_dropout >= 1:
-        raise ConfigError(f"train.lora.dropout={spec.lora_dropout} must be in [0, 1)")
+    if spec.lora_dropout != 0:
+        raise ConfigError(f"train.lora.dropout={spec.lora_dropout}: only 0 is supported (dropout would draw from "
+                          "an unseeded random state: split and unsplit training, and a resumed run, would differ)")
     if spec.export == "adapter" and spec.mode == "full":
         raise ConfigError("train.export=adapter needs train.mode=lora (full fine-tuning exports train.export=merged)")
     if spec.resume and spec.overwrite:
@@ -212,7 +217,7 @@ def load_examples(settings: Settings, spec: TrainSpec, tokenizer) -> list[tuple[
     out, skipped = [], []
     for row, text, completion in pairs:
         bad = next((x for x in (text, completion) if isinstance(x, RowError)), None)
-        if bad is not None or not text:
+        if bad is not None or not (text or completion):
             if settings.on_error == "fail":
                 raise DataError(bad.reason if bad is not None else f"{source}: row {row}: the text is empty")
             skipped.append(row)
@@ -221,6 +226,8 @@ def load_examples(settings: Settings, spec: TrainSpec, tokenizer) -> list[tuple[
         target = [completion is None] * len(ids)
         if completion is not None:
             more = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+            if spec.completion_eos and tokenizer.eos_token_id is not None:
+                more.append(tokenizer.eos_token_id)
             ids, target = ids + more, target + [True] * len(more)
         if len(ids) > limit and settings.on_long == "fail":
             raise DataError(f"{source}: row {row}: {len(ids)} tokens, longer than data.max_length={limit}")
@@ -441,11 +448,16 @@ class Stage:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, total_steps, spec.warmup_steps, spec.schedule)) if params else None
         self.dtype = next((p.dtype for p in adapter.model.parameters() if p.device.type != "meta"), torch.float32)
+        # with a privacy mechanism, rank 0's gradients (of its own layers, trained on the raw rows) are clipped
+        # by their own norm and kept out of the shared one: nothing computed from them leaves rank 0
+        self.private = False
 
     # -- shared end of a step: global gradient norm, clipping, optimizer
     def finish_step(self) -> float:
         local = sum(float(p.grad.double().pow(2).sum()) for _, p in self.params if p.grad is not None)
-        total = math.sqrt(self.comm.allreduce(local) if self.comm is not None else local)
+        apart = self.private and self.rank == 0 and self.topo.world_size > 1
+        shared = self.comm.allreduce(0.0 if apart else local) if self.comm is not None else local
+        total = math.sqrt(local if apart else shared)
         if self.params:
             if self.spec.max_grad_norm is not None:
                 coef = min(1.0, self.spec.max_grad_norm / (total + 1e-6))
@@ -582,9 +594,16 @@ def latest_checkpoint(spec: TrainSpec) -> Path | None:
     return done[-1] if done else None
 
 
+def _rank_dir(stage: Stage, folder: Path) -> Path:
+    """Where a rank keeps its part of a checkpoint: rank 0's (trained on the raw data with
+    ``train.owner_trainable``) goes under ``train.owner_dir``."""
+    return Path(stage.spec.owner_dir) / "checkpoints" / folder.name if stage.rank == 0 else folder
+
+
 def save_rank(stage: Stage, folder: Path) -> None:
     from safetensors.torch import save_file
 
+    folder = _rank_dir(stage, folder)
     folder.mkdir(parents=True, exist_ok=True)
     r = stage.rank
     if stage.params:
@@ -598,6 +617,7 @@ def load_rank(stage: Stage, folder: Path) -> None:
 
     if not stage.params:
         return
+    folder = _rank_dir(stage, folder)
     path = folder / f"rank-{stage.rank}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"train.resume: {path} is missing (the checkpoint belongs to another layout)")
@@ -678,9 +698,9 @@ def _merge_lora(adapter: Adapter) -> None:
                 module.merge()
 
 
-def apply_adapters(adapter: Adapter, folder: str | Path, layers) -> None:
+def apply_adapters(adapter: Adapter, folder: str | Path, layers) -> tuple[set[str], set[str]]:
     """Load a peft LoRA adapter folder into ``layers`` of a partially loaded model and merge it into their
-    weights (``model.adapters`` of ``jobs/infer.py``)."""
+    weights (``model.adapters`` of ``jobs/infer.py``). Returns (the tensor names used, every name in the file)."""
     from peft import LoraConfig, inject_adapter_in_model
     from safetensors.torch import load_file
 
@@ -695,11 +715,13 @@ def apply_adapters(adapter: Adapter, folder: str | Path, layers) -> None:
         raise FileNotFoundError(f"model.adapters: {weights_file} is missing")
     weights = load_file(str(weights_file))
     config.layers_to_transform, config.layers_pattern, config.lora_dropout = None, None, 0.0
+    used: set[str] = set()
     for i in layers:
         prefix = f"base_model.model.{adapter.layer_module(i)}."
         mine = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
         if not mine:
             continue
+        used |= {prefix + k for k in mine}
         module = adapter.layers[i]
         inject_adapter_in_model(config, module)
         state = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
@@ -712,6 +734,15 @@ def apply_adapters(adapter: Adapter, folder: str | Path, layers) -> None:
         for p in module.parameters():
             p.requires_grad_(False)
     _merge_lora(adapter)
+    return used, set(weights)
+
+
+def check_adapter_use(folder: str | Path, used: set[str], names: set[str]) -> None:
+    """Refuse an adapter whose tensors not every one found a layer (e.g. adapters on the LM head)."""
+    left = sorted(names - used)
+    if left:
+        raise ValueError(f"model.adapters: {folder} holds {len(left)} tensors for modules nesa_hpc does not adapt "
+                         f"(only decoder layers): {left[:3]}{' ...' if len(left) > 3 else ''}")
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -781,6 +812,7 @@ def run_train(cfg: DictConfig, comm=None, on_step=None, on_recv=None) -> dict:
     transport = _make_transport(comm, settings, device, local_rank, local_size, on_recv, hosts) \
         if size > 1 else None
     stage = Stage(rank, topo, adapter, spec, params, transport, comm, roles, device, plan["total_steps"])
+    stage.private = settings.privacy.adds_noise or spec.grad_privacy.adds_noise
     start_step = 0
     resume_from = _agree(comm, lambda: _resume_point(spec, cfg))
     if resume_from is not None:
@@ -810,6 +842,13 @@ def run_train(cfg: DictConfig, comm=None, on_step=None, on_recv=None) -> dict:
 def _check_model(adapter: Adapter, settings: Settings, spec: TrainSpec) -> None:
     if not adapter.has_head:
         raise ConfigError(f"training needs a causal language model; {type(adapter.model).__name__} has no LM head")
+    if settings.model_adapters:
+        raise ConfigError("model.adapters applies to jobs/infer.py; training starts from the model folder (merge an "
+                          "adapter first: train.export=merged)")
+    if settings.num_shards > 1:
+        raise ConfigError("data.num_shards applies to jobs/infer.py; a training job reads every row")
+    if settings.chat_template:
+        raise ConfigError("data.chat_template applies to task=generate; format training rows yourself")
     if spec.layers and spec.layers[1] > adapter.num_layers:
         raise ConfigError(f"train.layers={list(spec.layers)}: the model has {adapter.num_layers} layers")
     if spec.mode == "lora":
@@ -826,12 +865,15 @@ def _prepare_out_dir(spec: TrainSpec, cfg: DictConfig) -> None:
     if has_state and not spec.overwrite:
         raise FileExistsError(f"train.out_dir={out} already holds a training run; resume it with train.resume=true "
                               "or replace it with train.overwrite=true")
-    if out.exists() and spec.overwrite:
-        for name in ("checkpoints", "adapter", "model"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in ("train.json", "metrics.jsonl", "summary.json", "noise-key"):
-            (out / name).unlink(missing_ok=True)
+    if spec.overwrite:
+        for folder in {out, Path(spec.owner_dir)}:
+            for name in ("checkpoints", "adapter", "model"):
+                shutil.rmtree(folder / name, ignore_errors=True)
+            for name in ("train.json", "metrics.jsonl", "summary.json", "noise-key"):
+                (folder / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    if not Path(spec.owner_dir).exists():
+        Path(spec.owner_dir).mkdir(parents=True, mode=0o700)  # rank 0's own files
     (out / "train.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True),
                                                 "key": _key_digest(cfg)}, indent=2, default=str))
 
@@ -858,9 +900,10 @@ def _owner_plan(settings: Settings, spec: TrainSpec, folder: str) -> tuple[dict,
     return {"steps_per_epoch": per_epoch, "total_steps": total, "rows": len(examples)}, examples
 
 
-def _owner_privacy(settings: Settings, spec: TrainSpec, stage: Stage, tokenizer) -> tuple[Privacy, Privacy | None]:
+def _owner_privacy(settings: Settings, spec: TrainSpec, stage: Stage, tokenizer,
+                   finished: bool = False) -> tuple[Privacy, Privacy | None]:
     """The forward transform (as at inference) and the gradient message's; OS keys are kept in
-    ``<train.out_dir>/noise-key`` (0600) until training ends, so a resumed run draws the same noise."""
+    ``<train.owner_dir>/noise-key`` (0600) until training ends, so a resumed run draws the same noise."""
     from .privacy import _noise_key
 
     p = settings.privacy
@@ -871,12 +914,12 @@ def _owner_privacy(settings: Settings, spec: TrainSpec, stage: Stage, tokenizer)
                               max_length=settings.max_length, device=stage.device)
         log.info("privacy.clip=auto: C = %.4g (percentile %g of %s norms at layer %d)", clip, p.clip_percentile,
                  p.unit, stage.topo.k)
-    path = Path(spec.out_dir) / "noise-key"
+    path = Path(spec.owner_dir) / "noise-key"
     key = None
     if p.seed is None and (p.adds_noise or spec.grad_privacy.adds_noise):
         if spec.resume and path.is_file():
             key = path.read_bytes()
-        elif spec.resume and latest_checkpoint(spec) is not None:
+        elif spec.resume and latest_checkpoint(spec) is not None and not finished:
             raise ValueError(f"train.resume=true with OS-seeded noise needs {path}, written by the first run")
         else:
             key = _noise_key(None)
@@ -901,10 +944,11 @@ def _owner_loop(stage: Stage, settings: Settings, spec: TrainSpec, folder: str, 
     comm, topo = stage.comm, stage.topo
     tok = AutoTokenizer.from_pretrained(folder)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    fwd, bwd = _owner_privacy(settings, spec, stage, tok)
+    fwd, bwd = _owner_privacy(settings, spec, stage, tok, finished=start_step >= plan["total_steps"])
     ledger = TrainLedger()
-    out = Path(spec.out_dir)
-    metrics_path = out / "metrics.jsonl"
+    owner = Path(spec.owner_dir)
+    owner.mkdir(parents=True, exist_ok=True)
+    metrics_path = owner / "metrics.jsonl"
     if start_step:
         state = json.loads((latest_checkpoint(spec) / "state.json").read_text())
         ledger = TrainLedger(**state["ledger"])
@@ -979,8 +1023,8 @@ def _owner_loop(stage: Stage, settings: Settings, spec: TrainSpec, folder: str, 
     exported = _export(stage, spec, folder)
     comm.bcast({"op": "end"}, root=0)
     summary["exported"] = exported
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    (out / "noise-key").unlink(missing_ok=True)
+    (owner / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (owner / "noise-key").unlink(missing_ok=True)
     log.info("done: %d steps in %.1f s (%.0f tokens/s), final loss %.4f, epsilon spent %s%s", step, elapsed,
              summary["tokens_per_s"], summary["final_loss"] if losses else float("nan"),
              _fmt_eps(summary["epsilon_spent"]), f" -> {exported}" if exported else "")
@@ -1016,7 +1060,7 @@ def _save(stage: Stage, spec: TrainSpec, step: int, ledger: TrainLedger, losses:
     stage.comm.bcast({"op": "save", "step": step}, root=0)
     save_rank(stage, folder)
     stage.comm.barrier()
-    state = {"step": step, "ledger": ledger.__dict__, "last_loss": losses[-1] if losses else None}
+    state = {"step": step, "ledger": ledger.__dict__}
     tmp = folder / "state.json.tmp"
     tmp.write_text(json.dumps(state, indent=2))
     os.replace(tmp, folder / "state.json")

@@ -170,6 +170,8 @@ def test_gradient_message_is_clipped_per_row_and_noised():
     ("train.grad_privacy.unit=token", "train.grad_privacy.unit"),
     ("train.export=adapter train.mode=full", "train.export=adapter"),
     ("train.lr=-1", "train.lr"),
+    ("train.lora.dropout=0.1", "train.lora.dropout"),
+    ("model.adapters=/tmp", "model.adapters"),
 ])
 def test_bad_training_options_are_named(override, message, tiny_models, texts_file, tmp_path):
     proc = run_mpi(2, [TRAIN, f"model.path={tiny_models['llama']}", f"data.path={texts_file}",
@@ -255,8 +257,8 @@ def test_stop_or_kill_then_resume_equals_uninterrupted(how, tiny_models, many_ro
 
 
 def test_os_seeded_training_keeps_its_noise_key_until_done(tiny_models, many_rows, tmp_path):
-    out = tmp_path / "o"
-    args = _train_args(tiny_models["llama"], many_rows, out)
+    out, owner = tmp_path / "o", tmp_path / "owner"
+    args = _train_args(tiny_models["llama"], many_rows, out, f"train.owner_dir={owner}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([mpiexec(), "-n", "2", sys.executable, *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -265,8 +267,11 @@ def test_os_seeded_training_keeps_its_noise_key_until_done(tiny_models, many_row
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     assert proc.returncode == 75
-    key = out / "noise-key"
+    key = owner / "noise-key"
     assert key.is_file() and (key.stat().st_mode & 0o777) == 0o600
+    # rank 0's own files stay in train.owner_dir; the shared folder holds the workers' checkpoint parts
+    assert not (out / "noise-key").exists() and not (out / "metrics.jsonl").exists()
+    assert (owner / "metrics.jsonl").is_file() and list((out / "checkpoints").glob("step-*/rank-1.safetensors"))
     saved = key.read_bytes()
     key.unlink()
     refused = run_mpi(2, [*args, "train.resume=true"], timeout=120)
@@ -274,6 +279,9 @@ def test_os_seeded_training_keeps_its_noise_key_until_done(tiny_models, many_row
     key.write_bytes(saved)
     assert run_mpi(2, [*args, "train.resume=true"], timeout=300).returncode == 0
     assert not key.exists()
+    # a finished run resumes to nothing (no key needed: nothing more is released)
+    again = run_mpi(2, [*args, "train.resume=true"], timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
 
 
 def test_exported_adapter_and_merged_model_serve_inference(tiny_models, texts_file, tmp_path):
