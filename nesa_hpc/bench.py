@@ -312,7 +312,8 @@ def baseline_train(folder: str, data: Path, cfg: DictConfig, threads: int) -> di
 
 def run_bench_train(cfg: DictConfig) -> dict:
     """Training tokens/s (forward + backward + AdamW) of the unsplit model in one process against
-    ``jobs/train.py`` at N ranks, same steps, in one invocation."""
+    ``jobs/train.py`` at N ranks, same steps, in one invocation. The workers hold every layer after
+    ``split.k`` (no owner tail: rank 0's layers stay frozen), so both train the same parameters."""
     from transformers import AutoConfig, AutoTokenizer
 
     b = cfg.bench
@@ -339,8 +340,9 @@ def run_bench_train(cfg: DictConfig) -> dict:
         run = out_dir / f"train_n{n}"
         overrides = [f"model.path={folder}", f"data.path={data}", f"data.batch_size={cfg.data.batch_size}",
                      f"data.max_length={cfg.data.max_length}", f"split.k={cfg.split.k}", f"split.head={cfg.split.head}",
-                     f"split.partition={_override(cfg.split.partition)}", f"runtime.threads={threads}",
-                     f"train.max_steps={b.train_steps}", f"train.grad_accum={b.train_grad_accum}",
+                     f"split.partition={_override(cfg.split.partition)}", "split.owner_tail=0",
+                     f"runtime.threads={threads}", f"train.max_steps={b.train_steps}",
+                     f"train.grad_accum={b.train_grad_accum}",
                      f"train.layers=[{cfg.split.k},{layers}]", f"train.out_dir={run}", "train.overwrite=true",
                      "train.export=none", "train.save_every=1000000"]
         cmd = [_mpiexec(cfg), "-n", str(n), sys.executable, str(ROOT / "jobs" / "train.py"), *overrides]

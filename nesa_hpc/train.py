@@ -826,6 +826,9 @@ def run_train(cfg: DictConfig, comm=None, on_step=None, on_recv=None) -> dict:
                                                            else "all"), counts)
         for line in topo.describe():
             log.info("  %s", line)
+        if len(topo.tail) and not spec.owner_trainable and size > 1:
+            log.warning("layers [%d, %d) run on rank 0 (owner tail) and stay frozen (train.owner_trainable=false); "
+                        "set split.owner_tail=0 to give them to the workers", topo.tail.start, topo.tail.stop)
     stop = StopFlag()
     try:
         if rank == 0:
