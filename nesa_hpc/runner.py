@@ -578,13 +578,14 @@ def _count_rows(path: str, settings: Settings) -> int | None:
     return None
 
 
-def main(cfg: DictConfig) -> None:
-    """Entry point body for ``jobs/infer.py``: run, and end every rank cleanly on failure."""
+def main(cfg: DictConfig, job: Callable[..., dict] | None = None) -> None:
+    """Entry point body for ``jobs/infer.py`` (and, with ``job``, the other MPI jobs): run ``job(cfg, comm)``
+    (default :func:`run`), exit with its ``exit_code``, and end every rank cleanly on failure."""
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     try:
-        summary = run(cfg, comm)
+        summary = (job or run)(cfg, comm)
     except JobError as exc:
         if comm.Get_rank() == 0:
             logging.getLogger("nesa_hpc").error("error: %s", exc)

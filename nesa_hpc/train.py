@@ -24,7 +24,6 @@ import math
 import os
 import shutil
 import socket
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,6 +37,7 @@ from .config import ConfigError, Settings, _bool, _choice, _int, _nonneg, _posit
 from .control import StopFlag
 from .data import DataError, RowError, read_rows
 from .models import Adapter, GPT2Adapter, LlamaLikeAdapter
+from .pipeline import NonFiniteError
 from .privacy import Privacy, PrivacySpec, calibrate_clip, make_privacy
 from .public_text import load_texts, public_texts
 from .tasks import score_positions
@@ -979,7 +979,7 @@ def _owner_loop(stage: Stage, settings: Settings, spec: TrainSpec, folder: str, 
         loss, n_target = stage.owner_step(batches, fwd, bwd, epoch)
         fwd.releases.clear()
         if not math.isfinite(loss):
-            raise FloatingPointError(f"train: the loss is {loss} at step {step + 1} (lower train.lr, or set "
+            raise NonFiniteError(f"train: the loss is {loss} at step {step + 1} (lower train.lr, or set "
                                      "train.max_grad_norm)")
         if on_step is not None:
             on_step(stage, step, loss)
@@ -1129,25 +1129,6 @@ def _all_layers(stage: Stage) -> list[int]:
 
 def main(cfg: DictConfig) -> None:
     """Entry point body for ``jobs/train.py``: run, and end every rank cleanly on failure."""
-    from mpi4py import MPI
+    from .runner import main as run_job
 
-    from .runner import USER_ERRORS, JobError, _message
-
-    comm = MPI.COMM_WORLD
-    try:
-        summary = run_train(cfg, comm)
-    except JobError as exc:
-        if comm.Get_rank() == 0:
-            logging.getLogger("nesa_hpc").error("error: %s", exc)
-        sys.stderr.flush()
-        sys.exit(2)
-    except (*USER_ERRORS, FloatingPointError) as exc:
-        logging.getLogger("nesa_hpc").error("error: %s", _message(exc))
-        sys.stderr.flush()
-        comm.Abort(2)
-    except BaseException:
-        logging.getLogger("nesa_hpc").exception("rank %d failed", comm.Get_rank())
-        sys.stderr.flush()
-        comm.Abort(1)
-    else:
-        sys.exit(summary["exit_code"])
+    run_job(cfg, run_train)
