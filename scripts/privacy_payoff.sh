@@ -18,8 +18,9 @@ STEPS=${2:-100}
 PY=.venv/bin/python
 MPIEXEC=.venv/bin/mpiexec
 mkdir -p "$OUT"
-# k epsilon unit clip (the audit's calibrated clip at that k: docs/audit/audit.csv)
-POINTS=("0 10 token 3.099794387817383" "2 3000 sequence 588.7997863769531")
+# k epsilon unit clip (the audit's calibrated clip at that k: docs/audit/audit.csv); PAYOFF_POINTS overrides,
+# e.g. PAYOFF_POINTS="0 30 token 3.099794387817383;2 1000 sequence 588.7997863769531"
+IFS=';' read -r -a POINTS <<<"${PAYOFF_POINTS:-0 10 token 3.099794387817383;2 3000 sequence 588.7997863769531}"
 for point in "${POINTS[@]}"; do
   read -r K EPS UNIT CLIP <<<"$point"
   RUN="$OUT/k${K}_eps${EPS}"
