@@ -749,8 +749,8 @@ def check_adapter_use(folder: str | Path, used: set[str], names: set[str]) -> No
 
 def _key_digest(cfg: DictConfig) -> str:
     keep = OmegaConf.to_container(cfg, resolve=True)
-    keep.get("train", {}).pop("resume", None)
-    keep.get("train", {}).pop("overwrite", None)
+    for key in ("resume", "overwrite", "export", "log_every", "save_every", "keep_checkpoints"):
+        keep.get("train", {}).pop(key, None)  # none of these changes what is trained
     keep.pop("runtime", None)
     keep.pop("output", None)
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -887,7 +887,8 @@ def _resume_point(spec: TrainSpec, cfg: DictConfig) -> str | None:
     saved = json.loads((Path(spec.out_dir) / "train.json").read_text())
     if saved.get("key") != _key_digest(cfg):
         raise ConfigError(f"train.resume=true: the options differ from the run in {spec.out_dir} (only runtime.*, "
-                          "train.resume and train.overwrite may change)")
+                          "output.*, train.export, train.log_every, train.save_every and train.keep_checkpoints "
+                          "may change)")
     ckpt = latest_checkpoint(spec)
     return None if ckpt is None else str(ckpt)
 

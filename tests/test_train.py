@@ -279,9 +279,10 @@ def test_os_seeded_training_keeps_its_noise_key_until_done(tiny_models, many_row
     key.write_bytes(saved)
     assert run_mpi(2, [*args, "train.resume=true"], timeout=300).returncode == 0
     assert not key.exists()
-    # a finished run resumes to nothing (no key needed: nothing more is released)
-    again = run_mpi(2, [*args, "train.resume=true"], timeout=300)
+    # a finished run resumes to nothing more than another export (no key needed: nothing more is released)
+    again = run_mpi(2, [*args, "train.resume=true", "train.export=merged"], timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / "model" / "model.safetensors.index.json").is_file() and (out / "adapter").is_dir()
 
 
 def test_exported_adapter_and_merged_model_serve_inference(tiny_models, texts_file, tmp_path):
