@@ -256,7 +256,7 @@ def run_audit(cfg: DictConfig, comm=None) -> list[dict] | None:
     load_modules(adapter, folder, modules + [adapter.layer_module(i) for i in range(adapter.num_layers)],
                  settings.model_dtype)
     if settings.model_adapters:
-        from .train import apply_adapters, check_adapter_use
+        from .lora import apply_adapters, check_adapter_use
 
         check_adapter_use(settings.model_adapters, *apply_adapters(adapter, settings.model_adapters,
                                                                     range(adapter.num_layers)))

@@ -21,6 +21,7 @@ from .config import ConfigError, Settings, settings_from_cfg
 from .control import Progress, SkipLog, StopFlag
 from .data import DataError, RowError, count_rows, make_batches, prefetch, read_rows, sample_path, shard_range
 from .generate import Decoding, eos_token_ids, run_generate_owner, run_generate_worker
+from .lora import check_adapter_use
 from .pipeline import check_finite, run_owner, run_worker
 from .placement import describe_device, launcher_local_rank, node_local_rank, pick_device
 from .privacy import PrivacySpec, calibrate_clip, make_privacy
@@ -28,7 +29,6 @@ from .public_text import load_texts
 from .results import InOrder, ResultWriter
 from .tasks import make_task
 from .topology import make_topology
-from .train import check_adapter_use
 from .transport import MpiTransport, PeerFailure, TorchTransport, TransportTimeout
 from .weights import DTYPES, build_adapter, load_modules, packaged_model_path
 
@@ -113,7 +113,7 @@ def _model_folder(settings: Settings) -> str:
 
 def _load_adapters(settings: Settings, adapter, topo, rank: int) -> tuple[set[str], set[str]]:
     """Merge ``model.adapters`` (a peft LoRA folder, e.g. from jobs/train.py) into this rank's layers."""
-    from .train import apply_adapters
+    from .lora import apply_adapters
 
     folder = Path(settings.model_adapters).expanduser()
     if not folder.is_dir():

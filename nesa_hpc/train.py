@@ -35,16 +35,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, Settings, _bool, _choice, _int, _nonneg, _positive, _privacy, settings_from_cfg
 from .control import StopFlag
-from .data import DataError, RowError, read_rows
-from .models import Adapter, GPT2Adapter, LlamaLikeAdapter
-from .pipeline import NonFiniteError
+from .data import DataError, RowError, pad_batch, position_ids, read_rows
+from .lora import add_lora, base_name, lora_config, lora_targets, merge_lora, peft_name
+from .models import Adapter
+from .pipeline import NonFiniteError, adapter_dtype
 from .privacy import Privacy, PrivacySpec, calibrate_clip, make_privacy
 from .public_text import load_texts, public_texts
 from .tasks import score_positions
 from .topology import Topology
 
-__all__ = ["TrainSpec", "TrainBatch", "train_spec", "run_train", "main", "add_lora", "lora_targets",
-           "load_examples", "epoch_batches", "lr_factor", "training_epsilon", "apply_adapters", "MODES", "SCHEDULES"]
+__all__ = ["TrainSpec", "TrainBatch", "train_spec", "run_train", "main", "load_examples", "epoch_batches",
+           "lr_factor", "training_epsilon", "make_trainable", "MODES", "SCHEDULES"]
 
 log = logging.getLogger("nesa_hpc")
 
@@ -52,9 +53,6 @@ MODES = ("lora", "full")
 SCHEDULES = ("constant", "linear", "cosine")
 LOSSES = ("causal", "completion")
 EXPORTS = ("auto", "adapter", "merged", "none")
-_DEFAULT_TARGETS = {LlamaLikeAdapter: ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                    GPT2Adapter: ("c_attn", "c_proj", "c_fc")}
-_LAYERS_PATTERN = {LlamaLikeAdapter: "layers", GPT2Adapter: "h"}
 
 
 # --------------------------------------------------------------------------------------------- options
@@ -254,16 +252,9 @@ def epoch_batches(examples: list, epoch: int, seed: int, batch_size: int, pad_id
     batches = []
     for start in range(0, len(order), batch_size):
         part = [examples[i] for i in order[start:start + batch_size]]
-        T = max(len(ids) for _, ids, _ in part)
-        ids = torch.full((len(part), T), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(part), T), dtype=torch.long)
-        target = torch.zeros((len(part), T), dtype=torch.bool)
-        for b, (_, seq, tgt) in enumerate(part):
-            ids[b, :len(seq)] = torch.tensor(seq)
-            mask[b, :len(seq)] = 1
-            target[b, :len(seq)] = torch.tensor(tgt)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        batches.append(TrainBatch(torch.tensor([r for r, _, _ in part]), ids, mask, pos, target))
+        ids, mask = pad_batch([seq for _, seq, _ in part], pad_id, "right")
+        target = pad_batch([[int(t) for t in tgt] for _, _, tgt in part], 0, "right")[0].bool()
+        batches.append(TrainBatch(torch.tensor([r for r, _, _ in part]), ids, mask, position_ids(mask), target))
     return batches
 
 
@@ -281,43 +272,6 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 # ------------------------------------------------------------------------------------- trainable params
-
-def lora_targets(adapter: Adapter, spec: TrainSpec) -> tuple[str, ...]:
-    if spec.lora_targets:
-        return spec.lora_targets
-    for cls, names in _DEFAULT_TARGETS.items():
-        if isinstance(adapter, cls):
-            return names
-    raise ConfigError(f"train.lora.target_modules must be set for {type(adapter.model).__name__}")
-
-
-def _lora_config(adapter: Adapter, spec: TrainSpec, layers: list[int] | None = None, base: str | None = None):
-    from peft import LoraConfig
-
-    return LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                      target_modules=list(lora_targets(adapter, spec)), fan_in_fan_out=isinstance(adapter, GPT2Adapter),
-                      layers_to_transform=layers, layers_pattern=_LAYERS_PATTERN.get(type(adapter)) if layers else None,
-                      base_model_name_or_path=base, task_type="CAUSAL_LM")
-
-
-def add_lora(adapter: Adapter, layers, spec: TrainSpec) -> None:
-    """LoRA adapters (peft) on every target module of ``layers``. Each layer's adapters are initialised from
-    a generator seeded by (train.seed, layer), so a layer starts the same whichever rank holds it."""
-    from peft import inject_adapter_in_model
-
-    config = _lora_config(adapter, spec)
-    state = torch.random.get_rng_state()
-    try:
-        for i in layers:
-            torch.manual_seed(1_000_003 * spec.seed + i)
-            inject_adapter_in_model(config, adapter.layers[i])
-    finally:
-        torch.random.set_rng_state(state)
-    found = [n for i in layers for n, _ in adapter.layers[i].named_parameters() if "lora_" in n]
-    if layers and not found:
-        raise ConfigError(f"train.lora.target_modules={list(lora_targets(adapter, spec))} matches no module of "
-                          f"layer {layers[0]}")
-
 
 def trainable_layers(rank: int, topo: Topology, spec: TrainSpec) -> list[int]:
     """Layers whose parameters this rank trains: its own block ∩ ``train.layers``; for rank 0 only with
@@ -442,12 +396,11 @@ class Stage:
         self.rank, self.topo, self.adapter, self.spec = rank, topo, adapter, spec
         self.params = params
         self.transport, self.comm, self.roles, self.device = transport, comm, roles, device
-        self.total_steps = total_steps
         self.opt = torch.optim.AdamW([p for _, p in params], lr=spec.lr, weight_decay=spec.weight_decay) \
             if params else None
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, total_steps, spec.warmup_steps, spec.schedule)) if params else None
-        self.dtype = next((p.dtype for p in adapter.model.parameters() if p.device.type != "meta"), torch.float32)
+        self.dtype = adapter_dtype(adapter)
         # with a privacy mechanism, rank 0's gradients (of its own layers, trained on the raw rows) are clipped
         # by their own norm and kept out of the shared one: nothing computed from them leaves rank 0
         self.private = False
@@ -634,21 +587,17 @@ def load_rank(stage: Stage, folder: Path) -> None:
     stage.sched.load_state_dict(state["scheduler"])
 
 
-def _peft_name(name: str) -> str:
-    return "base_model.model." + name.replace(".default", "")
-
-
 def export_adapter(stage: Stage, comm, folder: Path, model_folder: str, layers: list[int]) -> None:
     """peft's adapter format: ``adapter_config.json`` + ``adapter_model.safetensors`` (gathered on rank 0)."""
     from safetensors.torch import save_file
 
-    mine = {_peft_name(n): p.detach().cpu().contiguous() for n, p in stage.params if "lora_" in n}
+    mine = {peft_name(n): p.detach().cpu().contiguous() for n, p in stage.params if "lora_" in n}
     parts = comm.gather(mine, root=0) if comm is not None else [mine]
     if stage.rank != 0:
         return
     tensors = {k: v for part in parts for k, v in part.items()}
     folder.mkdir(parents=True, exist_ok=True)
-    _lora_config(stage.adapter, stage.spec, layers, model_folder).save_pretrained(str(folder))
+    lora_config(stage.adapter, stage.spec, layers, model_folder).save_pretrained(str(folder))
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
@@ -659,12 +608,12 @@ def export_merged(stage: Stage, comm, folder: Path, model_folder: str, modules: 
 
     adapter, rank = stage.adapter, stage.rank
     size = comm.Get_size() if comm is not None else 1
-    _merge_lora(adapter)
+    merge_lora(adapter)
     tied = bool(getattr(adapter.config, "tie_word_embeddings", False))
     tensors = {}
     for module in modules:
         for n, p in adapter.model.get_submodule(module).named_parameters():
-            full = _base_name(f"{module}.{n}")
+            full = base_name(f"{module}.{n}")
             if "lora_" in full or (tied and full in adapter.tied):
                 continue
             tensors[full] = p.detach().cpu().contiguous()
@@ -682,67 +631,6 @@ def export_merged(stage: Stage, comm, folder: Path, model_folder: str, modules: 
     for f in Path(model_folder).iterdir():
         if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
             shutil.copy2(f, folder / f.name)
-
-
-def _base_name(name: str) -> str:
-    """The checkpoint name of a parameter inside a peft-wrapped module (``q_proj.base_layer.weight``)."""
-    return name.replace(".base_layer.", ".")
-
-
-def _merge_lora(adapter: Adapter) -> None:
-    from peft.tuners.lora import LoraLayer
-
-    with torch.no_grad():
-        for module in adapter.model.modules():
-            if isinstance(module, LoraLayer) and not module.merged:
-                module.merge()
-
-
-def apply_adapters(adapter: Adapter, folder: str | Path, layers) -> tuple[set[str], set[str]]:
-    """Load a peft LoRA adapter folder into ``layers`` of a partially loaded model and merge it into their
-    weights (``model.adapters`` of ``jobs/infer.py``). Returns (the tensor names used, every name in the file)."""
-    from peft import LoraConfig, inject_adapter_in_model
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"model.adapters: {folder} has no adapter_config.json (a peft LoRA adapter folder)")
-    config = LoraConfig.from_pretrained(str(folder))
-    if config.peft_type.value != "LORA":
-        raise ValueError(f"model.adapters: {folder} holds a {config.peft_type.value} adapter; only LoRA is supported")
-    weights_file = folder / "adapter_model.safetensors"
-    if not weights_file.is_file():
-        raise FileNotFoundError(f"model.adapters: {weights_file} is missing")
-    weights = load_file(str(weights_file))
-    config.layers_to_transform, config.layers_pattern, config.lora_dropout = None, None, 0.0
-    used: set[str] = set()
-    for i in layers:
-        prefix = f"base_model.model.{adapter.layer_module(i)}."
-        mine = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-        if not mine:
-            continue
-        used |= {prefix + k for k in mine}
-        module = adapter.layers[i]
-        inject_adapter_in_model(config, module)
-        state = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
-                 for k, v in mine.items()}
-        expected = {n for n, _ in module.named_parameters() if "lora_" in n}
-        if set(state) != expected:
-            raise ValueError(f"model.adapters: {weights_file} does not match layer {i} of the model "
-                             f"(expected {sorted(expected)[:2]} ..., found {sorted(state)[:2]} ...)")
-        module.load_state_dict(state, strict=False)
-        for p in module.parameters():
-            p.requires_grad_(False)
-    _merge_lora(adapter)
-    return used, set(weights)
-
-
-def check_adapter_use(folder: str | Path, used: set[str], names: set[str]) -> None:
-    """Refuse an adapter whose tensors not every one found a layer (e.g. adapters on the LM head)."""
-    left = sorted(names - used)
-    if left:
-        raise ValueError(f"model.adapters: {folder} holds {len(left)} tensors for modules nesa_hpc does not adapt "
-                         f"(only decoder layers): {left[:3]}{' ...' if len(left) > 3 else ''}")
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -832,9 +720,9 @@ def run_train(cfg: DictConfig, comm=None, on_step=None, on_recv=None) -> dict:
     stop = StopFlag()
     try:
         if rank == 0:
-            summary = _owner_loop(stage, settings, spec, folder, plan, planned[1], start_step, stop, on_step)
+            summary = _owner_loop(stage, settings, spec, folder, plan, *planned[1:], start_step, stop, on_step)
         else:
-            summary = _worker_loop(stage, spec, folder, modules, layers, on_step)
+            summary = _worker_loop(stage, spec, folder, on_step)
     finally:
         stop.restore()
         if transport is not None:
@@ -893,15 +781,17 @@ def _resume_point(spec: TrainSpec, cfg: DictConfig) -> str | None:
     return None if ckpt is None else str(ckpt)
 
 
-def _owner_plan(settings: Settings, spec: TrainSpec, folder: str) -> tuple[dict, list]:
-    """Rank 0: read and tokenize the training rows; the plan (steps per epoch, total steps, rows) and the rows."""
+def _owner_plan(settings: Settings, spec: TrainSpec, folder: str) -> tuple[dict, list, object]:
+    """Rank 0: read and tokenize the training rows; the plan (steps per epoch, total steps, rows), the rows
+    and the tokenizer."""
     from transformers import AutoTokenizer
 
-    examples = load_examples(settings, spec, AutoTokenizer.from_pretrained(folder))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    examples = load_examples(settings, spec, tokenizer)
     batches = -(-len(examples) // settings.batch_size)
     per_epoch = -(-batches // spec.grad_accum)
     total = per_epoch * spec.epochs if spec.max_steps is None else spec.max_steps
-    return {"steps_per_epoch": per_epoch, "total_steps": total, "rows": len(examples)}, examples
+    return {"steps_per_epoch": per_epoch, "total_steps": total, "rows": len(examples)}, examples, tokenizer
 
 
 def _owner_privacy(settings: Settings, spec: TrainSpec, stage: Stage, tokenizer,
@@ -942,11 +832,8 @@ def _owner_privacy(settings: Settings, spec: TrainSpec, stage: Stage, tokenizer,
 
 
 def _owner_loop(stage: Stage, settings: Settings, spec: TrainSpec, folder: str, plan: dict, examples: list,
-                start_step: int, stop: StopFlag, on_step) -> dict:
-    from transformers import AutoTokenizer
-
+                tok, start_step: int, stop: StopFlag, on_step) -> dict:
     comm, topo = stage.comm, stage.topo
-    tok = AutoTokenizer.from_pretrained(folder)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     fwd, bwd = _owner_privacy(settings, spec, stage, tok, finished=start_step >= plan["total_steps"])
     ledger = TrainLedger()
@@ -1081,7 +968,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def _worker_loop(stage: Stage, spec: TrainSpec, folder: str, modules: list[str], layers: list[int], on_step) -> dict:
+def _worker_loop(stage: Stage, spec: TrainSpec, folder: str, on_step) -> dict:
     comm = stage.comm
     while True:
         cmd = comm.bcast(None, root=0)
