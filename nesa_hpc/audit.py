@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from .data import make_batches, sample_path
+from .errors import ConfigError
 from .privacy import PrivacySpec, make_privacy, percentile_clip, unit_norms
 from .public_text import load_texts
 from .tasks import score_positions
@@ -235,21 +236,21 @@ def run_audit(cfg: DictConfig, comm=None) -> list[dict] | None:
     from transformers import AutoTokenizer
 
     from .config import settings_from_cfg
-    from .runner import _model_folder, _setup_logging
+    from .jobsetup import model_folder, setup_logging
     from .weights import build_adapter, load_modules
 
     comm = comm or MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    _setup_logging(rank)
+    setup_logging(rank)
     s = audit_settings(cfg)
     settings = settings_from_cfg(cfg)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    folder = _model_folder(settings)
+    folder = model_folder(settings)
     adapter = build_adapter(folder)
     bad = [k for k in s.ks if k > adapter.num_layers]
     if bad:
-        raise ValueError(f"audit.ks={list(s.ks)}: the model has {adapter.num_layers} layers, so k <= "
+        raise ConfigError(f"audit.ks={list(s.ks)}: the model has {adapter.num_layers} layers, so k <= "
                          f"{adapter.num_layers}")
     modules = [*adapter.embed_modules, *adapter.stage_modules, *adapter.norm_modules,
                *(adapter.head_modules if adapter.has_head else ())]

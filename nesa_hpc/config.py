@@ -9,19 +9,17 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .data import FORMATS, ON_ERROR, ON_LONG
+from .errors import ConfigError
 from .privacy import MECHANISMS, UNITS, PrivacyConfigError, PrivacySpec
 from .tasks import TASKS
 from .topology import HEAD_PLACEMENTS, PARTITIONS
 from .weights import DTYPES, PACKAGED_MODELS
 
-__all__ = ["ConfigError", "Settings", "settings_from_cfg", "DEVICES", "TRANSPORTS"]
+__all__ = ["ConfigError", "Settings", "settings_from_cfg", "DEVICES", "TRANSPORTS", "as_bool", "choice", "integer",
+           "nonneg", "positive", "privacy_spec"]
 
 DEVICES = ("cpu", "cuda")
 TRANSPORTS = ("mpi", "torch")
-
-
-class ConfigError(ValueError):
-    """An option has a value nesa_hpc cannot use; the message names the option."""
 
 
 @dataclass(frozen=True)
@@ -73,13 +71,13 @@ class Settings:
     chat_template: bool = False
 
 
-def _choice(name: str, value: Any, allowed) -> Any:
+def choice(name: str, value: Any, allowed) -> Any:
     if not isinstance(value, (str, int, float, bool, type(None))) or value not in allowed:
         raise ConfigError(f"{name}={value!r} must be one of {list(allowed)}")
     return value
 
 
-def _int(name: str, value: Any, low: int | None = None, allow_none: bool = False) -> int | None:
+def integer(name: str, value: Any, low: int | None = None, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
@@ -89,46 +87,46 @@ def _int(name: str, value: Any, low: int | None = None, allow_none: bool = False
     return value
 
 
-def _positive(name: str, value: Any) -> float:
+def positive(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ConfigError(f"{name}={value!r} must be a positive number")
     return float(value)
 
 
-def _nonneg(name: str, value: Any) -> float:
+def nonneg(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
         raise ConfigError(f"{name}={value!r} must be a number >= 0")
     return float(value)
 
 
-def _bool(name: str, value: Any) -> bool:
+def as_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{name}={value!r} must be true or false")
     return value
 
 
-def _privacy(p: dict, k: Any) -> PrivacySpec:
-    mechanism = _choice("privacy.mechanism", p.get("mechanism"), MECHANISMS)
+def privacy_spec(p: dict, k: Any) -> PrivacySpec:
+    mechanism = choice("privacy.mechanism", p.get("mechanism"), MECHANISMS)
     clip = p.get("clip")
     if clip is not None and clip != "auto":
-        clip = _positive("privacy.clip", clip)
-    percentile = _positive("privacy.clip_percentile", p.get("clip_percentile", 90))
+        clip = positive("privacy.clip", clip)
+    percentile = positive("privacy.clip_percentile", p.get("clip_percentile", 90))
     if percentile > 100:
         raise ConfigError(f"privacy.clip_percentile={percentile} must be in (0, 100]")
     delta = p.get("delta")
-    if delta is not None and (_positive("privacy.delta", delta) >= 1):
+    if delta is not None and (positive("privacy.delta", delta) >= 1):
         raise ConfigError(f"privacy.delta={delta} must be in (0, 1)")
     spec = PrivacySpec(
         mechanism=mechanism,
-        unit=_choice("privacy.unit", p.get("unit", "sequence"), UNITS),
-        epsilon=None if p.get("epsilon") is None else _positive("privacy.epsilon", p["epsilon"]),
+        unit=choice("privacy.unit", p.get("unit", "sequence"), UNITS),
+        epsilon=None if p.get("epsilon") is None else positive("privacy.epsilon", p["epsilon"]),
         delta=None if delta is None else float(delta),
         clip=clip,
         clip_percentile=percentile,
         calibration_path=None if p.get("calibration_path") is None else str(p["calibration_path"]),
-        sigma=None if p.get("sigma") is None else _nonneg("privacy.sigma", p["sigma"]),
-        seed=_int("privacy.seed", p.get("seed"), 0, allow_none=True),
-        releases=_int("privacy.releases", p.get("releases", 1), 1),
+        sigma=None if p.get("sigma") is None else nonneg("privacy.sigma", p["sigma"]),
+        seed=integer("privacy.seed", p.get("seed"), 0, allow_none=True),
+        releases=integer("privacy.releases", p.get("releases", 1), 1),
     )
     try:
         spec.check(k if isinstance(k, int) else 0)
@@ -147,49 +145,49 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
     data, out, rt = c["data"], c["output"], c["runtime"]
     partition = split["partition"]
     if isinstance(partition, (list, tuple, ListConfig)):
-        partition = tuple(_int("split.partition[]", p, 0) for p in partition)
+        partition = tuple(integer("split.partition[]", p, 0) for p in partition)
     else:
-        _choice("split.partition", partition, PARTITIONS)
+        choice("split.partition", partition, PARTITIONS)
     if not out.get("path"):
         raise ConfigError("output.path must name the HDF5 results file")
     return Settings(
-        task=_choice("task.name", task["name"], TASKS),
-        pooling=_choice("task.pooling", task.get("pooling", "mean"), ("mean", "last")),
-        normalize=_bool("task.normalize", task.get("normalize", False)),
+        task=choice("task.name", task["name"], TASKS),
+        pooling=choice("task.pooling", task.get("pooling", "mean"), ("mean", "last")),
+        normalize=as_bool("task.normalize", task.get("normalize", False)),
         model_path=model.get("path"),
-        model_packaged=_choice("model.packaged", model.get("packaged"), PACKAGED_MODELS),
+        model_packaged=choice("model.packaged", model.get("packaged"), PACKAGED_MODELS),
         model_adapters=None if model.get("adapters") is None else str(model["adapters"]),
-        model_dtype=_choice("model.dtype", model.get("dtype", "float32"), DTYPES),
-        k=_int("split.k", split["k"], 0),
-        head=_choice("split.head", split["head"], HEAD_PLACEMENTS),
+        model_dtype=choice("model.dtype", model.get("dtype", "float32"), DTYPES),
+        k=integer("split.k", split["k"], 0),
+        head=choice("split.head", split["head"], HEAD_PLACEMENTS),
         partition=partition,
-        owner_tail=_int("split.owner_tail", split.get("owner_tail"), 0, allow_none=True),
-        head_cost=None if split.get("head_cost") is None else _nonneg("split.head_cost", split["head_cost"]),
-        privacy=_privacy(privacy, split["k"]),
+        owner_tail=integer("split.owner_tail", split.get("owner_tail"), 0, allow_none=True),
+        head_cost=None if split.get("head_cost") is None else nonneg("split.head_cost", split["head_cost"]),
+        privacy=privacy_spec(privacy, split["k"]),
         data_path=data.get("path"),
-        data_format=_choice("data.format", data.get("format", "auto"), ("auto", *FORMATS)),
+        data_format=choice("data.format", data.get("format", "auto"), ("auto", *FORMATS)),
         text_field=str(data.get("text_field", "text")),
-        max_length=_int("data.max_length", data["max_length"], 2),
-        batch_size=_int("data.batch_size", data["batch_size"], 1),
-        padding_side=_choice("data.padding_side", data.get("padding_side", "right"), ("left", "right")),
-        bucket_window=_int("data.bucket_window", data.get("bucket_window", 0), 0),
-        on_error=_choice("data.on_error", data.get("on_error", "fail"), ON_ERROR),
-        on_long=_choice("data.on_long", data.get("on_long", "truncate"), ON_LONG),
+        max_length=integer("data.max_length", data["max_length"], 2),
+        batch_size=integer("data.batch_size", data["batch_size"], 1),
+        padding_side=choice("data.padding_side", data.get("padding_side", "right"), ("left", "right")),
+        bucket_window=integer("data.bucket_window", data.get("bucket_window", 0), 0),
+        on_error=choice("data.on_error", data.get("on_error", "fail"), ON_ERROR),
+        on_long=choice("data.on_long", data.get("on_long", "truncate"), ON_LONG),
         output_path=str(out["path"]),
-        overwrite=_bool("output.overwrite", out.get("overwrite", False)),
-        resume=_bool("output.resume", out.get("resume", False)),
-        threads=_int("runtime.threads", rt.get("threads"), 1, allow_none=True),
-        inflight=_int("runtime.inflight", rt.get("inflight"), 1, allow_none=True),
-        timeout=_positive("runtime.timeout", rt.get("timeout", 300)),
-        wire_dtype=_choice("runtime.wire_dtype", rt.get("wire_dtype"), (None, *DTYPES)),
-        on_nonfinite=_choice("runtime.on_nonfinite", rt.get("on_nonfinite", "error"), ("error", "flag")),
-        log_every=_positive("runtime.log_every", rt.get("log_every", 10)),
-        device=_choice("runtime.device", rt.get("device", "cpu"), DEVICES),
-        owner_device=_choice("runtime.owner_device", rt.get("owner_device") or rt.get("device", "cpu"), DEVICES),
-        transport=_choice("runtime.transport", rt.get("transport", "mpi"), TRANSPORTS),
-        cuda_aware_mpi=_choice("runtime.cuda_aware_mpi", rt.get("cuda_aware_mpi"), (None, True, False)),
+        overwrite=as_bool("output.overwrite", out.get("overwrite", False)),
+        resume=as_bool("output.resume", out.get("resume", False)),
+        threads=integer("runtime.threads", rt.get("threads"), 1, allow_none=True),
+        inflight=integer("runtime.inflight", rt.get("inflight"), 1, allow_none=True),
+        timeout=positive("runtime.timeout", rt.get("timeout", 300)),
+        wire_dtype=choice("runtime.wire_dtype", rt.get("wire_dtype"), (None, *DTYPES)),
+        on_nonfinite=choice("runtime.on_nonfinite", rt.get("on_nonfinite", "error"), ("error", "flag")),
+        log_every=positive("runtime.log_every", rt.get("log_every", 10)),
+        device=choice("runtime.device", rt.get("device", "cpu"), DEVICES),
+        owner_device=choice("runtime.owner_device", rt.get("owner_device") or rt.get("device", "cpu"), DEVICES),
+        transport=choice("runtime.transport", rt.get("transport", "mpi"), TRANSPORTS),
+        cuda_aware_mpi=choice("runtime.cuda_aware_mpi", rt.get("cuda_aware_mpi"), (None, True, False)),
         **_shards(data.get("num_shards"), data.get("shard"), os.environ),
-        chat_template=_bool("data.chat_template", data.get("chat_template", False)),
+        chat_template=as_bool("data.chat_template", data.get("chat_template", False)),
         **_generate_options(task),
     )
 
@@ -208,12 +206,12 @@ def _generate_options(task: dict) -> dict:
     if task.get("name") != "generate":
         return {}
     opts = dict(
-        max_new_tokens=_int("task.max_new_tokens", task.get("max_new_tokens", 64), 1),
+        max_new_tokens=integer("task.max_new_tokens", task.get("max_new_tokens", 64), 1),
         stop=_stop_strings(task.get("stop")),
-        temperature=_nonneg("task.temperature", task.get("temperature", 0.0)),
-        top_k=_int("task.top_k", task.get("top_k", 0), 0),
-        top_p=_positive("task.top_p", task.get("top_p", 1.0)),
-        seed=_int("task.seed", task.get("seed", 0), 0),
+        temperature=nonneg("task.temperature", task.get("temperature", 0.0)),
+        top_k=integer("task.top_k", task.get("top_k", 0), 0),
+        top_p=positive("task.top_p", task.get("top_p", 1.0)),
+        seed=integer("task.seed", task.get("seed", 0), 0),
     )
     if opts["top_p"] > 1:
         raise ConfigError(f"task.top_p={opts['top_p']} must be in (0, 1]")
@@ -235,7 +233,7 @@ def _shards(num_shards: Any, shard: Any, env) -> dict:
     from_array = num_shards is None and in_array
     if num_shards is None:
         num_shards = int(array["COUNT"]) if in_array else 1
-    num_shards = _int("data.num_shards", num_shards, 1)
+    num_shards = integer("data.num_shards", num_shards, 1)
     if shard is None:
         if num_shards == 1:
             shard = 0
@@ -249,7 +247,7 @@ def _shards(num_shards: Any, shard: Any, env) -> dict:
         else:
             raise ConfigError(f"data.shard must be set when data.num_shards={num_shards} outside a Slurm job array "
                               "of as many tasks")
-    shard = _int("data.shard", shard, 0)
+    shard = integer("data.shard", shard, 0)
     if shard >= num_shards:
         raise ConfigError(f"data.shard={shard} must be < data.num_shards={num_shards}")
     return {"num_shards": num_shards, "shard": shard}

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConfigError, UserError
+
 __all__ = ["DataError", "RowError", "ON_ERROR", "ON_LONG", "Batch", "read_rows", "make_batches", "prefetch",
            "detect_format", "sample_path", "FORMATS", "count_rows", "shard_range"]
 
@@ -20,7 +22,7 @@ _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".txt": 
                ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data; the message names the file and the line or row."""
 
 
@@ -183,7 +185,7 @@ def shard_range(num_rows: int, num_shards: int, shard: int, window: int) -> rang
     ``window`` (the batching window), so every row lands in the same micro-batch as in an unsharded run.
     The ``ceil(num_rows / window)`` windows are dealt out as evenly as possible."""
     if not 0 <= shard < num_shards:
-        raise ValueError(f"data.shard={shard} must be in [0, data.num_shards={num_shards})")
+        raise ConfigError(f"data.shard={shard} must be in [0, data.num_shards={num_shards})")
     windows = -(-num_rows // window)
     first, last = shard * windows // num_shards, (shard + 1) * windows // num_shards
     return range(min(first * window, num_rows), min(last * window, num_rows))

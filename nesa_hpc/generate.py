@@ -29,16 +29,11 @@ import torch
 from transformers import DynamicCache
 
 from .data import Batch
-from .models import Adapter
-from .pipeline import StageStats, adapter_dtype, mark_nonfinite, memory_guard
-from .privacy import Privacy
-from .topology import Topology
-from .transport import Kind, MpiTransport
+from .owner import Owner
+from .stage import StageStats, data_message, memory_guard
+from .transport import Kind
 
-__all__ = ["Decoding", "GroupResult", "eos_token_ids", "row_generator", "pick_tokens", "run_generate_owner",
-           "run_generate_worker", "FINISH_REASONS"]
-
-FINISH_REASONS = ("eos", "length", "stop")
+__all__ = ["Decoding", "GroupResult", "eos_token_ids", "row_generator", "pick_tokens", "run_generate"]
 
 
 @dataclass(frozen=True)
@@ -157,76 +152,61 @@ class _Stopper:
         return None, None
 
 
-def run_generate_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task, batches: Iterable[Batch],
-                       on_result: Callable[[Batch, list, torch.Tensor], None], transport: MpiTransport | None,
-                       inflight: int, decoding: Decoding, tokenizer, wire_dtype: torch.dtype | None = None,
-                       should_stop: Callable[[], bool] = lambda: False, max_rows: int | None = None) -> StageStats:
+def run_generate(owner: Owner, task, batches: Iterable[Batch],
+                 on_result: Callable[[Batch, list, torch.Tensor], None], inflight: int, decoding: Decoding,
+                 tokenizer, should_stop: Callable[[], bool] = lambda: False,
+                 max_rows: int | None = None) -> StageStats:
     """Rank 0 of ``task=generate``: keep ``inflight`` groups in the pipeline, pick every next token here,
     and hand each finished group to ``on_result(batch, [GroupResult], nonfinite)``. Batches must be
     left-padded. With ``max_rows``, a further group (up to ``2 * inflight``) starts as soon as the rows
     still running leave room for it, so rows that finished early are replaced before their whole group
     is done. When ``should_stop()`` turns true no new group starts; the groups in flight finish."""
-    stats = StageStats(extra={"generated": 0, "steps": 0, "max_groups": 0})
+    stats = owner.stats
+    stats.extra.update(generated=0, steps=0, max_groups=0)
+    topo, adapter, dev = owner.topo, owner.adapter, owner.device
     world = topo.world_size
-    front = range(0, topo.k)
-    back = range(topo.k, topo.num_layers) if world == 1 else range(0)
-    head_here = topo.head_rank() == 0
-    dtype = adapter_dtype(adapter)
-    wire_dtype = wire_dtype or dtype
     stopper = _Stopper(decoding, tokenizer)
     groups: dict[int, _Group] = {}
-    local: deque[tuple[int, list[torch.Tensor]]] = deque()  # world size 1: results computed here
     expected: deque[int] = deque()  # groups whose RESULT is due from the last rank, in order
-    sends: deque = deque()
-
-    def send(kind: Kind, gid: int, tensors: list[torch.Tensor]) -> None:
-        sends.append(transport.send(1, kind, gid, tensors))
-        while len(sends) > 2 * inflight:
-            sends.popleft().wait()
 
     def forward(g: _Group, ids: torch.Tensor, keep: torch.Tensor) -> None:
         """Embed ``ids`` (B', T) at ``g.pos``, run layers [0, k) with the owner's cache, privatise, send on."""
         T = ids.shape[1]
         with memory_guard(0, "embedding and layers [0, k)", tuple(ids.shape)):
-            h = adapter.embed(ids, g.pos)  # (B', T, H)
-            h = adapter.run_layers(front, h, g.mask, g.pos, g.cache)
-            step_mask = g.mask[:, -T:]
-            # (B', T, H): the only activations that leave rank 0; every row still running in a group has made
-            # the same number of releases so far (0 before the prefill), which keys this step's noise
-            z = privacy.apply(h, step_mask, g.batch.rows[g.alive], release=int(g.releases[g.alive[0]]))
+            # every row still running in a group has made the same number of releases so far (0 before the
+            # prefill), which keys this step's noise
+            z, bad = owner.front(ids.to(dev), g.mask, g.pos, g.batch.rows[g.alive],
+                                 release=int(g.releases[g.alive[0]]), cache=g.cache, step_mask=g.mask[:, -T:])
             g.releases[g.alive] += 1
-            bad = mark_nonfinite(z, step_mask, g.bad[g.alive], 0)
-            if world == 1:
-                h = adapter.run_layers(back, z, g.mask, g.pos, g.cache)
-                local.append((g.batch.index, [h[:, -1:], mark_nonfinite(h, step_mask, bad, 0)]))
-                return
+            before = g.bad[g.alive].to(bad.device)  # a row keeps the stage where NaN/Inf first appeared
+            bad = torch.where(before >= 0, before, bad)
         kind = Kind.PREFILL if g.prefill else Kind.DECODE
         # (B', T, H) states, (B', past + T) mask, (B', T) positions, (B',) marks, (B',) kept rows: no token ids
-        send(kind, g.batch.index, [z.to(wire_dtype), g.mask.to(torch.int8), g.pos.to(torch.int32), bad,
-                                   keep.to(torch.int32)])
+        owner.send(kind, g.batch.index, [*data_message(z, g.mask, g.pos, bad, owner.wire), keep.to(torch.int32)],
+                   limit=2 * inflight)
         expected.append(g.batch.index)
 
     def start(batch: Batch) -> None:
         B = batch.size
         gens = None if decoding.greedy else [row_generator(decoding.seed, r) for r in batch.rows.tolist()]
-        g = _Group(batch, DynamicCache(config=adapter.config), list(range(B)), batch.mask, batch.pos,
-                   torch.full((B,), -1, dtype=torch.int32), np.zeros(B, dtype=np.int32), gens,
+        g = _Group(batch, DynamicCache(config=adapter.config), list(range(B)), batch.mask.to(dev),
+                   batch.pos.to(dev), torch.full((B,), -1, dtype=torch.int32), np.zeros(B, dtype=np.int32), gens,
                    [[] for _ in range(B)], [None] * B, [""] * B)
         groups[batch.index] = g
         forward(g, batch.ids, torch.arange(B))
 
     def step(gid: int, tensors: list[torch.Tensor]) -> None:
         g = groups[gid]
-        *out, bad = tensors
+        *out, bad = (t.to(dev) for t in tensors)
         with memory_guard(0, "the head", tuple(g.mask.shape)):
-            if head_here:
-                h = out[0].to(dtype)  # (B', T', H)
-                if len(topo.tail):
-                    h = adapter.run_layers(topo.tail, h, g.mask, g.pos, g.cache)
-                bad = mark_nonfinite(h, torch.ones(h.shape[:2]), bad, world)
+            if owner.head_here:
+                ones = torch.ones(out[0].shape[:2], dtype=torch.long, device=dev)
+                h, bad = owner.back(out[0], g.mask, g.pos, bad, g.cache, mark_mask=ones)  # (B', T', H)
                 logits = task.head_stage(adapter, h, None)[0]  # (B', V)
             else:
                 logits = out[0]
+        logits = logits.float().cpu()
+        bad = bad.cpu()
         finite = torch.isfinite(logits).all(-1)  # (B',)
         if not finite.all():
             # recorded (runtime.on_nonfinite) when the group is written; such a row still gets a token
@@ -248,17 +228,16 @@ def run_generate_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task,
                 g.texts[r] = cut if cut is not None else stopper.text(g.tokens[r])
         if not keep:
             del groups[gid]
-            if world > 1:
-                send(Kind.FREE, gid, [])
+            owner.send(Kind.FREE, gid, limit=2 * inflight)
             on_result(g.batch, [GroupResult(g.tokens, g.reasons, g.texts, g.releases)], g.bad)
             return
         keep_t = torch.tensor(keep, dtype=torch.long)
         if len(keep) < len(g.alive):  # free the finished rows' cache entries
-            g.cache.batch_select_indices(keep_t)
-            g.mask = g.mask[keep_t]
+            g.cache.batch_select_indices(keep_t.to(dev))
+            g.mask = g.mask[keep_t.to(dev)]
         g.alive = [g.alive[j] for j in keep]
-        g.pos = g.pos[keep_t, -1:] + 1  # (B', 1)
-        g.mask = torch.cat([g.mask, torch.ones(len(keep), 1, dtype=g.mask.dtype)], dim=1)
+        g.pos = g.pos[keep_t.to(dev), -1:] + 1  # (B', 1)
+        g.mask = torch.cat([g.mask, torch.ones(len(keep), 1, dtype=g.mask.dtype, device=dev)], dim=1)
         g.prefill = False
         ids = torch.tensor([[g.tokens[r][-1]] for r in g.alive], dtype=torch.long)  # (B', 1)
         forward(g, ids, keep_t)
@@ -286,82 +265,10 @@ def run_generate_owner(topo: Topology, adapter: Adapter, privacy: Privacy, task,
                 stats.batches += 1
             if not groups:
                 break
-            if world == 1:
-                gid, tensors = local.popleft()
-            else:
-                msg = transport.recv(topo.last)
-                if msg.kind != Kind.RESULT or msg.batch_id != expected[0]:
-                    raise RuntimeError(f"rank 0 expected the result of group {expected[0]}, got kind {msg.kind} "
-                                       f"group {msg.batch_id}")
-                expected.popleft()
-                gid, tensors = msg.batch_id, msg.tensors
+            gid = expected.popleft()
+            msg = owner.recv(Kind.RESULT, gid)
             t0 = time.perf_counter()
-            step(gid, tensors)
+            step(gid, msg.tensors)
             stats.compute_s += time.perf_counter() - t0
-    if world > 1:
-        send(Kind.STOP, -1, [])
-        while sends:
-            sends.popleft().wait()
-    return stats
-
-
-def run_generate_worker(rank: int, topo: Topology, adapter: Adapter, task, transport: MpiTransport,
-                        wire_dtype: torch.dtype | None = None) -> StageStats:
-    """Ranks 1..N-1 of ``task=generate``: one KV cache per group in flight, for this rank's layers only."""
-    stats = StageStats()
-    layers = topo.layers_of(rank)
-    is_last = rank == topo.last
-    head_here = topo.head_rank() == rank
-    dtype = adapter_dtype(adapter)
-    wire_dtype = wire_dtype or dtype
-    caches: dict[int, tuple[DynamicCache, int]] = {}  # group -> (cache, rows in it)
-    sends: deque = deque()
-
-    def send(dest: int, kind: Kind, gid: int, tensors: list[torch.Tensor]) -> None:
-        sends.append(transport.send(dest, kind, gid, tensors))
-        while len(sends) > 2:
-            sends.popleft().wait()
-
-    while True:
-        msg = transport.recv(rank - 1)
-        if msg.kind == Kind.STOP:
-            if not is_last:
-                send(rank + 1, Kind.STOP, -1, [])
-            break
-        if msg.kind == Kind.FREE:
-            caches.pop(msg.batch_id, None)
-            if not is_last:
-                send(rank + 1, Kind.FREE, msg.batch_id, [])
-            continue
-        if msg.kind not in (Kind.PREFILL, Kind.DECODE):
-            raise RuntimeError(f"rank {rank}: unexpected message kind {msg.kind} from rank {rank - 1}")
-        t0 = time.perf_counter()
-        h, mask, pos, bad, keep = msg.tensors
-        h, mask, pos, keep = h.to(dtype), mask.long(), pos.long(), keep.long()
-        with torch.inference_mode(), memory_guard(rank, f"layers [{layers.start}, {layers.stop})",
-                                                  tuple(mask.shape)):
-            if msg.kind == Kind.PREFILL:
-                caches[msg.batch_id] = (DynamicCache(config=adapter.config), len(keep))
-            cache, rows = caches[msg.batch_id]
-            if len(keep) != rows:  # rows that finished at the owner: drop their cache entries
-                cache.batch_select_indices(keep)
-                caches[msg.batch_id] = (cache, len(keep))
-            h = adapter.run_layers(layers, h, mask, pos, cache)  # (B', T, H)
-            bad = mark_nonfinite(h, mask[:, -h.shape[1]:], bad, rank)
-            if is_last:
-                if head_here:
-                    out = task.head_stage(adapter, h, None)  # [(B', V) logits of the last position]
-                elif msg.kind == Kind.PREFILL and len(topo.tail):
-                    out = [h.to(wire_dtype)]  # the owner's tail layers need every prompt position
-                else:
-                    out = [h[:, -1:].to(wire_dtype)]  # (B', 1, H)
-        stats.compute_s += time.perf_counter() - t0
-        stats.batches += 1
-        if is_last:
-            send(0, Kind.RESULT, msg.batch_id, [*out, bad])
-        else:
-            send(rank + 1, msg.kind, msg.batch_id, [h.to(wire_dtype), mask.to(torch.int8), pos.to(torch.int32), bad,
-                                                   keep.to(torch.int32)])
-    while sends:
-        sends.popleft().wait()
-    return stats
+    owner.stop()
+    return owner.all_stats()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError, ModelError
 from .models import Adapter, GPT2Adapter, LlamaLikeAdapter
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def apply_adapters(adapter: Adapter, folder: str | Path, layers) -> tuple[set[st
         raise FileNotFoundError(f"model.adapters: {folder} has no adapter_config.json (a peft LoRA adapter folder)")
     config = LoraConfig.from_pretrained(str(folder))
     if config.peft_type.value != "LORA":
-        raise ValueError(f"model.adapters: {folder} holds a {config.peft_type.value} adapter; only LoRA is supported")
+        raise ModelError(f"model.adapters: {folder} holds a {config.peft_type.value} adapter; only LoRA is supported")
     weights_file = folder / "adapter_model.safetensors"
     if not weights_file.is_file():
         raise FileNotFoundError(f"model.adapters: {weights_file} is missing")
@@ -108,7 +108,7 @@ def apply_adapters(adapter: Adapter, folder: str | Path, layers) -> tuple[set[st
                  for k, v in mine.items()}
         expected = {n for n, _ in module.named_parameters() if "lora_" in n}
         if set(state) != expected:
-            raise ValueError(f"model.adapters: {weights_file} does not match layer {i} of the model "
+            raise ModelError(f"model.adapters: {weights_file} does not match layer {i} of the model "
                              f"(expected {sorted(expected)[:2]} ..., found {sorted(state)[:2]} ...)")
         module.load_state_dict(state, strict=False)
         for p in module.parameters():
@@ -121,5 +121,5 @@ def check_adapter_use(folder: str | Path, used: set[str], names: set[str]) -> No
     """Refuse an adapter whose tensors not every one found a layer (e.g. adapters on the LM head)."""
     left = sorted(names - used)
     if left:
-        raise ValueError(f"model.adapters: {folder} holds {len(left)} tensors for modules nesa_hpc does not adapt "
+        raise ModelError(f"model.adapters: {folder} holds {len(left)} tensors for modules nesa_hpc does not adapt "
                          f"(only decoder layers): {left[:3]}{' ...' if len(left) > 3 else ''}")

@@ -8,6 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .errors import UserError
 from .results import check_output_path
 
 __all__ = ["MergeError", "merge_shards", "SHARD_KEYS"]
@@ -20,7 +21,7 @@ _PER_SHARD_ATTRS = ("num_shards", "shard", "shard_rows", "seconds", "rank_stats"
 _COPY_ROWS = 1 << 16
 
 
-class MergeError(ValueError):
+class MergeError(UserError):
     """The shard files do not make one complete, consistent result; the message names the file."""
 
 

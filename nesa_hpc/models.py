@@ -16,6 +16,8 @@ from transformers.masking_utils import (
     create_sliding_window_causal_mask,
 )
 
+from .errors import ConfigError
+
 __all__ = ["Adapter", "LlamaLikeAdapter", "GPT2Adapter", "BertAdapter", "make_adapter", "ENCODER_MODEL_TYPES"]
 
 # Families loaded as bare encoders (``AutoModel``): their output is ``last_hidden_state``; no LM head.
@@ -34,7 +36,6 @@ class StageContext:
 class Adapter:
     """Family-independent view of a model: ``embed`` -> ``layer(i)`` ... -> ``norm`` -> ``logits``."""
 
-    causal: bool = True
     has_head: bool = True
 
     def __init__(self, model: nn.Module) -> None:
@@ -204,7 +205,6 @@ class GPT2Adapter(Adapter):
 class BertAdapter(Adapter):
     """BERT-style bidirectional encoders loaded with ``AutoModel`` (``embeddings / encoder.layer``)."""
 
-    causal = False
     has_head = False
     embed_modules = ("embeddings",)
 
@@ -237,7 +237,7 @@ def make_adapter(model: nn.Module) -> Adapter:
         return GPT2Adapter(model)
     if hasattr(model, "embeddings") and hasattr(getattr(model, "encoder", None), "layer"):
         return BertAdapter(model)
-    raise ValueError(
+    raise ConfigError(
         f"unsupported model architecture {type(model).__name__} (model_type="
         f"{getattr(model.config, 'model_type', '?')!r}): nesa_hpc supports Llama-like decoders "
         "(model.embed_tokens/layers/norm/rotary_emb + lm_head), GPT-2 and BERT-style encoders")

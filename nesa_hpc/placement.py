@@ -7,6 +7,8 @@ import socket
 
 import torch
 
+from .errors import ConfigError
+
 __all__ = ["node_local_rank", "pick_device", "describe_device"]
 
 # Launcher hints for the node-local rank, checked against MPI's own answer (which is what counts).
@@ -45,9 +47,7 @@ def pick_device(kind: str, local_rank: int, local_size: int, option: str = "runt
     if kind == "cpu":
         return torch.device("cpu")
     if kind != "cuda":
-        raise ValueError(f"{option}={kind!r} must be 'cpu' or 'cuda'")
-    from .config import ConfigError
-
+        raise ConfigError(f"{option}={kind!r} must be 'cpu' or 'cuda'")
     if not torch.cuda.is_available():
         built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -36,14 +36,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .errors import UserError
+
 __all__ = ["Privacy", "PrivacySpec", "Ledger", "make_privacy", "gaussian_sigma", "calibrate_clip",
-           "clip_norms", "unit_norms", "percentile_clip", "MECHANISMS", "UNITS", "PrivacyConfigError"]
+           "clip_norms", "unit_norms", "percentile_clip", "MECHANISMS", "UNITS", "PrivacyConfigError", "noise_key"]
 
 MECHANISMS = ("none", "gaussian", "sigma", "dchi")
 UNITS = ("token", "sequence")
 
 
-class PrivacyConfigError(ValueError):
+class PrivacyConfigError(UserError):
     """A privacy setting that cannot be honoured; the message names the option."""
 
 
@@ -163,7 +165,7 @@ def clip_norms(z: torch.Tensor, mask: torch.Tensor, unit: str, clip: float) -> t
     return z * scale
 
 
-def _noise_key(seed: int | None) -> bytes:
+def noise_key(seed: int | None) -> bytes:
     return secrets.token_bytes(32) if seed is None else f"nesa_hpc-seed:{int(seed)}".encode()
 
 
@@ -201,10 +203,10 @@ class Privacy:
         for i, r in enumerate(rows.tolist()):
             n = int(m[i].sum())
             if n:
-                noise[i][m[i]] = self._draw(r, release, n, H).to(device=z.device, dtype=z.dtype)
+                noise[i][m[i]] = self.draw(r, release, n, H).to(device=z.device, dtype=z.dtype)
         return z + noise
 
-    def _draw(self, row: int, release: int, n: int, H: int) -> torch.Tensor:
+    def draw(self, row: int, release: int, n: int, H: int) -> torch.Tensor:
         digest = hashlib.blake2b(self.key + f":{row}:{release}".encode(), digest_size=16).digest()
         rng = np.random.Generator(np.random.PCG64(int.from_bytes(digest, "little")))
         if self.spec.mechanism == "dchi":
@@ -270,7 +272,7 @@ def make_privacy(spec: PrivacySpec | str, k: int = 0, clip: float | None = None,
     elif spec.mechanism == "sigma":
         sigma = float(spec.sigma)
     if key is None or spec.seed is not None:
-        key = _noise_key(spec.seed)
+        key = noise_key(spec.seed)
     return Privacy(spec, clip=clip, sigma=sigma, key=key)
 
 

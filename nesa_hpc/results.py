@@ -9,6 +9,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .errors import UserError
+
 __all__ = ["ResultWriter", "InOrder", "OutputExistsError", "ResumeMismatch", "ResultWriteError", "read_results"]
 
 _COMMON = {"row": (np.int64, ()), "n_tokens": (np.int32, ()), "truncated": (np.bool_, ()),
@@ -33,11 +35,11 @@ def check_output_path(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
-class ResultWriteError(ValueError):
+class ResultWriteError(UserError):
     """The results file could not be written (disk full, I/O error)."""
 
 
-class ResumeMismatch(ValueError):
+class ResumeMismatch(UserError):
     """``output.resume=true`` on a file written with a different configuration."""
 
 

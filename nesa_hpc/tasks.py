@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Batch
+from .errors import ConfigError
 from .models import Adapter
 
 __all__ = ["Task", "ScoreTask", "EmbedTask", "GenerateTask", "make_task", "TASKS"]
@@ -88,7 +89,7 @@ class EmbedTask(Task):
 
     def __init__(self, pooling: str = "mean", normalize: bool = False) -> None:
         if pooling not in ("mean", "last"):
-            raise ValueError(f"task.pooling={pooling!r} must be 'mean' or 'last'")
+            raise ConfigError(f"task.pooling={pooling!r} must be 'mean' or 'last'")
         self.pooling = pooling
         self.normalize = normalize
 
@@ -148,4 +149,4 @@ def make_task(name: str, head_on_owner: bool, pooling: str = "mean", normalize: 
         return EmbedTask(pooling, normalize)
     if name == "generate":
         return GenerateTask()
-    raise ValueError(f"task={name!r} is not one of {TASKS}")
+    raise ConfigError(f"task={name!r} is not one of {TASKS}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .errors import ConfigError
+
 __all__ = ["Topology", "partition_layers", "make_topology", "balanced_plan", "PARTITIONS"]
 
 PARTITIONS = ("uniform", "balanced")
@@ -24,17 +26,17 @@ def partition_layers(num_layers: int, k: int, world_size: int,
     Raises ``ValueError`` quoting the numbers when the split cannot be satisfied.
     """
     if num_layers < 1:
-        raise ValueError(f"the model must have at least one layer ({num_layers=})")
+        raise ConfigError(f"the model must have at least one layer ({num_layers=})")
     if world_size < 1:
-        raise ValueError(f"world size must be >= 1 ({world_size=})")
+        raise ConfigError(f"world size must be >= 1 ({world_size=})")
     if not 0 <= k <= num_layers:
-        raise ValueError(f"split.k={k} must be between 0 and the model's num_layers={num_layers}")
+        raise ConfigError(f"split.k={k} must be between 0 and the model's num_layers={num_layers}")
     workers = world_size - 1
     if not 0 <= tail <= num_layers - k:
-        raise ValueError(f"split.owner_tail={tail} must be between 0 and num_layers - split.k = {num_layers - k}")
+        raise ConfigError(f"split.owner_tail={tail} must be between 0 and num_layers - split.k = {num_layers - k}")
     rest = num_layers - k - tail
     if isinstance(policy, str) and policy != "uniform":
-        raise ValueError(f"split.partition={policy!r} is not one of 'uniform' or a list of layer counts")
+        raise ConfigError(f"split.partition={policy!r} is not one of 'uniform' or a list of layer counts")
     if workers == 0:
         return [range(0, num_layers)]
     if isinstance(policy, str):
@@ -42,7 +44,7 @@ def partition_layers(num_layers: int, k: int, world_size: int,
             if rest == 0:
                 counts = [0] * workers  # split.k = num_layers: the workers only relay (and may hold the head)
             elif rest < workers:
-                raise ValueError(
+                raise ConfigError(
                     f"cannot give each of the {workers} worker ranks at least one layer: the model has "
                     f"num_layers={num_layers}, split.k={k} leaves {rest} for the workers; use at most "
                     f"{rest + 1} ranks or a smaller split.k")
@@ -50,20 +52,20 @@ def partition_layers(num_layers: int, k: int, world_size: int,
                 base, extra = divmod(rest, workers)
                 counts = [base + (1 if i < extra else 0) for i in range(workers)]
         else:
-            raise ValueError(f"split.partition={policy!r} is not one of 'uniform' or a list of layer counts")
+            raise ConfigError(f"split.partition={policy!r} is not one of 'uniform' or a list of layer counts")
     else:
         if any(isinstance(c, bool) or int(c) != c for c in policy):
-            raise ValueError(f"split.partition={list(policy)}: layer counts must be integers")
+            raise ConfigError(f"split.partition={list(policy)}: layer counts must be integers")
         counts = [int(c) for c in policy]
         if len(counts) != workers:
-            raise ValueError(
+            raise ConfigError(
                 f"split.partition lists {len(counts)} layer counts {counts} but there are {workers} worker "
                 f"ranks (world size {world_size})")
         if any(c < 0 for c in counts) or (rest and any(c < 1 for c in counts)):
-            raise ValueError(f"split.partition={counts}: every worker needs at least one layer")
+            raise ConfigError(f"split.partition={counts}: every worker needs at least one layer")
         if sum(counts) != rest:
             left = f"num_layers={num_layers} - split.k={k}" + (f" - split.owner_tail={tail}" if tail else "")
-            raise ValueError(f"split.partition={counts} sums to {sum(counts)} but {left} = {rest} layers remain "
+            raise ConfigError(f"split.partition={counts} sums to {sum(counts)} but {left} = {rest} layers remain "
                              "for the workers")
     ranges = [range(0, k)]
     start = k
@@ -107,7 +109,7 @@ def balanced_plan(num_layers: int, k: int, world_size: int, head: str, head_cost
         if best is None or cost < best[0] - 1e-9:
             best = (cost, tail, counts)
     if best is None:
-        raise ValueError(f"cannot give each of the {workers} worker ranks at least one layer: the model has "
+        raise ConfigError(f"cannot give each of the {workers} worker ranks at least one layer: the model has "
                          f"num_layers={num_layers} and split.k={k}")
     return best[2], best[1]
 
@@ -137,11 +139,11 @@ class Topology:
 
     def __post_init__(self) -> None:
         if self.head not in HEAD_PLACEMENTS:
-            raise ValueError(f"split.head={self.head!r} must be one of {HEAD_PLACEMENTS}")
+            raise ConfigError(f"split.head={self.head!r} must be one of {HEAD_PLACEMENTS}")
         if len(self.ranges) != self.world_size:
             raise ValueError(f"{len(self.ranges)=} does not match {self.world_size=}")
         if len(self.tail) and (self.head != "owner" or self.tail.stop != self.num_layers):
-            raise ValueError(f"an owner tail ({self.tail}) needs split.head=owner and must end at the last layer")
+            raise ConfigError(f"an owner tail ({self.tail}) needs split.head=owner and must end at the last layer")
 
     @property
     def last(self) -> int:
@@ -189,14 +191,14 @@ def make_topology(num_layers: int, k: int, world_size: int, head: str = "owner",
     """Validate the split options and build the :class:`Topology` (``head_cost`` in layer units is used
     by ``policy="balanced"``; ``owner_tail`` overrides the balanced tail, or adds one to other policies)."""
     if head not in HEAD_PLACEMENTS:
-        raise ValueError(f"split.head={head!r} must be one of {HEAD_PLACEMENTS}")
+        raise ConfigError(f"split.head={head!r} must be one of {HEAD_PLACEMENTS}")
     if world_size == 1 and head == "last":
         head = "owner"
     if owner_tail and head != "owner":
-        raise ValueError(f"split.owner_tail={owner_tail} needs split.head=owner (the owner runs the tail before "
+        raise ConfigError(f"split.owner_tail={owner_tail} needs split.head=owner (the owner runs the tail before "
                          "its head)")
     if not 0 <= k <= num_layers:
-        raise ValueError(f"split.k={k} must be between 0 and the model's num_layers={num_layers}")
+        raise ConfigError(f"split.k={k} must be between 0 and the model's num_layers={num_layers}")
     tail = owner_tail or 0
     if policy == "balanced":
         counts, auto_tail = balanced_plan(num_layers, k, world_size, head, head_cost)

@@ -5,9 +5,14 @@ Two backends share one interface (``send(dest, kind, batch_id, tensors)`` return
 
 - :class:`MpiTransport`: ``tensor.view(torch.uint8)`` with mpi4py's buffer API (no pickles: float16
   and bfloat16 have no MPI datatype, and pickling is an order of magnitude slower). GPU tensors go
-  straight to a CUDA-aware MPI, or are staged through pinned host memory.
+  straight to a CUDA-aware MPI, or are staged through pinned host memory. Either way a send waits only
+  for the work that produced its tensors, never for the whole device: an event recorded on the
+  producing (current) stream is synchronized before MPI reads GPU memory; staged copies run on the
+  transport's own CUDA stream, which waits on that event, and a "copy done" event on that stream is
+  synchronized before MPI reads the pinned buffer.
 - :class:`TorchTransport`: ``torch.distributed`` point-to-point (NCCL between GPUs, gloo on CPUs), with
-  the rendezvous done over MPI so users configure nothing.
+  the rendezvous done over MPI so users configure nothing. NCCL orders its own stream after the current
+  stream, so a send does not synchronize the host with the GPU.
 
 Every wait polls with a short sleep, so idle ranks yield the CPU to busy ones, and gives up after
 ``timeout`` seconds with an error naming the peer instead of hanging.
@@ -50,6 +55,8 @@ class Kind(IntEnum):
     TRAIN_FWD = 7  # training: (B, T, H) states + mask + positions of one micro-batch, towards the last rank
     TRAIN_OUT = 8  # training: the last rank's output for the loss (final states, or logits with head=last)
     TRAIN_BWD = 9  # training: the gradient of the loss with respect to what the receiver sent
+    SAVE = 10      # training: write this rank's part of the checkpoint of step batch_id
+    EXPORT = 11    # training: write this rank's part of the exported adapter or model
 
 
 class TransportTimeout(RuntimeError):
@@ -150,15 +157,16 @@ class MpiTransport:
         on_gpu = self.device.type == "cuda"
         self.cuda_aware = on_gpu and (mpi_cuda_aware() if cuda_aware is None else bool(cuda_aware))
         self.pinned = on_gpu and not self.cuda_aware
+        self._copy_streams: dict = {}  # CUDA device -> this transport's stream for device-to-host staging
 
     def send(self, dest: int, kind: int, batch_id: int, tensors: list[torch.Tensor] = ()) -> Pending:
         """Start sending; returns a handle whose ``wait()`` completes the send."""
         from mpi4py import MPI
 
-        on_gpu = any(t.is_cuda for t in tensors)
-        tensors = [self._outgoing(t) for t in tensors]
-        if on_gpu:
-            torch.cuda.current_stream().synchronize()  # the kernels and copies that fill the buffers are done
+        if any(t.is_cuda for t in tensors):
+            tensors = self._outgoing_cuda(list(tensors))  # returns once MPI may read every buffer
+        else:
+            tensors = [self._outgoing(t) for t in tensors]
         header = encode_header(kind, batch_id, tensors)
         reqs = [self.comm.Isend([header, MPI.INT64_T], dest=dest, tag=_TAG_HEADER)]
         bufs = [header]
@@ -171,13 +179,56 @@ class MpiTransport:
         return Pending(reqs, bufs + tensors, self, dest)
 
     def _outgoing(self, t: torch.Tensor) -> torch.Tensor:
-        """A buffer MPI can read: the tensor itself (CPU, or GPU with a CUDA-aware MPI), else a pinned copy."""
-        t = t.detach()
-        if not t.is_cuda or self.cuda_aware:
-            return t.contiguous()
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t, non_blocking=True)
-        return host
+        """A host tensor as a buffer MPI can read (GPU tensors go through :meth:`_outgoing_cuda`)."""
+        return t.detach().contiguous()
+
+    def _copy_stream(self, device: torch.device):
+        """This transport's side stream on ``device`` (created on first use), for device-to-host staging."""
+        stream = self._copy_streams.get(device)
+        if stream is None:
+            stream = self._copy_streams[device] = torch.cuda.Stream(device=device)
+        return stream
+
+    def _outgoing_cuda(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Buffers MPI can read for a message holding GPU tensors; returns once their bytes are final.
+
+        An event recorded on each device's current stream (where the tensors were produced) marks the
+        point after which they hold their values. With a CUDA-aware MPI the (contiguous) GPU tensors are the
+        buffers and that event is synchronized. Otherwise the transport's side stream waits on the event
+        (a GPU-side wait: the producer stream goes on), copies each tensor into pinned host memory, and
+        the event recorded after those copies is synchronized; the host waits for nothing else on the
+        device. Host tensors in the message are used as they are."""
+        tensors = [t.detach() for t in tensors]
+        if self.cuda_aware:
+            tensors = [t.contiguous() for t in tensors]  # any repacking runs on the producer stream, before the event
+        ready = {}
+        for t in tensors:
+            if t.is_cuda and t.device not in ready:
+                ready[t.device] = torch.cuda.Event()
+                ready[t.device].record(torch.cuda.current_stream(t.device))
+        if self.cuda_aware:
+            for event in ready.values():
+                event.synchronize()
+            return tensors
+        out = []
+        for t in tensors:
+            if not t.is_cuda:
+                out.append(t.contiguous())
+                continue
+            side = self._copy_stream(t.device)
+            if ready[t.device] is not None:
+                side.wait_event(ready[t.device])  # once per device: the side stream starts after the producer
+                ready[t.device] = None
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            with torch.cuda.stream(side):
+                host.copy_(t, non_blocking=True)
+            t.record_stream(side)  # the allocator keeps t's memory until the side stream is past the copy
+            out.append(host)
+        for device in ready:
+            done = torch.cuda.Event()
+            done.record(self._copy_stream(device))
+            done.synchronize()  # the copies are done (and only they, and what they waited for)
+        return out
 
     def _incoming(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         if self.cuda_aware:
@@ -194,6 +245,12 @@ class MpiTransport:
         self._wait_all([req], f"waiting for rank {self._peer(source)}", "recv")
         kind, batch_id, specs = decode_header(header)
         tensors = [self._incoming(dtype, shape) for dtype, shape in specs]
+        if self.cuda_aware and any(t.numel() for t in tensors):
+            # MPI writes GPU memory outside any stream, but the caching allocator may have handed out memory
+            # that kernels queued on the current stream still read: wait for them before MPI may write
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            done.synchronize()
         reqs = [self.comm.Irecv([_bytes(t), MPI.BYTE], source=source, tag=_TAG_DATA) for t in tensors if t.numel()]
         if reqs:
             self._wait_all(reqs, f"receiving data from rank {self._peer(source)}", "recv")
@@ -341,8 +398,13 @@ class TorchTransport:
         """Start sending; returns a handle whose ``wait()`` completes the send."""
         import torch.distributed as dist
 
-        tensors = [t.detach().to(self.device).contiguous() for t in tensors]
-        header = torch.from_numpy(encode_header(kind, batch_id, tensors)).to(self.device)
+        if self.device.type == "cuda":
+            # no host synchronization: NCCL's stream waits for the current stream, where these copies are queued
+            tensors = [self._to_gpu(t) for t in tensors]
+            header = self._to_gpu(torch.from_numpy(encode_header(kind, batch_id, tensors)))
+        else:
+            tensors = [t.detach().to(self.device).contiguous() for t in tensors]
+            header = torch.from_numpy(encode_header(kind, batch_id, tensors)).to(self.device)
         works = [dist.isend(header, dest)]
         bufs = [header, *tensors]
         for t in tensors:
@@ -352,6 +414,15 @@ class TorchTransport:
                 bufs.append(b)
                 self.bytes_sent += b.numel()
         return _TorchPending(works, bufs, self, dest)
+
+    def _to_gpu(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` on this rank's GPU, contiguous, without a host synchronization: a host tensor is copied
+        through pinned memory with a non-blocking copy on the current stream (a copy from pageable memory
+        would synchronize the stream); the pinned block is not reused before that copy is done."""
+        t = t.detach()
+        if not t.is_cuda:
+            t = t.contiguous().pin_memory()
+        return t.to(self.device, non_blocking=True).contiguous()
 
     def recv(self, source: int) -> Message:
         """Receive one whole message from ``source`` (blocking, with the progress deadline)."""

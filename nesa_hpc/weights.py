@@ -9,16 +9,16 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from .errors import ConfigError, ModelError
 from .models import ENCODER_MODEL_TYPES, Adapter, make_adapter
 
-__all__ = ["PACKAGED_MODELS", "packaged_model_path", "build_adapter", "load_modules", "load_partial",
+__all__ = ["PACKAGED_MODELS", "packaged_model_path", "build_adapter", "load_modules",
            "checkpoint_index", "cache_dir"]
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def packaged_model_path(name: str, convert: bool = True) -> Path:
     Only one process should call this with ``convert=True`` at a time (rank 0 does; the others wait).
     """
     if name not in PACKAGED_MODELS:
-        raise ValueError(f"model.packaged={name!r} is not one of {sorted(PACKAGED_MODELS)}")
+        raise ConfigError(f"model.packaged={name!r} is not one of {sorted(PACKAGED_MODELS)}")
     spec = PACKAGED_MODELS[name]
     pkg = _package_dir(spec["package"])
     if "folder" in spec:
@@ -102,7 +102,7 @@ def checkpoint_index(folder: Path) -> dict[str, Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError) as exc:
-            raise ValueError(f"{index}: not a valid safetensors index ({exc})") from exc
+            raise ModelError(f"{index}: not a valid safetensors index ({exc})") from exc
         files = {name: folder / f for name, f in weight_map.items()}
         missing = sorted({str(p) for p in files.values() if not p.exists()})
         if missing:
@@ -116,7 +116,7 @@ def checkpoint_index(folder: Path) -> dict[str, Path]:
         with safe_open(single, "pt") as f:
             return {name: single for name in f.keys()}
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{single}: cannot read safetensors file ({exc})") from exc
+        raise ModelError(f"{single}: cannot read safetensors file ({exc})") from exc
 
 
 def _build_skeleton(folder: Path) -> nn.Module:
@@ -132,7 +132,7 @@ def _build_skeleton(folder: Path) -> nn.Module:
         try:
             model = factory.from_config(config)
         except ValueError as exc:
-            raise ValueError(f"{folder}: unsupported model architecture ({exc})") from exc
+            raise ModelError(f"{folder}: unsupported model architecture ({exc})") from exc
     return model.eval()
 
 
@@ -141,22 +141,12 @@ def build_adapter(folder: str | Path) -> Adapter:
     return make_adapter(_build_skeleton(Path(folder)))
 
 
-def load_partial(folder: str | Path, modules: list[str] | Callable[[Adapter], list[str]],
-                 dtype: str = "float32", device: str | torch.device = "cpu") -> Adapter:
-    """Build the model skeleton on the meta device and load only the tensors of ``modules``: module
-    names such as ``model.layers.7``, or a function of the adapter that returns them."""
-    adapter = build_adapter(folder)
-    if callable(modules):
-        modules = modules(adapter)
-    return load_modules(adapter, folder, modules, dtype, device)
-
-
 def load_modules(adapter: Adapter, folder: str | Path, modules: list[str], dtype: str = "float32",
                  device: str | torch.device = "cpu") -> Adapter:
     """Fill ``modules`` of the adapter's skeleton from the folder's safetensors files, nothing else."""
     folder = Path(folder)
     if dtype not in DTYPES:
-        raise ValueError(f"model.dtype={dtype!r} must be one of {sorted(DTYPES)}")
+        raise ConfigError(f"model.dtype={dtype!r} must be one of {sorted(DTYPES)}")
     model = adapter.model
     modules = list(dict.fromkeys(modules))
     files = checkpoint_index(folder)
@@ -170,7 +160,7 @@ def load_modules(adapter: Adapter, folder: str | Path, modules: list[str], dtype
                 full = f"{module_name}.{pname}"
                 key = _find_key(full, files, adapter.tied, base)
                 if key is None:
-                    raise KeyError(f"{folder}: tensor {full!r} is missing from the checkpoint")
+                    raise ModelError(f"{folder}: tensor {full!r} is missing from the checkpoint")
                 if key not in loaded:  # tied weights (embedding = LM head) share one tensor
                     path = files[key]
                     if path not in readers:
@@ -210,24 +200,24 @@ class _TensorReader:
             self.header = json.loads(self.fh.read(n))
             self.base = 8 + n
         except (OSError, ValueError, struct.error) as exc:
-            raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+            raise ModelError(f"{path}: not a readable safetensors file ({exc})") from None
 
     def read(self, name: str) -> torch.Tensor:
         info = self.header.get(name)
         if info is None:
-            raise KeyError(f"{self.path}: tensor {name!r} is missing")
+            raise ModelError(f"{self.path}: tensor {name!r} is missing")
         start, stop = info["data_offsets"]
         dtype = _ST_DTYPES.get(info["dtype"])
         if dtype is None:
-            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            raise ModelError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         out = torch.empty(info["shape"], dtype=dtype)
         buf = out.view(torch.uint8).reshape(-1).numpy()
         if buf.nbytes != stop - start:
-            raise ValueError(f"{self.path}: tensor {name!r} is corrupt (shape {info['shape']} needs {buf.nbytes} "
+            raise ModelError(f"{self.path}: tensor {name!r} is corrupt (shape {info['shape']} needs {buf.nbytes} "
                              f"bytes, the header gives {stop - start})")
         self.fh.seek(self.base + start)
         if self.fh.readinto(memoryview(buf)) != buf.nbytes:
-            raise ValueError(f"{self.path}: tensor {name!r} is truncated (file shorter than its header says)")
+            raise ModelError(f"{self.path}: tensor {name!r} is truncated (file shorter than its header says)")
         return out
 
     def close(self) -> None:

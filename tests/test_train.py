@@ -143,23 +143,23 @@ def test_training_epsilon_matches_the_pld_accountant():
 
 def test_gradient_message_is_clipped_per_row_and_noised():
     from nesa_hpc.privacy import PrivacySpec, make_privacy
-    from nesa_hpc.train import _grad_message
+    from nesa_hpc.trainstep import grad_message
 
     g = torch.randn(40, 16) * 5
     row_of = torch.tensor([0] * 10 + [1] * 25 + [2] * 5)
     rows = torch.tensor([7, 8, 9])
     clip_only = make_privacy(PrivacySpec("sigma", sigma=0.0, clip=1.5), 0, key=b"k")
-    out = _grad_message(clip_only, g / 4.0, row_of, rows, release=0, scale=4.0) * 4.0
+    out = grad_message(clip_only, g / 4.0, row_of, rows, release=0, scale=4.0) * 4.0
     for i in range(3):
         assert float(out[row_of == i].norm()) == pytest.approx(1.5, rel=1e-6)
     small = torch.full((40, 16), 1e-3)
-    assert torch.allclose(_grad_message(clip_only, small, row_of, rows, 0, 1.0), small)
+    assert torch.allclose(grad_message(clip_only, small, row_of, rows, 0, 1.0), small)
     noisy = make_privacy(PrivacySpec("sigma", sigma=2.0, clip=1.5), 0, key=b"k")
-    a = _grad_message(noisy, torch.zeros(4000, 16), torch.zeros(4000, dtype=torch.long), rows[:1], 0, 1.0)
+    a = grad_message(noisy, torch.zeros(4000, 16), torch.zeros(4000, dtype=torch.long), rows[:1], 0, 1.0)
     assert float(a.std()) == pytest.approx(2.0, rel=0.03)
-    b = _grad_message(noisy, torch.zeros(4000, 16), torch.zeros(4000, dtype=torch.long), rows[:1], 1, 1.0)
+    b = grad_message(noisy, torch.zeros(4000, 16), torch.zeros(4000, dtype=torch.long), rows[:1], 1, 1.0)
     assert not torch.equal(a, b)  # a new release (epoch) draws new noise
-    assert torch.equal(a, _grad_message(noisy, torch.zeros(4000, 16), torch.zeros(4000, dtype=torch.long),
+    assert torch.equal(a, grad_message(noisy, torch.zeros(4000, 16), torch.zeros(4000, dtype=torch.long),
                                         rows[:1], 0, 1.0))
 
 

@@ -1,0 +1,207 @@
+"""The inference job's input and results on rank 0: rows to read, the results file and its attributes, the
+resume key, the noise key, and the ledger's totals."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from . import __version__
+from .config import Settings
+from .data import DataError, RowError, count_rows, read_rows, shard_range
+from .errors import ConfigError
+from .privacy import PrivacySpec, calibrate_clip, make_privacy
+from .public_text import load_texts
+from .results import ResultWriter
+
+__all__ = ["privacy_key", "shard_rows", "resume_key", "decoding_attrs", "open_results", "check_task",
+           "check_generate", "load_tokenizer", "key_file", "owner_privacy", "spent", "chat", "rows_from",
+           "rows_to_count"]
+
+log = logging.getLogger("nesa_hpc")
+
+
+def privacy_key(spec: PrivacySpec) -> dict:
+    """The privacy settings a resumed run must share (the calibrated clip follows from them)."""
+    return {"privacy_mechanism": spec.mechanism, "privacy_unit": spec.unit, "privacy_epsilon": spec.epsilon,
+            "privacy_delta": spec.delta, "privacy_clip": spec.clip, "privacy_clip_percentile": spec.clip_percentile,
+            "privacy_calibration_path": spec.calibration_path, "privacy_sigma": spec.sigma,
+            "privacy_seed": "os" if spec.seed is None else spec.seed, "privacy_releases": spec.releases}
+
+
+def shard_rows(settings: Settings, data_path: str) -> range | None:
+    """This job's input rows with ``data.num_shards > 1`` (None otherwise: every row)."""
+    if settings.num_shards == 1:
+        return None
+    window = max(settings.bucket_window, settings.batch_size) if settings.bucket_window else settings.batch_size
+    total = count_rows(data_path, settings.data_format)
+    rows = shard_range(total, settings.num_shards, settings.shard, window)
+    if not rows:
+        windows = -(-total // window)
+        raise DataError(f"data.shard={settings.shard} of data.num_shards={settings.num_shards} has no rows: "
+                        f"{data_path} has {total} rows, {windows} batching windows of {window} "
+                        f"(max(data.bucket_window, data.batch_size)); use data.num_shards <= {windows}")
+    log.info("shard %d of %d: input rows [%d, %d) of %d", settings.shard, settings.num_shards, rows.start,
+             rows.stop, total)
+    return rows
+
+
+def resume_key(settings: Settings, folder: str, data_path: str, privacy_attrs: dict,
+                rows: range | None = None) -> dict:
+    """What must match for rows of two runs to be interchangeable (world size and partition need not).
+    A shard also records which shard it is and its rows (so :mod:`nesa_hpc.merge` can check that shards
+    belong together once those are set aside)."""
+    shard = {} if rows is None else {"num_shards": settings.num_shards, "shard": settings.shard,
+                                     "shard_rows": [rows.start, rows.stop]}
+    return {"task": settings.task, "pooling": settings.pooling, "normalize": settings.normalize,
+            "model_path": folder, "model_adapters": settings.model_adapters or "none",
+            "model_dtype": settings.model_dtype, "split_k": settings.k,
+            "data_path": str(data_path), "data_format": settings.data_format, "text_field": settings.text_field,
+            "max_length": settings.max_length, "batch_size": settings.batch_size,
+            "on_error": settings.on_error, "on_long": settings.on_long,
+            "bucket_window": settings.bucket_window, "padding_side": settings.padding_side,
+            "wire_dtype": settings.wire_dtype or settings.model_dtype, **privacy_attrs, **shard,
+            **(decoding_attrs(settings) if settings.task == "generate" else {})}
+
+
+def decoding_attrs(settings: Settings) -> dict:
+    return {"max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature, "top_k": settings.top_k,
+            "top_p": settings.top_p, "seed": settings.seed, "stop": list(settings.stop),
+            "chat_template": settings.chat_template}
+
+
+def open_results(cfg, settings: Settings, topo, adapter, task, folder: str, data_path: str,
+                 rows: range | None, eos_ids: frozenset[int] = frozenset()) -> ResultWriter:
+    if not Path(data_path).is_file():
+        raise DataError(f"data.path: no such file: {data_path}")
+    attrs = {
+        "task": settings.task, "model_path": folder, "model_adapters": settings.model_adapters or "none",
+        "num_layers": topo.num_layers, "split_k": topo.k,
+        "split_head": topo.head, "world_size": topo.world_size, "layers_per_rank": topo.layer_counts(),
+        "layer_ranges": [[r.start, r.stop] for r in topo.ranges], "owner_tail": [topo.tail.start, topo.tail.stop],
+        "split_partition": list(settings.partition) if isinstance(settings.partition, tuple) else settings.partition,
+        "data_path": str(data_path), "config": OmegaConf.to_yaml(cfg, resolve=True),
+        "nesa_hpc_version": __version__, "model_dtype": settings.model_dtype,
+        "wire_dtype": settings.wire_dtype or settings.model_dtype, "bucket_window": settings.bucket_window,
+        "batch_size": settings.batch_size, "privacy_mechanism": settings.privacy.mechanism,
+        "resume_key": resume_key(settings, folder, data_path, privacy_key(settings.privacy), rows),
+        "device": settings.device, "owner_device": settings.owner_device, "transport": settings.transport,
+    }
+    if rows is not None:
+        attrs.update(num_shards=settings.num_shards, shard=settings.shard, shard_rows=[rows.start, rows.stop])
+    if settings.task == "embed":
+        attrs.update(pooling=settings.pooling, normalize=settings.normalize)
+    if settings.task == "generate":
+        attrs.update(decoding_attrs(settings), decoding="greedy" if settings.temperature == 0 else "sample",
+                     padding_side="left", eos_token_ids=sorted(eos_ids))
+    columns = {**task.columns(adapter.hidden_size), "epsilon_spent": (np.float64, ())}
+    writer = ResultWriter(settings.output_path, columns, attrs, settings.overwrite, resume=settings.resume,
+                          first_row=rows.start if rows is not None else 0)
+    if writer.resumed_rows:
+        log.info("resuming %s after %d committed rows", settings.output_path, writer.resumed_rows)
+    return writer
+
+
+def check_task(settings: Settings, adapter) -> None:
+    if settings.task in ("score", "generate") and not adapter.has_head:
+        raise ConfigError(f"task={settings.task} needs a causal language model; {type(adapter.model).__name__} has "
+                          "no LM head (use task=embed)")
+
+
+def load_tokenizer(folder: str):
+    """Rank 0's tokenizer (loaded once per job)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the tokenizer from {folder}: {exc}") from None
+
+
+def check_generate(settings: Settings, adapter, folder: str, tokenizer) -> None:
+    """Options of task=generate that depend on the model: chat template, position limit."""
+    limit = getattr(adapter.config, "max_position_embeddings", None) or getattr(adapter.config, "n_positions", None)
+    if limit and settings.max_length + settings.max_new_tokens > limit:
+        raise ConfigError(f"data.max_length={settings.max_length} + task.max_new_tokens={settings.max_new_tokens} "
+                          f"exceeds the model's {limit} positions; lower one of them")
+    if settings.chat_template and not tokenizer.chat_template:
+        raise ConfigError(f"data.chat_template=true but the tokenizer in {folder} has no chat template")
+
+
+def key_file(output_path: str) -> Path:
+    return Path(f"{output_path}.noise-key")
+
+
+def owner_privacy(settings: Settings, topo, adapter, tokenizer, writer: ResultWriter, device="cpu"):
+    """Rank 0: calibrate the clip on public text if asked, set up the noise key, record the attributes.
+
+    With OS-seeded noise the key is kept next to the results (``<output.path>.noise-key``, mode 0600)
+    until the job completes, so a resumed run re-sends a replayed row with the same noise as before
+    instead of releasing it a second time with fresh noise."""
+    spec = settings.privacy
+    clip = None
+    if spec.adds_noise and spec.clip == "auto":
+        texts = load_texts(spec.calibration_path)
+        clip = calibrate_clip(adapter, tokenizer, topo.k, spec.unit, spec.clip_percentile, texts,
+                              max_length=settings.max_length, device=device)
+        log.info("privacy.clip=auto: C = %.4g (percentile %g of %s norms at layer %d over %d public texts)",
+                 clip, spec.clip_percentile, spec.unit, topo.k, len(texts))
+    key, path = None, key_file(settings.output_path)
+    # a reopened file whose run got as far as its privacy set-up may have sent rows with its key
+    resuming_key = spec.adds_noise and spec.seed is None and writer.reopened and not writer.was_complete \
+        and "privacy_seed" in writer.file.attrs
+    if resuming_key:
+        if not path.is_file():
+            raise ConfigError(f"output.resume=true with OS-seeded noise needs {path}, written by the first run: "
+                             "without it, rows sent before the stop would be released again with fresh noise. "
+                             "Restore the file, or start over with output.overwrite=true")
+        key = path.read_bytes()
+    privacy = make_privacy(spec, topo.k, clip, key)  # without a key: a fresh one from the OS
+    if spec.adds_noise and spec.seed is None and not resuming_key:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(privacy.key)
+    writer.set_attrs(privacy.attrs())
+    if spec.adds_noise:
+        log.info("privacy: %s, unit %s, clip %s, sigma %.4g", spec.mechanism, privacy.attrs()["privacy_unit"],
+                 "none" if privacy.clip is None else f"{privacy.clip:.4g}", privacy.sigma)
+    return privacy
+
+
+def spent(writer: ResultWriter, releases: int) -> dict:
+    """The ledger's totals over every row in the file: worst-case epsilon and the most releases of a row."""
+    eps = writer.file["epsilon_spent"][()]
+    worst = float(np.max(eps)) if len(eps) else 0.0
+    before = int(writer.file.attrs.get("privacy_releases", 0)) if writer.resumed_rows else 0
+    return {"privacy_epsilon_spent": worst, "privacy_releases": max(before, releases)}
+
+
+def chat(tokenizer, text):
+    """Wrap one prompt as a user message in the tokenizer's chat template, ready for the assistant's reply."""
+    if isinstance(text, RowError) or not text:
+        return text
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def rows_from(data_path: str, settings: Settings, first: int, rows: range | None):
+    """(row, text) of the input from row ``first`` on, and only this shard's rows when sharded."""
+    if rows is None:
+        return ((r, t) for r, t in read_rows(data_path, settings.data_format, settings.text_field,
+                                             settings.on_error) if r >= first)
+    # a bad row of another shard is that shard's to report: read every row, let make_batches judge ours
+    todo = read_rows(data_path, settings.data_format, settings.text_field, "skip")
+    return itertools.takewhile(lambda rt: rt[0] < rows.stop, ((r, t) for r, t in todo if r >= first))
+
+
+def rows_to_count(path: str, settings: Settings) -> int | None:
+    """Rows in the input, for the progress bar (None when the file cannot be counted)."""
+    try:
+        return count_rows(path, settings.data_format)
+    except DataError:
+        return None

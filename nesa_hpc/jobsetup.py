@@ -1,0 +1,243 @@
+"""Job set-up shared by every MPI job (infer, train, audit, bench): logging, error agreement between ranks,
+device, model folder, topology, this rank's modules, the transport, and the end of a job.
+
+:func:`start_job` is the one path from a composed config to a :class:`Job` (settings, device, adapter
+skeleton, topology) on every rank; a failure that one rank sees ends every rank with :class:`JobError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, Settings, settings_from_cfg
+from .data import DataError
+from .placement import describe_device, launcher_local_rank, node_local_rank, pick_device
+from .topology import Topology, make_topology
+from .transport import MpiTransport, PeerFailure, TorchTransport, TransportTimeout
+from .weights import build_adapter, packaged_model_path
+
+__all__ = ["EXIT_STOPPED", "JobError", "USER_ERRORS", "Job", "start_job", "setup_logging", "agree", "all_ok",
+           "message", "model_folder", "rank_modules", "make_transport", "transport_name", "peak_rss_mb",
+           "gather_stats", "share_exit_code", "rank_stats", "threads_for"]
+
+# Exit status of a job stopped early by SIGTERM/SIGUSR1 (EX_TEMPFAIL: rerun with output.resume=true).
+EXIT_STOPPED = 75
+
+log = logging.getLogger("nesa_hpc")
+
+# Errors that are the user's to fix: reported as one line, no traceback. A bare ValueError or KeyError is
+# an internal bug and keeps its traceback; user-facing errors subclass one of these.
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FileExistsError, PermissionError, TransportTimeout,
+               PeerFailure)
+
+
+class JobError(RuntimeError):
+    """A failure already reported by the rank that saw it; every rank raises it to exit together."""
+
+
+def setup_logging(rank: int, device: torch.device | None = None) -> None:
+    host = socket.gethostname()
+    handler = logging.StreamHandler(sys.stderr)
+    where = f" {device}" if device is not None else ""
+    handler.setFormatter(logging.Formatter(f"[nesa_hpc r{rank}@{host}{where}] %(message)s"))
+    root = logging.getLogger("nesa_hpc")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.propagate = False
+
+
+def message(exc: BaseException) -> str:
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return text or type(exc).__name__
+
+
+def agree(comm, fn: Callable[[], object], root: int = 0, share: bool = True):
+    """Run ``fn`` on ``root``; if it fails, every rank raises the same error. With ``share`` its result
+    is broadcast to every rank, else only ``root`` gets it (the others get None)."""
+    result, error = None, None
+    if comm.Get_rank() == root:
+        try:
+            result = fn()
+        except USER_ERRORS as exc:
+            error = message(exc)
+    shared, error = comm.bcast((result if share else None, error), root=root)
+    if error is not None:
+        raise JobError(error)
+    return shared if share else result
+
+
+def all_ok(comm, fn: Callable[[], object]):
+    """Run ``fn`` on every rank; if any rank fails, every rank raises with the first failure's message."""
+    result, error = None, None
+    try:
+        result = fn()
+    except USER_ERRORS as exc:
+        error = f"rank {comm.Get_rank()} ({socket.gethostname()}): {message(exc)}"
+    errors = [e for e in comm.allgather(error) if e]
+    if errors:
+        raise JobError(errors[0])
+    return result
+
+
+def threads_for(settings: Settings, comm) -> int:
+    """``runtime.threads``, or this node's cores shared evenly by the ranks on it."""
+    from mpi4py import MPI
+
+    if settings.threads:
+        return settings.threads
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        ranks = local.Get_size()
+    finally:
+        local.Free()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // ranks)
+
+
+def model_folder(settings: Settings) -> str:
+    """``model.path`` (checked), or the packaged model's folder."""
+    if settings.model_path:
+        folder = Path(settings.model_path).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model.path: no such model folder: {folder}")
+        return str(folder.resolve())
+    return str(packaged_model_path(settings.model_packaged))
+
+
+def rank_modules(rank: int, topo: Topology, adapter, task: str) -> list[str]:
+    """This rank's modules: embeddings (+ head, + tail layers) on the owner, its layer block on a worker."""
+    names: list[str] = []
+    layers = list(topo.layers_of(rank)) + (list(topo.tail) if rank == 0 else [])
+    if rank == 0:
+        names += adapter.embed_modules
+    if layers:
+        names += adapter.stage_modules
+        names += [adapter.layer_module(i) for i in layers]
+    if topo.head_rank() == rank:
+        names += adapter.norm_modules
+        if task in ("score", "generate"):
+            names += adapter.head_modules
+    return names
+
+
+def transport_name(settings: Settings) -> str:
+    if settings.transport == "mpi":
+        return "mpi"
+    return f"torch ({'nccl' if settings.device == 'cuda' else 'gloo'})"
+
+
+def make_transport(comm, settings: Settings, device: torch.device, local_rank: int, local_size: int, on_recv,
+                   hosts: list[str]):
+    """The ``runtime.transport`` backend, started on every rank (a failure anywhere ends every rank)."""
+    if settings.transport == "mpi":
+        return MpiTransport(comm, settings.timeout, on_recv, hosts, device, settings.cuda_aware_mpi)
+    # NCCL when the workers compute on GPUs: then every rank, the owner included, sends from its GPU
+    wire = all_ok(comm, lambda: pick_device(settings.device, local_rank, local_size))
+    transport = TorchTransport(comm, wire, settings.timeout, on_recv, hosts)
+    all_ok(comm, lambda: TorchTransport.check_backend(wire))
+    address = agree(comm, lambda: transport.start_store(hosts))
+    all_ok(comm, lambda: transport.connect(*address))
+    all_ok(comm, transport.join)
+    return transport
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@dataclass
+class Job:
+    """What every rank knows once the job is set up: who it is, where it computes, the model and the split."""
+
+    comm: object
+    rank: int
+    size: int
+    settings: Settings
+    device: torch.device
+    local_rank: int
+    local_size: int
+    folder: str
+    adapter: object
+    topo: Topology
+    hosts: list[str]
+    places: list[tuple[str, int, str]]
+    head_cost: float
+
+    def transport(self, on_recv=None):
+        """The transport between the ranks (None at world size 1: the owner drives an in-process pipe)."""
+        if self.size == 1:
+            return None
+        return make_transport(self.comm, self.settings, self.device, self.local_rank, self.local_size, on_recv,
+                              self.hosts)
+
+    def log_layout(self, what: str, head_cost: float | None = None) -> None:
+        """Rank 0: one line for the job, one per rank (host, pid, device, layers, expected share of work)."""
+        if self.rank != 0:
+            return
+        topo, s = self.topo, self.settings
+        log.info("%s %s: %d layers, world size %d, split.k=%d, head on %s, transport %s", what, self.folder,
+                 topo.num_layers, self.size, s.k, "rank 0 (owner)" if topo.head == "owner"
+                 else f"rank {topo.last} (last worker)", transport_name(s) if self.size > 1 else "none")
+        costs = topo.stage_costs(head_cost) if head_cost is not None else None
+        for (host, pid, where), line in zip(self.places, topo.describe(costs), strict=True):
+            log.info("  %s [%s pid %d, %s]", line, host, pid, where)
+
+
+def start_job(cfg, comm, head_task: str | None = None) -> Job:
+    """Settings, threads, device, model folder, adapter skeleton and topology, agreed by every rank.
+    ``head_task`` (score, embed or generate; default ``task.name``) prices the head for
+    ``split.partition=balanced``."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    setup_logging(rank)
+    settings = all_ok(comm, lambda: settings_from_cfg(cfg))
+    torch.set_num_threads(threads_for(settings, comm))
+    local_rank, local_size = node_local_rank(comm)
+    kind = settings.owner_device if rank == 0 else settings.device
+    option = "runtime.owner_device" if rank == 0 and settings.device != kind else "runtime.device"
+    device = all_ok(comm, lambda: pick_device(kind, local_rank, local_size, option))
+    setup_logging(rank, device)
+    hint = launcher_local_rank()
+    if hint is not None and hint != local_rank and device.type == "cuda":
+        log.warning("the launcher says node-local rank %d, MPI says %d: using %s", hint, local_rank, device)
+    folder = agree(comm, lambda: model_folder(settings))
+    adapter = all_ok(comm, lambda: build_adapter(folder))
+    head_task = head_task or settings.task
+    head_cost = adapter.head_cost(head_task) if settings.head_cost is None else settings.head_cost
+    topo = all_ok(comm, lambda: make_topology(adapter.num_layers, settings.k, size, settings.head,
+                                              settings.partition, head_cost, settings.owner_tail))
+    places = comm.allgather((socket.gethostname(), os.getpid(), describe_device(device)))
+    return Job(comm, rank, size, settings, device, local_rank, local_size, folder, adapter, topo,
+               [h for h, _, _ in places], places, head_cost)
+
+
+def rank_stats(rank: int, stats, transport, wall: float) -> dict:
+    """One rank's figures for the summary: compute, waits, idle share, memory, micro-batches, bytes sent."""
+    waits = transport.wait_seconds if transport else {"recv": 0.0, "send": 0.0}
+    return {"rank": rank, "host": socket.gethostname(), "compute_s": round(stats.compute_s, 3),
+            "wait_input_s": round(waits["recv"], 3), "wait_send_s": round(waits["send"], 3),
+            "idle_share": round(max(0.0, 1 - stats.compute_s / wall), 3) if wall > 0 else 0.0,
+            "peak_rss_mb": round(peak_rss_mb(), 1), "batches": stats.batches,
+            "peak_activation_mb": round(stats.peak_saved_bytes / 2**20, 3),
+            "bytes_sent": transport.bytes_sent if transport else 0}
+
+
+def gather_stats(comm, mine: dict | None) -> list[dict]:
+    """The workers' figures, gathered on rank 0 (which passes None and gets the list; the others get [])."""
+    if comm.Get_size() == 1:
+        return []
+    gathered = comm.gather(mine, root=0)
+    return [s for s in gathered if s is not None] if comm.Get_rank() == 0 else []
+
+
+def share_exit_code(comm, code: int | None) -> int:
+    """Rank 0's exit code, on every rank (the last collective of a job)."""
+    return int(comm.bcast(code, root=0)) if comm.Get_size() > 1 else int(code)

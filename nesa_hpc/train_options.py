@@ -1,0 +1,250 @@
+"""Training options (``train.*``), the training rows and their micro-batches, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .config import ConfigError, Settings, as_bool, choice, integer, nonneg, positive, privacy_spec
+from .data import DataError, RowError, pad_batch, position_ids, read_rows
+from .privacy import PrivacySpec
+from .public_text import public_texts
+from .stage import PIPELINES
+from .tasks import score_positions
+
+__all__ = ["TrainSpec", "TrainBatch", "train_spec", "load_examples", "epoch_batches", "lr_factor", "MODES",
+           "SCHEDULES", "LOSSES", "EXPORTS"]
+
+log = logging.getLogger("nesa_hpc")
+
+MODES = ("lora", "full")
+SCHEDULES = ("constant", "linear", "cosine")
+LOSSES = ("causal", "completion")
+EXPORTS = ("auto", "adapter", "merged", "none")
+
+
+# --------------------------------------------------------------------------------------------- options
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Validated ``train.*`` options (documented in conf/train.yaml)."""
+
+    mode: str = "lora"
+    layers: tuple[int, int] | None = None
+    owner_trainable: bool = False
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] | None = None
+    epochs: int = 1
+    max_steps: int | None = None
+    grad_accum: int = 4
+    lr: float = 2e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    loss: str = "causal"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    out_dir: str = "train_out"
+    owner_dir: str = ""
+    completion_eos: bool = True
+    resume: bool = False
+    overwrite: bool = False
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    export: str = "auto"
+    log_every: int = 10
+    pipeline: str = "1f1b"
+    grad_privacy: PrivacySpec = field(default_factory=PrivacySpec)
+
+
+def train_spec(cfg: DictConfig) -> TrainSpec:
+    t = OmegaConf.to_container(cfg.train, resolve=True)
+    lora = t.get("lora") or {}
+    layers = t.get("layers")
+    if layers is not None:
+        if not isinstance(layers, (list, tuple)) or len(layers) != 2:
+            raise ConfigError(f"train.layers={layers!r} must be null or [start, stop) layer indices")
+        layers = (integer("train.layers[0]", layers[0], 0), integer("train.layers[1]", layers[1], 1))
+        if layers[1] <= layers[0]:
+            raise ConfigError(f"train.layers={list(layers)} is empty: stop must be > start")
+    targets = lora.get("target_modules")
+    if targets is not None and (not isinstance(targets, (list, tuple)) or not targets
+                                or not all(isinstance(x, str) and x for x in targets)):
+        raise ConfigError(f"train.lora.target_modules={targets!r} must be null or a list of module names")
+    gp = dict(t.get("grad_privacy") or {"mechanism": "none"})
+    if gp.get("unit", "sequence") != "sequence":
+        raise ConfigError("train.grad_privacy.unit must be sequence: a row's gradient message mixes all its tokens")
+    gp["unit"] = "sequence"
+    try:
+        grad_privacy = privacy_spec(gp, 0)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("privacy.", "train.grad_privacy.")) from None
+    if grad_privacy.mechanism == "dchi":
+        raise ConfigError("train.grad_privacy.mechanism must be none, gaussian or sigma (dchi is for token embeddings)")
+    if grad_privacy.clip == "auto":
+        raise ConfigError("train.grad_privacy.clip must be a number (the L2 norm of one row's gradient of its summed "
+                          "token loss); auto applies to activations only")
+    mgn = t.get("max_grad_norm")
+    spec = TrainSpec(
+        mode=choice("train.mode", t.get("mode", "lora"), MODES),
+        layers=layers,
+        owner_trainable=as_bool("train.owner_trainable", t.get("owner_trainable", False)),
+        lora_r=integer("train.lora.r", lora.get("r", 8), 1),
+        lora_alpha=positive("train.lora.alpha", lora.get("alpha", 16)),
+        lora_dropout=nonneg("train.lora.dropout", lora.get("dropout", 0.0)),
+        lora_targets=None if targets is None else tuple(targets),
+        epochs=integer("train.epochs", t.get("epochs", 1), 1),
+        max_steps=integer("train.max_steps", t.get("max_steps"), 1, allow_none=True),
+        grad_accum=integer("train.grad_accum", t.get("grad_accum", 4), 1),
+        lr=positive("train.lr", t.get("lr", 2e-4)),
+        schedule=choice("train.schedule", t.get("schedule", "cosine"), SCHEDULES),
+        warmup_steps=integer("train.warmup_steps", t.get("warmup_steps", 0), 0),
+        weight_decay=nonneg("train.weight_decay", t.get("weight_decay", 0.0)),
+        max_grad_norm=None if mgn is None else positive("train.max_grad_norm", mgn),
+        seed=integer("train.seed", t.get("seed", 0), 0),
+        loss=choice("train.loss", t.get("loss", "causal"), LOSSES),
+        prompt_field=str(t.get("prompt_field", "prompt")),
+        completion_field=str(t.get("completion_field", "completion")),
+        out_dir=str(t.get("out_dir") or ""),
+        owner_dir=str(t.get("owner_dir") or t.get("out_dir") or ""),
+        completion_eos=as_bool("train.completion_eos", t.get("completion_eos", True)),
+        resume=as_bool("train.resume", t.get("resume", False)),
+        overwrite=as_bool("train.overwrite", t.get("overwrite", False)),
+        save_every=integer("train.save_every", t.get("save_every", 100), 1),
+        keep_checkpoints=integer("train.keep_checkpoints", t.get("keep_checkpoints", 2), 1),
+        export=choice("train.export", t.get("export", "auto"), EXPORTS),
+        log_every=integer("train.log_every", t.get("log_every", 10), 1),
+        pipeline=choice("train.pipeline", t.get("pipeline", "1f1b"), PIPELINES),
+        grad_privacy=grad_privacy,
+    )
+    if spec.export == "auto":
+        spec = replace(spec, export="adapter" if spec.mode == "lora" else "merged")
+    if not spec.out_dir:
+        raise ConfigError("train.out_dir must name the folder for checkpoints and the exported model")
+    if spec.lora_dropout != 0:
+        raise ConfigError(f"train.lora.dropout={spec.lora_dropout}: only 0 is supported (dropout would draw from "
+                          "an unseeded random state: split and unsplit training, and a resumed run, would differ)")
+    if spec.export == "adapter" and spec.mode == "full":
+        raise ConfigError("train.export=adapter needs train.mode=lora (full fine-tuning exports train.export=merged)")
+    if spec.resume and spec.overwrite:
+        raise ConfigError("train.resume=true and train.overwrite=true contradict each other")
+    return spec
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+@dataclass
+class TrainBatch:
+    """One padded training micro-batch (``data.padding_side``). ``target`` (B, T) marks tokens the loss predicts."""
+
+    rows: torch.Tensor     # (B,) int64 input rows (they key the noise)
+    ids: torch.Tensor      # (B, T) int64: never leave rank 0
+    mask: torch.Tensor     # (B, T) int64
+    pos: torch.Tensor      # (B, T) int64
+    target: torch.Tensor   # (B, T) bool
+
+    @property
+    def size(self) -> int:
+        return int(self.rows.numel())
+
+    @property
+    def scored(self) -> torch.Tensor:
+        """(B, T-1) bool: positions t whose next token t+1 is real (what the head computes logits for)."""
+        return score_positions(self.mask)
+
+    def weights(self) -> torch.Tensor:
+        """(N,) float: for each scored position, 1 when its next token counts in the loss."""
+        return self.target[:, 1:][self.scored].float()
+
+
+def load_examples(settings: Settings, spec: TrainSpec, tokenizer) -> list[tuple[int, list[int], list[bool]]]:
+    """(row, token ids, target flags) of every usable training row; rows that cannot teach anything (one
+    token, or no completion token within ``data.max_length``) are skipped with a warning."""
+    path = settings.data_path
+    limit = settings.max_length
+    if spec.loss == "causal":
+        if path is None:
+            items = list(enumerate(public_texts()))
+            source = "the built-in public text"
+        else:
+            items = list(read_rows(path, settings.data_format, settings.text_field, settings.on_error))
+            source = path
+        pairs = [(r, t, None) for r, t in items]
+    else:
+        if path is None:
+            raise ConfigError("train.loss=completion needs data.path (rows with train.prompt_field and "
+                              "train.completion_field)")
+        prompts = read_rows(path, settings.data_format, spec.prompt_field, settings.on_error)
+        completions = read_rows(path, settings.data_format, spec.completion_field, settings.on_error)
+        pairs = [(r, p, c) for (r, p), (_, c) in zip(prompts, completions, strict=True)]
+        source = path
+    out, skipped = [], []
+    for row, text, completion in pairs:
+        bad = next((x for x in (text, completion) if isinstance(x, RowError)), None)
+        if bad is not None or not (text or completion):
+            if settings.on_error == "fail":
+                raise DataError(bad.reason if bad is not None else f"{source}: row {row}: the text is empty")
+            skipped.append(row)
+            continue
+        ids = list(tokenizer(text)["input_ids"])
+        target = [completion is None] * len(ids)
+        if completion is not None:
+            more = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+            if spec.completion_eos and tokenizer.eos_token_id is not None:
+                more.append(tokenizer.eos_token_id)
+            ids, target = ids + more, target + [True] * len(more)
+        if len(ids) > limit and settings.on_long == "fail":
+            raise DataError(f"{source}: row {row}: {len(ids)} tokens, longer than data.max_length={limit}")
+        if len(ids) > limit and settings.on_long == "skip":
+            skipped.append(row)
+            continue
+        ids, target = ids[:limit], target[:limit]
+        if len(ids) < 2 or not any(target[1:]):
+            skipped.append(row)
+            continue
+        out.append((row, ids, target))
+    if skipped:
+        log.warning("%s: %d rows skipped (empty, too long with data.on_long=skip, or nothing to predict within "
+                    "data.max_length): rows %s%s", source, len(skipped), skipped[:10],
+                    " ..." if len(skipped) > 10 else "")
+    if not out:
+        raise DataError(f"{source}: no usable training rows")
+    return out
+
+
+def epoch_batches(examples: list, epoch: int, seed: int, batch_size: int, pad_id: int,
+                  padding_side: str = "right") -> list[TrainBatch]:
+    """The micro-batches of one epoch: rows shuffled by (seed, epoch), cut into ``batch_size`` rows and padded
+    on ``padding_side`` (``data.padding_side``)."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(examples))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        part = [examples[i] for i in order[start:start + batch_size]]
+        ids, mask = pad_batch([seq for _, seq, _ in part], pad_id, padding_side)
+        target = pad_batch([[int(t) for t in tgt] for _, _, tgt in part], 0, padding_side)[0].bool()
+        batches.append(TrainBatch(torch.tensor([r for r, _, _ in part]), ids, mask, position_ids(mask), target))
+    return batches
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of ``train.lr`` at optimizer step ``step`` (0-based) of ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
