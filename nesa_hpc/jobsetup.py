@@ -192,10 +192,11 @@ class Job:
             log.info("  %s [%s pid %d, %s]", line, host, pid, where)
 
 
-def start_job(cfg, comm, head_task: str | None = None) -> Job:
+def start_job(cfg, comm, head_task: str | None = None, costs: Callable[[float], tuple] | None = None) -> Job:
     """Settings, threads, device, model folder, adapter skeleton and topology, agreed by every rank.
     ``head_task`` (score, embed or generate; default ``task.name``) prices the head for
-    ``split.partition=balanced``."""
+    ``split.partition=balanced``; ``costs(head_cost)`` returns (head cost, (front, worker, tail) layer
+    costs) when a job weighs stages otherwise than inference (training)."""
     rank, size = comm.Get_rank(), comm.Get_size()
     setup_logging(rank)
     settings = all_ok(comm, lambda: settings_from_cfg(cfg))
@@ -212,8 +213,11 @@ def start_job(cfg, comm, head_task: str | None = None) -> Job:
     adapter = all_ok(comm, lambda: build_adapter(folder))
     head_task = head_task or settings.task
     head_cost = adapter.head_cost(head_task) if settings.head_cost is None else settings.head_cost
+    layer_costs = (1.0, 1.0, 1.0)
+    if costs is not None:
+        head_cost, layer_costs = costs(head_cost)
     topo = all_ok(comm, lambda: make_topology(adapter.num_layers, settings.k, size, settings.head,
-                                              settings.partition, head_cost, settings.owner_tail))
+                                              settings.partition, head_cost, settings.owner_tail, layer_costs))
     places = comm.allgather((socket.gethostname(), os.getpid(), describe_device(device)))
     return Job(comm, rank, size, settings, device, local_rank, local_size, folder, adapter, topo,
                [h for h, _, _ in places], places, head_cost)

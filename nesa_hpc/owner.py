@@ -106,7 +106,8 @@ class Owner:
         the next one that rank sends; else messages that come before it are kept for later calls (a rank
         that sends both results and gradients, in the order of its schedule)."""
         source = self.last if source is None else source
-        box = self.mail.setdefault(source, deque())
+        # the local pipe has one channel whatever the source: one box then holds what came early
+        box = self.mail.setdefault(source if self.local is None else -1, deque())
         for i, msg in enumerate(box):
             if msg.kind == kind and msg.batch_id == batch_id:
                 del box[i]

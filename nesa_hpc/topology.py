@@ -75,14 +75,18 @@ def partition_layers(num_layers: int, k: int, world_size: int,
     return ranges
 
 
-def balanced_plan(num_layers: int, k: int, world_size: int, head: str, head_cost: float) -> tuple[list[int], int]:
+def balanced_plan(num_layers: int, k: int, world_size: int, head: str, head_cost: float,
+                  costs: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> tuple[list[int], int]:
     """Per-worker layer counts and an owner tail that make every stage cost about the same.
 
-    Costs are in units of one layer (the layers of a supported model are identical). The owner pays
-    ``k`` layers plus, with ``head="owner"``, the final norm + head (``head_cost``) and any tail layers
+    Costs are in units of one layer's forward (the layers of a supported model are identical); ``costs``
+    weighs a layer of the owner's front, of a worker and of the owner's tail (training: a trained layer's
+    backward costs about twice its forward, a frozen owner layer only runs forward). The owner pays
+    ``k`` front layers plus, with ``head="owner"``, the final norm + head (``head_cost``) and any tail layers
     it keeps; with ``head="last"`` the last worker pays the head. Returns ``(counts, tail)`` minimising
     the most expensive stage (ties: the smallest tail, so the workers carry the layers).
     """
+    front, per, back = costs
     workers = world_size - 1
     if workers == 0:
         return [], 0
@@ -99,13 +103,13 @@ def balanced_plan(num_layers: int, k: int, world_size: int, head: str, head_cost
             options = []
             for n_last in range(1, rest - (workers - 1) + 1):
                 others = _even(rest - n_last, workers - 1)
-                options.append((max([*others, n_last + head_cost]), [*others, n_last]))
+                options.append((max([*(per * c for c in others), per * n_last + head_cost]), [*others, n_last]))
             counts = min(options, key=lambda o: o[0])[1]
         else:
             counts = _even(rest, workers)
-        owner = k + tail + (head_cost if head == "owner" else 0.0)
+        owner = k * front + tail * back + (head_cost if head == "owner" else 0.0)
         last_extra = head_cost if head == "last" else 0.0
-        cost = max(owner, *counts[:-1], counts[-1] + last_extra) if counts else owner
+        cost = max(owner, *(per * c for c in counts[:-1]), per * counts[-1] + last_extra) if counts else owner
         if best is None or cost < best[0] - 1e-9:
             best = (cost, tail, counts)
     if best is None:
@@ -187,7 +191,7 @@ class Topology:
 
 def make_topology(num_layers: int, k: int, world_size: int, head: str = "owner",
                   policy: str | Sequence[int] = "uniform", head_cost: float = 0.0,
-                  owner_tail: int | None = None) -> Topology:
+                  owner_tail: int | None = None, costs: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Topology:
     """Validate the split options and build the :class:`Topology` (``head_cost`` in layer units is used
     by ``policy="balanced"``; ``owner_tail`` overrides the balanced tail, or adds one to other policies)."""
     if head not in HEAD_PLACEMENTS:
@@ -201,7 +205,7 @@ def make_topology(num_layers: int, k: int, world_size: int, head: str = "owner",
         raise ConfigError(f"split.k={k} must be between 0 and the model's num_layers={num_layers}")
     tail = owner_tail or 0
     if policy == "balanced":
-        counts, auto_tail = balanced_plan(num_layers, k, world_size, head, head_cost)
+        counts, auto_tail = balanced_plan(num_layers, k, world_size, head, head_cost, costs)
         if owner_tail is None:
             tail = auto_tail
         else:

@@ -87,7 +87,7 @@ def run_train(cfg: DictConfig, comm=None, on_step=None, on_recv=None) -> dict:
 
     comm = comm or MPI.COMM_WORLD
     spec = all_ok(comm, lambda: train_spec(cfg))
-    job = start_job(cfg, comm, head_task="score")
+    job = start_job(cfg, comm, head_task="score", costs=lambda head: training_costs(head, spec))
     rank, size, settings, adapter, topo, folder = job.rank, job.size, job.settings, job.adapter, job.topo, job.folder
     all_ok(comm, lambda: _check_model(adapter, settings, spec))
     agree(comm, lambda: _prepare_out_dir(spec, cfg))
@@ -155,6 +155,15 @@ def run_train(cfg: DictConfig, comm=None, on_step=None, on_recv=None) -> dict:
         stop.restore()
         if transport is not None:
             transport.close()
+
+
+def training_costs(head_cost: float, spec: TrainSpec) -> tuple[float, tuple[float, float, float]]:
+    """Stage costs of a training step for ``split.partition=balanced``, in layer forwards: a trained layer
+    runs forward and backward (about 1 + 2); a frozen owner front only runs forward; the owner's frozen tail
+    and head run forward and pass the gradient back to their input (about 1 + 1)."""
+    owner = 3.0 if spec.owner_trainable else 1.0
+    tail = 3.0 if spec.owner_trainable else 2.0
+    return 2.0 * head_cost, (owner, 3.0, tail)
 
 
 def _train_stage(stage: Stage, sends_back: bool, trains: bool, spec: TrainSpec) -> None:

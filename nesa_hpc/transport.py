@@ -9,7 +9,8 @@ Two backends share one interface (``send(dest, kind, batch_id, tensors)`` return
   for the work that produced its tensors, never for the whole device: an event recorded on the
   producing (current) stream is synchronized before MPI reads GPU memory; staged copies run on the
   transport's own CUDA stream, which waits on that event, and a "copy done" event on that stream is
-  synchronized before MPI reads the pinned buffer.
+  synchronized before MPI reads the pinned buffer. A receive into GPU memory (CUDA-aware MPI) first
+  waits for the work already queued on the current stream, since MPI writes outside stream order.
 - :class:`TorchTransport`: ``torch.distributed`` point-to-point (NCCL between GPUs, gloo on CPUs), with
   the rendezvous done over MPI so users configure nothing. NCCL orders its own stream after the current
   stream, so a send does not synchronize the host with the GPU.

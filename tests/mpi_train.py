@@ -65,7 +65,7 @@ def reference(cfg, case: dict, world: int) -> tuple[dict, list[float]]:
     grads, losses = {}, []
     for step in range(total):
         epoch, within = divmod(step, per_epoch)
-        batches = epoch_batches(examples, epoch, spec.seed, settings.batch_size, pad)
+        batches = epoch_batches(examples, epoch, spec.seed, settings.batch_size, pad, settings.padding_side)
         batches = batches[within * spec.grad_accum:(within + 1) * spec.grad_accum]
         n_target = sum(float(b.weights().sum()) for b in batches)
         loss = 0.0

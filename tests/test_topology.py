@@ -321,3 +321,20 @@ def test_property_make_topology_only_value_error(num_layers, k, world_size, head
         assert head in HEAD_PLACEMENTS and _is_valid(num_layers, k, world_size, "uniform")
         assert topo.head_rank() in (0, world_size - 1)
         _check_cover(list(topo.ranges), num_layers)
+
+
+def test_balanced_training_costs_move_layers_to_the_frozen_owner():
+    """Training weighs a worker's trained layer as forward + backward (3) and a frozen owner's as forward only:
+    the owner takes a longer tail than at inference, and no other tail gives a cheaper most-loaded stage."""
+    from nesa_hpc.topology import balanced_plan
+
+    head = 8.0
+    _, tail_infer = balanced_plan(30, 2, 2, "owner", head)
+    counts, tail = balanced_plan(30, 2, 2, "owner", 2 * head, (1.0, 3.0, 2.0))
+    assert tail > tail_infer
+    assert counts == [30 - 2 - tail]
+
+    def worst(t: int) -> float:
+        return max(2 * 1.0 + t * 2.0 + 2 * head, 3.0 * (28 - t))
+
+    assert worst(tail) == min(worst(t) for t in range(0, 28))

@@ -50,6 +50,16 @@ def _cases(n: int, models: dict, data: str, pc: str) -> list[dict]:
     if n > 1:
         cases.append({"model": llama, "data": data, "k": 1, "head": "owner", "mode": "lora", "owner_trainable": True,
                       "extra": {"split.owner_tail": 1}})
+    # both schedules, with more micro-batches than stages (and an uneven last step), gradients flowing back to
+    # a trained owner, left padding and a wider 1F1B window
+    cases += [
+        {"model": llama, "data": data, "k": 1, "head": "owner", "mode": "lora", "owner_trainable": True,
+         "batch_size": 1, "grad_accum": 5, "extra": {"train.pipeline": "1f1b"}},
+        {"model": llama, "data": data, "k": 1, "head": "last", "mode": "lora", "owner_trainable": True,
+         "batch_size": 1, "grad_accum": 5, "extra": {"train.pipeline": "gpipe", "data.padding_side": "left"}},
+        {"model": gpt2, "data": data, "k": 0, "head": "last", "mode": "lora", "batch_size": 2, "grad_accum": 4,
+         "extra": {"train.pipeline": "1f1b", "runtime.inflight": 6}},
+    ]
     return cases
 
 
@@ -82,6 +92,22 @@ def test_split_gradients_and_losses_equal_unsplit_training(n, tiny_models, texts
             # activations, masks and positions only: no int64 tensor (token ids, labels) reaches a worker
             assert set(e["worker_dtypes"]) <= {"torch.float32", "torch.int8", "torch.int32"}, label
             assert e["worker_messages"] > 0, label
+
+
+def test_1f1b_bounds_activation_memory_with_gpipe_losses(tiny_models, texts_file, tmp_path):
+    """With 8 micro-batches per step on 3 ranks, 1F1B holds fewer activations on every worker than GPipe (which
+    holds all 8) and trains exactly the same."""
+    llama = str(tiny_models["llama"])
+    base = {"model": llama, "data": str(texts_file), "k": 1, "head": "owner", "mode": "lora", "batch_size": 1,
+            "grad_accum": 8, "steps": 2, "reference": False}
+    report = _run(3, [{**base, "extra": {"train.pipeline": p}} for p in ("gpipe", "1f1b")], tmp_path)
+    gpipe, one = report
+    assert gpipe["split_losses"] == one["split_losses"]
+    peaks = {e["case"]["extra"]["train.pipeline"]: [r["peak_activation_mb"] for r in e["summary"]["rank_stats"]]
+             for e in report}
+    assert len(peaks["gpipe"]) == 3
+    for rank in (1, 2):
+        assert 0 < peaks["1f1b"][rank] < peaks["gpipe"][rank], peaks
 
 
 def _noise_cases(models: dict, data: str) -> list[dict]:

@@ -154,3 +154,139 @@ def test_mutated_header_decodes_or_value_error(header):
     for dtype, shape in got:
         assert dtype in WIRE_DTYPES
         assert len(shape) <= 4 and all(d >= 0 for d in shape)
+
+
+# --- MpiTransport.send with GPU tensors, on CPU: fakes for the CUDA stream/event API record what is
+# synchronized, and in what order, against what MPI is handed (the real CUDA runs in scripts/gpu_check.sh).
+
+class _FakeCuda(torch.Tensor):
+    """A CPU tensor that says it lives on cuda:0; ``record_stream`` is logged."""
+
+    log: list = []
+
+    @property
+    def is_cuda(self):
+        return True
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+    def record_stream(self, stream):
+        _FakeCuda.log.append(("record_stream", stream.name))
+
+
+class _FakeStream:
+    def __init__(self, name):
+        self.name = name
+
+    def wait_event(self, event):
+        _FakeCuda.log.append(("wait_event", self.name, event.id))
+
+    def synchronize(self):
+        _FakeCuda.log.append(("stream_synchronize", self.name))
+
+
+class _FakeEvent:
+    count = 0
+
+    def __init__(self, *args, **kwargs):
+        _FakeEvent.count += 1
+        self.id = _FakeEvent.count
+
+    def record(self, stream=None):
+        _FakeCuda.log.append(("record", self.id, stream.name if stream is not None else "current"))
+
+    def synchronize(self):
+        _FakeCuda.log.append(("event_synchronize", self.id))
+
+
+class _FakeComm:
+    def Isend(self, buf, dest, tag):  # noqa: N802 - mpi4py's name
+        data = buf[0]
+        _FakeCuda.log.append(("Isend", tag, bytes(np.asarray(data).view(np.uint8))))
+        return object()
+
+
+@pytest.fixture()
+def fake_cuda(monkeypatch):
+    import contextlib
+
+    pytest.importorskip("mpi4py")
+    _FakeCuda.log = []
+    compute = _FakeStream("compute")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream("side"))
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: _FakeCuda.log.append(("device_synchronize",)))
+
+    @contextlib.contextmanager
+    def stream(s):
+        _FakeCuda.log.append(("enter", s.name))
+        yield
+        _FakeCuda.log.append(("exit", s.name))
+
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    real_empty = torch.empty
+
+    def empty(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            _FakeCuda.log.append(("pinned",))
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    return _FakeCuda.log
+
+
+def _gpu_message():
+    h = torch.arange(24, dtype=torch.float32).view(2, 3, 4)
+    return [h.as_subclass(_FakeCuda), h.transpose(1, 2).as_subclass(_FakeCuda),
+            torch.tensor([1, 0], dtype=torch.int8)]  # a host tensor may travel with GPU ones
+
+
+def _index(log, entry):
+    return next(i for i, e in enumerate(log) if e[:len(entry)] == entry)
+
+
+@pytest.mark.parametrize("cuda_aware", [False, True])
+def test_gpu_send_synchronizes_events_not_streams(fake_cuda, cuda_aware):
+    from nesa_hpc.transport import MpiTransport
+
+    log = fake_cuda
+    tr = MpiTransport(_FakeComm(), device="cuda", cuda_aware=cuda_aware)
+    tensors = _gpu_message()
+    expect = [t.as_subclass(torch.Tensor).contiguous() for t in tensors]
+    tr.send(1, Kind.DATA, 7, tensors)
+    ops = [e[0] for e in log]
+    assert "stream_synchronize" not in ops and "device_synchronize" not in ops
+    ready = _index(log, ("record",))
+    assert log[ready][2] == "compute"  # the producer's stream
+    first_send = ops.index("Isend")
+    sent = [e[2] for e in log if e[0] == "Isend"][1:]  # data buffers, in order, after the header
+    assert sent == [t.numpy().tobytes() for t in expect]
+    assert tr.bytes_sent == sum(t.numel() * t.element_size() for t in expect)
+    if cuda_aware:  # MPI reads GPU memory: the producer's event is synchronized first; no copies, no side stream
+        assert _index(log, ("event_synchronize", log[ready][1])) < first_send
+        assert "pinned" not in ops and "enter" not in ops and not tr._copy_streams
+        return
+    # staged: the side stream waits on the producer's event, copies into pinned memory, and only the
+    # event recorded on the side stream after the copies is synchronized before MPI reads the host buffers
+    wait = _index(log, ("wait_event", "side", log[ready][1]))
+    enters = [i for i, e in enumerate(log) if e == ("enter", "side")]
+    done = next(i for i, e in enumerate(log) if e[0] == "record" and e[2] == "side")
+    synced = [e[1] for e in log if e[0] == "event_synchronize"]
+    assert ready < wait < enters[0] and len(enters) == 2 and ops.count("pinned") == 2
+    assert [e for e in log if e[0] == "record_stream"] == [("record_stream", "side")] * 2
+    assert max(enters) < done < _index(log, ("event_synchronize", log[done][1])) < first_send
+    assert synced == [log[done][1]]
+    assert ops.count("wait_event") == 1
+
+
+def test_cpu_send_never_touches_cuda(fake_cuda):
+    from nesa_hpc.transport import MpiTransport
+
+    tr = MpiTransport(_FakeComm(), device="cpu")
+    t = torch.arange(6, dtype=torch.float32).view(2, 3).t()
+    tr.send(1, Kind.DATA, 0, [t])
+    assert [e[0] for e in fake_cuda] == ["Isend", "Isend"]
+    assert fake_cuda[1][2] == t.contiguous().numpy().tobytes()
