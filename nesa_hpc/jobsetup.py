@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, Settings, settings_from_cfg
-from .data import DataError
+from .config import Settings, settings_from_cfg
+from .errors import UserError
 from .placement import describe_device, launcher_local_rank, node_local_rank, pick_device
 from .topology import Topology, make_topology
 from .transport import MpiTransport, PeerFailure, TorchTransport, TransportTimeout
@@ -36,8 +36,7 @@ log = logging.getLogger("nesa_hpc")
 
 # Errors that are the user's to fix: reported as one line, no traceback. A bare ValueError or KeyError is
 # an internal bug and keeps its traceback; user-facing errors subclass one of these.
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FileExistsError, PermissionError, TransportTimeout,
-               PeerFailure)
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, PermissionError, TransportTimeout, PeerFailure)
 
 
 class JobError(RuntimeError):
