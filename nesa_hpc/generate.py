@@ -197,7 +197,7 @@ def run_generate(owner: Owner, task, batches: Iterable[Batch],
 
     def step(gid: int, tensors: list[torch.Tensor]) -> None:
         g = groups[gid]
-        *out, bad = (t.to(dev) for t in tensors)
+        *out, bad = (t.to(dev, non_blocking=True) for t in tensors)
         with memory_guard(0, "the head", tuple(g.mask.shape)):
             if owner.head_here:
                 ones = torch.ones(out[0].shape[:2], dtype=torch.long, device=dev)

@@ -149,7 +149,7 @@ def run_stream(owner: Owner, task, batches: Iterable[Batch],
         batch = outstanding.popleft()
         msg = owner.recv(Kind.RESULT, batch.index)  # (B, T, H) states, or the head's outputs; (B,) marks
         t0 = time.perf_counter()
-        *tensors, bad = (t.to(dev) for t in msg.tensors)
+        *tensors, bad = (t.to(dev, non_blocking=True) for t in msg.tensors)
         with torch.inference_mode(), memory_guard(0, "the head", tuple(batch.ids.shape)):
             if owner.head_here:
                 mask, pos = batch.mask.to(dev), batch.pos.to(dev)

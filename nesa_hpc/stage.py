@@ -173,14 +173,18 @@ class Stage:
                    tail_on_owner=len(topo.tail) > 0, world=topo.world_size)
 
     # -- where the next message comes from
+    def wants_backward(self) -> bool:
+        """Whether this stage's next message is a gradient (from the rank after it) rather than a forward."""
+        return bool(self.schedule) and self.schedule[0] == "B"
+
     def next_source(self) -> int:
-        return self.nxt if self.schedule and self.schedule[0] == "B" else self.prev
+        return self.nxt if self.wants_backward() else self.prev
 
     def _dest(self) -> int:
         return 0 if self.is_last else self.nxt
 
     def _unwire(self, tensors: list[torch.Tensor]):
-        h, mask, pos, bad = (t.to(self.device) for t in tensors[:4])
+        h, mask, pos, bad = (t.to(self.device, non_blocking=True) for t in tensors[:4])
         return h.to(self.dtype), mask.long(), pos.long(), bad
 
     def _guard(self, shape):
@@ -226,7 +230,7 @@ class Stage:
         from transformers import DynamicCache
 
         h, mask, pos, bad = self._unwire(msg.tensors)
-        keep = msg.tensors[4].to(self.device).long()
+        keep = msg.tensors[4].to(self.device, non_blocking=True).long()
         with torch.inference_mode(), self._guard(mask.shape):
             if msg.kind == Kind.PREFILL:
                 self.caches[msg.batch_id] = (DynamicCache(config=self.adapter.config), len(keep))
@@ -332,21 +336,30 @@ def serve(stage: Stage, transport, depth: int = 2) -> StageStats:
 
 
 class LocalPipe:
-    """The pipeline at world size 1: rank 0 sends to a stage in its own process, which answers at once.
+    """The pipeline at world size 1: rank 0 sends to a stage in its own process.
 
-    It has the transport's interface, so rank 0 drives world size 1 exactly as it drives workers."""
+    It has the transport's interface, so rank 0 drives world size 1 exactly as it drives workers: messages
+    wait in two queues (forwards, gradients) as they would in a transport, and the stage takes them in the
+    order its schedule asks for."""
 
     wait_seconds = {"recv": 0.0, "send": 0.0}
     bytes_sent = 0
 
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
+        self.forwards: deque[Message] = deque()
+        self.grads: deque[Message] = deque()
         self.inbox: deque[Message] = deque()
 
     def send(self, dest: int, kind: int, batch_id: int, tensors: list[torch.Tensor] = ()):
-        for _, k, b, out in self.stage.handle(Message(kind, batch_id, list(tensors))):
-            self.inbox.append(Message(k, b, out))
-        self.stage.take_step_end()
+        (self.grads if kind == Kind.TRAIN_BWD else self.forwards).append(Message(kind, batch_id, list(tensors)))
+        while True:
+            queue = self.grads if self.stage.wants_backward() else self.forwards
+            if not queue:
+                break
+            for _, k, b, out in self.stage.handle(queue.popleft()):
+                self.inbox.append(Message(k, b, out))
+            self.stage.take_step_end()  # rank 0's own optimizer covers the local stage's parameters
         return _Done()
 
     def recv(self, source: int) -> Message:

@@ -235,7 +235,7 @@ def owner_step(trainer: Trainer, owner: Owner, batches: list[TrainBatch], grad_p
     for m, b in enumerate(batches):
         msg = owner.recv(Kind.TRAIN_OUT, m, strict=False)  # final states (B, T, H), or logits (N, V) with head=last
         t0 = time.perf_counter()
-        x, bad = (t.to(dev) for t in msg.tensors)
+        x, bad = (t.to(dev, non_blocking=True) for t in msg.tensors)
         if (bad >= 0).any():
             stage = int(bad[bad >= 0].min())
             raise NonFiniteError(f"train: NaN/Inf in the activations of rows {b.rows[bad.cpu() >= 0].tolist()} at "

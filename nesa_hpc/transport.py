@@ -31,6 +31,8 @@ from enum import IntEnum
 import numpy as np
 import torch
 
+from .errors import ConfigError
+
 __all__ = ["Kind", "Message", "MpiTransport", "TorchTransport", "TransportTimeout", "PeerFailure", "encode_header",
            "decode_header", "HEADER_LEN", "WIRE_DTYPES", "mpi_cuda_aware", "rendezvous_address", "Transport"]
 
@@ -351,12 +353,12 @@ class TorchTransport:
         import torch.distributed as dist
 
         if not dist.is_available():
-            raise ValueError("runtime.transport=torch: this torch build has no torch.distributed")
+            raise ConfigError("runtime.transport=torch: this torch build has no torch.distributed")
         if device.type == "cuda" and not dist.is_nccl_available():
-            raise ValueError(f"runtime.transport=torch with runtime.device=cuda needs NCCL, which this torch "
+            raise ConfigError(f"runtime.transport=torch with runtime.device=cuda needs NCCL, which this torch "
                              f"{torch.__version__} build lacks; use runtime.transport=mpi")
         if device.type == "cpu" and not dist.is_gloo_available():
-            raise ValueError(f"runtime.transport=torch on CPU needs gloo, which this torch {torch.__version__} "
+            raise ConfigError(f"runtime.transport=torch on CPU needs gloo, which this torch {torch.__version__} "
                              "build lacks; use runtime.transport=mpi")
 
     def start_store(self, hosts: list[str]):
