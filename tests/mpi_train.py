@@ -33,9 +33,10 @@ def overrides(case: dict, out: str) -> list[str]:
           f"data.path={case['data']}", f"data.batch_size={case.get('batch_size', 3)}", "data.max_length=24",
           f"train.out_dir={out}", "train.overwrite=true", "runtime.threads=1", f"train.mode={case['mode']}",
           f"train.max_steps={case.get('steps', 3)}", f"train.grad_accum={case.get('grad_accum', 2)}",
-          f"train.owner_trainable={str(case.get('owner_trainable', False)).lower()}", "train.lr=0.01",
+          f"train.owner_trainable={str(case.get('owner_trainable', False)).lower()}",
+          f"train.lr={case.get('extra', {}).get('train.lr', 0.01)}",
           "train.warmup_steps=1", "train.max_grad_norm=0.5", "train.save_every=1000"]
-    ov += [f"{key}={value}" for key, value in case.get("extra", {}).items()]
+    ov += [f"{key}={value}" for key, value in case.get("extra", {}).items() if key != "train.lr"]
     return ov
 
 

@@ -54,10 +54,10 @@ def _cases(n: int, models: dict, data: str, pc: str) -> list[dict]:
     # a trained owner, left padding and a wider 1F1B window
     cases += [
         {"model": llama, "data": data, "k": 1, "head": "owner", "mode": "lora", "owner_trainable": True,
-         "batch_size": 1, "grad_accum": 5, "steps": 2, "extra": {"train.pipeline": "1f1b"}},
+         "batch_size": 1, "grad_accum": 5, "steps": 2, "extra": {"train.pipeline": "1f1b", "train.lr": 0.001}},
         {"model": llama, "data": data, "k": 1, "head": "last", "mode": "lora", "owner_trainable": True,
          "batch_size": 1, "grad_accum": 5, "steps": 2,
-         "extra": {"train.pipeline": "gpipe", "data.padding_side": "left"}},
+         "extra": {"train.pipeline": "gpipe", "data.padding_side": "left", "train.lr": 0.001}},
         {"model": gpt2, "data": data, "k": 0, "head": "last", "mode": "lora", "batch_size": 2, "grad_accum": 4,
          "extra": {"train.pipeline": "1f1b", "runtime.inflight": 6}},
     ]
