@@ -180,6 +180,7 @@ def run_generate(owner: Owner, task, batches: Iterable[Batch],
             g.releases[g.alive] += 1
             before = g.bad[g.alive].to(bad.device)  # a row keeps the stage where NaN/Inf first appeared
             bad = torch.where(before >= 0, before, bad)
+        stats.batches += 1  # a prefill or a decode step: one micro-batch forward, as on every stage
         kind = Kind.PREFILL if g.prefill else Kind.DECODE
         # (B', T, H) states, (B', past + T) mask, (B', T) positions, (B',) marks, (B',) kept rows: no token ids
         owner.send(kind, g.batch.index, [*data_message(z, g.mask, g.pos, bad, owner.wire), keep.to(torch.int32)],
@@ -262,7 +263,6 @@ def run_generate(owner: Owner, task, batches: Iterable[Batch],
                 stats.extra["max_groups"] = max(stats.extra["max_groups"], len(groups))
                 waiting = None
                 stats.compute_s += time.perf_counter() - t0
-                stats.batches += 1
             if not groups:
                 break
             gid = expected.popleft()

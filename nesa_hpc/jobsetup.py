@@ -27,7 +27,7 @@ from .weights import build_adapter, packaged_model_path
 
 __all__ = ["EXIT_STOPPED", "JobError", "USER_ERRORS", "Job", "start_job", "setup_logging", "agree", "all_ok",
            "message", "model_folder", "rank_modules", "make_transport", "transport_name", "peak_rss_mb",
-           "gather_stats", "share_exit_code", "rank_stats", "threads_for"]
+           "gather_stats", "share_exit_code", "run_main", "rank_stats", "threads_for"]
 
 # Exit status of a job stopped early by SIGTERM/SIGUSR1 (EX_TEMPFAIL: rerun with output.resume=true).
 EXIT_STOPPED = 75
@@ -244,3 +244,29 @@ def gather_stats(comm, mine: dict | None) -> list[dict]:
 def share_exit_code(comm, code: int | None) -> int:
     """Rank 0's exit code, on every rank (the last collective of a job)."""
     return int(comm.bcast(code, root=0)) if comm.Get_size() > 1 else int(code)
+
+
+def run_main(cfg, job: Callable[..., dict]) -> None:
+    """The entry-point body of every MPI job: run ``job(cfg, comm)`` on every rank, exit with its
+    ``exit_code``; a user error ends every rank with exit 2 and one line, anything else with a traceback."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    try:
+        summary = job(cfg, comm)
+    except JobError as exc:
+        if comm.Get_rank() == 0:
+            logging.getLogger("nesa_hpc").error("error: %s", exc)
+        sys.stderr.flush()
+        sys.exit(2)
+    except USER_ERRORS as exc:
+        # Seen by one rank only (e.g. a bad row read by rank 0 mid-run): end every rank now.
+        logging.getLogger("nesa_hpc").error("error: %s", message(exc))
+        sys.stderr.flush()
+        comm.Abort(2)
+    except BaseException:
+        logging.getLogger("nesa_hpc").exception("rank %d failed", comm.Get_rank())
+        sys.stderr.flush()
+        comm.Abort(1)
+    else:
+        sys.exit(summary["exit_code"])

@@ -13,7 +13,7 @@ from .errors import ConfigError, ModelError
 from .models import Adapter, GPT2Adapter, LlamaLikeAdapter
 
 if TYPE_CHECKING:
-    from .train import TrainSpec
+    from .train_options import TrainSpec
 
 __all__ = ["lora_targets", "lora_config", "add_lora", "peft_name", "base_name", "merge_lora", "apply_adapters",
            "check_adapter_use"]

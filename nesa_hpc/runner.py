@@ -4,9 +4,7 @@ to the results file, and ``main``, the entry-point body of every MPI job."""
 from __future__ import annotations
 
 import logging
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -29,14 +27,13 @@ from .infer_io import (
 )
 from .jobsetup import (
     EXIT_STOPPED,
-    USER_ERRORS,
     JobError,
     agree,
     all_ok,
     gather_stats,
-    message,
     rank_modules,
     rank_stats,
+    run_main,
     share_exit_code,
     start_job,
 )
@@ -250,27 +247,6 @@ def _run_owner(comm, settings, owner: Owner, task, folder: str, data_path: str, 
     return summary
 
 
-def main(cfg: DictConfig, job: Callable[..., dict] | None = None) -> None:
-    """Entry point body for ``jobs/infer.py`` (and, with ``job``, the other MPI jobs): run ``job(cfg, comm)``
-    (default :func:`run`), exit with its ``exit_code``, and end every rank cleanly on failure."""
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
-    try:
-        summary = (job or run)(cfg, comm)
-    except JobError as exc:
-        if comm.Get_rank() == 0:
-            logging.getLogger("nesa_hpc").error("error: %s", exc)
-        sys.stderr.flush()
-        sys.exit(2)
-    except USER_ERRORS as exc:
-        # Seen by one rank only (e.g. a bad row read by rank 0 mid-run): end every rank now.
-        logging.getLogger("nesa_hpc").error("error: %s", message(exc))
-        sys.stderr.flush()
-        comm.Abort(2)
-    except BaseException:
-        logging.getLogger("nesa_hpc").exception("rank %d failed", comm.Get_rank())
-        sys.stderr.flush()
-        comm.Abort(1)
-    else:
-        sys.exit(summary["exit_code"])
+def main(cfg: DictConfig) -> None:
+    """Entry point body of ``jobs/infer.py``: run the inference job on every rank and exit with its code."""
+    run_main(cfg, run)

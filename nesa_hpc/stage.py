@@ -44,7 +44,7 @@ PIPELINES = ("gpipe", "1f1b")
 @dataclass
 class StageStats:
     compute_s: float = 0.0
-    batches: int = 0                # micro-batch messages computed (a generation step counts once)
+    batches: int = 0                # micro-batch forwards computed (a prefill or a decode step is one)
     peak_saved_bytes: int = 0       # training: most bytes of activations saved for backward at once
     extra: dict = field(default_factory=dict)
 
@@ -211,7 +211,7 @@ class Stage:
         else:
             raise RuntimeError(f"rank {self.rank}: unexpected message kind {kind}")
         self.stats.compute_s += time.perf_counter() - t0
-        self.stats.batches += 1
+        self.stats.batches += kind != Kind.TRAIN_BWD
         return out
 
     def forward(self, msg: Message):

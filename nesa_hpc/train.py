@@ -40,6 +40,7 @@ from .jobsetup import (
     gather_stats,
     rank_modules,
     rank_stats,
+    run_main,
     share_exit_code,
     start_job,
 )
@@ -410,7 +411,5 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def main(cfg: DictConfig) -> None:
-    """Entry point body for ``jobs/train.py``: run, and end every rank cleanly on failure."""
-    from .runner import main as run_job
-
-    run_job(cfg, run_train)
+    """Entry point body of ``jobs/train.py``: run, and end every rank cleanly on failure."""
+    run_main(cfg, run_train)
