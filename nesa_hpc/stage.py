@@ -312,8 +312,18 @@ def serve(stage: Stage, transport, depth: int = 2) -> StageStats:
     sends are outstanding outside a training step; within one, sends complete at the step's end (a wait
     inside the step could block on a rank that waits for this one)."""
     pending: deque = deque()
+    early: dict[bool, deque[Message]] = {False: deque(), True: deque()}  # forwards / gradients that came early
     while True:
-        msg = transport.recv(stage.next_source())
+        backward = stage.wants_backward()
+        if early[backward]:
+            msg = early[backward].popleft()
+        else:
+            msg = transport.recv(stage.next_source())
+            if stage.schedule and (msg.kind == Kind.TRAIN_BWD) != backward:
+                # the last worker of two ranks gets forwards and gradients from rank 0 alike: keep the one
+                # its schedule does not want yet
+                early[msg.kind == Kind.TRAIN_BWD].append(msg)
+                continue
         for dest, kind, batch_id, tensors in stage.handle(msg):
             pending.append(transport.send(dest, kind, batch_id, tensors))
         if msg.kind == Kind.STOP:
