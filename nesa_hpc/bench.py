@@ -390,7 +390,7 @@ def _train(cfg: DictConfig, n: int, threads: int, folder: str, data: Path, run: 
     """``jobs/train.py`` at ``n`` ranks; its summary.json (``rank_stats`` may be absent) and per-step losses."""
     overrides = [f"model.path={folder}", f"data.path={data}", f"data.batch_size={cfg.data.batch_size}",
                  f"data.max_length={cfg.data.max_length}", f"split.k={cfg.split.k}", f"split.head={cfg.split.head}",
-                 f"split.partition={_override(cfg.split.partition)}", "split.owner_tail=0",
+                 f"split.partition={_override(cfg.split.partition)}", "train.owner_trainable=true",
                  f"runtime.threads={threads}", f"train.max_steps={steps}", f"train.grad_accum={accum}",
                  f"train.layers=[{cfg.split.k},{layers}]", f"train.out_dir={run}", "train.overwrite=true",
                  "train.export=none", "train.save_every=1000000"]
@@ -402,9 +402,10 @@ def _train(cfg: DictConfig, n: int, threads: int, folder: str, data: Path, run: 
 
 def run_bench_train(cfg: DictConfig) -> dict:
     """Training tokens/s (forward + backward + AdamW) of the unsplit model in one process against
-    ``jobs/train.py`` at N ranks with each of ``bench.train_pipelines``, same steps, in one invocation. The
-    workers hold every layer after ``split.k`` (no owner tail: rank 0's layers stay frozen), so both train
-    the same parameters."""
+    ``jobs/train.py`` at N ranks with each of ``bench.train_pipelines``, same steps, in one invocation. Both
+    train layers [split.k, L): ``train.layers`` restricts the split job to them, and with
+    ``train.owner_trainable=true`` rank 0 trains the tail layers the balanced partition gives it (rank 0's
+    front stays frozen)."""
     from transformers import AutoConfig
 
     b = cfg.bench

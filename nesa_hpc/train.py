@@ -88,7 +88,7 @@ def run_train(cfg: DictConfig, comm=None, on_step=None, on_recv=None) -> dict:
 
     comm = comm or MPI.COMM_WORLD
     spec = all_ok(comm, lambda: train_spec(cfg))
-    job = start_job(cfg, comm, head_task="score", costs=lambda head: training_costs(head, spec))
+    job = start_job(cfg, comm, head_task="score", costs=lambda head: training_costs(head, spec, cfg.split.k))
     rank, size, settings, adapter, topo, folder = job.rank, job.size, job.settings, job.adapter, job.topo, job.folder
     all_ok(comm, lambda: _check_model(adapter, settings, spec))
     agree(comm, lambda: _prepare_out_dir(spec, cfg))
@@ -158,13 +158,14 @@ def run_train(cfg: DictConfig, comm=None, on_step=None, on_recv=None) -> dict:
             transport.close()
 
 
-def training_costs(head_cost: float, spec: TrainSpec) -> tuple[float, tuple[float, float, float]]:
+def training_costs(head_cost: float, spec: TrainSpec, k: int) -> tuple[float, tuple[float, float, float]]:
     """Stage costs of a training step for ``split.partition=balanced``, in layer forwards: a trained layer
     runs forward and backward (about 1 + 2); a frozen owner front only runs forward; the owner's frozen tail
-    and head run forward and pass the gradient back to their input (about 1 + 1)."""
-    owner = 3.0 if spec.owner_trainable else 1.0
+    and head run forward and pass the gradient back to their input (about 1 + 1). Rank 0's layers train
+    only with ``train.owner_trainable`` (its front only where ``train.layers`` reaches below ``split.k``)."""
+    front = 3.0 if spec.owner_trainable and (spec.layers is None or spec.layers[0] < k) else 1.0
     tail = 3.0 if spec.owner_trainable else 2.0
-    return 2.0 * head_cost, (owner, 3.0, tail)
+    return 2.0 * head_cost, (front, 3.0, tail)
 
 
 def _train_stage(stage: Stage, sends_back: bool, trains: bool, spec: TrainSpec) -> None:
