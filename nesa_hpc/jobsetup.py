@@ -87,19 +87,12 @@ def all_ok(comm, fn: Callable[[], object]):
     return result
 
 
-def threads_for(settings: Settings, comm) -> int:
-    """``runtime.threads``, or this node's cores shared evenly by the ranks on it."""
-    from mpi4py import MPI
-
+def threads_for(settings: Settings, local_size: int) -> int:
+    """``runtime.threads``, or this node's cores shared evenly by its ``local_size`` ranks."""
     if settings.threads:
         return settings.threads
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    try:
-        ranks = local.Get_size()
-    finally:
-        local.Free()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // ranks)
+    return max(1, cores // local_size)
 
 
 def model_folder(settings: Settings) -> str:
@@ -199,8 +192,8 @@ def start_job(cfg, comm, head_task: str | None = None, costs: Callable[[float], 
     rank, size = comm.Get_rank(), comm.Get_size()
     setup_logging(rank)
     settings = all_ok(comm, lambda: settings_from_cfg(cfg))
-    torch.set_num_threads(threads_for(settings, comm))
     local_rank, local_size = node_local_rank(comm)
+    torch.set_num_threads(threads_for(settings, local_size))
     kind = settings.owner_device if rank == 0 else settings.device
     option = "runtime.owner_device" if rank == 0 and settings.device != kind else "runtime.device"
     device = all_ok(comm, lambda: pick_device(kind, local_rank, local_size, option))

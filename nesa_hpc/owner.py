@@ -14,6 +14,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from .stage import (
 from .topology import Topology
 from .transport import Kind, Message
 
-__all__ = ["Owner", "run_stream", "check_finite"]
+__all__ = ["Owner", "run_stream", "check_finite", "describe_stage"]
 
 log = logging.getLogger("nesa_hpc")
 
@@ -128,11 +129,11 @@ class Owner:
 
     def all_stats(self) -> StageStats:
         """Rank 0's figures, with the local stage's compute at world size 1."""
-        if self.local is not None:
-            self.stats.compute_s += self.local.stats.compute_s
-            self.local.stats.compute_s = 0.0
-            self.stats.peak_saved_bytes = max(self.stats.peak_saved_bytes, self.local.stats.peak_saved_bytes)
-        return self.stats
+        if self.local is None:
+            return self.stats
+        local = self.local.stats
+        return replace(self.stats, compute_s=self.stats.compute_s + local.compute_s,
+                       peak_saved_bytes=max(self.stats.peak_saved_bytes, local.peak_saved_bytes))
 
 
 def run_stream(owner: Owner, task, batches: Iterable[Batch],
@@ -179,7 +180,8 @@ def run_stream(owner: Owner, task, batches: Iterable[Batch],
     return owner.all_stats()
 
 
-def _stage_name(stage: int, topo: Topology) -> str:
+def describe_stage(stage: int, topo: Topology) -> str:
+    """Where stage number ``stage`` (a rank, or ``world_size`` for the owner's back) runs, in words."""
     if stage == topo.world_size:
         extra = f"layers [{topo.tail.start}, {topo.tail.stop}) + " if len(topo.tail) else ""
         return f"rank {topo.head_rank()}: {extra}final norm and head"
@@ -196,14 +198,10 @@ def check_finite(cols: dict, bad: torch.Tensor, batch, topo: Topology, mode: str
     if (bad >= 0).any():
         rows = batch.rows[bad >= 0].tolist()
         stages = sorted(set(bad[bad >= 0].tolist()))
-        where = "; ".join(_stage_name(st, topo) for st in stages)
+        where = "; ".join(describe_stage(st, topo) for st in stages)
         text = f"NaN/Inf in the activations of rows {rows[:20]}{' ...' if len(rows) > 20 else ''}, first in {where}"
         if mode == "error":
             raise NonFiniteError(text + " (runtime.on_nonfinite=error; use flag to record and continue)")
         log.warning("%s: flagged in `nonfinite`", text)
     return bad
 
-
-def describe_stage(stage: int, topo: Topology) -> str:
-    """Where stage number ``stage`` (a rank, or ``world_size`` for the owner's back) runs, in words."""
-    return _stage_name(stage, topo)

@@ -114,23 +114,27 @@ def train_schedule(pipeline: str, micro: int, position: int, world: int, backwar
 
 
 class SavedBytes:
-    """Counts the bytes of activations autograd saves for backward (parameters excluded), per micro-batch."""
+    """Counts the bytes of activations autograd saves for backward, parameters excluded: one counter per
+    rank (built once its trainable parameters exist), a fresh count per micro-batch."""
 
-    def __init__(self, params: set[int]) -> None:
-        self.params = params
-        self.seen: set[int] = set()
-        self.bytes = 0
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters() if p.device.type != "meta"}
 
-    def pack(self, t: torch.Tensor):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in self.params and ptr not in self.seen:
-            self.seen.add(ptr)
-            self.bytes += t.untyped_storage().nbytes()
-        return t
+    @contextmanager
+    def counting(self):
+        """Within the block, count what autograd saves; yields a one-item list holding the bytes."""
+        seen: set[int] = set()
+        total = [0]
 
-    @staticmethod
-    def unpack(t: torch.Tensor) -> torch.Tensor:
-        return t
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in self.params and ptr not in seen:
+                seen.add(ptr)
+                total[0] += t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield total
 
 
 class Stage:
@@ -162,7 +166,7 @@ class Stage:
         self.handlers: dict[int, Callable[[int], None]] = {}  # SAVE / EXPORT handlers of the job
         self.on_step_end: Callable[[int], None] | None = None
         self.finished: int | None = None
-        self._params: set[int] | None = None
+        self._saved_bytes: SavedBytes | None = None
 
     @classmethod
     def of_rank(cls, rank: int, topo, adapter, device, task=None, wire_dtype: torch.dtype | None = None) -> Stage:
@@ -180,9 +184,6 @@ class Stage:
     def next_source(self) -> int:
         return self.nxt if self.wants_backward() else self.prev
 
-    def _dest(self) -> int:
-        return 0 if self.is_last else self.nxt
-
     def _unwire(self, tensors: list[torch.Tensor]):
         h, mask, pos, bad = (t.to(self.device, non_blocking=True) for t in tensors[:4])
         return h.to(self.dtype), mask.long(), pos.long(), bad
@@ -194,10 +195,9 @@ class Stage:
     def handle(self, msg: Message) -> list[tuple[int, int, int, list[torch.Tensor]]]:
         """Answer one message; returns the messages to send as (dest, kind, batch_id, tensors)."""
         kind = msg.kind
-        if kind in (Kind.STOP, Kind.SAVE, Kind.EXPORT):
-            return [] if self.is_last else [(self.nxt, kind, msg.batch_id, [])]
-        if kind == Kind.FREE:
-            self.caches.pop(msg.batch_id, None)
+        if kind in (Kind.STOP, Kind.SAVE, Kind.EXPORT, Kind.FREE):  # passed on; FREE drops a group's cache
+            if kind == Kind.FREE:
+                self.caches.pop(msg.batch_id, None)
             return [] if self.is_last else [(self.nxt, kind, msg.batch_id, [])]
         t0 = time.perf_counter()
         if kind == Kind.DATA:
@@ -212,6 +212,8 @@ class Stage:
             raise RuntimeError(f"rank {self.rank}: unexpected message kind {kind}")
         self.stats.compute_s += time.perf_counter() - t0
         self.stats.batches += kind != Kind.TRAIN_BWD
+        if kind in (Kind.TRAIN_FWD, Kind.TRAIN_BWD) and not self.schedule:
+            self.finished, self.step = self.step, -1  # the step's schedule ran out: see take_step_end
         return out
 
     def forward(self, msg: Message):
@@ -260,9 +262,9 @@ class Stage:
         if not self.schedule or self.schedule.popleft() != "F":
             raise RuntimeError(f"rank {self.rank}: a forward of micro-batch {msg.batch_id} arrived out of schedule")
         h, mask, pos, bad = self._unwire(msg.tensors)
-        counter = SavedBytes(self._param_storages())
-        with torch.set_grad_enabled(self.trains), self._guard(mask.shape), \
-                torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+        if self._saved_bytes is None:
+            self._saved_bytes = SavedBytes(self.adapter.model)
+        with torch.set_grad_enabled(self.trains), self._guard(mask.shape), self._saved_bytes.counting() as saved:
             if self.sends_back:
                 h.requires_grad_(True)
             out = self.adapter.run_layers(self.layers, h, mask, pos)  # (B, T, H)
@@ -270,14 +272,14 @@ class Stage:
             if self.is_last and self.head is not None:
                 out = head_logits(self.adapter, out, mask).float()  # (N, V)
         if self.trains:
-            self.saved[msg.batch_id] = (h, out, counter.bytes)
+            self.saved[msg.batch_id] = (h, out, saved[0])
             live = sum(b for _, _, b in self.saved.values())
             self.stats.peak_saved_bytes = max(self.stats.peak_saved_bytes, live)
         if self.is_last:
             send = out.detach() if self.head is not None else out.detach().to(self.wire)
-            return [(0, Kind.TRAIN_OUT, msg.batch_id, [send, bad])] + self._step_end()
+            return [(0, Kind.TRAIN_OUT, msg.batch_id, [send, bad])]
         return [(self.nxt, Kind.TRAIN_FWD, msg.batch_id,
-                 [*data_message(out.detach(), mask, pos, bad, self.wire), msg.tensors[4]])] + self._step_end()
+                 [*data_message(out.detach(), mask, pos, bad, self.wire), msg.tensors[4]])]
 
     def backward(self, msg: Message):
         """Training backward of one micro-batch: the gradient of this stage's output, back to its input."""
@@ -286,20 +288,7 @@ class Stage:
         h, out, _ = self.saved.pop(msg.batch_id)
         with self._guard(tuple(h.shape)):
             out.backward(msg.tensors[0].to(device=out.device, dtype=out.dtype))
-        sends = [(self.prev, Kind.TRAIN_BWD, msg.batch_id, [h.grad.to(self.wire)])] if self.sends_back else []
-        return sends + self._step_end()
-
-    def _step_end(self) -> list:
-        """Once the step's schedule has run out, remember the step for :meth:`take_step_end`."""
-        if not self.schedule and self.step >= 0:
-            self.finished, self.step = self.step, -1
-        return []
-
-    def _param_storages(self) -> set[int]:
-        if self._params is None:
-            self._params = {p.untyped_storage().data_ptr() for p in self.adapter.model.parameters()
-                            if p.device.type != "meta"}
-        return self._params
+        return [(self.prev, Kind.TRAIN_BWD, msg.batch_id, [h.grad.to(self.wire)])] if self.sends_back else []
 
     def take_step_end(self) -> int | None:
         """The training step this stage just finished (its schedule ran out), once; else None."""
@@ -307,23 +296,33 @@ class Stage:
         return step
 
 
+class _Waiting:
+    """Messages a stage has received but its training schedule does not want yet: forwards and gradients
+    wait apart, and the stage takes the next of the kind its schedule asks for."""
+
+    def __init__(self) -> None:
+        self.queues: dict[bool, deque[Message]] = {False: deque(), True: deque()}  # by "is a gradient"
+
+    def put(self, msg: Message) -> None:
+        self.queues[msg.kind == Kind.TRAIN_BWD].append(msg)
+
+    def take(self, stage: Stage) -> Message | None:
+        queue = self.queues[stage.wants_backward()]
+        return queue.popleft() if queue else None
+
+
 def serve(stage: Stage, transport, depth: int = 2) -> StageStats:
     """The worker loop: receive, answer with the stage's verbs, send on, until ``STOP``. At most ``depth``
     sends are outstanding outside a training step; within one, sends complete at the step's end (a wait
     inside the step could block on a rank that waits for this one)."""
     pending: deque = deque()
-    early: dict[bool, deque[Message]] = {False: deque(), True: deque()}  # forwards / gradients that came early
+    # the last worker of two ranks gets forwards and gradients from rank 0 alike: one may come early
+    waiting = _Waiting()
     while True:
-        backward = stage.wants_backward()
-        if early[backward]:
-            msg = early[backward].popleft()
-        else:
-            msg = transport.recv(stage.next_source())
-            if stage.schedule and (msg.kind == Kind.TRAIN_BWD) != backward:
-                # the last worker of two ranks gets forwards and gradients from rank 0 alike: keep the one
-                # its schedule does not want yet
-                early[msg.kind == Kind.TRAIN_BWD].append(msg)
-                continue
+        msg = waiting.take(stage)
+        if msg is None:
+            waiting.put(transport.recv(stage.next_source()))
+            continue
         for dest, kind, batch_id, tensors in stage.handle(msg):
             pending.append(transport.send(dest, kind, batch_id, tensors))
         if msg.kind == Kind.STOP:
@@ -357,17 +356,13 @@ class LocalPipe:
 
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
-        self.forwards: deque[Message] = deque()
-        self.grads: deque[Message] = deque()
+        self.waiting = _Waiting()
         self.inbox: deque[Message] = deque()
 
     def send(self, dest: int, kind: int, batch_id: int, tensors: list[torch.Tensor] = ()):
-        (self.grads if kind == Kind.TRAIN_BWD else self.forwards).append(Message(kind, batch_id, list(tensors)))
-        while True:
-            queue = self.grads if self.stage.wants_backward() else self.forwards
-            if not queue:
-                break
-            for _, k, b, out in self.stage.handle(queue.popleft()):
+        self.waiting.put(Message(kind, batch_id, list(tensors)))
+        while (msg := self.waiting.take(self.stage)) is not None:
+            for _, k, b, out in self.stage.handle(msg):
                 self.inbox.append(Message(k, b, out))
             self.stage.take_step_end()  # rank 0's own optimizer covers the local stage's parameters
         return _Done()

@@ -140,7 +140,7 @@ def run_train(cfg: DictConfig, comm=None, on_step=None, on_recv=None) -> dict:
             return summary
         stage = Stage.of_rank(rank, topo, adapter, job.device, make_task("score", False), wire_dtype)
         _train_stage(stage, roles.needs[rank - 1], roles.needs[rank], spec)
-        stage.handlers[Kind.SAVE] = lambda step: _save_worker(trainer, spec, step)
+        stage.handlers[Kind.SAVE] = lambda step: _save_part(trainer, spec, step)
         stage.handlers[Kind.EXPORT] = lambda step: export(trainer, spec, folder)
 
         def step_end(step: int) -> None:
@@ -172,7 +172,8 @@ def _train_stage(stage: Stage, sends_back: bool, trains: bool, spec: TrainSpec) 
     stage.sends_back, stage.trains, stage.pipeline = sends_back, trains, spec.pipeline
 
 
-def _save_worker(trainer: Trainer, spec: TrainSpec, step: int) -> None:
+def _save_part(trainer: Trainer, spec: TrainSpec, step: int) -> None:
+    """This rank's part of the checkpoint of ``step``; returns once every rank has written its part."""
     save_rank(trainer, checkpoint_root(spec) / f"step-{step:08d}")
     trainer.comm.barrier()
 
@@ -293,6 +294,7 @@ def _owner_loop(stage: Trainer, owner: Owner, settings: Settings, spec: TrainSpe
     topo = stage.topo
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     fwd, bwd = _owner_privacy(settings, spec, stage, tok, finished=start_step >= plan["total_steps"])
+    owner.privacy = fwd
     ledger = TrainLedger()
     own = Path(spec.owner_dir)
     own.mkdir(parents=True, exist_ok=True)
@@ -321,7 +323,6 @@ def _owner_loop(stage: Trainer, owner: Owner, settings: Settings, spec: TrainSpe
             epoch_cache[epoch] = epoch_batches(examples, epoch, spec.seed, settings.batch_size, pad,
                                                settings.padding_side)
         batches = epoch_cache[epoch][within * spec.grad_accum:(within + 1) * spec.grad_accum]
-        owner.privacy = fwd
         loss, n_target = owner_step(stage, owner, batches, bwd if topo.world_size > 1 else None, epoch, step,
                                     settings.inflight or topo.world_size, sends_grad)
         fwd.releases.clear()
@@ -390,10 +391,9 @@ def _fmt_eps(eps: float) -> str:
 
 
 def _save(stage: Trainer, owner: Owner, spec: TrainSpec, step: int, ledger: TrainLedger) -> None:
-    folder = checkpoint_root(spec) / f"step-{step:08d}"
     owner.send(Kind.SAVE, step)
-    save_rank(stage, folder)
-    stage.comm.barrier()
+    _save_part(stage, spec, step)
+    folder = checkpoint_root(spec) / f"step-{step:08d}"
     state = {"step": step, "ledger": ledger.__dict__}
     tmp = folder / "state.json.tmp"
     tmp.write_text(json.dumps(state, indent=2))

@@ -148,6 +148,7 @@ class Trainer:
         # with a privacy mechanism, rank 0's gradients (of its own layers, trained on the raw rows) are clipped
         # by their own norm and kept out of the shared one: nothing computed from them leaves rank 0
         self.private = False
+        self.saved_bytes = SavedBytes(adapter.model)  # the trainable parameters exist by now
 
     # -- shared end of a step: global gradient norm, clipping, optimizer
     def finish_step(self) -> float:
@@ -166,13 +167,6 @@ class Trainer:
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
         return total
-
-    def storages(self) -> set[int]:
-        """Storages of the model's parameters (not counted as saved activations)."""
-        if not hasattr(self, "_storages"):
-            self._storages = {p.untyped_storage().data_ptr() for p in self.adapter.model.parameters()
-                              if p.device.type != "meta"}
-        return self._storages
 
 
 def loss_sum(logits: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
@@ -217,15 +211,14 @@ def owner_step(trainer: Trainer, owner: Owner, batches: list[TrainBatch], grad_p
     def forward(m: int) -> None:
         b = batches[m]
         mask, pos = b.mask.to(dev), b.pos.to(dev)
-        counter = SavedBytes(trainer.storages())
         t0 = time.perf_counter()
         with torch.set_grad_enabled(front_trains), memory_guard(0, "embedding and layers [0, k)", b.ids.shape), \
-                torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+                trainer.saved_bytes.counting() as counted:
             z, bad = owner.front(b.ids.to(dev), mask, pos, b.rows, release=release)  # (B, T, H)
         stats.compute_s += time.perf_counter() - t0
         stats.batches += 1
         if front_trains:
-            saved[m] = (z, counter.bytes)
+            saved[m] = (z, counted[0])
             stats.peak_saved_bytes = max(stats.peak_saved_bytes, sum(n for _, n in saved.values()))
         owner.send(Kind.TRAIN_FWD, m, [*data_message(z.detach(), mask, pos, bad, owner.wire), plan])
 

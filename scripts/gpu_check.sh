@@ -180,13 +180,17 @@ job() {  # job NAME RANKS LIMIT SCRIPT OVERRIDES...
     shift 4
     step "$name" "$limit" "$MPIEXEC" -n "$n" "$PY" "$script" "${common[@]}" "$@"
 }
+infer_jobs() {  # infer_jobs RANKS DTYPE TAG CHECK EXACT SCORE_DATA GEN_DATA NEW_TOKENS: score, then generate
+    local n=$1 dtype=$2 tag=$3 check=$4 exact=$5 score_data=$6 gen_data=$7 new=$8 name
+    name=score-$n-$tag; plan "$name" score "$n" "$dtype" "$check" "$exact"
+    job "$name" "$n" 90 jobs/infer.py task=score "model.dtype=$dtype" "data.batch_size=$BS" \
+        "data.path=$score_data" "output.path=$W/out/$name.h5"
+    name=generate-$n-$tag; plan "$name" generate "$n" "$dtype" "$check" "$exact"
+    job "$name" "$n" 90 jobs/infer.py task=generate "task.max_new_tokens=$new" "model.dtype=$dtype" \
+        "data.batch_size=$BS" "data.path=$gen_data" "output.path=$W/out/$name.h5"
+}
 for n in $RANKS; do
-    name=score-$n-fp32; plan "$name" score "$n" float32 exact true
-    job "$name" "$n" 90 jobs/infer.py task=score model.dtype=float32 "data.batch_size=$BS" \
-        "data.path=$W/exact.jsonl" "output.path=$W/out/$name.h5"
-    name=generate-$n-fp32; plan "$name" generate "$n" float32 exact true
-    job "$name" "$n" 90 jobs/infer.py task=generate "task.max_new_tokens=$EXACT_NEW" model.dtype=float32 \
-        "data.batch_size=$BS" "data.path=$W/exact.jsonl" "output.path=$W/out/$name.h5"
+    infer_jobs "$n" float32 fp32 exact true "$W/exact.jsonl" "$W/exact.jsonl" "$EXACT_NEW"
     name=train-$n-fp32; plan "$name" train "$n" float32 exact true
     # the workers' layers [k, L) are trained at every world size (one rank would otherwise train all of them)
     job "$name" "$n" 90 jobs/train.py model.dtype=float32 "data.path=$W/exact.jsonl" train.max_steps=3 \
@@ -200,12 +204,7 @@ set -- $RANKS
 BF16_RANKS="$1"; [ "$#" -gt 1 ] && BF16_RANKS="$1 ${!#}"
 for n in $RANKS; do case " $BF16_RANKS " in *" $n "*) ;; *) BF16_RANKS="$BF16_RANKS $n" ;; esac; done
 for n in $BF16_RANKS; do
-    name=score-$n-bf16; plan "$name" score "$n" bfloat16 bench false
-    job "$name" "$n" 90 jobs/infer.py task=score model.dtype=bfloat16 "data.batch_size=$BS" \
-        "data.path=$W/bench.jsonl" "output.path=$W/out/$name.h5"
-    name=generate-$n-bf16; plan "$name" generate "$n" bfloat16 bench false
-    job "$name" "$n" 90 jobs/infer.py task=generate "task.max_new_tokens=$GEN_NEW" model.dtype=bfloat16 \
-        "data.batch_size=$BS" "data.path=$W/gen.jsonl" "output.path=$W/out/$name.h5"
+    infer_jobs "$n" bfloat16 bf16 bench false "$W/bench.jsonl" "$W/gen.jsonl" "$GEN_NEW"
 done
 
 timeout 40 "${REF[@]}" report "$W" --device "$DEVICE"
