@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from .errors import ConfigError, UserError
 
-__all__ = ["DataError", "RowError", "ON_ERROR", "ON_LONG", "Batch", "read_rows", "make_batches", "prefetch",
-           "detect_format", "sample_path", "FORMATS", "count_rows", "shard_range"]
+__all__ = ["DataError", "RowError", "ON_ERROR", "ON_LONG", "Batch", "Encoded", "encode_rows", "read_rows",
+           "make_batches", "prefetch", "detect_format", "sample_path", "FORMATS", "count_rows", "shard_range"]
+
+log = logging.getLogger("nesa_hpc")
 
 FORMATS = ("jsonl", "text", "csv", "parquet")
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".txt": "text", ".text": "text",
@@ -191,6 +195,127 @@ def shard_range(num_rows: int, num_shards: int, shard: int, window: int) -> rang
     return range(min(first * window, num_rows), min(last * window, num_rows))
 
 
+# ---------------------------------------------------------------- tokenizing with truncation
+
+
+class Encoded(NamedTuple):
+    """One row, tokenized by :func:`encode_rows`."""
+
+    ids: list[int]     # exactly ``tokenizer(text, truncation=True, max_length=max_length)["input_ids"]``
+    truncated: bool    # the whole row has more than ``max_length`` tokens
+    n_tokens: int      # tokens of the whole row when ``exact``, else a lower bound (> max_length)
+    exact: bool
+
+
+# A row longer than this many characters per token of ``max_length`` is tokenized by prefixes (see encode_rows).
+_CHARS_PER_TOKEN = 8
+_MIN_PREFIX_CHARS = 256
+_GROW = 4
+_unsafe_warned: set[int] = set()
+
+
+def _spaced_added_tokens(tokenizer) -> tuple[str, ...]:
+    """Added (special) tokens whose text holds a space: one could straddle a cut at a space."""
+    try:
+        added = [t.content if hasattr(t, "content") else str(t) for t in tokenizer.added_tokens_decoder.values()]
+    except AttributeError:
+        added = []
+    return tuple({t.lower() for t in added if " " in t})
+
+
+def _safe_cut(text: str, limit: int, spaced: tuple[str, ...]) -> int | None:
+    """The largest ``j <= limit`` where ``text[j]`` is a space right after a letter or digit (``text[j-1]``),
+    not inside an added token that holds a space; None if there is none."""
+    j = text.rfind(" ", 1, limit + 1)
+    while j > 0:
+        if text[j - 1].isalnum() and not any(t in text[max(0, j - len(t) + 1):j + len(t)].lower() for t in spaced):
+            return j
+        j = text.rfind(" ", 1, j)
+    return None
+
+
+def encode_rows(tokenizer, texts: Sequence[str], max_length: int, add_special_tokens: bool = True) -> list[Encoded]:
+    """Tokenize ``texts`` with the tokenizer's defaults, truncated to ``max_length`` tokens by the tokenizer
+    itself: ``ids`` are exactly ``tokenizer(text, truncation=True, max_length=max_length)["input_ids"]``, so
+    special tokens are kept where the tokenizer keeps them (BERT: ``[CLS] ... [SEP]``; a BOS stays first),
+    and ``truncated`` says whether the whole row has more than ``max_length`` tokens.
+
+    A row of at most ``8 * max_length + 256`` characters is tokenized whole. A longer row is tokenized by
+    *prefixes* only, so that a 100 MB row costs about as much as a short one: the prefix ends at a cut
+    ``j`` where ``text[j]`` is a space and ``text[j - 1]`` a letter or digit. At such a cut the tokens of
+    ``text[:j]`` are the first tokens of ``text``: the normalizers in use work character by character (a
+    space composes with nothing), and the pre-tokenizers end a word there (BERT's whitespace split,
+    byte-level BPE's regexes, whose matches never run from a letter into a space, Metaspace/SentencePiece,
+    which starts a new piece at a space), and the model then tokenizes each word on its own, so what follows
+    the cut cannot change a token before it; added tokens that hold a space are kept off the cut. As a
+    check on a tokenizer without these properties, a second, shorter prefix (cut at about half) must give
+    a prefix of the first one's tokens; if not, the row is tokenized whole (and a warning logged once).
+    If the prefix has more than ``max_length`` tokens (special tokens counted), the row is truncated and
+    ``tokenizer(prefix, truncation=True, max_length=...)`` equals the whole row's: it keeps the same first
+    tokens and adds the same special tokens. Otherwise the prefix grows (4x) until it decides, or is the
+    whole row. A row with no such cut (no spaces) is tokenized whole; so is every row of a tokenizer that
+    truncates on the left (``truncation_side="left"``). ``add_special_tokens=False`` tokenizes without
+    special tokens.
+    """
+    kw = {} if add_special_tokens else {"add_special_tokens": False}
+    n = len(texts)
+    out: list[Encoded | None] = [None] * n
+    finals: list[tuple[int, str]] = []          # rows to truncate: (index, text or a deciding prefix)
+    prefixes = getattr(tokenizer, "truncation_side", "right") == "right"
+    spaced = _spaced_added_tokens(tokenizer) if prefixes else ()
+    limit = [_CHARS_PER_TOKEN * max_length + _MIN_PREFIX_CHARS] * n
+    prev = [0] * n                               # the last prefix that did not decide
+    whole_only: set[int] = set()
+    pending = list(range(n))
+    while pending:
+        whole, cuts = [], []
+        for i in pending:
+            text, j = texts[i], None
+            while prefixes and i not in whole_only and limit[i] < len(text):
+                j = _safe_cut(text, limit[i], spaced)
+                if j is not None and j > prev[i]:
+                    break
+                j = None
+                limit[i] *= _GROW
+            if j is None:
+                whole.append(i)
+            else:
+                cuts.append((i, j, _safe_cut(texts[i], j // 2, spaced)))
+        pending = []
+        if whole:
+            for i, ids in zip(whole, tokenizer([texts[i] for i in whole], **kw)["input_ids"], strict=True):
+                ids = list(ids)
+                out[i] = Encoded(ids, len(ids) > max_length, len(ids), True)
+                if len(ids) > max_length:
+                    finals.append((i, texts[i]))
+        if cuts:
+            batch = [texts[i][:j] for i, j, _ in cuts] + [texts[i][:j1] for i, _, j1 in cuts if j1]
+            encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+            special = tokenizer.num_special_tokens_to_add(pair=False) if add_special_tokens else 0
+            checks = iter(encoded[len(cuts):])
+            for (i, j, j1), ids in zip(cuts, encoded[:len(cuts)], strict=True):
+                shorter = list(next(checks)) if j1 else []
+                if list(ids[:len(shorter)]) != shorter:
+                    if id(tokenizer) not in _unsafe_warned:
+                        _unsafe_warned.add(id(tokenizer))
+                        log.warning("the tokenizer %s tokenizes a prefix of a row differently from the row: long "
+                                    "rows are tokenized whole", type(tokenizer).__name__)
+                    whole_only.add(i)
+                    pending.append(i)
+                elif len(ids) + special > max_length:
+                    out[i] = Encoded([], True, len(ids) + special, False)
+                    finals.append((i, texts[i][:j]))
+                else:
+                    prev[i] = j
+                    limit[i] *= _GROW
+                    pending.append(i)
+    if finals:
+        cut = tokenizer([t for _, t in finals], truncation=True, max_length=max_length, **kw)["input_ids"]
+        for (i, _), ids in zip(finals, cut, strict=True):
+            out[i] = out[i]._replace(ids=list(ids))
+    return out
+
+
 @dataclass
 class Batch:
     """One padded micro-batch. ``ids``/``mask``/``pos`` are (B, T) int64; ``rows`` are input indices."""
@@ -232,7 +357,8 @@ def make_batches(rows: Iterable[tuple[int, str | RowError]], tokenizer, batch_si
                  padding_side: str = "right", source: str = "data", bucket_window: int = 0,
                  on_error: str = "fail", on_long: str = "truncate",
                  on_skip: Callable[[int, str], None] | None = None) -> Iterator[Batch]:
-    """Tokenize ``rows`` with the tokenizer's defaults, truncate to ``max_length`` and pad.
+    """Tokenize ``rows`` with :func:`encode_rows` (the tokenizer's defaults and its own truncation to
+    ``max_length``, special tokens kept), and pad.
 
     With ``bucket_window > 0`` rows are read ``bucket_window`` at a time and, inside each window, sorted
     by length (longest first) before being cut into batches, so rows of similar length share a batch.
@@ -240,7 +366,8 @@ def make_batches(rows: Iterable[tuple[int, str | RowError]], tokenizer, batch_si
 
     Rows that cannot be used go to ``on_skip(row, reason)``: ``RowError`` rows and empty texts (with
     ``on_error="skip"``; else they raise), and rows longer than ``max_length`` with ``on_long="skip"``
-    (``"truncate"`` keeps the first ``max_length`` tokens and flags the row; ``"fail"`` raises).
+    (``"truncate"`` keeps what ``tokenizer(text, truncation=True, max_length=max_length)`` keeps and flags the
+    row; ``"fail"`` raises).
     """
     if padding_side not in ("left", "right"):
         raise DataError(f"data.padding_side={padding_side!r} must be 'left' or 'right'")
@@ -268,23 +395,23 @@ def make_batches(rows: Iterable[tuple[int, str | RowError]], tokenizer, batch_si
                 skip(row, text.reason)
             else:
                 good.append((row, text))
-        encoded = tokenizer([t for _, t in good])["input_ids"] if good else []
+        encoded = encode_rows(tokenizer, [t for _, t in good], max_length) if good else []
         items = []
-        for (row, _), ids in zip(good, encoded, strict=True):
-            if len(ids) == 0:
+        for (row, _), (ids, truncated, count, exact) in zip(good, encoded, strict=True):
+            if count == 0:
                 reason = f"{source}: row {row}: the text has no tokens"
                 if on_error == "fail":
                     raise DataError(reason)
                 skip(row, reason)
                 continue
-            if len(ids) > max_length and on_long != "truncate":
-                reason = (f"{source}: row {row}: {len(ids)} tokens, longer than data.max_length={max_length} "
-                          f"(data.on_long={on_long})")
+            if truncated and on_long != "truncate":
+                reason = (f"{source}: row {row}: {'' if exact else 'at least '}{count} tokens, longer than "
+                          f"data.max_length={max_length} (data.on_long={on_long})")
                 if on_long == "fail":
                     raise DataError(reason)
                 skip(row, reason)
                 continue
-            items.append((row, list(ids[:max_length]), len(ids) > max_length))
+            items.append((row, ids, truncated))
         if bucket_window > 0:
             # longest first (stable: equal lengths keep input order), so a window ends with its cheapest
             # batches and the pipeline drains quickly

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError, Settings, as_bool, choice, integer, nonneg, positive, privacy_spec
-from .data import DataError, RowError, pad_batch, position_ids, read_rows
+from .data import DataError, RowError, encode_rows, pad_batch, position_ids, read_rows
 from .privacy import PrivacySpec
 from .public_text import public_texts
 from .stage import PIPELINES
@@ -195,16 +195,23 @@ def load_examples(settings: Settings, spec: TrainSpec, tokenizer) -> list[tuple[
                 raise DataError(bad.reason if bad is not None else f"{source}: row {row}: the text is empty")
             skipped.append(row)
             continue
-        ids = list(tokenizer(text)["input_ids"])
+        # the prompt (or the whole text) with the tokenizer's own truncation, as inference tokenizes it
+        ids, long, count, exact = encode_rows(tokenizer, [text], limit)[0]
         target = [completion is None] * len(ids)
         if completion is not None:
-            more = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+            # the completion after the prompt, no special tokens: only what can still fit is tokenized
+            room = max(limit - len(ids), 1)
+            more, cut, n_more, more_exact = encode_rows(tokenizer, [completion], room, add_special_tokens=False)[0]
             if spec.completion_eos and tokenizer.eos_token_id is not None:
-                more.append(tokenizer.eos_token_id)
+                more = [*more, tokenizer.eos_token_id]
+                n_more += 1
+            count, exact = count + n_more, exact and more_exact
+            long = long or cut or len(ids) + len(more) > limit
             ids, target = ids + more, target + [True] * len(more)
-        if len(ids) > limit and settings.on_long == "fail":
-            raise DataError(f"{source}: row {row}: {len(ids)} tokens, longer than data.max_length={limit}")
-        if len(ids) > limit and settings.on_long == "skip":
+        if long and settings.on_long == "fail":
+            raise DataError(f"{source}: row {row}: {'' if exact else 'at least '}{count} tokens, longer than "
+                            f"data.max_length={limit}")
+        if long and settings.on_long == "skip":
             skipped.append(row)
             continue
         ids, target = ids[:limit], target[:limit]

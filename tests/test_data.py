@@ -333,7 +333,9 @@ def test_truncation(tokenizer):
     assert b.ids.shape == (2, 10)
     assert b.truncated.tolist() == [False, True]
     assert b.lengths.tolist() == [len(tokenizer("tiny")["input_ids"]), 10]
-    assert b.ids[1].tolist() == full[:10]
+    # the tokenizer's own truncation: the first tokens, and the closing [SEP] kept
+    assert b.ids[1].tolist() == tokenizer(long_text, truncation=True, max_length=10)["input_ids"]
+    assert b.ids[1].tolist() == full[:9] + [tokenizer.sep_token_id]
     assert b.pos[1].tolist() == list(range(10))
 
 
@@ -399,3 +401,183 @@ def test_pad_id_falls_back_to_eos():
     b = next(make_batches([(0, "abc"), (1, "a")], EosOnly(), batch_size=2, max_length=8))
     assert b.ids.tolist() == [[1, 1, 1], [1, 7, 7]]
     assert b.mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+# ---------------------------------------------------------------- truncation by the tokenizer itself
+
+# rows long enough (> 8 * max_length + 256 characters) to be tokenized by prefixes, with a cut inside words,
+# multibyte text, long whitespace runs and rows without any space (tokenized whole)
+_WORDS = ["the", "quick", "brown", "fox", "naïve", "café", "Ünïcödé", "東京都", "🙂", "emoji🙂ok", "don't", "12345",
+          "İstanbul", "a\u0301b", "ﬁne", "Σσς", "internationalization", "x" * 130, "[SEP]", "<|im_start|>", ",", "...",
+          "\n", "\t", "tab\tseparated", "ok."]
+
+
+def _long_row(seed: int, words: int = 600) -> str:
+    import random
+
+    rng = random.Random(seed)
+    return "".join(rng.choice(_WORDS) + rng.choice([" ", " ", "", "  ", "\n"]) for _ in range(words))
+
+
+LONG_ROWS = [_long_row(seed) for seed in range(6)] + [
+    "internationalization " * 300,                     # every token limit falls inside a word
+    "東京都は日本の首都です。" * 300,                      # no spaces at all: tokenized whole
+    "word " * 50 + " " * 5000 + "tail " * 50,          # a long whitespace run after the limit
+    "é" * 3000 + " end",                               # one very long word, then a space
+]
+
+
+@pytest.fixture(scope="module", params=["minilm", "smollm2", "gemma3"])
+def any_tokenizer(request, tokenizer):
+    """MiniLM (BERT: [CLS] ... [SEP]), SmolLM2 (byte-level BPE, no special tokens) and, when converted in
+    the cache, Gemma 3 (SentencePiece BPE that adds <bos>)."""
+    from transformers import AutoTokenizer
+
+    from nesa_hpc.weights import packaged_model_path
+
+    if request.param == "minilm":
+        return tokenizer
+    name = {"smollm2": "smollm2-135m-instruct", "gemma3": "gemma3-270m"}[request.param]
+    folder = packaged_model_path(name, convert=False)
+    if not (folder / "tokenizer.json").exists():
+        pytest.skip(f"{name} is not converted in the cache")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _reference(tok, text: str, n: int) -> tuple[list[int], bool]:
+    return tok(text, truncation=True, max_length=n)["input_ids"], len(tok(text)["input_ids"]) > n
+
+
+@pytest.mark.parametrize("n", [4, 16, 61])
+def test_encode_rows_equals_tokenizer_truncation(any_tokenizer, n):
+    from nesa_hpc.data import encode_rows
+
+    tok = any_tokenizer
+    texts = ["short", "fourth ünïcödé ✓", *LONG_ROWS]
+    encoded = encode_rows(tok, texts, n)
+    for text, e in zip(texts, encoded, strict=True):
+        ids, truncated = _reference(tok, text, n)
+        assert e.ids == ids, text[:80]
+        assert e.truncated == truncated
+        full = len(tok(text)["input_ids"])
+        assert e.n_tokens == full if e.exact else n < e.n_tokens <= full
+    # the long rows were decided by a prefix (the check that makes the test mean something)
+    assert not all(e.exact for e in encoded)
+
+
+def test_encode_rows_exactly_max_length(any_tokenizer):
+    from nesa_hpc.data import encode_rows
+
+    tok = any_tokenizer
+    for text in ["hello world", LONG_ROWS[0][:3000]]:
+        n = len(tok(text)["input_ids"])
+        for m, truncated in ((n, False), (n + 1, False), (n - 1, True)):
+            (e,) = encode_rows(tok, [text], m)
+            assert e.ids == tok(text, truncation=True, max_length=m)["input_ids"]
+            assert e.truncated is truncated and len(e.ids) == min(n, m)
+
+
+def test_every_cut_inside_a_word(any_tokenizer):
+    """Prefix cuts at every position of a long row: whatever falls near the cut, the ids are exact."""
+    from nesa_hpc.data import encode_rows
+
+    tok = any_tokenizer
+    row = LONG_ROWS[1]
+    for n in range(3, 40, 6):
+        for k in range(300, 1400, 131):  # rows of every length, cut anywhere (often inside a word)
+            text = row[:k] + " " + row
+            (e,) = encode_rows(tok, [text], n)
+            assert (e.ids, e.truncated) == _reference(tok, text, n)
+
+
+def test_truncated_bert_row_keeps_sep(tokenizer):
+    """The sentence-transformers convention: a truncated row still ends with [SEP]."""
+    text = "word " * 40
+    b = next(make_batches(_rows([text]), tokenizer, batch_size=1, max_length=10))
+    assert b.ids[0].tolist() == tokenizer(text, truncation=True, max_length=10)["input_ids"]
+    assert b.ids[0, 0] == tokenizer.cls_token_id and b.ids[0, -1] == tokenizer.sep_token_id
+    assert b.truncated.tolist() == [True] and b.lengths.tolist() == [10]
+
+
+def test_make_batches_truncates_like_the_tokenizer(any_tokenizer):
+    tok = any_tokenizer
+    texts = ["tiny", *LONG_ROWS]
+    batches = list(make_batches(_rows(texts), tok, batch_size=3, max_length=24, bucket_window=6))
+    got = {int(r): (b.ids[j, b.mask[j].bool()].tolist(), bool(b.truncated[j]))
+           for b in batches for j, r in enumerate(b.rows)}
+    assert got == {i: _reference(tok, t, 24) for i, t in enumerate(texts)}
+
+
+class _Recording:
+    """A tokenizer that notes the longest text it was asked to tokenize."""
+
+    def __init__(self, tok):
+        self.tok, self.longest = tok, 0
+
+    def __call__(self, texts, **kw):
+        self.longest = max([self.longest, *map(len, texts)])
+        return self.tok(texts, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+@pytest.mark.parametrize("which", ["minilm", "smollm2"])
+def test_huge_row_tokenizes_a_bounded_prefix(tokenizer, smollm2_path, which):
+    """A 20 MB row costs what a short one does: only a prefix of a few thousand characters is tokenized,
+    and the result is the one of the whole row (tokenizing all 20 MB takes ~30 s; NESA_HPC_SLOW_TESTS=1
+    checks it against that too)."""
+    import os
+    import time
+
+    from transformers import AutoTokenizer
+
+    from nesa_hpc.data import encode_rows
+
+    tok = tokenizer if which == "minilm" else AutoTokenizer.from_pretrained(smollm2_path)
+    head = _long_row(7, 20_000)  # ~150 KB, tokenized whole for the reference below
+    text = head + " " + ("naïve 東京 🙂 words " * 1_100_000)[:20_000_000]
+    rec = _Recording(tok)
+    start = time.perf_counter()
+    (e,) = encode_rows(rec, [text], 64)
+    assert time.perf_counter() - start < 2.0
+    assert rec.longest <= 4 * (8 * 64 + 256)
+    assert e.truncated and not e.exact
+    assert e.ids == tok(head, truncation=True, max_length=64)["input_ids"]
+    # the same through make_batches, with on_long=skip/fail naming the row
+    b = next(make_batches(_rows(["short", text]), rec, batch_size=2, max_length=64))
+    assert b.ids[1].tolist() == e.ids and b.truncated.tolist() == [False, True]
+    with pytest.raises(DataError, match=r"big\.jsonl: row 1: at least \d+ tokens, longer than data\.max_length=64 "
+                                        r"\(data\.on_long=fail\)"):
+        list(make_batches(_rows(["short", text]), rec, 2, 64, source="big.jsonl", on_long="fail"))
+    skipped = []
+    b = next(make_batches(_rows(["short", text]), rec, 2, 64, source="big.jsonl", on_long="skip",
+                          on_skip=lambda r, why: skipped.append((r, why))))
+    assert b.rows.tolist() == [0] and skipped[0][0] == 1 and "longer than data.max_length=64" in skipped[0][1]
+    assert rec.longest <= 4 * (8 * 64 + 256)
+    if os.environ.get("NESA_HPC_SLOW_TESTS"):
+        assert (e.ids, e.truncated) == _reference(tok, text, 64)
+
+
+def test_non_local_tokenizer_is_tokenized_whole(caplog):
+    """A tokenizer whose first token depends on the whole text fails the prefix check: rows are then
+    tokenized whole, still exact."""
+    from nesa_hpc.data import encode_rows
+
+    class LengthFirst:
+        truncation_side = "right"
+        added_tokens_decoder: dict = {}
+
+        def num_special_tokens_to_add(self, pair=False):
+            return 0
+
+        def __call__(self, texts, add_special_tokens=True, truncation=False, max_length=None):
+            ids = [[len(t) % 97] + [ord(c) for c in t] for t in texts]
+            return {"input_ids": [i[:max_length] if truncation else i for i in ids]}
+
+    tok = LengthFirst()
+    text = "abc def " * 500
+    with caplog.at_level("WARNING", logger="nesa_hpc"):
+        (e,) = encode_rows(tok, [text], 10)
+    assert e.ids == tok([text], truncation=True, max_length=10)["input_ids"][0] and e.truncated and e.exact
+    assert "tokenized whole" in caplog.text
