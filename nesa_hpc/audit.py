@@ -140,12 +140,12 @@ class _Attacks:
         self.adapter = adapter
         with torch.inference_mode():
             V = adapter.config.vocab_size
-            zeros = torch.zeros(1, V, dtype=torch.long)
-            self.table = adapter.embed(torch.arange(V).unsqueeze(0), zeros)[0].float()  # (V, H) at position 0
+            # one-token rows: every vocabulary token at position 0, (V, H)
+            self.table = adapter.embed(torch.arange(V).view(V, 1), torch.zeros(V, 1, dtype=torch.long))[:, 0].float()
             # what moving a token from position 0 to position p adds (learned absolute positions; 0 for RoPE)
-            pos = torch.arange(max_pos).unsqueeze(0)
+            pos = torch.arange(max_pos).view(-1, 1)
             self.shift = (adapter.embed(torch.zeros_like(pos), pos) -
-                          adapter.embed(torch.zeros_like(pos), torch.zeros_like(pos)))[0].float()
+                          adapter.embed(torch.zeros_like(pos), torch.zeros_like(pos)))[:, 0].float()
         self.sq = (self.table ** 2).sum(-1)
 
     def nearest(self, z: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

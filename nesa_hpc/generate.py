@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
 from .data import Batch
+from .models import StageCache
 from .owner import Owner
 from .stage import StageStats, data_message, memory_guard
 from .transport import Kind
@@ -115,7 +115,7 @@ class GroupResult:
 @dataclass
 class _Group:
     batch: Batch
-    cache: DynamicCache
+    cache: StageCache
     alive: list[int]            # rows of the batch still generating, in cache order
     mask: torch.Tensor          # (B', past + T) 2-D mask of the alive rows, including this step's positions
     pos: torch.Tensor           # (B', T) positions sent this step
@@ -134,6 +134,10 @@ class _Stopper:
     def __init__(self, decoding: Decoding, tokenizer) -> None:
         self.d = decoding
         self.tokenizer = tokenizer
+        # a stop string that is a whole added token (Gemma's <end_of_turn>) is skipped by decode as a special
+        # token, so it never shows in the text: match its id instead
+        added = tokenizer.get_added_vocab() if tokenizer is not None and decoding.stop else {}
+        self.stop_ids = {added[s] for s in decoding.stop if s in added}
 
     def text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
@@ -142,6 +146,8 @@ class _Stopper:
         """(finish reason or None, the text cut before the first stop string when one matched)."""
         if tokens[-1] in self.d.eos_ids:
             return "eos", None
+        if tokens[-1] in self.stop_ids:
+            return "stop", self.text(tokens[:-1])
         if self.d.stop:
             text = self.text(tokens)
             hits = [text.find(s) for s in self.d.stop if s in text]
@@ -190,7 +196,7 @@ def run_generate(owner: Owner, task, batches: Iterable[Batch],
     def start(batch: Batch) -> None:
         B = batch.size
         gens = None if decoding.greedy else [row_generator(decoding.seed, r) for r in batch.rows.tolist()]
-        g = _Group(batch, DynamicCache(config=adapter.config), list(range(B)), batch.mask.to(dev),
+        g = _Group(batch, adapter.new_cache(), list(range(B)), batch.mask.to(dev),
                    batch.pos.to(dev), torch.full((B,), -1, dtype=torch.int32), np.zeros(B, dtype=np.int32), gens,
                    [[] for _ in range(B)], [None] * B, [""] * B)
         groups[batch.index] = g

@@ -99,7 +99,7 @@ def open_results(cfg, settings: Settings, topo, adapter, task, folder: str, data
     if settings.task == "generate":
         attrs.update(decoding_attrs(settings), decoding="greedy" if settings.temperature == 0 else "sample",
                      padding_side="left", eos_token_ids=sorted(eos_ids))
-    columns = {**task.columns(adapter.hidden_size), "epsilon_spent": (np.float64, ())}
+    columns = {**task.columns(adapter.output_size), "epsilon_spent": (np.float64, ())}
     writer = ResultWriter(settings.output_path, columns, attrs, settings.overwrite, resume=settings.resume,
                           first_row=rows.start if rows is not None else 0)
     if writer.resumed_rows:
@@ -182,11 +182,19 @@ def spent(writer: ResultWriter, releases: int) -> dict:
 
 
 def chat(tokenizer, text):
-    """Wrap one prompt as a user message in the tokenizer's chat template, ready for the assistant's reply."""
+    """Wrap one prompt as a user message in the tokenizer's chat template, ready for the assistant's reply.
+
+    A template that writes the BOS itself (Gemma's ``{{ bos_token }}...``) loses it here when the tokenizer
+    adds one anyway, so that make_batches' ``tokenizer(text)`` gives the ids of
+    ``apply_chat_template(tokenize=True)``, not two BOS tokens."""
     if isinstance(text, RowError) or not text:
         return text
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and prompt.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        prompt = prompt[len(bos):]
+    return prompt
 
 
 def rows_from(data_path: str, settings: Settings, first: int, rows: range | None):

@@ -109,13 +109,11 @@ def rank_modules(rank: int, topo: Topology, adapter, task: str) -> list[str]:
     """This rank's modules: embeddings (+ head, + tail layers) on the owner, its layer block on a worker."""
     names: list[str] = []
     layers = list(topo.layers_of(rank)) + (list(topo.tail) if rank == 0 else [])
+    names += adapter.stage_modules  # the family's forward runs them around any part (small)
     if rank == 0:
         names += adapter.embed_modules
-    if layers:
-        names += adapter.stage_modules
-        names += [adapter.layer_module(i) for i in layers]
+    names += [adapter.layer_module(i) for i in layers]
     if topo.head_rank() == rank:
-        names += adapter.norm_modules
         if task in ("score", "generate"):
             names += adapter.head_modules
     return names

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import ConfigError, ModelError
-from .models import Adapter, GPT2Adapter, LlamaLikeAdapter
+from .models import Adapter
 
 if TYPE_CHECKING:
     from .train_options import TrainSpec
@@ -18,27 +18,41 @@ if TYPE_CHECKING:
 __all__ = ["lora_targets", "lora_config", "add_lora", "peft_name", "base_name", "merge_lora", "apply_adapters",
            "check_adapter_use"]
 
-_DEFAULT_TARGETS = {LlamaLikeAdapter: ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                    GPT2Adapter: ("c_attn", "c_proj", "c_fc")}
-_LAYERS_PATTERN = {LlamaLikeAdapter: "layers", GPT2Adapter: "h"}
+def _linear_leaves(adapter: Adapter) -> dict[str, bool]:
+    """Names of the linear modules of a layer (-> whether they are GPT-2 style ``Conv1D``), routers of a
+    mixture of experts left out."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    layer = adapter.layers[0]
+    found: dict[str, bool] = {}
+    for name, module in layer.named_modules():
+        parent = layer.get_submodule(name.rpartition(".")[0])
+        if isinstance(module, (nn.Linear, Conv1D)) and not hasattr(parent, "experts"):
+            found[name.rpartition(".")[2]] = isinstance(module, Conv1D)
+    return found
 
 
 def lora_targets(adapter: Adapter, spec: TrainSpec) -> tuple[str, ...]:
+    """``train.lora.target_modules``, by default every linear module of a layer (attention and MLP
+    projections; a mixture of experts' router excluded)."""
     if spec.lora_targets:
         return spec.lora_targets
-    for cls, names in _DEFAULT_TARGETS.items():
-        if isinstance(adapter, cls):
-            return names
-    raise ConfigError(f"train.lora.target_modules must be set for {type(adapter.model).__name__}")
+    names = tuple(_linear_leaves(adapter))
+    if not names:
+        raise ConfigError(f"train.lora.target_modules must be set for {type(adapter.model).__name__}")
+    return names
 
 
 def lora_config(adapter: Adapter, spec: TrainSpec, layers: list[int] | None = None, base: str | None = None):
     from peft import LoraConfig
 
+    targets = list(lora_targets(adapter, spec))
+    conv1d = _linear_leaves(adapter)
     return LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                      target_modules=list(lora_targets(adapter, spec)), fan_in_fan_out=isinstance(adapter, GPT2Adapter),
-                      layers_to_transform=layers, layers_pattern=_LAYERS_PATTERN.get(type(adapter)) if layers else None,
-                      base_model_name_or_path=base, task_type="CAUSAL_LM")
+                      target_modules=targets, fan_in_fan_out=any(conv1d.get(t, False) for t in targets),
+                      layers_to_transform=layers, layers_pattern=adapter.layer_module(0).split(".")[-2] if layers
+                      else None, base_model_name_or_path=base, task_type="CAUSAL_LM")
 
 
 def add_lora(adapter: Adapter, layers, spec: TrainSpec) -> None:

@@ -1,55 +1,208 @@
-"""One small adapter per model family: how to embed, run one layer, normalise and apply the head.
+"""A model split into parts, each computed by the family's own transformers code.
 
-Every adapter wraps a transformers model built on the meta device (see :mod:`nesa_hpc.weights`) and
-reuses the library's own decoder/encoder layers; only the modules a rank needs are ever filled in.
+An :class:`Adapter` only *names* the parts of a transformers model: the token embedding, the list of
+layers, the language-model head, and everything else (positional embeddings, rotary embeddings, final
+norms, ...), which every rank loads because it is small. It never re-derives a family's math. To run a
+block of layers it calls the family's own ``forward`` with a *view* of the layer list:
+
+- the layers before the block are skipped;
+- a pre-hook on the block's first layer puts the stage's hidden states in;
+- a hook on the block's last layer takes the result out and stops the forward there.
+
+So embedding scale, rotary embeddings (per layer type), attention masks (causal, sliding window,
+per-layer types, ALiBi), positional embeddings and every per-layer argument come from transformers.
+The final norm runs inside the family's ``forward`` the same way (all layers skipped), and the logits
+come from the family's causal-LM ``forward`` (head, logit soft-capping, logit scaling).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers.masking_utils import (
-    create_bidirectional_mask,
-    create_causal_mask,
-    create_sliding_window_causal_mask,
-)
+from transformers import DynamicCache
 
 from .errors import ConfigError
 
-__all__ = ["Adapter", "LlamaLikeAdapter", "GPT2Adapter", "BertAdapter", "make_adapter", "ENCODER_MODEL_TYPES"]
+__all__ = ["Adapter", "make_adapter", "StageCache", "DECODER_MODEL_TYPES", "ENCODER_MODEL_TYPES",
+           "SUPPORTED_MODEL_TYPES", "check_supported"]
 
-# Families loaded as bare encoders (``AutoModel``): their output is ``last_hidden_state``; no LM head.
-ENCODER_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "electra"})
+# The families whose exactness the test suite checks (score, generate, training against plain transformers).
+DECODER_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma2",
+                       "gemma3_text", "phi3", "olmo2", "granite", "gpt2", "gpt_neox", "falcon", "opt")
+# Families loaded as bare encoders (``AutoModel``): their output is ``last_hidden_state``; no LM head (embed).
+ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
+SUPPORTED_MODEL_TYPES = DECODER_MODEL_TYPES + ENCODER_MODEL_TYPES
+# Families whose layers return a tuple (hidden states first) rather than a tensor.
+_TUPLE_LAYERS = frozenset({"falcon"})
 
 
-@dataclass
-class StageContext:
-    """What every layer of one stage needs besides the hidden states; rebuilt on each rank."""
+def check_supported(config, where: str) -> None:
+    """Refuse a model outside the supported families before any work, in one line."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
-    mask: torch.Tensor | None | dict
-    position_ids: torch.Tensor
-    extra: dict
+        arch = ", ".join(getattr(config, "architectures", None) or []) or \
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) or MODEL_MAPPING_NAMES.get(model_type) or "?"
+        raise ConfigError(
+            f"{where}: unsupported model architecture {arch} (model_type={model_type!r}); supported model types: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (see docs/models.md)")
+
+
+class _Stop(Exception):
+    """Raised by a hook to end the family's forward at the end of a stage, carrying the hidden states."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+
+class _Skip(nn.Module):
+    """A layer that is not run: it returns its input (in the family's layer output convention)."""
+
+    def __init__(self, as_tuple: bool, given: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.as_tuple = as_tuple
+        self.given = given
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = hidden_states if self.given is None else self.given
+        return (out,) if self.as_tuple else out
+
+
+class _Given(nn.Module):
+    """Stands in for the base model under the causal-LM ``forward``: returns the given hidden states."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, *args, **kwargs):
+        return _Output(self.hidden)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # a family's head forward may call a part of the base (OPT: model.decoder)
+            return self
+
+
+class _Output:
+    """The base model's output as the causal-LM forward reads it: hidden states first; nothing else."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.last_hidden_state = hidden
+
+    def __getitem__(self, i):
+        return (self.last_hidden_state,)[i]
+
+    def __getattr__(self, name):  # attentions, caches, router logits, ...: none
+        return None
+
+
+class StageCache(DynamicCache):
+    """A KV cache for a model whose layers are spread over ranks: each process fills only its own layers.
+
+    The family's forward sizes its masks (and reads the past length) from one layer of the cache, by
+    default the first full-attention (or sliding) layer of the *model*; that layer may live on another
+    rank, or (on rank 0, which holds two blocks) may not have seen this step yet. While a block runs,
+    those questions are answered by a layer of the same kind inside the running block.
+    """
+
+    active: range | None = None
+
+    def _here(self, layer_idx: int) -> int:
+        block = self.active
+        if block is None or layer_idx in block or len(block) == 0:
+            return layer_idx
+        kind = self.is_sliding[layer_idx] if layer_idx < len(self.layers) else False
+        return next((i for i in block if i < len(self.layers) and self.is_sliding[i] == kind), block[0])
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return super().get_seq_length(self._here(layer_idx))
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return super().get_mask_sizes(query_length, self._here(layer_idx))
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return super().get_query_offset(self._here(layer_idx))
+
+
+def _swap(parent: nn.Module, name: str, module: nn.Module):
+    """Replace ``parent.<name>`` for the duration of a ``with`` block."""
+
+    @contextmanager
+    def swapped():
+        old = parent._modules[name]
+        parent._modules[name] = module
+        try:
+            yield
+        finally:
+            parent._modules[name] = old
+
+    return swapped()
+
+
+def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
+    if target is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is target), None)
 
 
 class Adapter:
-    """Family-independent view of a model: ``embed`` -> ``layer(i)`` ... -> ``norm`` -> ``logits``."""
+    """Names the parts of one transformers model and runs them through the family's own ``forward``.
 
-    has_head: bool = True
+    ``embed(ids, pos)`` -> ``run_layers(range, h, mask, pos, cache)`` ... -> ``norm(h)`` -> ``logits(h)``.
+    The model is built on the meta device (see :mod:`nesa_hpc.weights`); a rank fills in only the modules
+    it runs.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.config = model.config
+        self.model_type = self.config.model_type
+        self.base = model.base_model  # the model without its head (itself for an encoder)
+        self.base_name = "" if self.base is model else model.base_model_prefix
+        if self.base_name and model.get_submodule(self.base_name) is not self.base:
+            raise ConfigError(f"{type(model).__name__}: cannot find its base model {self.base_name!r}")
+        n = int(self.config.num_hidden_layers)
+        lists = sorted((name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n),
+                       key=lambda s: (s.count("."), s))
+        if not lists:
+            raise ConfigError(f"{type(model).__name__}: no list of {n} layers found")
+        self._layers_name = lists[0]
+        parent, _, self._layers_attr = self._layers_name.rpartition(".")
+        self._layers_parent = model.get_submodule(parent)
+        self._as_tuple = self.model_type in _TUPLE_LAYERS
+        embed = _module_name(model, model.get_input_embeddings())
+        if embed is None:
+            raise ConfigError(f"{type(model).__name__}: no input embedding found")
+        head = _module_name(model, model.get_output_embeddings()) if self.base is not model else None
+        self._embed_dim = int(model.get_input_embeddings().embedding_dim)
+        self.has_head = head is not None
+        self.embed_modules: tuple[str, ...] = (embed,)
+        self.head_modules: tuple[str, ...] = (head,) if head else ()
+        # everything else is small (positions, rotary, norms, projections) and loaded wherever layers,
+        # the embedding or the head run: the family's forward calls it around the layers
+        big = (self._layers_name, embed, *self.head_modules)
+        self.stage_modules: tuple[str, ...] = tuple(
+            name for name, m in model.named_modules()
+            if name and (m._parameters or m._buffers)
+            and not any(name == b or name.startswith(b + ".") for b in big))
+        self.norm_modules: tuple[str, ...] = self.stage_modules
+        tied = getattr(model, "_tied_weights_keys", None)
+        self.tied: dict[str, str] = dict(tied) if isinstance(tied, dict) and \
+            getattr(self.config, "tie_word_embeddings", False) else {}
+        # RoBERTa-style embeddings derive positions from the token ids (offset past the padding index)
+        self._own_positions = self.base is model and \
+            getattr(getattr(self.base, "embeddings", None), "padding_idx", None) is not None
 
-    # -- names of the modules each role needs (used to load only those tensors) --
-    embed_modules: tuple[str, ...] = ()
-    norm_modules: tuple[str, ...] = ()
-    head_modules: tuple[str, ...] = ()
-    # modules every stage that runs layers needs (shared helpers such as rotary embeddings)
-    stage_modules: tuple[str, ...] = ()
-    # checkpoint names a tied parameter can be read from when the file omits it
-    tied: dict[str, str] = {}
+    # -- names ------------------------------------------------------------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self._layers_parent._modules[self._layers_attr]
 
     @property
     def num_layers(self) -> int:
@@ -60,184 +213,149 @@ class Adapter:
         return int(self.config.hidden_size)
 
     @property
-    def layers(self) -> nn.ModuleList:
-        raise NotImplementedError
+    def output_size(self) -> int:
+        """Width of what :meth:`norm` returns (the hidden size, or the head's input width where the family
+        projects after its final norm)."""
+        head = self.model.get_output_embeddings() if self.has_head else None
+        return int(getattr(head, "in_features", 0) or self.hidden_size)
 
     def layer_module(self, i: int) -> str:
-        raise NotImplementedError
+        return f"{self._layers_name}.{i}"
 
-    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def new_cache(self) -> StageCache:
+        """An empty KV cache for generation over this model's layers (each stage fills its own)."""
+        return StageCache(config=self.config)
 
-    def context(self, h: torch.Tensor, mask2d: torch.Tensor, pos: torch.Tensor, cache=None,
-                first: int = 0) -> StageContext:
-        """Masks and position embeddings for a block of layers starting at layer ``first``. With a KV
-        ``cache`` (generation), ``h`` holds only the new positions and ``mask2d`` (B, past + T) covers the
-        cached ones too; the cache's layer ``first`` tells how many positions are cached."""
-        raise NotImplementedError
+    # -- running ----------------------------------------------------------------------------------------------
+    def _view(self, first: int, given: torch.Tensor | None = None):
+        """The layer list with layers [0, first) skipped (and, with ``given``, the last skipped layer
+        returning ``given``)."""
+        real = list(self.layers)
+        skips = [_Skip(self._as_tuple) for _ in range(first)]
+        if given is not None:
+            skips[-1] = _Skip(self._as_tuple, given)
+        return _swap(self._layers_parent, self._layers_attr, nn.ModuleList(skips + real[first:]))
 
-    def layer(self, i: int, h: torch.Tensor, ctx: StageContext) -> torch.Tensor:
-        raise NotImplementedError
+    def _base_forward(self, **kwargs) -> torch.Tensor:
+        try:
+            out = self.base(**kwargs, use_cache=kwargs.get("cache") is not None, return_dict=True)
+        except _Stop as stop:
+            return stop.hidden
+        return out.last_hidden_state
 
-    def run_layers(self, layers: range, h: torch.Tensor, mask2d: torch.Tensor,
-                   pos: torch.Tensor, cache=None) -> torch.Tensor:
-        """Run ``layers`` (original indices) over ``h`` (B, T, H); returns (B, T, H). With ``cache`` (a
-        transformers ``Cache`` indexed by original layer index) the layers read and extend their KV cache."""
+    def _dummy(self, h: torch.Tensor) -> torch.Tensor:
+        """``inputs_embeds`` for a forward whose hidden states are put in by a hook: what the family does
+        to it before the first layer is discarded (it only needs the shape, dtype and device)."""
+        if h.shape[-1] == self._embed_dim:
+            return h.detach()
+        return h.new_zeros(*h.shape[:-1], self._embed_dim)
+
+    def _positions(self, ids_given: bool, pos: torch.Tensor | None) -> dict:
+        return {} if (ids_given and self._own_positions) or pos is None else {"position_ids": pos}
+
+    def embed(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The hidden states the first layer reads, (B, T, H), from token ids (B, T) at positions ``pos``."""
+        first = self.layers[0]
+
+        def stop(module, args, kwargs):
+            raise _Stop(args[0] if args else kwargs["hidden_states"])
+
+        handle = first.register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            return self._base_forward(input_ids=ids, attention_mask=torch.ones_like(ids) if mask is None else mask,
+                                      **self._positions(True, pos))
+        finally:
+            handle.remove()
+
+    def run_layers(self, layers: range, h: torch.Tensor, mask2d: torch.Tensor, pos: torch.Tensor,
+                   cache=None) -> torch.Tensor:
+        """Run ``layers`` (original indices, contiguous) over ``h`` (B, T, H); returns (B, T, H).
+
+        With ``cache`` (a :class:`StageCache`, generation) ``h`` holds only the new positions, ``mask2d``
+        (B, past + T) covers the cached ones too, and the layers read and extend their KV cache.
+        """
         if len(layers) == 0:
             return h
-        ctx = self.context(h, mask2d, pos, cache, layers[0])
-        for i in layers:
-            h = self.layer(i, h, ctx)
-        return h
+        first, last = layers[0], layers[-1]
+        if list(layers) != list(range(first, last + 1)):
+            raise ValueError(f"layers must be contiguous, got {layers}")
+
+        def put_in(module, args, kwargs):
+            if args:
+                return (h, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": h}
+
+        def take_out(module, args, output):
+            raise _Stop(output[0] if isinstance(output, tuple) else output)
+
+        handles = [self.layers[first].register_forward_pre_hook(put_in, with_kwargs=True),
+                   self.layers[last].register_forward_hook(take_out)]
+        if isinstance(cache, StageCache):
+            cache.active = layers
+        try:
+            with self._view(first):
+                return self._base_forward(inputs_embeds=self._dummy(h), attention_mask=mask2d,
+                                          **self._positions(False, pos), **({"cache": cache} if cache else {}))
+        finally:
+            for handle in handles:
+                handle.remove()
+            if isinstance(cache, StageCache):
+                cache.active = None
 
     def norm(self, h: torch.Tensor) -> torch.Tensor:
-        return h
+        """What the family's forward does after its last layer (final norm, projection), for each
+        position of ``h`` (..., H)."""
+        shape = h.shape
+        flat = h.reshape(-1, 1, shape[-1])  # one-token sequences: the post-layer part is per position
+        if len(flat) == 0:
+            return h
+        with self._view(self.num_layers, given=flat):
+            out = self._base_forward(inputs_embeds=self._dummy(flat), attention_mask=None,
+                                     **self._positions(False, torch.zeros(flat.shape[:2], dtype=torch.long,
+                                                                          device=flat.device)))
+        return out.reshape(*shape[:-1], out.shape[-1])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self.model).__name__} has no language-model head")
+        """The family's causal-LM head over final-norm outputs ``h`` (..., H): (..., V)."""
+        if not self.has_head:
+            raise NotImplementedError(f"{type(self.model).__name__} has no language-model head")
+        shape = h.shape
+        flat = h.reshape(1, -1, shape[-1])
+        with _swap(self.model, self.base_name, _Given(flat)):
+            out = self.model(inputs_embeds=flat, return_dict=True)
+        return out.logits.reshape(*shape[:-1], -1)
 
-    def _numel(self, names: tuple[str, ...]) -> int:
-        return sum(p.numel() for n in names for p in self.model.get_submodule(n).parameters())
+    # -- costs ------------------------------------------------------------------------------------------------
+    def _numel(self, names: tuple[str, ...], active: bool = False) -> float:
+        """Parameters of ``names``; with ``active``, mixture-of-experts weights count only for the experts
+        a token is routed to (top-k of n), the router and any shared expert in full."""
+        share = 1.0
+        if active:
+            k = getattr(self.config, "num_experts_per_tok", None)
+            n = getattr(self.config, "num_local_experts", None) or getattr(self.config, "num_experts", None)
+            share = k / n if k and n else 1.0
+        total = 0.0
+        for name in names:
+            for pname, p in self.model.get_submodule(name).named_parameters():
+                routed = ".experts." in f".{pname}" and "shared" not in pname
+                total += p.numel() * (share if routed else 1.0)
+        return total
 
     def head_cost(self, task: str) -> float:
         """Cost of the final norm + head in units of one layer, for ``split.partition=balanced``.
 
-        From parameter counts (meta tensors have sizes), times 1.25 for scoring: the log-softmax over the
-        vocabulary and the loss, measured on SmolLM2 fp32 on CPU (head + loss = 10 layers, weights = 8).
+        From parameter counts (meta tensors have sizes; a mixture-of-experts layer counts its router and
+        the experts one token uses), times 1.25 for scoring: the log-softmax over the vocabulary and the
+        loss, measured on SmolLM2 fp32 on CPU (head + loss = 10 layers, weights = 8).
         """
-        layer = self._numel((self.layer_module(0),)) or 1
+        layer = self._numel((self.layer_module(0),), active=True) or 1.0
         if task not in ("score", "generate") or not self.has_head:
-            return self._numel(self.norm_modules) / layer
+            return 0.0
         # generation applies the head to one position per row and step, like a layer: no loss on top
         return (1.25 if task == "score" else 1.0) * self._numel(self.head_modules) / layer
 
 
-class LlamaLikeAdapter(Adapter):
-    """``model.embed_tokens / model.layers / model.norm / model.rotary_emb / lm_head`` (Llama, Mistral,
-    Qwen2, SmolLM, ...)."""
-
-    embed_modules = ("model.embed_tokens",)
-    norm_modules = ("model.norm",)
-    head_modules = ("lm_head",)
-    stage_modules = ("model.rotary_emb",)
-    tied = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.model.layers
-
-    def layer_module(self, i: int) -> str:
-        return f"model.layers.{i}"
-
-    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.model.model.embed_tokens(ids)  # (B, T, H)
-
-    def context(self, h, mask2d, pos, cache=None, first=0) -> StageContext:
-        kwargs = dict(config=self.config, inputs_embeds=h, attention_mask=mask2d, cache=cache, position_ids=pos)
-        layer_types = getattr(self.config, "layer_types", None) or []
-        if cache is None:
-            masks = {"full_attention": create_causal_mask(**kwargs)}
-            if "sliding_attention" in layer_types:
-                masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
-        else:
-            # size each mask against a layer of its type in this stage (the cache holds this stage's layers only)
-            masks = {}
-            for kind, make in (("full_attention", create_causal_mask),
-                               ("sliding_attention", create_sliding_window_causal_mask)):
-                idx = next((i for i in range(first, len(self.layers)) if (layer_types[i] if layer_types
-                                                                           else "full_attention") == kind), None)
-                if idx is not None:
-                    masks[kind] = make(**kwargs, layer_idx=idx)
-        rotary = self.model.model.rotary_emb(h, position_ids=pos)  # (cos, sin), each (B, T, head_dim)
-        return StageContext(masks, pos, {"position_embeddings": rotary, "layer_types": layer_types, "cache": cache})
-
-    def layer(self, i: int, h: torch.Tensor, ctx: StageContext) -> torch.Tensor:
-        types = ctx.extra["layer_types"]
-        mask = ctx.mask[types[i]] if types else ctx.mask["full_attention"]
-        kw = {"cache": ctx.extra["cache"], "use_cache": True} if ctx.extra["cache"] is not None else {}
-        return self.layers[i](h, attention_mask=mask, position_ids=ctx.position_ids,
-                              position_embeddings=ctx.extra["position_embeddings"], **kw)
-
-    def norm(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.model.norm(h)
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(h)
-
-
-class GPT2Adapter(Adapter):
-    """``transformer.wte / wpe / h / ln_f`` + ``lm_head`` (GPT-2)."""
-
-    embed_modules = ("transformer.wte", "transformer.wpe")
-    norm_modules = ("transformer.ln_f",)
-    head_modules = ("lm_head",)
-    tied = {"lm_head.weight": "transformer.wte.weight"}
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.transformer.h
-
-    def layer_module(self, i: int) -> str:
-        return f"transformer.h.{i}"
-
-    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        t = self.model.transformer
-        return t.wte(ids) + t.wpe(pos)  # (B, T, H)
-
-    def context(self, h, mask2d, pos, cache=None, first=0) -> StageContext:
-        extra = {} if cache is None else {"layer_idx": first}
-        mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=mask2d, cache=cache,
-                                  position_ids=pos, **extra)
-        return StageContext(mask, pos, {"cache": cache})
-
-    def layer(self, i: int, h: torch.Tensor, ctx: StageContext) -> torch.Tensor:
-        cache = ctx.extra["cache"]
-        kw = {"use_cache": True} if cache is not None else {}
-        return self.layers[i](h, cache, ctx.mask, position_ids=ctx.position_ids, **kw)
-
-    def norm(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.transformer.ln_f(h)
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(h)
-
-
-class BertAdapter(Adapter):
-    """BERT-style bidirectional encoders loaded with ``AutoModel`` (``embeddings / encoder.layer``)."""
-
-    has_head = False
-    embed_modules = ("embeddings",)
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.encoder.layer
-
-    def layer_module(self, i: int) -> str:
-        return f"encoder.layer.{i}"
-
-    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.model.embeddings(input_ids=ids, position_ids=pos)  # (B, T, H)
-
-    def context(self, h, mask2d, pos, cache=None, first=0) -> StageContext:
-        return StageContext(create_bidirectional_mask(config=self.config, inputs_embeds=h, attention_mask=mask2d),
-                            pos, {})
-
-    def layer(self, i: int, h: torch.Tensor, ctx: StageContext) -> torch.Tensor:
-        return self.layers[i](h, ctx.mask)
-
-
 def make_adapter(model: nn.Module) -> Adapter:
-    """Pick the adapter that matches the model's module structure; raise a clear error otherwise."""
-    inner = getattr(model, "model", None)
-    if inner is not None and all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")) \
-            and hasattr(model, "lm_head"):
-        return LlamaLikeAdapter(model)
-    t = getattr(model, "transformer", None)
-    if t is not None and all(hasattr(t, a) for a in ("wte", "wpe", "h", "ln_f")):
-        return GPT2Adapter(model)
-    if hasattr(model, "embeddings") and hasattr(getattr(model, "encoder", None), "layer"):
-        return BertAdapter(model)
-    raise ConfigError(
-        f"unsupported model architecture {type(model).__name__} (model_type="
-        f"{getattr(model.config, 'model_type', '?')!r}): nesa_hpc supports Llama-like decoders "
-        "(model.embed_tokens/layers/norm/rotary_emb + lm_head), GPT-2 and BERT-style encoders")
+    """The adapter of a supported model; a clear error for anything else."""
+    check_supported(model.config, type(model).__name__)
+    return Adapter(model)

@@ -229,13 +229,11 @@ class Stage:
 
     def generate(self, msg: Message):
         """Prefill or one decode step of a generation group, with this stage's KV cache of the group."""
-        from transformers import DynamicCache
-
         h, mask, pos, bad = self._unwire(msg.tensors)
         keep = msg.tensors[4].to(self.device, non_blocking=True).long()
         with torch.inference_mode(), self._guard(mask.shape):
             if msg.kind == Kind.PREFILL:
-                self.caches[msg.batch_id] = (DynamicCache(config=self.adapter.config), len(keep))
+                self.caches[msg.batch_id] = (self.adapter.new_cache(), len(keep))
             cache, rows = self.caches[msg.batch_id]
             if len(keep) != rows:  # rows that finished at the owner: drop their cache entries
                 cache.batch_select_indices(keep)

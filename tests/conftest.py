@@ -100,3 +100,20 @@ def texts_file(tmp_path) -> Path:
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random models of every supported family (see ``families.py``)."""
+    from families import DECODERS, ENCODERS, save_family
+
+    base = tmp_path_factory.mktemp("families")
+    return {fam: save_family(base / fam, fam, _tokenizer_source()) for fam in (*DECODERS, *ENCODERS)}
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    """Gemma 3 270M (packaged; converted once into the cache on first use)."""
+    from nesa_hpc.weights import packaged_model_path
+
+    return packaged_model_path("gemma3-270m")

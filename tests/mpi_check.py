@@ -57,7 +57,9 @@ def reference(case: dict, cfg, tokenizer, model, rows) -> dict:
                 for i, r in enumerate(b.rows.tolist()):
                     padded[r] = float((nll[i] * sel[i]).sum() / sel[i].sum())
             else:
-                hs = model(b.ids, attention_mask=b.mask, position_ids=b.pos).last_hidden_state
+                # RoBERTa-style encoders number positions from the padding index on, from the token ids
+                own = getattr(getattr(model, "embeddings", None), "padding_idx", None) is not None
+                hs = model(b.ids, attention_mask=b.mask, **({} if own else {"position_ids": b.pos})).last_hidden_state
                 m = b.mask.unsqueeze(-1).float()
                 if case.get("pooling", "mean") == "mean":
                     pooled = (hs * m).sum(1) / m.sum(1)
@@ -67,7 +69,7 @@ def reference(case: dict, cfg, tokenizer, model, rows) -> dict:
                 for i, r in enumerate(b.rows.tolist()):
                     padded[r] = pooled[i]
         for r, text in rows:
-            ids = torch.tensor([tokenizer(text)["input_ids"][: case.get("max_length", 64)]])
+            ids = torch.tensor([tokenizer(text, truncation=True, max_length=case.get("max_length", 64))["input_ids"]])
             if case["task"] == "score":
                 logits = model(ids).logits
                 single[r] = float(F.cross_entropy(logits[0, :-1], ids[0, 1:]))

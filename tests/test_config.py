@@ -51,7 +51,7 @@ def test_defaults(hydra_ctx):
 
 
 def test_every_group_has_the_expected_options():
-    assert _options("model") == ["minilm", "smollm2"]
+    assert _options("model") == ["gemma3", "minilm", "smollm2"]
     assert _options("task") == ["embed", "generate", "score"]
     assert _options("privacy") == ["dchi", "gaussian", "none", "sigma"]
     for group in ("split", "data", "runtime"):

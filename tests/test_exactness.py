@@ -77,8 +77,61 @@ def test_real_models(smollm2_path, minilm_path, tmp_path):
          "data": str(rows), "batch_size": 4},
         {"model": str(minilm_path), "task": "embed", "k": 1, "head": "owner", "padding": "right",
          "data": str(rows), "batch_size": 4},
+        # rows cut by the tokenizer's own truncation: the closing [SEP] stays (sentence-transformers)
+        {"model": str(minilm_path), "task": "embed", "k": 0, "head": "last", "padding": "right",
+         "data": str(rows), "batch_size": 4, "max_length": 16},
     ]
     entries = _run(3, cases, tmp_path)
     score, emb = entries[:2], entries[2:]
     _assert_exact(score, 1e-4, 1e-3)
     _assert_exact(emb, 1e-5, 1e-5)
+
+
+def _family_cases(n: int, models: dict, data: str) -> list[dict]:
+    """Every supported family: score (decoders) or embed (encoders) at k in {0, 1, L//2}, both head
+    placements (left padding with the head on the owner, right padding with it on the last rank), and the
+    decoders' pooled final states."""
+    from families import ENCODERS
+    from families import NUM_LAYERS as L
+
+    cases = []
+    for family, folder in models.items():
+        task = "embed" if family in ENCODERS else "score"
+        for k in sorted({0, 1, L // 2}):
+            if n > 1 and 0 < L - k < n - 1:
+                continue
+            for head, padding in (("owner", "left"), ("last", "right")):
+                cases.append({"model": str(folder), "task": task, "k": k, "head": head, "padding": padding,
+                              "data": data, "family": family})
+        if task == "score":
+            cases.append({"model": str(folder), "task": "embed", "k": 1, "head": "owner", "padding": "left",
+                          "data": data, "family": family})
+    return cases
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_every_family_every_split(n, family_models, texts_file, tmp_path):
+    """Each family's own transformers code runs the split: masks (sliding windows shorter than the rows,
+    per-layer types), rotary embeddings per layer type, embedding scale, soft-capping, ALiBi, learned
+    positions, fused experts all give the unsplit model's numbers."""
+    entries = _run(n, _family_cases(n, family_models, str(texts_file)), tmp_path)
+    _assert_exact(entries, 1e-5, 1e-4)
+    assert {e["case"]["family"] for e in entries} == set(family_models)
+    if n > 1:
+        assert all(e["worker_messages"] > 0 for e in entries)
+
+
+def test_gemma3_real_model(gemma3_path, tmp_path):
+    """Gemma 3 270M (sliding and full attention layers with their own rotary bases, embedding scale inside
+    the embedding, its own BOS) scored across 3 ranks equals transformers in one process."""
+    from nesa_hpc.data import sample_path
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(sample_path().read_text().splitlines(keepends=True)[:8]))
+    cases = [
+        {"model": str(gemma3_path), "task": "score", "k": 6, "head": "owner", "padding": "right",
+         "data": str(rows), "batch_size": 4, "max_length": 96},
+        {"model": str(gemma3_path), "task": "score", "k": 0, "head": "last", "padding": "left",
+         "data": str(rows), "batch_size": 4, "max_length": 96},
+    ]
+    _assert_exact(_run(3, cases, tmp_path), 1e-4, 1e-3)

@@ -264,3 +264,27 @@ def test_generation_with_noise_is_keyed_per_step_and_accounted(tiny_models, text
     np.testing.assert_allclose(three["epsilon_spent"], [ledger.epsilon(int(r)) for r in three["n_releases"]])
     assert attrs["privacy_epsilon_spent"] == pytest.approx(float(three["epsilon_spent"].max()))
     assert attrs["privacy_releases"] == int(one["n_releases"].max()) == 6
+
+
+def test_every_family_generates_like_transformers(family_models, texts_file, tmp_path):
+    """Greedy generation of every decoder family at 3 ranks is token-identical to transformers ``generate``
+    on each prompt alone: KV caches split across ranks keep sliding windows and per-layer types right."""
+    from families import DECODERS
+
+    cases = [{"model": str(family_models[f]), "k": k, "head": head, "data": str(texts_file), "family": f}
+             for f in DECODERS for k, head in ((1, "owner"), (0, "last"))]
+    entries = _run(3, cases, tmp_path)
+    _check(entries, 3)
+    assert {e["case"]["family"] for e in entries} == set(DECODERS)
+
+
+def test_gemma3_greedy_equals_transformers(gemma3_path, tmp_path):
+    """Gemma 3 270M across 3 ranks generates what transformers ``generate`` does on each prompt alone."""
+    rows = tmp_path / "prompts.jsonl"
+    prompts = ["The capital of France is", "Once upon a time", "def add(a, b):"]
+    rows.write_text("".join(json.dumps({"text": p}) + "\n" for p in prompts))
+    case = {"model": str(gemma3_path), "k": 3, "head": "owner", "data": str(rows), "batch_size": 3,
+            "max_new_tokens": 12, "max_length": 64}
+    entries = _run(3, [case], tmp_path)
+    _check(entries, 3)
+    assert "the capital of" in entries[0]["generated_text"][0]

@@ -77,6 +77,24 @@ def _run(n: int, cases: list[dict], tmp_path) -> list[dict]:
 def test_split_gradients_and_losses_equal_unsplit_training(n, tiny_models, texts_file, pc_file, tmp_path):
     report = _run(n, _cases(n, tiny_models, str(texts_file), str(pc_file)), tmp_path)
     assert len(report) == len(_cases(n, tiny_models, str(texts_file), str(pc_file)))
+    _check_equal(report, n)
+
+
+def test_every_family_trains_like_one_process(family_models, texts_file, tmp_path):
+    """LoRA on every decoder family, and full fine-tuning of the mixture-of-experts families (fused expert
+    weights), at 3 ranks: gradients and losses equal training the unsplit model in one process."""
+    from families import DECODERS
+
+    cases = [{"model": str(family_models[f]), "data": str(texts_file), "k": 1, "head": "owner", "mode": "lora",
+              "family": f} for f in DECODERS]
+    cases += [{"model": str(family_models[f]), "data": str(texts_file), "k": 0, "head": "last", "mode": "full",
+               "family": f} for f in ("mixtral", "qwen2_moe", "gemma3_text")]
+    report = _run(3, cases, tmp_path)
+    assert len(report) == len(cases)
+    _check_equal(report, 3)
+
+
+def _check_equal(report: list[dict], n: int) -> None:
     for e in report:
         label = {k: v for k, v in e["case"].items() if k not in ("model", "data")}
         assert e["grad_names_equal"], label
