@@ -45,7 +45,7 @@ def greedy_reference(case: dict, tokenizer, model, rows, eos: list[int]) -> dict
             if case.get("extra", {}).get("data.chat_template"):
                 text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                      add_generation_prompt=True)
-            ids = torch.tensor([tokenizer(text)["input_ids"][: case.get("max_length", 64)]])
+            ids = torch.tensor([tokenizer(text, truncation=True, max_length=case.get("max_length", 64))["input_ids"]])
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                  max_new_tokens=case.get("max_new_tokens", 12), eos_token_id=eos,
                                  pad_token_id=eos[0] if eos else 0)
