@@ -252,7 +252,7 @@ def run_audit(cfg: DictConfig, comm=None) -> list[dict] | None:
     if bad:
         raise ConfigError(f"audit.ks={list(s.ks)}: the model has {adapter.num_layers} layers, so k <= "
                          f"{adapter.num_layers}")
-    modules = [*adapter.embed_modules, *adapter.stage_modules, *adapter.norm_modules,
+    modules = [*adapter.embed_modules, *adapter.stage_modules,
                *(adapter.head_modules if adapter.has_head else ())]
     load_modules(adapter, folder, modules + [adapter.layer_module(i) for i in range(adapter.num_layers)],
                  settings.model_dtype)

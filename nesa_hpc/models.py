@@ -191,7 +191,6 @@ class Adapter:
             name for name, m in model.named_modules()
             if name and (m._parameters or m._buffers)
             and not any(name == b or name.startswith(b + ".") for b in big))
-        self.norm_modules: tuple[str, ...] = self.stage_modules
         tied = getattr(model, "_tied_weights_keys", None)
         self.tied: dict[str, str] = dict(tied) if isinstance(tied, dict) and \
             getattr(self.config, "tie_word_embeddings", False) else {}
