@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 
+from . import stopsignal
 from .results import InOrder
 
 __all__ = ["StopFlag", "SkipLog", "Progress"]
@@ -18,26 +18,27 @@ log = logging.getLogger("nesa_hpc")
 
 class StopFlag:
     """SIGTERM / SIGUSR1 (Slurm before a time limit or preemption) set a flag instead of killing the rank:
-    rank 0 then stops feeding batches, drains the pipeline, flushes and exits with EXIT_STOPPED."""
+    rank 0 then stops feeding batches, drains the pipeline, flushes and exits with EXIT_STOPPED.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    The signals are caught from the first line of the entry scripts (:mod:`nesa_hpc.stopsignal`), so one
+    that arrived during start-up counts too; a job run from Python (tests) is caught from here on."""
 
     def __init__(self) -> None:
-        self.signal: str | None = None
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self.previous[sig] = signal.signal(sig, self._handle)
+        self._installed_here = stopsignal.received() is None and stopsignal._state["previous"] is None
+        stopsignal.install()
 
-    def _handle(self, signum, frame) -> None:
-        self.signal = signal.Signals(signum).name
+    @property
+    def signal(self) -> str | None:
+        return stopsignal.received()
 
     def __call__(self) -> bool:
-        return self.signal is not None
+        return stopsignal.received() is not None
 
     def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        """Restore the previous handlers if this flag installed them (a job run from Python, e.g. a test);
+        an entry script's handlers stay until the process exits."""
+        if self._installed_here:
+            stopsignal.restore()
 
 
 class SkipLog:

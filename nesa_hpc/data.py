@@ -22,6 +22,8 @@ __all__ = ["DataError", "RowError", "ON_ERROR", "ON_LONG", "Batch", "Encoded", "
 log = logging.getLogger("nesa_hpc")
 
 FORMATS = ("jsonl", "text", "csv", "parquet")
+# rows as long in CSV as in JSONL: the csv module's default refuses a field over 128 KiB as malformed
+csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".txt": "text", ".text": "text",
                ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -62,7 +64,8 @@ def read_rows(path: str | Path, fmt: str = "auto", text_field: str = "text",
               on_error: str = "fail") -> Iterator[tuple[int, str | RowError]]:
     """Yield ``(row_index, text)`` for every row, streaming; row indices count from 0 in file order.
 
-    A bad row (malformed JSON, missing or non-string field, invalid UTF-8, empty JSONL line) raises
+    A bad row (malformed JSON, missing or non-string field, invalid UTF-8 or an unpaired surrogate, empty
+    JSONL line, a null or non-string Parquet value) raises
     :class:`DataError` naming the file and line, or with ``on_error="skip"`` is yielded as
     ``(row_index, RowError(reason))`` so the caller can record it. Errors that make the rest of the
     file unreadable (a broken CSV or Parquet file) always raise.
@@ -105,6 +108,12 @@ def _read_lines(path: Path, fmt: str, text_field: str) -> Iterator[tuple[int, st
             except json.JSONDecodeError as exc:
                 yield lineno - 1, RowError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})")
                 continue
+            except RecursionError:
+                yield lineno - 1, RowError(f"{path}:{lineno}: malformed JSON (nested too deeply)")
+                continue
+            except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
+                yield lineno - 1, RowError(f"{path}:{lineno}: unusable JSON ({exc})")
+                continue
             try:
                 yield lineno - 1, _text_of(obj, text_field, f"{path}:{lineno}")
             except DataError as exc:
@@ -119,6 +128,11 @@ def _text_of(obj: object, field: str, where: str) -> str:
     value = obj[field]
     if not isinstance(value, str):
         raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a \ud800-style escape: not a character, no tokenizer takes it
+        raise DataError(f"{where}: field {field!r} holds an unpaired surrogate ({value[exc.start]!r} at character "
+                        f"{exc.start})") from None
     return value
 
 
@@ -150,9 +164,28 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[tuple[int, str | RowE
     if text_field not in pf.schema_arrow.names:
         raise DataError(f"{path}: no column {text_field!r} (data.text_field); columns: {pf.schema_arrow.names}")
     i = 0
-    for batch in pf.iter_batches(columns=[text_field]):
-        for value in batch.column(0).to_pylist():
-            if not isinstance(value, str):
+    batches = pf.iter_batches(columns=[text_field])
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as exc:  # corrupt pages: pyarrow raises OSError, ArrowInvalid, ...
+            raise DataError(f"{path}: row {i}: unreadable Parquet data ({exc})") from None
+        if batch is None:
+            return
+        try:
+            values = batch.column(0).to_pylist()
+        except UnicodeDecodeError:  # a string column holding invalid UTF-8: find the rows one by one
+            values = []
+            for k, scalar in enumerate(batch.column(0)):
+                try:
+                    values.append(scalar.as_py())
+                except UnicodeDecodeError as exc:
+                    values.append(RowError(f"{path}: row {i + k}: column {text_field!r} holds invalid UTF-8 "
+                                           f"({exc.reason} at byte {exc.start})"))
+        for value in values:
+            if isinstance(value, RowError):
+                yield i, value
+            elif not isinstance(value, str):
                 yield i, RowError(f"{path}: row {i}: column {text_field!r} must be a string, got "
                                   f"{type(value).__name__}")
             else:

@@ -260,7 +260,12 @@ def run_generate(owner: Owner, task, batches: Iterable[Batch],
     waiting: Batch | None = None
     with torch.inference_mode():
         while True:
-            while not should_stop():
+            while True:
+                if should_stop():
+                    # rows were left unless the input ended before (a stop after the last batch completes)
+                    waiting = waiting or next(batches, None)
+                    stats.extra["stopped"] = waiting is not None
+                    break
                 waiting = waiting or next(batches, None)
                 if waiting is None or not room(waiting):
                     break

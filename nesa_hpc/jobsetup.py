@@ -26,8 +26,8 @@ from .transport import MpiTransport, PeerFailure, TorchTransport, TransportTimeo
 from .weights import build_adapter, packaged_model_path
 
 __all__ = ["EXIT_STOPPED", "JobError", "USER_ERRORS", "Job", "start_job", "setup_logging", "agree", "all_ok",
-           "message", "model_folder", "rank_modules", "make_transport", "transport_name", "peak_rss_mb",
-           "gather_stats", "share_exit_code", "run_main", "rank_stats", "threads_for"]
+           "stop_requested", "message", "model_folder", "rank_modules", "make_transport", "transport_name",
+           "peak_rss_mb", "gather_stats", "share_exit_code", "run_main", "rank_stats", "threads_for"]
 
 # Exit status of a job stopped early by SIGTERM/SIGUSR1 (EX_TEMPFAIL: rerun with output.resume=true).
 EXIT_STOPPED = 75
@@ -235,6 +235,14 @@ def gather_stats(comm, mine: dict | None) -> list[dict]:
 def share_exit_code(comm, code: int | None) -> int:
     """Rank 0's exit code, on every rank (the last collective of a job)."""
     return int(comm.bcast(code, root=0)) if comm.Get_size() > 1 else int(code)
+
+
+def stop_requested(comm) -> str | None:
+    """The stop signal any rank has received so far (SIGTERM/SIGUSR1, caught from the entry script's
+    first line), or None. A collective: every rank calls it at the same point of start-up."""
+    from . import stopsignal
+
+    return next((s for s in comm.allgather(stopsignal.received()) if s), None)
 
 
 def run_main(cfg, job: Callable[..., dict]) -> None:

@@ -142,7 +142,8 @@ def run_stream(owner: Owner, task, batches: Iterable[Batch],
     """Score or embed: keep up to ``inflight`` micro-batches in the pipeline and hand each result, in order,
     to ``on_result(batch, outputs, nonfinite)``. ``nonfinite`` (B,) marks rows whose activations held NaN/Inf
     with the stage where it first appeared: a rank, or ``world_size`` for the owner's tail layers and head
-    (-1 = clean). When ``should_stop()`` turns true no new batch starts; those in flight are finished."""
+    (-1 = clean). When ``should_stop()`` turns true no new batch starts; those in flight are finished, and
+    ``extra["stopped"]`` is set if any batch was left."""
     stats, dev, adapter = owner.stats, owner.device, owner.adapter
     outstanding: deque[Batch] = deque()
 
@@ -163,6 +164,7 @@ def run_stream(owner: Owner, task, batches: Iterable[Batch],
 
     for batch in batches:
         if should_stop():
+            stats.extra["stopped"] = True  # rows were left (a stop after the last batch is a completed job)
             break
         t0 = time.perf_counter()
         with torch.inference_mode(), memory_guard(0, "embedding and layers [0, k)", tuple(batch.ids.shape)):

@@ -36,6 +36,7 @@ from .jobsetup import (
     run_main,
     share_exit_code,
     start_job,
+    stop_requested,
 )
 from .lora import check_adapter_use
 from .owner import Owner, check_finite, run_stream
@@ -73,6 +74,11 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
     comm = comm or MPI.COMM_WORLD
     job = start_job(cfg, comm)
     rank, settings, adapter, topo, folder = job.rank, job.settings, job.adapter, job.topo, job.folder
+    if signal_name := stop_requested(comm):
+        if rank == 0:
+            log.warning("stopped by %s during start-up, before the results file was opened; rerun (with "
+                        "output.resume=true) to start", signal_name)
+        return {"exit_code": EXIT_STOPPED, "stopped_by": signal_name}
     task = all_ok(comm, lambda: make_task(settings.task, topo.head_rank() == 0, settings.pooling,
                                           settings.normalize))
     all_ok(comm, lambda: check_task(settings, adapter))
@@ -190,9 +196,10 @@ def _run_owner(comm, settings, owner: Owner, task, folder: str, data_path: str, 
         else:
             stats = run_stream(owner, task, batches, on_result, settings.inflight or topo.world_size + 1,
                                should_stop=stop)
-        if not stop():
+        stopped = stats.extra.get("stopped", False)
+        if not stopped:
             skips.drain_into(ordered)
-        if ordered.pending and not stop():
+        if ordered.pending and not stopped:
             raise RuntimeError(f"{ordered.pending} rows finished but could not be written in input order")
     except BaseException:
         progress.close()
@@ -213,7 +220,7 @@ def _run_owner(comm, settings, owner: Owner, task, folder: str, data_path: str, 
         summary["generated"] = final["generated_this_run"] = stats.extra["generated"]
         summary["generated_per_s"] = final["generated_per_s"] = stats.extra["generated"] / elapsed if elapsed else 0.0
         final["max_groups_in_flight"] = stats.extra["max_groups"]
-    if stop():
+    if stopped:
         summary["exit_code"] = EXIT_STOPPED
         final["stopped_by"] = stop.signal
         writer.close(final, complete=False)

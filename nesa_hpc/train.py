@@ -43,6 +43,7 @@ from .jobsetup import (
     run_main,
     share_exit_code,
     start_job,
+    stop_requested,
 )
 from .lora import lora_targets
 from .owner import Owner
@@ -90,6 +91,11 @@ def run_train(cfg: DictConfig, comm=None, on_step=None, on_recv=None) -> dict:
     spec = all_ok(comm, lambda: train_spec(cfg))
     job = start_job(cfg, comm, head_task="score", costs=lambda head: training_costs(head, spec, cfg.split.k))
     rank, size, settings, adapter, topo, folder = job.rank, job.size, job.settings, job.adapter, job.topo, job.folder
+    if signal_name := stop_requested(comm):
+        if rank == 0:
+            log.warning("stopped by %s during start-up, before train.out_dir was touched; rerun (with "
+                        "train.resume=true) to start", signal_name)
+        return {"exit_code": EXIT_STOPPED, "stopped_by": signal_name}
     all_ok(comm, lambda: _check_model(adapter, settings, spec))
     agree(comm, lambda: _prepare_out_dir(spec, cfg))
     all_ok(comm, lambda: load_modules(adapter, folder, rank_modules(rank, topo, adapter, "score"),

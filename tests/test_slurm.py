@@ -10,11 +10,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_mpi
+from conftest import ROOT, mpiexec, run_mpi
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 
 from nesa_hpc.results import read_results
@@ -136,3 +137,62 @@ def test_failed_job_exits_nonzero_with_the_reason_in_the_log(jobs):
     text = _log_text(jobs["work"] / "bad")
     assert "data.batch_size=0 must be >= 1" in text
     assert not (jobs["work"] / "bad" / "out.h5").exists()
+
+
+def _job_fields(cluster: SlurmCluster, job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", job_id], env={**os.environ, **cluster.env},
+                         capture_output=True, text=True).stdout
+    return dict(w.split("=", 1) for w in out.split() if "=" in w)
+
+
+def test_time_limit_requeues_until_done_equal_to_uninterrupted(slurm, tiny_models, tmp_path):
+    """A 1-minute time limit with an early USR1 (--signal=B:USR1@50): the job stops cleanly (exit 75),
+    requeues itself, and the next allocation resumes, until the data is done; the file equals an
+    uninterrupted run. To make at least three allocations certain on a fast machine, the test also sends
+    the same batch signal (as the time-limit warning does) once each of the first two allocations has
+    started its ranks; Slurm's own hold of a requeued job (BeginTime, ~2.5 min) is lifted by the test."""
+    words = ["north", "south", "east", "west", "river", "stone", "cloud", "field", "light", "over"]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(words[(i * 7 + j) % 10] for j in range(5 + i % 13))}) + "\n"
+                            for i in range(6000)))
+    common = [f"model.path={tiny_models['llama']}", f"data.path={data}", "data.batch_size=8", "runtime.timeout=120"]
+    env = _env(slurm)
+    sub = subprocess.run(["sbatch", "--parsable", "-n", "3", "--time=1", "--signal=B:USR1@50", "--open-mode=append",
+                          f"--output={tmp_path}/slurm-%j.out", "slurm/cpu.sbatch", *common,
+                          f"output.path={tmp_path}/req/out.h5"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().split(";")[0]
+    reference = subprocess.Popen(
+        [mpiexec(), "-n", "3", sys.executable, INFER, *common, "runtime.threads=1",
+         f"output.path={tmp_path}/mpiexec.h5"], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    signalled, allocations, offset, deadline, fields = 0, 0, 0, time.monotonic() + 600, {}
+    log_path = tmp_path / "req" / f"out.{job_id}.log"
+    while time.monotonic() < deadline:
+        fields = _job_fields(slurm, job_id)
+        state, restarts = fields.get("JobState"), int(fields.get("Restarts", 0))
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            break
+        if state == "PENDING" and fields.get("Reason") == "BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "BeginTime=now"], env=env, capture_output=True)
+        started = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out")).count(" ranks on ")
+        log = log_path.read_text() if log_path.exists() else ""
+        if started > allocations:  # a new allocation: its ranks' lines start here in the appended log
+            allocations, offset = started, len(log)
+        # once this allocation's ranks are up (the layout is printed), stop it as the time limit would
+        if state == "RUNNING" and restarts < 2 and signalled <= restarts and "(worker)" in log[offset:]:
+            time.sleep(1)
+            subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=env, capture_output=True)
+            signalled = restarts + 1
+        time.sleep(0.5)
+    assert fields.get("JobState") == "COMPLETED", (fields, slurm.logs())
+    assert int(fields["Restarts"]) >= 2, fields  # at least three allocations
+    out = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert out.count("requeued (") >= 2, out
+    log = (tmp_path / "req" / f"out.{job_id}.log").read_text()
+    assert log.count("stopped by SIGUSR1") >= 2, log[-3000:]
+    _, err = reference.communicate(timeout=600)
+    assert reference.returncode == 0, err[-3000:]
+    got, attrs = read_results(tmp_path / "req" / "out.h5")
+    assert attrs["complete"] == True  # noqa: E712
+    _assert_same(got, read_results(tmp_path / "mpiexec.h5")[0])
