@@ -190,3 +190,21 @@ def test_os_seeded_noise_keeps_its_key_until_the_job_completes(tiny_models, long
     got, attrs = read_results(out)
     assert attrs["complete"] == True and got["row"].tolist() == list(range(ROWS))  # noqa: E712
     assert attrs["privacy_seed"] == "os" and np.allclose(got["epsilon_spent"], 50.0, rtol=1e-3)
+
+
+@pytest.mark.parametrize("delay", [0.3, 2.5])
+def test_signal_during_start_up_stops_cleanly_then_resumes(delay, tiny_models, long_data, reference, tmp_path):
+    """SIGUSR1 to mpiexec while the ranks import, load weights or connect: every rank ends with exit 75
+    (not a crash), nothing is written, and the resumed run equals an uninterrupted one."""
+    out = tmp_path / "out.h5"
+    proc = _start(_args(tiny_models["llama"], long_data, out, "output.resume=true"))
+    time.sleep(delay)
+    proc.send_signal(signal.SIGUSR1)
+    code, text = _finish(proc, timeout=120)
+    assert code == 75, text[-3000:]
+    assert "stopped by SIGUSR1 during start-up" in text and "BAD TERMINATION" not in text, text[-3000:]
+    assert not out.exists()
+    proc = _start(_args(tiny_models["llama"], long_data, out, "output.resume=true"))
+    code, text = _finish(proc, timeout=120)
+    assert code == 0, text[-3000:]
+    _assert_identical(out, reference)

@@ -174,7 +174,7 @@ def test_time_limit_requeues_until_done_equal_to_uninterrupted(slurm, tiny_model
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             break
         if state == "PENDING" and fields.get("Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "BeginTime=now"], env=env, capture_output=True)
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, capture_output=True)
         started = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out")).count(" ranks on ")
         log = log_path.read_text() if log_path.exists() else ""
         if started > allocations:  # a new allocation: its ranks' lines start here in the appended log
