@@ -268,4 +268,7 @@ def run_main(cfg, job: Callable[..., dict]) -> None:
         sys.stderr.flush()
         comm.Abort(1)
     else:
+        from . import stopsignal
+
+        stopsignal.ignore()  # the job is over on this rank: a late stop signal must not change its exit
         sys.exit(summary["exit_code"])

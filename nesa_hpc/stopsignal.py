@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 import threading
 
-__all__ = ["SIGNALS", "install", "received", "restore"]
+__all__ = ["SIGNALS", "install", "received", "restore", "ignore"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -41,3 +41,12 @@ def restore() -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     _state.update(signal=None, previous=None)
+
+
+def ignore() -> None:
+    """Ignore the stop signals from now on: the rank's part of the job is over and its exit code decided,
+    so one that arrives while the process finalises (MPI, the interpreter's teardown, where Python's own
+    handlers are gone) must not turn a finished rank into one killed by the signal."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
