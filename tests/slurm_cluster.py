@@ -9,6 +9,7 @@ foreground as children of the test process and are stopped (by pid) when the clu
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -37,6 +38,7 @@ def _conf(folder: Path, host: str, cpus: int) -> str:
     d = folder
     return f"""\
 ClusterName=nesatest
+FirstJobId={random.randrange(10_000, 2_000_000)}
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
