@@ -69,6 +69,12 @@ class Settings:
     top_p: float = 1.0
     seed: int = 0
     chat_template: bool = False
+    # rows beyond one text field (data.*) and score outputs beyond per-row sums (task.*)
+    messages_field: str | None = "messages"
+    prompt_field: str | None = None
+    completion_field: str | None = None
+    token_logprobs: bool = False
+    top_logprobs: int = 0
 
 
 def choice(name: str, value: Any, allowed) -> Any:
@@ -189,7 +195,40 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
         **_shards(data.get("num_shards"), data.get("shard"), os.environ),
         chat_template=as_bool("data.chat_template", data.get("chat_template", False)),
         **_generate_options(task),
+        **_row_options(task, data),
     )
+
+
+def _field(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{name}={value!r} must be a field name or null")
+    return value
+
+
+def _row_options(task: dict, data: dict) -> dict:
+    """What a row holds (data.messages_field, data.prompt_field / data.completion_field, OpenAI batch lines) and
+    what task=score writes per token (task.token_logprobs, task.top_logprobs), checked against the task."""
+    name, fmt = task.get("name"), data.get("format", "auto")
+    prompt = _field("data.prompt_field", data.get("prompt_field"))
+    completion = _field("data.completion_field", data.get("completion_field"))
+    if (prompt is None) != (completion is None):
+        raise ConfigError("data.prompt_field and data.completion_field go together: set both (continuation "
+                          "scoring) or neither")
+    if completion is not None and name != "score":
+        raise ConfigError(f"data.completion_field scores a continuation: it needs task=score, not task={name}")
+    if completion is not None and fmt == "text":
+        raise ConfigError("data.completion_field needs rows with fields (jsonl, csv, parquet), not data.format=text")
+    if fmt == "openai_batch" and name != "generate":
+        raise ConfigError(f"data.format=openai_batch reads chat and completion requests: it needs task=generate, "
+                          f"not task={name}")
+    opts = {"messages_field": _field("data.messages_field", data.get("messages_field", "messages")),
+            "prompt_field": prompt, "completion_field": completion}
+    if name == "score":
+        opts["token_logprobs"] = as_bool("task.token_logprobs", task.get("token_logprobs", False))
+        opts["top_logprobs"] = integer("task.top_logprobs", task.get("top_logprobs", 0), 0)
+    return opts
 
 
 def _stop_strings(value: Any) -> tuple[str, ...]:

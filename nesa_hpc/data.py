@@ -15,13 +15,14 @@ from typing import NamedTuple
 import torch
 
 from .errors import ConfigError, UserError
+from .inputs import Request, RowFields
 
 __all__ = ["DataError", "RowError", "ON_ERROR", "ON_LONG", "Batch", "Encoded", "encode_rows", "read_rows",
            "make_batches", "prefetch", "detect_format", "sample_path", "FORMATS", "count_rows", "shard_range"]
 
 log = logging.getLogger("nesa_hpc")
 
-FORMATS = ("jsonl", "text", "csv", "parquet")
+FORMATS = ("jsonl", "text", "csv", "parquet", "openai_batch")  # openai_batch: set explicitly (a .jsonl file)
 # rows as long in CSV as in JSONL: the csv module's default refuses a field over 128 KiB as malformed
 csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".txt": "text", ".text": "text",
@@ -60,9 +61,13 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
     return _EXTENSIONS[suffix]
 
 
-def read_rows(path: str | Path, fmt: str = "auto", text_field: str = "text",
-              on_error: str = "fail") -> Iterator[tuple[int, str | RowError]]:
+def read_rows(path: str | Path, fmt: str = "auto", text_field: str = "text", on_error: str = "fail",
+              fields: RowFields | None = None) -> Iterator[tuple[int, str | Request | RowError]]:
     """Yield ``(row_index, text)`` for every row, streaming; row indices count from 0 in file order.
+
+    Without ``fields`` a row is the string in ``text_field``. With ``fields`` (:class:`~nesa_hpc.inputs.RowFields`)
+    a row may also be a :class:`~nesa_hpc.inputs.Request`: a chat (a messages list), a prompt and a
+    completion, or (``fmt="openai_batch"``) an OpenAI batch request line.
 
     A bad row (malformed JSON, missing or non-string field, invalid UTF-8 or an unpaired surrogate, empty
     JSONL line, a null or non-string Parquet value) raises
@@ -76,19 +81,22 @@ def read_rows(path: str | Path, fmt: str = "auto", text_field: str = "text",
     if not path.is_file():
         raise DataError(f"data.path: no such file: {path}")
     fmt = detect_format(path, fmt)
+    fields = fields or RowFields(text_field, messages_field=None)
+    if fmt == "openai_batch" and not fields.openai:
+        fields = RowFields(openai=True)
     if fmt == "parquet":
-        rows = _read_parquet(path, text_field)
+        rows = _read_parquet(path, fields)
     elif fmt == "csv":
-        rows = _read_csv(path, text_field)
+        rows = _read_csv(path, fields)
     else:
-        rows = _read_lines(path, fmt, text_field)
+        rows = _read_lines(path, fmt, fields)
     for row, value in rows:
         if isinstance(value, RowError) and on_error == "fail":
             raise DataError(value.reason)
         yield row, value
 
 
-def _read_lines(path: Path, fmt: str, text_field: str) -> Iterator[tuple[int, str | RowError]]:
+def _read_lines(path: Path, fmt: str, fields: RowFields) -> Iterator[tuple[int, str | Request | RowError]]:
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
@@ -115,54 +123,55 @@ def _read_lines(path: Path, fmt: str, text_field: str) -> Iterator[tuple[int, st
                 yield lineno - 1, RowError(f"{path}:{lineno}: unusable JSON ({exc})")
                 continue
             try:
-                yield lineno - 1, _text_of(obj, text_field, f"{path}:{lineno}")
-            except DataError as exc:
+                yield lineno - 1, fields.extract(obj, f"{path}:{lineno}")
+            except ValueError as exc:
                 yield lineno - 1, RowError(str(exc))
 
 
-def _text_of(obj: object, field: str, where: str) -> str:
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object with a {field!r} field, got {type(obj).__name__}")
-    if field not in obj:
-        raise DataError(f"{where}: missing field {field!r} (data.text_field); fields present: {sorted(obj)}")
-    value = obj[field]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:  # a \ud800-style escape: not a character, no tokenizer takes it
-        raise DataError(f"{where}: field {field!r} holds an unpaired surrogate ({value[exc.start]!r} at character "
-                        f"{exc.start})") from None
-    return value
-
-
-def _read_csv(path: Path, text_field: str) -> Iterator[tuple[int, str | RowError]]:
+def _read_csv(path: Path, fields: RowFields) -> Iterator[tuple[int, str | Request | RowError]]:
+    if fields.openai:
+        raise DataError(f"{path}: data.format=openai_batch reads JSONL request lines, not CSV")
+    wanted = fields.columns() if fields.pairs else [fields.text_field]  # a CSV cell holds text, not messages
     with open(path, encoding="utf-8-sig", newline="") as text:  # -sig: tolerate a byte-order mark
         reader = csv.DictReader(text)
         try:
-            if reader.fieldnames is None or text_field not in reader.fieldnames:
-                raise DataError(f"{path}: no column {text_field!r} (data.text_field); columns: {reader.fieldnames}")
+            for name in wanted:
+                if reader.fieldnames is None or name not in reader.fieldnames:
+                    raise DataError(f"{path}: no column {name!r} ({fields.describe()}); columns: "
+                                    f"{reader.fieldnames}")
             for i, rec in enumerate(reader):
-                value = rec.get(text_field)
-                if value is None:
-                    yield i, RowError(f"{path}: row {i} (line {reader.line_num}): missing value for {text_field!r}")
+                missing = [name for name in wanted if rec.get(name) is None]
+                if missing:
+                    yield i, RowError(f"{path}: row {i} (line {reader.line_num}): missing value for {missing[0]!r}")
+                elif fields.pairs:
+                    yield i, fields.extract(rec, f"{path}: row {i} (line {reader.line_num})")
                 else:
-                    yield i, value
+                    yield i, rec[fields.text_field]
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}: invalid UTF-8 after line {reader.line_num} ({exc.reason})") from None
         except csv.Error as exc:
             raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
 
 
-def _read_parquet(path: Path, text_field: str) -> Iterator[tuple[int, str | RowError]]:
+def _read_parquet(path: Path, fields: RowFields) -> Iterator[tuple[int, str | Request | RowError]]:
     import pyarrow.parquet as pq
 
+    if fields.openai:
+        raise DataError(f"{path}: data.format=openai_batch reads JSONL request lines, not Parquet")
     try:
         pf = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for a bad file
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-    if text_field not in pf.schema_arrow.names:
-        raise DataError(f"{path}: no column {text_field!r} (data.text_field); columns: {pf.schema_arrow.names}")
+    names = pf.schema_arrow.names
+    columns = [c for c in fields.columns() if c in names]
+    needed = fields.columns() if fields.pairs else [fields.text_field]
+    if (fields.pairs and len(columns) < 2) or not columns:
+        missing = next(c for c in needed if c not in names)
+        raise DataError(f"{path}: no column {missing!r} ({fields.describe()}); columns: {names}")
+    if columns != [fields.text_field]:  # prompt/completion pairs or chats: whole records
+        yield from _parquet_records(path, pf, columns, fields)
+        return
+    text_field = fields.text_field
     i = 0
     batches = pf.iter_batches(columns=[text_field])
     while True:
@@ -193,13 +202,35 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[tuple[int, str | RowE
             i += 1
 
 
+def _parquet_records(path: Path, pf, columns: list[str], fields: RowFields):
+    """Rows of ``columns`` as records for ``fields.extract`` (chats, prompt/completion pairs)."""
+    i = 0
+    batches = pf.iter_batches(columns=columns)
+    while True:
+        try:
+            batch = next(batches, None)
+            records = batch.to_pylist() if batch is not None else None
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: row {i} or after: invalid UTF-8 ({exc.reason})") from None
+        except Exception as exc:  # corrupt pages: pyarrow raises OSError, ArrowInvalid, ...
+            raise DataError(f"{path}: row {i}: unreadable Parquet data ({exc})") from None
+        if records is None:
+            return
+        for rec in records:
+            try:
+                yield i, fields.extract(rec, f"{path}: row {i}")
+            except ValueError as exc:
+                yield i, RowError(str(exc))
+            i += 1
+
+
 def count_rows(path: str | Path, fmt: str = "auto") -> int:
     """Rows :func:`read_rows` yields for the file (bad rows included: they keep their row numbers)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data.path: no such file: {path}")
     fmt = detect_format(path, fmt)
-    if fmt in ("jsonl", "text"):
+    if fmt in ("jsonl", "text", "openai_batch"):
         with open(path, "rb") as fh:
             return sum(1 for _ in fh)
     if fmt == "parquet":
@@ -349,6 +380,46 @@ def encode_rows(tokenizer, texts: Sequence[str], max_length: int, add_special_to
     return out
 
 
+def encode_pair(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], int, bool]:
+    """A prompt and its continuation, tokenized as an evaluation harness's ``loglikelihood`` request: spaces
+    that end the prompt move to the start of the continuation, ``prompt + completion`` is tokenized whole
+    (the tokenizer's defaults, a BOS first where it adds one; special tokens it appends, such as BERT's
+    ``[SEP]``, are left out), and the continuation is what follows the prompt's own tokens.
+
+    Returns (ids, prompt tokens, truncated): a row over ``max_length`` tokens keeps its last ``max_length``
+    (prompt tokens cut from the left, as the harness does); ValueError when the prompt has no token or the
+    continuation is empty. A continuation that cannot fit with at least one prompt token gives
+    ([], its token count, True)."""
+    spaces = len(prompt) - len(prompt.rstrip())
+    if spaces:
+        prompt, completion = prompt[:-spaces], prompt[-spaces:] + completion
+    # special tokens the tokenizer appends (BERT's [SEP], an EOS) end the text, not the prompt: dropped
+    after = _appended_special_tokens(tokenizer)
+    whole = list(tokenizer(prompt + completion)["input_ids"])
+    whole = whole[:len(whole) - after]
+    n_prompt = len(tokenizer(prompt)["input_ids"]) - after
+    if n_prompt == 0:
+        raise ValueError("the prompt has no tokens: the first completion token would have no context")
+    if n_prompt >= len(whole):
+        raise ValueError("the completion has no tokens")
+    if len(whole) <= max_length:
+        return whole, n_prompt, False
+    n_completion = len(whole) - n_prompt
+    if n_completion > max_length - 1:
+        return [], n_completion, True
+    return whole[-max_length:], max_length - n_completion, True
+
+
+def _appended_special_tokens(tokenizer) -> int:
+    """How many special tokens the tokenizer puts after a text's own tokens (0 for most decoders)."""
+    plain = tokenizer("a b", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a b")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return len(full) - start - len(plain)
+    return 0
+
+
 @dataclass
 class Batch:
     """One padded micro-batch. ``ids``/``mask``/``pos`` are (B, T) int64; ``rows`` are input indices."""
@@ -360,6 +431,8 @@ class Batch:
     pos: torch.Tensor         # (B, T) int64 position ids derived from the mask
     lengths: torch.Tensor     # (B,) int64 real tokens per row
     truncated: torch.Tensor   # (B,) bool
+    prompt_tokens: torch.Tensor | None = None  # (B,) int64: continuation scoring, the leading tokens not scored
+    requests: list | None = None  # per row: the Request it came from (None for a plain text row)
 
     @property
     def size(self) -> int:
@@ -418,19 +491,24 @@ def make_batches(rows: Iterable[tuple[int, str | RowError]], tokenizer, batch_si
     window = max(bucket_window, batch_size) if bucket_window > 0 else batch_size
     index = 0
     for chunk in _chunks(rows, window):
-        good = []
+        good, pairs = [], []
         for row, text in chunk:
+            request = text if isinstance(text, Request) else None
+            if request is not None and not request.is_pair:
+                text = request.text
             if isinstance(text, str) and not text:
                 text = RowError(f"{source}: row {row}: the text is empty")
             if isinstance(text, RowError):
                 if on_error == "fail":
                     raise DataError(text.reason)
                 skip(row, text.reason)
+            elif request is not None and request.is_pair:
+                pairs.append((row, request))
             else:
-                good.append((row, text))
-        encoded = encode_rows(tokenizer, [t for _, t in good], max_length) if good else []
-        items = []
-        for (row, _), (ids, truncated, count, exact) in zip(good, encoded, strict=True):
+                good.append((row, text, request))
+        encoded = encode_rows(tokenizer, [t for _, t, _ in good], max_length) if good else []
+        items = []  # (row, ids, truncated, prompt tokens, request)
+        for (row, _, request), (ids, truncated, count, exact) in zip(good, encoded, strict=True):
             if count == 0:
                 reason = f"{source}: row {row}: the text has no tokens"
                 if on_error == "fail":
@@ -444,16 +522,40 @@ def make_batches(rows: Iterable[tuple[int, str | RowError]], tokenizer, batch_si
                     raise DataError(reason)
                 skip(row, reason)
                 continue
-            items.append((row, ids, truncated))
+            items.append((row, ids, truncated, 0, request))
+        for row, request in pairs:
+            try:
+                ids, n_prompt, truncated = encode_pair(tokenizer, request.prompt, request.completion, max_length)
+            except ValueError as exc:
+                reason = f"{source}: row {row}: {exc}"
+                if on_error == "fail":
+                    raise DataError(reason) from None
+                skip(row, reason)
+                continue
+            if truncated and (on_long != "truncate" or not ids):
+                reason = (f"{source}: row {row}: " + (f"longer than data.max_length={max_length} (data.on_long="
+                                                      f"{on_long})" if ids else f"the completion's {n_prompt} tokens "
+                                                      f"leave no room for a prompt token in data.max_length="
+                                                      f"{max_length}"))
+                if on_long == "fail":
+                    raise DataError(reason)
+                skip(row, reason)
+                continue
+            items.append((row, ids, truncated, n_prompt, request))
+        if pairs:
+            items.sort(key=lambda it: it[0])  # input order, as for plain rows
         if bucket_window > 0:
             # longest first (stable: equal lengths keep input order), so a window ends with its cheapest
             # batches and the pipeline drains quickly
             items.sort(key=lambda it: -len(it[1]))
         for start in range(0, len(items), batch_size):
             part = items[start:start + batch_size]
-            ids, mask = pad_batch([seq for _, seq, _ in part], pad_id, padding_side)
-            yield Batch(index, torch.tensor([r for r, _, _ in part], dtype=torch.long), ids, mask,
-                        position_ids(mask), mask.sum(-1), torch.tensor([t for _, _, t in part], dtype=torch.bool))
+            ids, mask = pad_batch([it[1] for it in part], pad_id, padding_side)
+            requests = [it[4] for it in part]
+            yield Batch(index, torch.tensor([it[0] for it in part], dtype=torch.long), ids, mask,
+                        position_ids(mask), mask.sum(-1), torch.tensor([it[2] for it in part], dtype=torch.bool),
+                        torch.tensor([it[3] for it in part], dtype=torch.long) if pairs else None,
+                        requests if any(r is not None for r in requests) else None)
             index += 1
 
 

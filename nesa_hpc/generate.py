@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -51,6 +51,12 @@ class Decoding:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def for_request(self, request) -> Decoding:
+        """These settings with a row's own (an OpenAI batch request's ``max_tokens``, ``temperature``,
+        ``top_p``, ``seed``, ``stop``) in place of the job's."""
+        options = dict(request.options) if request is not None else {}
+        return replace(self, **options) if options else self
 
 
 def eos_token_ids(tokenizer, folder: str | None = None, config=None) -> frozenset[int]:
@@ -83,8 +89,12 @@ def row_generator(seed: int, row: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
 
 
-def pick_tokens(logits: torch.Tensor, decoding: Decoding, generators: list[torch.Generator]) -> torch.Tensor:
-    """Next token per row from (B, V) logits: argmax, or a draw after temperature / top-k / top-p."""
+def pick_tokens(logits: torch.Tensor, decoding: Decoding | list[Decoding],
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Next token per row from (B, V) logits: argmax, or a draw after temperature / top-k / top-p. With one
+    ``Decoding`` per row (rows of an OpenAI batch file), each row is picked with its own settings."""
+    if isinstance(decoding, list):
+        return torch.cat([pick_tokens(logits[i:i + 1], d, [generators[i]]) for i, d in enumerate(decoding)])
     logits = logits.float()
     if decoding.greedy:
         return logits.argmax(-1)
@@ -121,7 +131,8 @@ class _Group:
     pos: torch.Tensor           # (B', T) positions sent this step
     bad: torch.Tensor           # (B,) int32 non-finite marks
     releases: np.ndarray        # (B,) int32
-    generators: list[torch.Generator] | None
+    generators: list[torch.Generator | None] | None
+    decodings: list[Decoding] | None  # per row when rows carry their own settings (else the job's)
     tokens: list[list[int]] = field(default_factory=list)
     reasons: list[str | None] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
@@ -134,26 +145,33 @@ class _Stopper:
     def __init__(self, decoding: Decoding, tokenizer) -> None:
         self.d = decoding
         self.tokenizer = tokenizer
-        # a stop string that is a whole added token (Gemma's <end_of_turn>) is skipped by decode as a special
-        # token, so it never shows in the text: match its id instead
-        added = tokenizer.get_added_vocab() if tokenizer is not None and decoding.stop else {}
-        self.stop_ids = {added[s] for s in decoding.stop if s in added}
+        self._stop_ids: dict[tuple[str, ...], set[int]] = {}
+
+    def stop_ids(self, stop: tuple[str, ...]) -> set[int]:
+        """A stop string that is a whole added token (Gemma's <end_of_turn>) is skipped by decode as a special
+        token, so it never shows in the text: its id is matched instead."""
+        if stop not in self._stop_ids:
+            added = self.tokenizer.get_added_vocab() if self.tokenizer is not None and stop else {}
+            self._stop_ids[stop] = {added[s] for s in stop if s in added}
+        return self._stop_ids[stop]
 
     def text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
 
-    def check(self, tokens: list[int]) -> tuple[str | None, str | None]:
-        """(finish reason or None, the text cut before the first stop string when one matched)."""
-        if tokens[-1] in self.d.eos_ids:
+    def check(self, tokens: list[int], d: Decoding | None = None) -> tuple[str | None, str | None]:
+        """(finish reason or None, the text cut before the first stop string when one matched), under the
+        row's settings ``d`` (default: the job's)."""
+        d = d or self.d
+        if tokens[-1] in d.eos_ids:
             return "eos", None
-        if tokens[-1] in self.stop_ids:
+        if tokens[-1] in self.stop_ids(d.stop):
             return "stop", self.text(tokens[:-1])
-        if self.d.stop:
+        if d.stop:
             text = self.text(tokens)
-            hits = [text.find(s) for s in self.d.stop if s in text]
+            hits = [text.find(s) for s in d.stop if s in text]
             if hits:
                 return "stop", text[:min(hits)]
-        if len(tokens) >= self.d.max_new_tokens:
+        if len(tokens) >= d.max_new_tokens:
             return "length", None
         return None, None
 
@@ -195,10 +213,17 @@ def run_generate(owner: Owner, task, batches: Iterable[Batch],
 
     def start(batch: Batch) -> None:
         B = batch.size
-        gens = None if decoding.greedy else [row_generator(decoding.seed, r) for r in batch.rows.tolist()]
+        decs = None
+        if batch.requests is not None and any(r is not None and r.options for r in batch.requests):
+            decs = [decoding.for_request(r) for r in batch.requests]
+        per_row = decs or [decoding] * B
+        gens = None
+        if not all(d.greedy for d in per_row):
+            gens = [None if d.greedy else row_generator(d.seed, r) for d, r in zip(per_row, batch.rows.tolist(),
+                                                                                    strict=True)]
         g = _Group(batch, adapter.new_cache(), list(range(B)), batch.mask.to(dev),
                    batch.pos.to(dev), torch.full((B,), -1, dtype=torch.int32), np.zeros(B, dtype=np.int32), gens,
-                   [[] for _ in range(B)], [None] * B, [""] * B)
+                   decs, [[] for _ in range(B)], [None] * B, [""] * B)
         groups[batch.index] = g
         forward(g, batch.ids, torch.arange(B))
 
@@ -220,14 +245,15 @@ def run_generate(owner: Owner, task, batches: Iterable[Batch],
             bad = torch.where((bad < 0) & ~finite, torch.full_like(bad, world), bad)
             logits = torch.where(finite.unsqueeze(-1), logits, torch.zeros_like(logits))
         g.bad[g.alive] = bad
-        gens = [g.generators[r] for r in g.alive] if g.generators is not None else []
-        picked = pick_tokens(logits, decoding, gens).tolist()
+        gens = [g.generators[r] for r in g.alive] if g.generators is not None else [None] * len(g.alive)
+        decs = [g.decodings[r] for r in g.alive] if g.decodings is not None else decoding
+        picked = pick_tokens(logits, decs, gens).tolist()
         stats.extra["steps"] += 1
         keep = []
         for j, (r, t) in enumerate(zip(g.alive, picked, strict=True)):
             g.tokens[r].append(int(t))
             stats.extra["generated"] += 1
-            reason, cut = stopper.check(g.tokens[r])
+            reason, cut = stopper.check(g.tokens[r], g.decodings[r] if g.decodings is not None else None)
             if reason is None:
                 keep.append(j)
             else:

@@ -15,13 +15,14 @@ from . import __version__
 from .config import Settings
 from .data import DataError, RowError, count_rows, read_rows, shard_range
 from .errors import ConfigError
+from .inputs import RowFields, chat_text, render
 from .privacy import PrivacySpec, calibrate_clip, make_privacy
 from .public_text import load_texts
 from .results import ResultWriter
 
 __all__ = ["privacy_key", "shard_rows", "resume_key", "decoding_attrs", "open_results", "check_task",
            "check_generate", "load_tokenizer", "key_file", "owner_privacy", "spent", "chat", "rows_from",
-           "rows_to_count"]
+           "rows_to_count", "row_fields"]
 
 log = logging.getLogger("nesa_hpc")
 
@@ -66,7 +67,18 @@ def resume_key(settings: Settings, folder: str, data_path: str, privacy_attrs: d
             "on_error": settings.on_error, "on_long": settings.on_long,
             "bucket_window": settings.bucket_window, "padding_side": settings.padding_side,
             "wire_dtype": settings.wire_dtype or settings.model_dtype, **privacy_attrs, **shard,
-            **(decoding_attrs(settings) if settings.task == "generate" else {})}
+            **(decoding_attrs(settings) if settings.task == "generate" else {}), **row_attrs(settings)}
+
+
+def row_attrs(settings: Settings) -> dict:
+    """The row and per-token options that differ from their defaults (files of earlier versions, written
+    before these options existed, keep resuming)."""
+    values = {"messages_field": settings.messages_field, "prompt_field": settings.prompt_field,
+              "completion_field": settings.completion_field, "token_logprobs": settings.token_logprobs,
+              "top_logprobs": settings.top_logprobs}
+    defaults = {"messages_field": "messages", "prompt_field": None, "completion_field": None,
+                "token_logprobs": False, "top_logprobs": 0}
+    return {k: v for k, v in values.items() if v != defaults[k]}
 
 
 def decoding_attrs(settings: Settings) -> dict:
@@ -94,6 +106,7 @@ def open_results(cfg, settings: Settings, topo, adapter, task, folder: str, data
     }
     if rows is not None:
         attrs.update(num_shards=settings.num_shards, shard=settings.shard, shard_rows=[rows.start, rows.stop])
+    attrs.update(data_format=settings.data_format, **row_attrs(settings))
     if settings.task == "embed":
         attrs.update(pooling=settings.pooling, normalize=settings.normalize)
     if settings.task == "generate":
@@ -182,29 +195,46 @@ def spent(writer: ResultWriter, releases: int) -> dict:
 
 
 def chat(tokenizer, text):
-    """Wrap one prompt as a user message in the tokenizer's chat template, ready for the assistant's reply.
-
-    A template that writes the BOS itself (Gemma's ``{{ bos_token }}...``) loses it here when the tokenizer
-    adds one anyway, so that make_batches' ``tokenizer(text)`` gives the ids of
-    ``apply_chat_template(tokenize=True)``, not two BOS tokens."""
-    if isinstance(text, RowError) or not text:
+    """Wrap one prompt as a user message in the tokenizer's chat template, ready for the assistant's reply
+    (``data.chat_template=true``; see :func:`nesa_hpc.inputs.chat_text`)."""
+    if not isinstance(text, str) or not text:
         return text
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                           add_generation_prompt=True)
-    bos = tokenizer.bos_token
-    if bos and prompt.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
-        prompt = prompt[len(bos):]
-    return prompt
+    return chat_text(tokenizer, [{"role": "user", "content": text}], generation_prompt=True)
 
 
-def rows_from(data_path: str, settings: Settings, first: int, rows: range | None):
-    """(row, text) of the input from row ``first`` on, and only this shard's rows when sharded."""
+def row_fields(settings: Settings, adapter=None) -> RowFields:
+    """What a row of ``data.path`` holds, from the ``data.*`` options."""
+    limit = None
+    if adapter is not None:
+        positions = getattr(adapter.config, "max_position_embeddings", None) or \
+            getattr(adapter.config, "n_positions", None)
+        limit = positions - settings.max_length if positions else None
+    return RowFields(settings.text_field, settings.messages_field, settings.prompt_field, settings.completion_field,
+                     openai=settings.data_format == "openai_batch", max_new_tokens=limit)
+
+
+def rows_from(data_path: str, settings: Settings, first: int, rows: range | None, tokenizer=None, adapter=None):
+    """(row, text or Request) of the input from row ``first`` on, and only this shard's rows when sharded;
+    with ``tokenizer``, chats are rendered by its chat template (a row the template refuses is a RowError)."""
+    fields = row_fields(settings, adapter)
     if rows is None:
-        return ((r, t) for r, t in read_rows(data_path, settings.data_format, settings.text_field,
-                                             settings.on_error) if r >= first)
-    # a bad row of another shard is that shard's to report: read every row, let make_batches judge ours
-    todo = read_rows(data_path, settings.data_format, settings.text_field, "skip")
-    return itertools.takewhile(lambda rt: rt[0] < rows.stop, ((r, t) for r, t in todo if r >= first))
+        todo = ((r, t) for r, t in read_rows(data_path, settings.data_format, settings.text_field,
+                                             settings.on_error, fields) if r >= first)
+    else:
+        # a bad row of another shard is that shard's to report: read every row, let make_batches judge ours
+        todo = read_rows(data_path, settings.data_format, settings.text_field, "skip", fields)
+        todo = itertools.takewhile(lambda rt: rt[0] < rows.stop, ((r, t) for r, t in todo if r >= first))
+    if tokenizer is None:
+        return todo
+    generation_prompt = settings.task == "generate"
+
+    def rendered(row, item):
+        try:
+            return row, render(tokenizer, item, generation_prompt)
+        except ValueError as exc:
+            return row, RowError(f"{data_path}: row {row}: {exc}")
+
+    return (rendered(r, t) for r, t in todo)
 
 
 def rows_to_count(path: str, settings: Settings) -> int | None:

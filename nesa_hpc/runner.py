@@ -80,7 +80,7 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
                         "output.resume=true) to start", signal_name)
         return {"exit_code": EXIT_STOPPED, "stopped_by": signal_name}
     task = all_ok(comm, lambda: make_task(settings.task, topo.head_rank() == 0, settings.pooling,
-                                          settings.normalize))
+                                          settings.normalize, settings))
     all_ok(comm, lambda: check_task(settings, adapter))
     # rank 0 alone reads text: it loads the tokenizer once, for every check and for the data
     tokenizer = agree(comm, lambda: load_tokenizer(folder), share=False)
@@ -179,7 +179,7 @@ def _run_owner(comm, settings, owner: Owner, task, folder: str, data_path: str, 
 
     generate = settings.task == "generate"
     try:
-        todo = rows_from(data_path, settings, replay_from, rows)
+        todo = rows_from(data_path, settings, replay_from, rows, tokenizer, adapter)
         if generate and settings.chat_template:
             todo = ((r, chat(tokenizer, t)) for r, t in todo)
         # generation pads on the left, so that every prompt ends at the last column

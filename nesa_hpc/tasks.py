@@ -44,12 +44,18 @@ class Task:
 
 
 class ScoreTask(Task):
-    """Log-likelihood of each row against its true next tokens."""
+    """Log-likelihood of each row against its true next tokens; with ``continuation``, of the completion's
+    tokens only (rows from ``data.prompt_field`` / ``data.completion_field``), and whether greedy decoding
+    would produce them (``is_greedy``). ``token_logprobs`` / ``top_logprobs`` also keep per-token values."""
 
     name = "score"
 
-    def __init__(self, head_on_owner: bool) -> None:
+    def __init__(self, head_on_owner: bool, token_logprobs: bool = False, top_logprobs: int = 0,
+                 continuation: bool = False) -> None:
         self.head_on_owner = head_on_owner
+        self.token_logprobs = token_logprobs
+        self.top_logprobs = top_logprobs
+        self.continuation = continuation
 
     def head_stage(self, adapter, h, mask):
         sel = score_positions(mask)
@@ -61,25 +67,69 @@ class ScoreTask(Task):
             [torch.zeros(0, adapter.config.vocab_size, device=h.device)]  # (N, V)
 
     def finish(self, adapter, batch, outputs):
-        sel = score_positions(batch.mask)
+        sel = score_positions(batch.mask)  # (B, T-1)
         labels = batch.ids[:, 1:][sel]  # (N,)
+        row_of = torch.arange(batch.size).unsqueeze(1).expand_as(sel)[sel]  # (N,)
         (x,) = outputs  # on the device rank 0 computes on (or where the transport left it)
-        nll = torch.empty(len(labels), dtype=torch.float32)
+        if batch.prompt_tokens is not None:
+            # a target counts when it is a completion token: its index among the row's real tokens (its
+            # position id) is at least the number of prompt tokens
+            keep = (batch.pos[:, 1:] >= batch.prompt_tokens.unsqueeze(1))[sel].nonzero().squeeze(1)  # (N',)
+            x, labels, row_of = x[keep.to(x.device)], labels[keep], row_of[keep]
+        n, k = len(labels), self.top_logprobs
+        logprob = torch.empty(n, dtype=torch.float32)
+        greedy = torch.empty(n, dtype=torch.bool)
+        top_ids, top_vals = torch.empty(n, k, dtype=torch.int32), torch.empty(n, k, dtype=torch.float32)
         targets = labels.to(x.device)
-        for start in range(0, len(labels), _CHUNK):
+        for start in range(0, n, _CHUNK):
             stop = start + _CHUNK
             logits = adapter.logits(x[start:stop]) if self.head_on_owner else x[start:stop]
-            nll[start:stop] = F.cross_entropy(logits.float(), targets[start:stop], reduction="none").cpu()
-        row_of = torch.arange(batch.size).unsqueeze(1).expand_as(sel)[sel]
+            logp = F.log_softmax(logits.float(), dim=-1)  # (c, V)
+            logprob[start:stop] = logp.gather(1, targets[start:stop].unsqueeze(1)).squeeze(1).cpu()
+            if self.continuation:
+                greedy[start:stop] = (logits.argmax(-1) == targets[start:stop]).cpu()
+            if k:
+                vals, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+                top_vals[start:stop], top_ids[start:stop] = vals.cpu(), ids.to(torch.int32).cpu()
+        nll = -logprob
         nll_sum = torch.zeros(batch.size, dtype=torch.float64).index_add_(0, row_of, nll.double())
-        n_tokens = sel.sum(-1)
+        n_tokens = torch.zeros(batch.size, dtype=torch.long).index_add_(0, row_of, torch.ones_like(row_of))
         with np.errstate(invalid="ignore", divide="ignore"):
             nll_mean = nll_sum.numpy() / n_tokens.numpy()
-        return {"n_tokens": n_tokens.numpy().astype(np.int32), "nll_sum": nll_sum.numpy(),
-                "nll_mean": nll_mean}
+        out = {"n_tokens": n_tokens.numpy().astype(np.int32), "nll_sum": nll_sum.numpy(), "nll_mean": nll_mean}
+        counts = n_tokens.tolist()
+        if self.continuation:
+            wrong = torch.zeros(batch.size, dtype=torch.long).index_add_(0, row_of, (~greedy).long())
+            out["is_greedy"] = (wrong == 0).numpy()
+            out["n_prompt_tokens"] = batch.prompt_tokens.numpy().astype(np.int32)
+        if self.token_logprobs:
+            out["token_logprobs"] = _per_row(logprob.numpy(), counts)
+        if k:
+            out["top_logprob_ids"] = _per_row(top_ids.numpy(), counts)
+            out["top_logprobs"] = _per_row(top_vals.numpy(), counts)
+        return out
 
     def columns(self, hidden_size):
-        return {"nll_sum": (np.float64, ()), "nll_mean": (np.float64, ())}
+        import h5py
+
+        cols = {"nll_sum": (np.float64, ()), "nll_mean": (np.float64, ())}
+        if self.continuation:
+            cols.update(is_greedy=(np.bool_, ()), n_prompt_tokens=(np.int32, ()))
+        if self.token_logprobs:
+            cols["token_logprobs"] = (h5py.vlen_dtype(np.float32), ())
+        if self.top_logprobs:
+            cols.update(top_logprob_ids=(h5py.vlen_dtype(np.int32), ()), top_logprobs=(h5py.vlen_dtype(np.float32), ()))
+        return cols
+
+
+def _per_row(values: np.ndarray, counts: list[int]) -> np.ndarray:
+    """Split per-position ``values`` (N, ...) into one flat array per row (an object array of B arrays)."""
+    out = np.empty(len(counts), dtype=object)
+    start = 0
+    for i, c in enumerate(counts):
+        out[i] = np.ascontiguousarray(values[start:start + c]).reshape(-1)
+        start += c
+    return out
 
 
 class EmbedTask(Task):
@@ -122,12 +172,20 @@ class GenerateTask(Task):
     def head_stage(self, adapter, h, mask):
         return [adapter.logits(adapter.norm(h[:, -1])).float()]  # (B, V) logits of the last position
 
+    def __init__(self, requests: bool = False) -> None:
+        self.requests = requests  # OpenAI batch lines: keep each row's custom_id and endpoint
+
     def finish(self, adapter, batch, outputs):
         (res,) = outputs  # a nesa_hpc.generate.GroupResult
         ids = np.empty(batch.size, dtype=object)
         for i, t in enumerate(res.tokens):
             ids[i] = np.asarray(t, dtype=np.int32)
-        return {"n_tokens": batch.lengths.numpy().astype(np.int32),
+        extra = {}
+        if self.requests:
+            reqs = batch.requests or [None] * batch.size
+            extra = {"custom_id": np.array([r.custom_id if r else "" for r in reqs], dtype=object),
+                     "endpoint": np.array([r.endpoint if r else "" for r in reqs], dtype=object)}
+        return {**extra, "n_tokens": batch.lengths.numpy().astype(np.int32),
                 "n_prompt_tokens": batch.lengths.numpy().astype(np.int32),
                 "n_generated": np.array([len(t) for t in res.tokens], dtype=np.int32),
                 "generated_ids": ids, "generated_text": np.array(res.texts, dtype=object),
@@ -137,16 +195,24 @@ class GenerateTask(Task):
     def columns(self, hidden_size):
         import h5py
 
-        return {"n_prompt_tokens": (np.int32, ()), "n_generated": (np.int32, ()),
+        cols = {"n_prompt_tokens": (np.int32, ()), "n_generated": (np.int32, ()),
                 "generated_ids": (h5py.vlen_dtype(np.int32), ()), "generated_text": (h5py.string_dtype(), ()),
                 "finish_reason": (h5py.string_dtype(), ()), "n_releases": (np.int32, ())}
+        if self.requests:
+            cols.update(custom_id=(h5py.string_dtype(), ()), endpoint=(h5py.string_dtype(), ()))
+        return cols
 
 
-def make_task(name: str, head_on_owner: bool, pooling: str = "mean", normalize: bool = False) -> Task:
+def make_task(name: str, head_on_owner: bool, pooling: str = "mean", normalize: bool = False,
+              settings=None) -> Task:
+    """The task ``name``; ``settings`` (:class:`~nesa_hpc.config.Settings`) adds its row and output options."""
     if name == "score":
-        return ScoreTask(head_on_owner)
+        if settings is None:
+            return ScoreTask(head_on_owner)
+        return ScoreTask(head_on_owner, settings.token_logprobs, settings.top_logprobs,
+                         settings.completion_field is not None)
     if name == "embed":
         return EmbedTask(pooling, normalize)
     if name == "generate":
-        return GenerateTask()
+        return GenerateTask(settings is not None and settings.data_format == "openai_batch")
     raise ConfigError(f"task={name!r} is not one of {TASKS}")

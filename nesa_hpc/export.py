@@ -1,0 +1,255 @@
+"""Results files out of HDF5: an OpenAI-batch-style output JSONL, or a table (JSONL, CSV, Parquet).
+
+Every export streams the file ``CHUNK`` rows at a time (memory stays bounded whatever its size), writes
+rows in input order, and writes to a temporary file in the output's folder that is renamed into place
+only when complete, so an interrupted export never leaves a partial file under the output's name.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import UserError
+
+__all__ = ["ExportError", "EXPORT_FORMATS", "export", "openai_lines", "table_rows"]
+
+EXPORT_FORMATS = ("openai_batch", "jsonl", "csv", "parquet")
+CHUNK = 1024  # rows read at a time
+_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # finish_reason -> OpenAI's
+_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+class ExportError(UserError):
+    """The results file cannot be exported as asked; the message names the file or option."""
+
+
+def _row_datasets(f: h5py.File) -> list[str]:
+    """Per-row datasets (same length as ``row``), ``row`` first; the skipped-row datasets are not rows."""
+    n = len(f["row"])
+    names = [k for k in f.keys() if isinstance(f[k], h5py.Dataset) and not k.startswith("skipped_")
+             and f[k].shape[:1] == (n,)]
+    return ["row"] + [k for k in names if k != "row"]
+
+
+def _value(x):
+    """A dataset element as plain Python (JSON-ready)."""
+    if isinstance(x, bytes):
+        return x.decode("utf-8")
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        value = x.item()
+        return None if isinstance(value, float) and not np.isfinite(value) else value
+    return x
+
+
+def table_rows(f: h5py.File, columns: list[str]) -> Iterator[dict]:
+    """The file's rows as dicts of ``columns``, in input order, ``CHUNK`` rows read at a time."""
+    n = len(f["row"])
+    for start in range(0, n, CHUNK):
+        block = {c: f[c][start:start + CHUNK] for c in columns}
+        for i in range(min(CHUNK, n - start)):
+            yield {c: _value(block[c][i]) for c in columns}
+
+
+def _skipped(f: h5py.File) -> Iterator[tuple[int, str]]:
+    n = len(f["skipped_row"])
+    for start in range(0, n, CHUNK):
+        rows, reasons = f["skipped_row"][start:start + CHUNK], f["skipped_reason"][start:start + CHUNK]
+        for r, why in zip(rows.tolist(), reasons, strict=True):
+            yield r, _value(why)
+
+
+def _custom_ids_of(data_path: str | None, rows: set[int]) -> dict[int, str]:
+    """custom_id of the given input rows, read from the OpenAI batch input file when it is still there."""
+    found: dict[int, str] = {}
+    if not rows or not data_path or not Path(data_path).is_file():
+        return found
+    last = max(rows)
+    with open(data_path, "rb") as fh:
+        for i, line in enumerate(fh):
+            if i > last:
+                break
+            if i in rows:
+                try:
+                    cid = json.loads(line).get("custom_id")
+                except (ValueError, AttributeError, RecursionError):
+                    continue
+                if isinstance(cid, str):
+                    found[i] = cid
+    return found
+
+
+def openai_lines(f: h5py.File) -> Iterator[dict]:
+    """One OpenAI batch output line per input row of a ``task=generate`` file, in input order: a response
+    for a generated row, an ``error`` for a skipped one."""
+    if f.attrs.get("task") != "generate":
+        raise ExportError(f"{f.filename}: --format openai_batch needs a task=generate file, not "
+                          f"task={f.attrs.get('task')}")
+    model = Path(str(f.attrs.get("model_path", "model"))).name
+    created = int(os.path.getmtime(f.filename))
+    chat_default = "/v1/chat/completions" if f.attrs.get("chat_template") in (True, "true") else "/v1/completions"
+    has_ids = "custom_id" in f
+    columns = ["row", "generated_text", "finish_reason", "n_prompt_tokens", "n_generated"] + \
+        (["custom_id", "endpoint"] if has_ids else [])
+    skipped = dict(_skipped(f))
+    skipped_ids = _custom_ids_of(f.attrs.get("data_path"), set(skipped)) if has_ids else {}
+    pending = iter(sorted(skipped.items()))
+    nxt = next(pending, None)
+
+    def error_line(row: int, reason: str) -> dict:
+        cid = skipped_ids.get(row) if has_ids else str(row)
+        return {"id": f"batch_req_{row}", "custom_id": cid, "response": None,
+                "error": {"code": "invalid_request", "message": reason}}
+
+    for rec in table_rows(f, columns):
+        row = rec["row"]
+        while nxt is not None and nxt[0] < row:
+            yield error_line(*nxt)
+            nxt = next(pending, None)
+        endpoint = rec.get("endpoint") or chat_default
+        finish = _FINISH.get(rec["finish_reason"], rec["finish_reason"])
+        if endpoint == "/v1/chat/completions":
+            choice = {"index": 0, "message": {"role": "assistant", "content": rec["generated_text"]},
+                      "logprobs": None, "finish_reason": finish}
+            body = {"id": f"chatcmpl-{row}", "object": "chat.completion"}
+        else:
+            choice = {"text": rec["generated_text"], "index": 0, "logprobs": None, "finish_reason": finish}
+            body = {"id": f"cmpl-{row}", "object": "text_completion"}
+        body.update(created=created, model=model, choices=[choice],
+                    usage={"prompt_tokens": rec["n_prompt_tokens"], "completion_tokens": rec["n_generated"],
+                           "total_tokens": rec["n_prompt_tokens"] + rec["n_generated"]})
+        yield {"id": f"batch_req_{row}", "custom_id": rec["custom_id"] if has_ids else str(row),
+               "response": {"status_code": 200, "request_id": f"req_{row}", "body": body}, "error": None}
+    while nxt is not None:
+        yield error_line(*nxt)
+        nxt = next(pending, None)
+
+
+def _format_of(output: Path, fmt: str | None) -> str:
+    if fmt is not None:
+        if fmt not in EXPORT_FORMATS:
+            raise ExportError(f"--format {fmt!r} must be one of {EXPORT_FORMATS}")
+        return fmt
+    suffix = output.suffix.lower()
+    if suffix not in _EXTENSIONS:
+        raise ExportError(f"{output}: cannot tell the format from the extension {suffix!r}; pass --format, one "
+                          f"of {EXPORT_FORMATS}")
+    return _EXTENSIONS[suffix]
+
+
+def _write_jsonl(items: Iterator[dict], fh) -> int:
+    n = 0
+    for item in items:
+        fh.write(json.dumps(item, ensure_ascii=False) + "\n")
+        n += 1
+    return n
+
+
+def _write_csv(items: Iterator[dict], columns: list[str], fh) -> int:
+    writer = csv.writer(fh)
+    writer.writerow(columns)
+    n = 0
+    for item in items:
+        writer.writerow([json.dumps(v) if isinstance(v, list) else ("" if v is None else v)
+                         for v in (item[c] for c in columns)])
+        n += 1
+    return n
+
+
+def _write_parquet(f: h5py.File, columns: list[str], path: str) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer, n = None, 0
+    try:
+        batch: dict[str, list] = {c: [] for c in columns}
+        for item in table_rows(f, columns):
+            for c in columns:
+                batch[c].append(item[c])
+            n += 1
+            if len(batch["row"]) == CHUNK:
+                table = pa.table(batch)
+                writer = writer or pq.ParquetWriter(path, table.schema)
+                writer.write_table(table.cast(writer.schema))
+                batch = {c: [] for c in columns}
+        if batch["row"] or writer is None:
+            table = pa.table(batch) if batch["row"] else \
+                pa.table({c: pa.array([], type=_arrow_type(f[c])) for c in columns})
+            writer = writer or pq.ParquetWriter(path, table.schema)
+            writer.write_table(table.cast(writer.schema))
+    finally:
+        if writer is not None:
+            writer.close()
+    return n
+
+
+def _arrow_type(ds: h5py.Dataset):
+    import pyarrow as pa
+
+    if h5py.check_string_dtype(ds.dtype) is not None:
+        return pa.string()
+    base = h5py.check_vlen_dtype(ds.dtype)
+    if base is not None:
+        return pa.list_(pa.from_numpy_dtype(base))
+    if ds.ndim > 1:
+        return pa.list_(pa.from_numpy_dtype(ds.dtype))
+    return pa.from_numpy_dtype(ds.dtype)
+
+
+def export(results: str | Path, output: str | Path, fmt: str | None = None, columns: list[str] | None = None,
+           overwrite: bool = False, allow_incomplete: bool = False) -> dict:
+    """Write ``results`` (an HDF5 results file) to ``output`` as ``fmt`` (default: from the extension).
+    Returns {"format", "rows" (lines or table rows written), "output"}."""
+    results, output = Path(results), Path(output)
+    fmt = _format_of(output, fmt)
+    if not results.is_file():
+        raise ExportError(f"{results}: no such results file")
+    if output.exists() and not overwrite:
+        raise ExportError(f"{output} already exists; pass --overwrite to replace it")
+    if not output.parent.is_dir():
+        raise ExportError(f"{output}: folder {output.parent} does not exist")
+    try:
+        f = h5py.File(results, "r")
+    except OSError as exc:
+        raise ExportError(f"{results}: not a readable HDF5 file ({exc})") from None
+    with f:
+        if "row" not in f or "skipped_row" not in f:
+            raise ExportError(f"{results}: not a nesa_hpc results file (no `row` / `skipped_row` datasets)")
+        if not f.attrs.get("complete", False) and not allow_incomplete:
+            raise ExportError(f"{results} is not complete (a job still running, stopped or failed): resume it "
+                              "first, or pass --allow-incomplete to export the rows committed so far")
+        available = _row_datasets(f)
+        if columns:
+            unknown = [c for c in columns if c not in available]
+            if unknown:
+                raise ExportError(f"--columns {unknown} are not per-row datasets of {results}; it has {available}")
+            columns = ["row"] + [c for c in columns if c != "row"]
+        else:
+            columns = available
+        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent)
+        os.close(fd)
+        try:
+            if fmt == "parquet":
+                n = _write_parquet(f, columns, tmp)
+            else:
+                with open(tmp, "w", encoding="utf-8", newline="") as fh:
+                    if fmt == "openai_batch":
+                        n = _write_jsonl(openai_lines(f), fh)
+                    elif fmt == "jsonl":
+                        n = _write_jsonl(table_rows(f, columns), fh)
+                    else:
+                        n = _write_csv(table_rows(f, columns), columns, fh)
+            os.replace(tmp, output)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return {"format": fmt, "rows": n, "output": str(output)}

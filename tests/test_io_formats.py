@@ -1,0 +1,334 @@
+"""The inputs and outputs batch users already have: per-token log-probabilities, continuation scoring, chat
+rows, OpenAI batch files in and out (jobs/export.py). Every number is checked against plain transformers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import ROOT, run_mpi
+
+from nesa_hpc.data import _appended_special_tokens
+
+RUN_JOBS = ROOT / "tests" / "run_jobs.py"
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world", "a somewhat longer row of plain words",
+         "numbers 1 2 3 4 5 6 7 8 9 10", "x"]
+
+
+def _run_jobs(n: int, jobs: list[list[str]], tmp_path, name: str) -> list:
+    spec, report = tmp_path / f"{name}.json", tmp_path / f"{name}-report.json"
+    spec.write_text(json.dumps(jobs))
+    proc = run_mpi(n, ["-m", "mpi4py", str(RUN_JOBS), str(spec), str(report)], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(report.read_text())
+
+
+def _read(path):
+    with h5py.File(path) as f:
+        assert f.attrs["complete"]
+        return {k: f[k][()] for k in f}, dict(f.attrs)
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_models, tmp_path_factory):
+    """The tiny Llama with a chat template added to its tokenizer."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("chat") / "llama"
+    shutil.copytree(tiny_models["llama"], folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _greedy(model, ids: list[int], n: int, eos: list[int] | None = None) -> list[int]:
+    """``generate`` greedy: up to ``n`` tokens ending at ``eos``, or exactly ``n`` (no EOS) without it."""
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
+                             min_new_tokens=0 if eos else n, eos_token_id=eos, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def _pairs(tok, model) -> list[dict]:
+    """Prompt/completion rows: completions that are the model's greedy continuation (where the text
+    re-tokenizes to the same tokens), others that are not, and a chat prompt."""
+    rows = []
+    after = _appended_special_tokens(tok)
+    for prompt in ["the quick brown", "hello", "numbers 1 2 3", "a somewhat longer row of", "one two three four"]:
+        ids = tok(prompt)["input_ids"][:len(tok(prompt)["input_ids"]) - after]
+        cont = _greedy(model, ids, 3)
+        text = " " + tok.decode(cont)
+        rows.append({"prompt": prompt, "completion": text})
+        rows.append({"prompt": prompt + " ", "completion": "world of words"})  # trailing space moves over
+    rows.append({"prompt": [{"role": "user", "content": "say something"}], "completion": "something nice"})
+    rows.append({"prompt": "", "completion": "no text before"})  # the tokenizer's [CLS] is the only context
+    rows.append({"prompt": "nothing follows", "completion": ""})  # refused: no token to score
+    return rows
+
+
+def _pair_reference(tok, model, prompt: str, completion: str):
+    """Log-probs of the completion's tokens and whether greedy generation reproduces them, by hand."""
+    after = _appended_special_tokens(tok)
+    spaces = len(prompt) - len(prompt.rstrip())
+    if spaces:
+        prompt, completion = prompt[:-spaces], prompt[-spaces:] + completion
+    whole = tok(prompt + completion)["input_ids"]
+    whole = whole[:len(whole) - after]
+    ctx = len(tok(prompt)["input_ids"]) - after
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
+    targets = torch.tensor(whole[ctx:])
+    lp = logp[ctx - 1:-1].gather(1, targets.unsqueeze(1)).squeeze(1)
+    greedy = _greedy(model, whole[:ctx], len(whole) - ctx) == whole[ctx:]
+    return lp.numpy(), greedy, ctx
+
+
+def test_token_logprobs_continuations_chats_and_openai_round_trip(tiny_models, chat_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat_model)
+    model = AutoModelForCausalLM.from_pretrained(chat_model, dtype=torch.float32).eval()
+    # inputs
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    pairs_rows = _pairs(tok, model)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in pairs_rows))
+    chats_rows = [{"messages": [{"role": "user", "content": "hello there"}]}, {"text": "plain text row"},
+                  {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                                {"role": "assistant", "content": "hello"}]}]
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps(r) + "\n" for r in chats_rows))
+    requests = [
+        {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "m", "messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": 6}},
+        {"custom_id": "b", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "m", "prompt": "once upon a time", "max_tokens": 4, "temperature": 0.9, "top_p": 0.8,
+                  "seed": 11}},
+        {"custom_id": "c", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "tools": []}},
+        {"custom_id": "d", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": ["the end"], "max_completion_tokens": 5, "temperature": 1.3, "seed": 2, "n": 1}},
+        {"custom_id": "e", "method": "POST", "url": "/v1/completions", "body": {"prompt": "the end", "stop": "e"}},
+    ]
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text("".join(json.dumps(r) + "\n" for r in requests))
+
+    def job(out, *extra, data=texts):
+        return [f"model.path={chat_model}", f"data.path={data}", f"output.path={tmp_path / out}",
+                "output.overwrite=true", "runtime.threads=1", "data.max_length=48", "data.batch_size=2", *extra]
+
+    score = ["task=score", "task.token_logprobs=true", "task.top_logprobs=3"]
+    jobs3 = [
+        job("lp-owner.h5", *score, "split.k=1", "split.head=owner"),
+        job("lp-last.h5", *score, "split.k=2", "split.head=last", "data.padding_side=left"),
+        job("pairs.h5", "task=score", "task.token_logprobs=true", "split.k=2", "data.prompt_field=prompt",
+            "data.completion_field=completion", "data.on_error=skip", data=pairs),
+        job("chats-score.h5", "task=score", "split.k=1", data=chats),
+        job("chats-gen.h5", "task=generate", "task.max_new_tokens=5", "split.k=1", data=chats),
+        job("batch3.h5", "task=generate", "data.format=openai_batch", "data.on_error=skip", "split.k=1",
+            "task.max_new_tokens=3", data=batch),
+    ]
+    assert _run_jobs(3, jobs3, tmp_path, "n3") == [None] * len(jobs3)
+    jobs1 = [job("batch1.h5", "task=generate", "data.format=openai_batch", "data.on_error=skip", "split.k=0",
+                 "task.max_new_tokens=3", data=batch)]
+    assert _run_jobs(1, jobs1, tmp_path, "n1") == [None]
+
+    # --- per-token log-probabilities and top-N against the model's log-softmax, both head placements
+    for name in ("lp-owner.h5", "lp-last.h5"):
+        res, attrs = _read(tmp_path / name)
+        assert res["token_logprobs"].dtype == object and h5py.check_vlen_dtype(
+            h5py.File(tmp_path / name)["top_logprob_ids"].dtype) == np.int32
+        for i, r in enumerate(res["row"]):
+            ids = tok(TEXTS[r], truncation=True, max_length=48)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)[:-1]
+            ref = logp.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1).numpy()
+            got = res["token_logprobs"][i]
+            assert got.dtype == np.float32 and len(got) == res["n_tokens"][i] == len(ids) - 1
+            np.testing.assert_allclose(got, ref, atol=1e-4)
+            assert abs(-got.astype(np.float64).sum() - res["nll_sum"][i]) < 1e-3
+            vals, top = logp.topk(3, -1)
+            np.testing.assert_array_equal(res["top_logprob_ids"][i].reshape(-1, 3), top.numpy())
+            np.testing.assert_allclose(res["top_logprobs"][i].reshape(-1, 3), vals.numpy(), atol=1e-4)
+
+    # --- continuation scoring: completion tokens only, is_greedy as generate says
+    res, attrs = _read(tmp_path / "pairs.h5")
+    assert json.loads(attrs["resume_key"])["completion_field"] == "completion"
+    rendered = []
+    for row in pairs_rows:
+        prompt = row["prompt"]
+        if isinstance(prompt, list):
+            prompt = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        rendered.append((prompt, row["completion"]))
+    assert res["skipped_row"].tolist() == [len(pairs_rows) - 1]
+    assert b"the completion has no tokens" in res["skipped_reason"][0]
+    greedy_seen = set()
+    for i, r in enumerate(res["row"]):
+        lp, greedy, ctx = _pair_reference(tok, model, *rendered[r])
+        assert res["n_tokens"][i] == len(lp) and res["n_prompt_tokens"][i] == ctx, r
+        np.testing.assert_allclose(res["token_logprobs"][i], lp, atol=1e-4)
+        assert abs(res["nll_sum"][i] + lp.astype(np.float64).sum()) < 1e-3
+        assert abs(res["nll_mean"][i] - res["nll_sum"][i] / len(lp)) < 1e-12
+        assert bool(res["is_greedy"][i]) == greedy, r
+        greedy_seen.add(greedy)
+    assert greedy_seen == {True, False}  # both outcomes are exercised
+
+    # --- chat rows: scored and generated through the chat template
+    res, _ = _read(tmp_path / "chats-score.h5")
+    for i, r in enumerate(res["row"]):
+        row = chats_rows[r]
+        text = row.get("text") or tok.apply_chat_template(row["messages"], tokenize=False)
+        ids = tok(text)["input_ids"]
+        with torch.no_grad():
+            ref = torch.nn.functional.cross_entropy(model(torch.tensor([ids])).logits[0, :-1].float(),
+                                                    torch.tensor(ids[1:]), reduction="sum").item()
+        assert res["n_tokens"][i] == len(ids) - 1 and abs(res["nll_sum"][i] - ref) < 1e-3, r
+    res, attrs = _read(tmp_path / "chats-gen.h5")
+    eos = json.loads(attrs["eos_token_ids"]) if isinstance(attrs["eos_token_ids"], str) else \
+        list(attrs["eos_token_ids"])
+    for i, r in enumerate(res["row"]):
+        row = chats_rows[r]
+        text = row.get("text") or tok.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+        ids = tok(text)["input_ids"]
+        assert res["n_prompt_tokens"][i] == len(ids)
+        assert res["generated_ids"][i].tolist() == _greedy(model, ids, 5, eos), r
+
+    # --- OpenAI batch: per-row settings, the same tokens at 1 and 3 ranks, greedy rows equal generate
+    b3, a3 = _read(tmp_path / "batch3.h5")
+    b1, _ = _read(tmp_path / "batch1.h5")
+    assert [x.decode() for x in b3["custom_id"]] == ["a", "b", "d", "e"]
+    assert b3["skipped_row"].tolist() == [2] and b"'tools'" in b3["skipped_reason"][0]
+    for i in range(len(b3["row"])):
+        assert b3["generated_ids"][i].tolist() == b1["generated_ids"][i].tolist(), i
+    for i, most in enumerate([6, 4, 5, 3]):  # max_tokens / max_completion_tokens per row, else the job's 3
+        reason = b3["finish_reason"][i]
+        assert b3["n_generated"][i] == most if reason == b"length" else b3["n_generated"][i] <= most, i
+    assert b"length" in b3["finish_reason"][:3].tolist()
+    ids_a = tok(tok.apply_chat_template(requests[0]["body"]["messages"], tokenize=False,
+                                        add_generation_prompt=True))["input_ids"]
+    assert b3["generated_ids"][0].tolist() == _greedy(model, ids_a, 6, eos)
+    assert b3["finish_reason"][3] in (b"stop", b"length", b"eos")
+    if b3["finish_reason"][3] == b"stop":
+        assert "e" not in b3["generated_text"][3].decode()
+
+    # --- export: the OpenAI output file, in input order, one line per request
+    out = tmp_path / "answers.jsonl"
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "export.py"), str(tmp_path / "batch3.h5"), "-o",
+                           str(out), "--format", "openai_batch"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["custom_id"] for x in lines] == ["a", "b", "c", "d", "e"]
+    assert lines[2]["response"] is None and "tools" in lines[2]["error"]["message"]
+    for x, i in zip([lines[0], lines[1], lines[3], lines[4]], range(4), strict=True):
+        body = x["response"]["body"]
+        assert x["error"] is None and x["response"]["status_code"] == 200
+        text = b3["generated_text"][i].decode()
+        if x["custom_id"] == "a":
+            assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == text
+        else:
+            assert body["object"] == "text_completion" and body["choices"][0]["text"] == text
+        assert body["usage"] == {"prompt_tokens": int(b3["n_prompt_tokens"][i]),
+                                 "completion_tokens": int(b3["n_generated"][i]),
+                                 "total_tokens": int(b3["n_prompt_tokens"][i] + b3["n_generated"][i])}
+        reason = b3["finish_reason"][i].decode()
+        assert body["choices"][0]["finish_reason"] == ("length" if reason == "length" else "stop")
+
+    # --- export: tables equal the HDF5 datasets, in every format
+    res, _ = _read(tmp_path / "lp-owner.h5")
+    for suffix in ("jsonl", "csv", "parquet"):
+        path = tmp_path / f"table.{suffix}"
+        proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "export.py"), str(tmp_path / "lp-owner.h5"),
+                               "-o", str(path)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        if suffix == "jsonl":
+            table = [json.loads(x) for x in path.read_text().splitlines()]
+        elif suffix == "csv":
+            table = list(csv.DictReader(path.open()))
+            for t in table:
+                t.update(row=int(t["row"]), nll_sum=float(t["nll_sum"]),
+                         token_logprobs=json.loads(t["token_logprobs"]))
+        else:
+            table = pq.read_table(path).to_pylist()
+        assert [t["row"] for t in table] == res["row"].tolist()
+        for t, i in zip(table, range(len(table)), strict=True):
+            assert t["nll_sum"] == pytest.approx(res["nll_sum"][i], rel=1e-12)
+            np.testing.assert_allclose(t["token_logprobs"], res["token_logprobs"][i], rtol=1e-6)
+    # a second export to the same file is refused, and an incomplete file is refused
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "export.py"), str(tmp_path / "lp-owner.h5"), "-o",
+                           str(tmp_path / "table.csv")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["data.prompt_field=p"], "data.prompt_field and data.completion_field"),
+    (["data.prompt_field=p", "data.completion_field=c", "task=generate"], "data.completion_field"),
+    (["data.format=openai_batch"], "data.format=openai_batch"),
+    (["task.top_logprobs=-1"], "task.top_logprobs"),
+    (["+task.token_logprobs=yes"], "task.token_logprobs"),
+])
+def test_row_and_logprob_options_name_the_key(overrides, key):
+    from hydra import compose, initialize_config_dir
+
+    from nesa_hpc.config import ConfigError, settings_from_cfg
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="infer", overrides=[o.lstrip("+") if "token_logprobs" in o else o
+                                                      for o in overrides])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        settings_from_cfg(cfg)
+
+
+def test_openai_request_lines_are_checked_row_by_row():
+    from nesa_hpc.inputs import RowFields
+
+    fields = RowFields(openai=True, max_new_tokens=100)
+    ok = {"custom_id": "x", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "h"}]}}
+    assert fields.extract(ok, "f:1").custom_id == "x"
+    bad = [
+        ({"url": "/v1/completions", "body": {"prompt": "p"}}, "custom_id"),
+        ({**ok, "url": "/v1/embeddings"}, "url '/v1/embeddings' is not supported"),
+        ({**ok, "body": {**ok["body"], "n": 2}}, "n=2 is not supported"),
+        ({**ok, "body": {**ok["body"], "max_tokens": 1000}}, "exceeds the model's positions"),
+        ({**ok, "body": {**ok["body"], "temperature": -1}}, "temperature=-1"),
+        ({**ok, "body": {**ok["body"], "response_format": {}}}, "'response_format'"),
+        ({**ok, "body": {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}}, "'image_url' part"),
+        ({**ok, "body": {"messages": []}}, "non-empty list"),
+        ({"custom_id": "y", "url": "/v1/completions", "body": {"prompt": ["a", "b"]}}, "must be a string"),
+    ]
+    for obj, message in bad:
+        with pytest.raises(ValueError, match=message):
+            fields.extract(obj, "f:1")
+
+
+def test_encode_pair_is_the_harness_tokenization(smollm2_path):
+    """SmolLM2's byte-level BPE adds no special tokens: the prompt's trailing space moves to the completion,
+    a prompt with no tokens is refused, and a long row keeps its last tokens (the completion whole)."""
+    from transformers import AutoTokenizer
+
+    from nesa_hpc.data import encode_pair
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    ids, n_prompt, cut = encode_pair(tok, "The capital of France is ", "Paris", 64)
+    assert ids == tok("The capital of France is Paris")["input_ids"] and not cut
+    assert ids[:n_prompt] == tok("The capital of France is")["input_ids"]
+    assert tok.decode(ids[n_prompt:]) == " Paris"
+    with pytest.raises(ValueError, match="the prompt has no tokens"):
+        encode_pair(tok, "", "Paris", 64)
+    long_prompt = "word " * 40 + "end"
+    ids, n_prompt, cut = encode_pair(tok, long_prompt, " of the story", 16)
+    whole = tok(long_prompt + " of the story")["input_ids"]
+    assert cut and ids == whole[-16:] and tok.decode(ids[n_prompt:]) == " of the story"
+    assert encode_pair(tok, "a", " b" * 40, 16) == ([], 40, True)  # the completion alone does not fit
