@@ -7,14 +7,26 @@
 # resume me"). After a time-limit stop the job requeues itself (`scontrol requeue`), at most
 # NESA_MAX_REQUEUES times (default 10; 0 = never), and the next allocation resumes where this one
 # stopped. A preempted job is requeued by Slurm itself (PreemptMode=REQUEUE), as before.
+#
+# A signal that reaches a rank before its interpreter has run the entry script's first line would end it
+# the OS's default way (killed by the signal, not exit 75), so a stop signal that arrives while the step
+# is younger than NESA_SIGNAL_GRACE seconds (default 5) is forwarded once the step is that old.
+nesa_forward_stop() {
+    local wait=$((NESA_STEP_START + ${NESA_SIGNAL_GRACE:-5} - SECONDS))
+    [ "$wait" -gt 0 ] && sleep "$wait"
+    kill -USR1 "$NESA_STEP_PID" 2>/dev/null
+}
+
 nesa_run_step() {
     local log=$1
     shift
+    NESA_STEP_START=$SECONDS
     "$@" >>"$log" 2>&1 &
     local step=$! status=0
+    NESA_STEP_PID=$step
     NESA_STOP_SIGNAL=
-    trap 'NESA_STOP_SIGNAL=${NESA_STOP_SIGNAL:-USR1}; kill -USR1 "$step" 2>/dev/null' USR1
-    trap 'NESA_STOP_SIGNAL=${NESA_STOP_SIGNAL:-TERM}; kill -USR1 "$step" 2>/dev/null' TERM
+    trap 'NESA_STOP_SIGNAL=${NESA_STOP_SIGNAL:-USR1}; nesa_forward_stop' USR1
+    trap 'NESA_STOP_SIGNAL=${NESA_STOP_SIGNAL:-TERM}; nesa_forward_stop' TERM
     while :; do
         wait "$step" && status=0 || status=$?
         kill -0 "$step" 2>/dev/null || break   # still running: the wait was cut short by a signal
