@@ -133,6 +133,7 @@ def privacy_spec(p: dict, k: Any) -> PrivacySpec:
         sigma=None if p.get("sigma") is None else nonneg("privacy.sigma", p["sigma"]),
         seed=integer("privacy.seed", p.get("seed"), 0, allow_none=True),
         releases=integer("privacy.releases", p.get("releases", 1), 1),
+        key_path=None if p.get("key_path") is None else str(p["key_path"]),
     )
     try:
         spec.check(k if isinstance(k, int) else 0)

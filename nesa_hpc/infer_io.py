@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from .config import Settings
 from .data import DataError, RowError, count_rows, read_rows, shard_range
 from .errors import ConfigError
 from .inputs import RowFields, chat_text, render
-from .privacy import PrivacySpec, calibrate_clip, make_privacy
+from .privacy import PrivacySpec, calibrate_clip, default_key_path, make_privacy, read_key, write_key
 from .public_text import load_texts
 from .results import ResultWriter
 
@@ -146,14 +145,17 @@ def check_generate(settings: Settings, adapter, folder: str, tokenizer) -> None:
         raise ConfigError(f"data.chat_template=true but the tokenizer in {folder} has no chat template")
 
 
-def key_file(output_path: str) -> Path:
-    return Path(f"{output_path}.noise-key")
+def key_file(settings: Settings) -> Path:
+    """Where rank 0 keeps the OS noise key of this job's results file until it completes."""
+    spec = settings.privacy
+    return Path(spec.key_path).expanduser() if spec.key_path else default_key_path(settings.output_path)
 
 
 def owner_privacy(settings: Settings, topo, adapter, tokenizer, writer: ResultWriter, device="cpu"):
     """Rank 0: calibrate the clip on public text if asked, set up the noise key, record the attributes.
 
-    With OS-seeded noise the key is kept next to the results (``<output.path>.noise-key``, mode 0600)
+    With OS-seeded noise the key is kept at ``privacy.key_path`` (default: the owner's key folder, see
+    :func:`~nesa_hpc.privacy.default_key_path`; never next to the results, which workers can usually read)
     until the job completes, so a resumed run re-sends a replayed row with the same noise as before
     instead of releasing it a second time with fresh noise."""
     spec = settings.privacy
@@ -164,21 +166,21 @@ def owner_privacy(settings: Settings, topo, adapter, tokenizer, writer: ResultWr
                               max_length=settings.max_length, device=device)
         log.info("privacy.clip=auto: C = %.4g (percentile %g of %s norms at layer %d over %d public texts)",
                  clip, spec.clip_percentile, spec.unit, topo.k, len(texts))
-    key, path = None, key_file(settings.output_path)
+    key, path = None, key_file(settings)
     # a reopened file whose run got as far as its privacy set-up may have sent rows with its key
     resuming_key = spec.adds_noise and spec.seed is None and writer.reopened and not writer.was_complete \
         and "privacy_seed" in writer.file.attrs
     if resuming_key:
         if not path.is_file():
-            raise ConfigError(f"output.resume=true with OS-seeded noise needs {path}, written by the first run: "
-                             "without it, rows sent before the stop would be released again with fresh noise. "
-                             "Restore the file, or start over with output.overwrite=true")
-        key = path.read_bytes()
+            raise ConfigError(f"output.resume=true with OS-seeded noise needs the noise key {path} "
+                              "(privacy.key_path), written by the first run: without it, rows sent before the stop "
+                              "would be released again with fresh noise. Restore the file, or start over with "
+                              "output.overwrite=true")
+        key = read_key(path)
     privacy = make_privacy(spec, topo.k, clip, key)  # without a key: a fresh one from the OS
     if spec.adds_noise and spec.seed is None and not resuming_key:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(privacy.key)
+        path.unlink(missing_ok=True)  # the key of the file this run replaces
+        write_key(path, privacy.key)
     writer.set_attrs(privacy.attrs())
     if spec.adds_noise:
         log.info("privacy: %s, unit %s, clip %s, sigma %.4g", spec.mechanism, privacy.attrs()["privacy_unit"],

@@ -78,9 +78,11 @@ class Owner:
         h = a.embed(ids, pos)  # (B, T, H)
         h = a.run_layers(range(0, self.topo.k), h, mask, pos, cache)
         step_mask = mask if step_mask is None else step_mask
+        clean = torch.full((ids.shape[0],), -1, dtype=torch.int32, device=h.device)
+        # marked before the privacy transform, which sends a NaN/Inf as zero (it would slip past the clip)
+        bad = mark_nonfinite(h, step_mask, clean, 0)
         z = self.privacy.apply(h, step_mask, rows, release=release)  # (B, T, H)
-        clean = torch.full((ids.shape[0],), -1, dtype=torch.int32, device=z.device)
-        return z, mark_nonfinite(z, step_mask, clean, 0)
+        return z, mark_nonfinite(z, step_mask, bad, 0)
 
     # -- the back: what rank 0 does with what comes back
     def back(self, h: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, bad: torch.Tensor, cache=None,

@@ -29,9 +29,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import secrets
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,7 +42,8 @@ import torch
 from .errors import UserError
 
 __all__ = ["Privacy", "PrivacySpec", "Ledger", "make_privacy", "gaussian_sigma", "calibrate_clip",
-           "clip_norms", "unit_norms", "percentile_clip", "MECHANISMS", "UNITS", "PrivacyConfigError", "noise_key"]
+           "clip_norms", "unit_norms", "percentile_clip", "MECHANISMS", "UNITS", "PrivacyConfigError", "noise_key",
+           "key_dir", "default_key_path", "write_key", "read_key"]
 
 MECHANISMS = ("none", "gaussian", "sigma", "dchi")
 UNITS = ("token", "sequence")
@@ -63,6 +67,7 @@ class PrivacySpec:
     sigma: float | None = None
     seed: int | None = None
     releases: int = 1
+    key_path: str | None = None  # where an OS noise key is kept until the job completes (None: the default)
 
     @property
     def adds_noise(self) -> bool:
@@ -169,6 +174,71 @@ def noise_key(seed: int | None) -> bytes:
     return secrets.token_bytes(32) if seed is None else f"nesa_hpc-seed:{int(seed)}".encode()
 
 
+def key_dir() -> Path:
+    """The owner's private folder of noise keys: ``$NESA_HPC_KEYS``, or ``noise-keys`` under the cache folder
+    (``$NESA_HPC_CACHE``, default ``~/.cache/nesa_hpc``), never the results' folder."""
+    if os.environ.get("NESA_HPC_KEYS"):
+        return Path(os.environ["NESA_HPC_KEYS"]).expanduser()
+    return Path(os.environ.get("NESA_HPC_CACHE", Path.home() / ".cache" / "nesa_hpc")).expanduser() / "noise-keys"
+
+
+def default_key_path(output_path: str | Path) -> Path:
+    """Where the OS noise key of the results file ``output_path`` is kept by default: in :func:`key_dir`, named
+    after a hash of the file's absolute path (one key per results file)."""
+    digest = hashlib.sha256(str(Path(output_path).expanduser().resolve()).encode()).hexdigest()[:32]
+    return key_dir() / f"{digest}.noise-key"
+
+
+def _private(st: os.stat_result) -> bool:
+    return st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
+def write_key(path: str | Path, key: bytes) -> None:
+    """Create ``path`` holding ``key``: a new file (``O_EXCL``: an existing file or link there is an error, so
+    nothing planted in advance is reused or followed) of mode 0600, in a folder created 0700 when missing;
+    the mode and owner are checked after creation."""
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        folder.mkdir(parents=True, mode=0o700)
+    mode = os.stat(folder).st_mode
+    if mode & 0o022 and not mode & stat.S_ISVTX:  # others could swap the file (a sticky /tmp is fine)
+        raise PrivacyConfigError(f"privacy.key_path {path}: its folder {folder} is writable by other users; use a "
+                                 "folder of your own (mode 0700)")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise PrivacyConfigError(f"privacy.key_path {path} already exists; a new job writes a new key (remove the "
+                                 "file if it belongs to no job you will resume)") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not _private(st):
+            raise PrivacyConfigError(f"privacy.key_path {path}: created with mode {oct(st.st_mode & 0o777)}, not "
+                                     "0600 (check the folder's default ACLs)")
+        with os.fdopen(fd, "wb") as fh:
+            fd = -1
+            fh.write(key)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+
+
+def read_key(path: str | Path) -> bytes:
+    """The key at ``path``, refused when it is a link, not a regular file, or readable by other users."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise PrivacyConfigError(f"privacy.key_path {path}: cannot open the noise key ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or not _private(st):
+            raise PrivacyConfigError(f"privacy.key_path {path}: mode {oct(st.st_mode & 0o777)} or owner uid "
+                                     f"{st.st_uid}: a noise key must be a file of yours with mode 0600")
+        return fh.read()
+
+
 @dataclass
 class Privacy:
     """Applies a mechanism to Z on rank 0 and keeps count of what each row has released."""
@@ -195,6 +265,11 @@ class Privacy:
             return z
         if rows is None:
             raise ValueError("privacy.apply needs the input row numbers to key the noise")
+        # clip and noise in float64, cast once at the end: in bf16 a clipped norm would round up past C and
+        # the noise would be rounded before it is added. A NaN/Inf would pass the clip (its norm is not a
+        # number): non-finite values are zeroed first (the caller marks such rows from Z before this call).
+        dtype = z.dtype
+        z = torch.nan_to_num(z.double(), nan=0.0, posinf=0.0, neginf=0.0)
         z = clip_norms(z, mask, self.spec.unit, self.clip) if self.clip is not None else \
             torch.where(mask.bool().unsqueeze(-1), z, torch.zeros((), dtype=z.dtype))
         noise = torch.zeros_like(z)
@@ -203,8 +278,8 @@ class Privacy:
         for i, r in enumerate(rows.tolist()):
             n = int(m[i].sum())
             if n:
-                noise[i][m[i]] = self.draw(r, release, n, H).to(device=z.device, dtype=z.dtype)
-        return z + noise
+                noise[i][m[i]] = self.draw(r, release, n, H).to(device=z.device)
+        return (z + noise).to(dtype)
 
     def draw(self, row: int, release: int, n: int, H: int) -> torch.Tensor:
         digest = hashlib.blake2b(self.key + f":{row}:{release}".encode(), digest_size=16).digest()
@@ -216,6 +291,20 @@ class Privacy:
             radius = rng.gamma(shape=H, scale=1.0 / self.spec.epsilon, size=(n, 1))
             return torch.from_numpy(direction * radius)
         return torch.from_numpy(rng.standard_normal((n, H)) * self.sigma)
+
+    def guarantee(self) -> str:
+        """The claim, in words. Seeded noise is known to whoever knows the seed (and repeats across jobs that
+        share it), so a seeded run claims nothing, whatever its epsilon."""
+        s = self.spec
+        if not s.adds_noise:
+            return "none (activations leave rank 0 unchanged)"
+        if s.mechanism == "sigma":
+            return "none (noise without a formal claim)"
+        claim = {"gaussian": "(epsilon, delta)-DP, replace-one adjacency",
+                 "dchi": "metric DP (d_chi), epsilon per unit of L2 distance"}[s.mechanism]
+        if s.seed is not None:
+            return f"no formal guarantee (seeded noise: privacy.seed={s.seed}); with OS noise: {claim}"
+        return claim
 
     def ledger(self) -> Ledger:
         nm = self.sigma / (2 * self.clip) if self.spec.mechanism == "gaussian" else None
@@ -235,10 +324,7 @@ class Privacy:
                        privacy_epsilon=_num(s.epsilon), privacy_delta=_num(s.delta),
                        privacy_clip=_num(self.clip), privacy_sigma=float(self.sigma),
                        privacy_seed="os" if s.seed is None else int(s.seed),
-                       privacy_releases_budget=int(s.releases),
-                       privacy_guarantee={"gaussian": "(epsilon, delta)-DP, replace-one adjacency",
-                                          "sigma": "none (noise without a formal claim)",
-                                          "dchi": "metric DP (d_chi), epsilon per unit of L2 distance"}[s.mechanism])
+                       privacy_releases_budget=int(s.releases), privacy_guarantee=self.guarantee())
             if s.clip == "auto":
                 out.update(privacy_clip_source=f"percentile {s.clip_percentile:g} of {s.unit} norms at layer k on "
                                                f"{s.calibration_path or 'the built-in public text'}")

@@ -232,7 +232,7 @@ def _run_owner(comm, settings, owner: Owner, task, folder: str, data_path: str, 
         summary.update(exit_code=2, error=f"{data_path}: the dataset has no usable rows ({final['skipped']} skipped)")
         return summary
     writer.close(final)
-    key_file(settings.output_path).unlink(missing_ok=True)  # complete: nothing will be re-sent
+    key_file(settings).unlink(missing_ok=True)  # complete: nothing will be re-sent
     for r in ranks:
         log.info("rank %d (%s): compute %.2f s, waiting for input %.2f s, waiting to send %.2f s, idle %.0f%%, "
                  "peak RSS %.0f MB", r["rank"], r["host"], r["compute_s"], r["wait_input_s"], r["wait_send_s"],

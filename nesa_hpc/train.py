@@ -47,7 +47,7 @@ from .jobsetup import (
 )
 from .lora import lora_targets
 from .owner import Owner
-from .privacy import Privacy, PrivacySpec, calibrate_clip, make_privacy, noise_key
+from .privacy import Privacy, PrivacySpec, calibrate_clip, make_privacy, noise_key, read_key, write_key
 from .public_text import load_texts
 from .stage import NonFiniteError, Stage, serve
 from .tasks import make_task
@@ -276,14 +276,13 @@ def _owner_privacy(settings: Settings, spec: TrainSpec, stage: Trainer, tokenize
     key = None
     if p.seed is None and (p.adds_noise or spec.grad_privacy.adds_noise):
         if spec.resume and path.is_file():
-            key = path.read_bytes()
+            key = read_key(path)
         elif spec.resume and latest_checkpoint(spec) is not None and not finished:
             raise ConfigError(f"train.resume=true with OS-seeded noise needs {path}, written by the first run")
         else:
             key = noise_key(None)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(key)
+            path.unlink(missing_ok=True)  # a run that stopped before its first checkpoint: its key is unused
+            write_key(path, key)
     else:
         key = noise_key(p.seed)
     fwd = make_privacy(p, stage.topo.k, clip, key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +17,8 @@ from .privacy import PrivacySpec
 from .public_text import public_texts
 from .stage import PIPELINES
 from .tasks import score_positions
+
+ALLOW_SHARED = "allow_shared"  # train.owner_dir: rank 0's files in train.out_dir even with noise on
 
 __all__ = ["TrainSpec", "TrainBatch", "train_spec", "load_examples", "epoch_batches", "lr_factor", "MODES",
            "SCHEDULES", "LOSSES", "EXPORTS"]
@@ -55,6 +58,7 @@ class TrainSpec:
     completion_field: str = "completion"
     out_dir: str = "train_out"
     owner_dir: str = ""
+    owner_shared_ok: bool = False  # train.owner_dir=allow_shared: rank 0's files in out_dir even with noise on
     completion_eos: bool = True
     resume: bool = False
     overwrite: bool = False
@@ -115,7 +119,9 @@ def train_spec(cfg: DictConfig) -> TrainSpec:
         prompt_field=str(t.get("prompt_field", "prompt")),
         completion_field=str(t.get("completion_field", "completion")),
         out_dir=str(t.get("out_dir") or ""),
-        owner_dir=str(t.get("owner_dir") or t.get("out_dir") or ""),
+        owner_dir=str(t.get("out_dir") or "") if t.get("owner_dir") in (None, "", ALLOW_SHARED)
+        else str(t["owner_dir"]),
+        owner_shared_ok=t.get("owner_dir") == ALLOW_SHARED,
         completion_eos=as_bool("train.completion_eos", t.get("completion_eos", True)),
         resume=as_bool("train.resume", t.get("resume", False)),
         overwrite=as_bool("train.overwrite", t.get("overwrite", False)),
@@ -130,6 +136,13 @@ def train_spec(cfg: DictConfig) -> TrainSpec:
         spec = replace(spec, export="adapter" if spec.mode == "lora" else "merged")
     if not spec.out_dir:
         raise ConfigError("train.out_dir must name the folder for checkpoints and the exported model")
+    noisy = OmegaConf.select(cfg, "privacy.mechanism", default="none") != "none" or spec.grad_privacy.adds_noise
+    if noisy and not spec.owner_shared_ok and \
+            Path(spec.owner_dir).expanduser().resolve() == Path(spec.out_dir).expanduser().resolve():
+        raise ConfigError(f"privacy is on, and rank 0's own files (the noise key, the loss on the private labels "
+                          f"in metrics.jsonl) would go to train.out_dir={spec.out_dir}, which the workers write: set "
+                          "train.owner_dir to a folder only rank 0 reads (a node-local or owner-only path), or "
+                          f"train.owner_dir={ALLOW_SHARED} to keep them in train.out_dir knowingly")
     if spec.lora_dropout != 0:
         raise ConfigError(f"train.lora.dropout={spec.lora_dropout}: only 0 is supported (dropout would draw from "
                           "an unseeded random state: split and unsplit training, and a resumed run, would differ)")

@@ -27,7 +27,7 @@ for point in "${POINTS[@]}"; do
   $MPIEXEC -n 1 $PY jobs/train.py split.k="$K" "train.layers=[$K,30]" privacy=gaussian privacy.epsilon="$EPS" \
     privacy.unit="$UNIT" privacy.clip="$CLIP" privacy.seed=0 data.max_length=64 data.batch_size=8 \
     train.grad_accum=2 train.max_steps="$STEPS" train.lr=1e-3 train.warmup_steps=10 train.lora.r=16 \
-    train.lora.alpha=32 train.out_dir="$RUN/train" train.overwrite=true train.save_every=50 runtime.threads=2
+    train.lora.alpha=32 train.out_dir="$RUN/train" train.owner_dir="$RUN/owner" train.overwrite=true train.save_every=50 runtime.threads=2
   for model in frozen tuned; do
     extra=()
     [[ $model == tuned ]] && extra=(model.adapters="$RUN/train/adapter")
@@ -44,7 +44,7 @@ rows = []
 for run in sorted(out.glob("k*_eps*")):
     table = {m: [r for r in csv.DictReader(open(run / f"audit_{m}" / "audit.csv"))] for m in ("frozen", "tuned")}
     clean = next(r for r in table["frozen"] if r["mechanism"] == "none")
-    summary = json.loads((run / "train" / "summary.json").read_text())
+    summary = json.loads((run / "owner" / "summary.json").read_text())
     for m in ("frozen", "tuned"):
         noisy = next(r for r in table[m] if r["mechanism"] != "none")
         best = max(float(noisy[c]) for c in ("nn_recovery", "head_recovery", "probe_recovery")

@@ -72,6 +72,19 @@ def _save_tiny(folder: Path, family: str) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_key_folder(tmp_path_factory):
+    """Noise keys of the jobs the tests run go to a folder of the session (the jobs inherit the variable),
+    not to the user's ~/.cache/nesa_hpc/noise-keys."""
+    old = os.environ.get("NESA_HPC_KEYS")
+    os.environ["NESA_HPC_KEYS"] = str(tmp_path_factory.mktemp("noise-keys"))
+    yield
+    if old is None:
+        os.environ.pop("NESA_HPC_KEYS", None)
+    else:
+        os.environ["NESA_HPC_KEYS"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("models")

@@ -193,3 +193,88 @@ def test_ledger_stays_cheap_for_large_epsilon():
     ledger = Ledger("gaussian", 1e-5, 0.017, None)
     for n in (1, 6, 64):
         assert ledger.epsilon(n) == pytest.approx(get_epsilon_gaussian(0.017 / math.sqrt(n), 1e-5), rel=1e-3)
+
+
+def test_clip_and_noise_run_in_float64_then_cast_and_nonfinite_values_are_zeroed():
+    """bf16 activations: clipping and noise in float64, one cast at the end (the clipped norm cannot round up
+    past C before the noise is added); a NaN/Inf entry is sent as zero plus noise, never as NaN."""
+    spec = PrivacySpec(mechanism="sigma", unit="sequence", clip=2.0, sigma=0.5, seed=3)
+    p = make_privacy(spec, 0)
+    z = (torch.randn(2, 5, 16) * 10).to(torch.bfloat16)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    rows = torch.tensor([4, 9])
+    got = p.apply(z, mask, rows)
+    assert got.dtype == torch.bfloat16
+    want = clip_norms(z.double(), mask, "sequence", 2.0)
+    want = want + torch.stack([p.draw(r, 0, 5, 16) for r in (4, 9)])
+    assert torch.equal(got, want.to(torch.bfloat16))
+    assert unit_norms(clip_norms(z.double(), mask, "sequence", 2.0), mask, "sequence").max() <= 2.0 + 1e-12
+    bad = z.clone()
+    bad[0, 1, 3], bad[1, 2] = float("nan"), float("inf")
+    out = p.apply(bad, mask, rows)
+    assert torch.isfinite(out).all()
+    zeroed = torch.nan_to_num(bad.double(), nan=0.0, posinf=0.0, neginf=0.0)
+    want = clip_norms(zeroed, mask, "sequence", 2.0) + torch.stack([p.draw(r, 0, 5, 16) for r in (4, 9)])
+    assert torch.equal(out, want.to(torch.bfloat16))
+
+
+def test_seeded_noise_claims_no_formal_guarantee():
+    seeded = make_privacy(PrivacySpec(mechanism="gaussian", epsilon=8, delta=1e-5, clip=1.0, seed=0), 0)
+    assert seeded.attrs()["privacy_guarantee"].startswith("no formal guarantee (seeded noise")
+    os_keyed = make_privacy(PrivacySpec(mechanism="gaussian", epsilon=8, delta=1e-5, clip=1.0), 0)
+    assert os_keyed.attrs()["privacy_guarantee"] == "(epsilon, delta)-DP, replace-one adjacency"
+
+
+def test_noise_keys_are_new_private_files_away_from_the_results(tmp_path, monkeypatch):
+    import os
+
+    from nesa_hpc.privacy import default_key_path, key_dir, read_key, write_key
+
+    monkeypatch.setenv("NESA_HPC_KEYS", str(tmp_path / "keys"))
+    results = tmp_path / "shared" / "out.h5"
+    path = default_key_path(results)
+    assert path.parent == key_dir() == tmp_path / "keys" and results.parent not in path.parents
+    assert default_key_path(tmp_path / "shared" / "." / "out.h5") == path  # one key per results file
+    write_key(path, b"k" * 32)
+    assert (path.stat().st_mode & 0o777) == 0o600 and (path.parent.stat().st_mode & 0o777) == 0o700
+    assert read_key(path) == b"k" * 32
+    with pytest.raises(PrivacyConfigError, match="already exists"):  # O_EXCL: never reuses a planted file
+        write_key(path, b"x" * 32)
+    planted = tmp_path / "keys" / "planted"
+    planted.write_bytes(b"")
+    link = tmp_path / "keys" / "link.noise-key"
+    link.symlink_to(planted)
+    with pytest.raises(PrivacyConfigError, match="already exists"):  # a link is not followed
+        write_key(link, b"x" * 32)
+    with pytest.raises(PrivacyConfigError, match="cannot open"):
+        read_key(link)
+    os.chmod(path, 0o644)
+    with pytest.raises(PrivacyConfigError, match="mode 0o644"):
+        read_key(path)
+    open_folder = tmp_path / "open"
+    open_folder.mkdir(mode=0o777)
+    open_folder.chmod(0o777)
+    with pytest.raises(PrivacyConfigError, match="writable by other users"):
+        write_key(open_folder / "k", b"x" * 32)
+
+
+@pytest.mark.parametrize("owner, ok", [(None, False), ("allow_shared", True), ("OWN", True)])
+def test_training_with_noise_refuses_to_keep_owner_files_in_the_shared_folder(owner, ok, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from nesa_hpc.config import ConfigError
+    from nesa_hpc.train_options import train_spec
+
+    conf = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "conf")
+    overrides = ["privacy=sigma", "privacy.sigma=0.1", "privacy.unit=token", "split.k=0",
+                 f"train.out_dir={tmp_path / 'shared'}"]
+    if owner is not None:
+        overrides.append(f"train.owner_dir={tmp_path / 'own' if owner == 'OWN' else owner}")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    if ok:
+        spec = train_spec(cfg)
+        assert spec.owner_dir == str(tmp_path / ("own" if owner == "OWN" else "shared"))
+    else:
+        with pytest.raises(ConfigError, match="train.owner_dir"):
+            train_spec(cfg)

@@ -167,8 +167,8 @@ def test_os_seeded_noise_keeps_its_key_until_the_job_completes(tiny_models, long
     """A stopped job with OS-seeded noise leaves its key (mode 0600) for the resume, which re-sends replayed
     rows with the same noise; the key goes once the file is complete, and a resume without it is refused."""
     out = tmp_path / "out.h5"
-    key = tmp_path / "out.h5.noise-key"
-    noisy = ["privacy=gaussian", "privacy.epsilon=50", "privacy.clip=5.0"]
+    key = tmp_path / "owner" / "out.noise-key"  # privacy.key_path: rank 0's folder, not the results'
+    noisy = ["privacy=gaussian", "privacy.epsilon=50", "privacy.clip=5.0", f"privacy.key_path={key}"]
     args = _args(tiny_models["llama"], long_data, out, "runtime.log_every=0.05", *noisy)
     proc = _start(args)
     _wait_for_progress(proc)
@@ -176,11 +176,12 @@ def test_os_seeded_noise_keeps_its_key_until_the_job_completes(tiny_models, long
     code, _ = _finish(proc)
     assert code == 75
     assert key.is_file() and (key.stat().st_mode & 0o777) == 0o600 and len(key.read_bytes()) == 32
+    assert (key.parent.stat().st_mode & 0o777) == 0o700 and not list(tmp_path.glob("*noise-key*"))
     committed = _committed(out)
     saved = key.read_bytes()
     key.unlink()
     refused = run_mpi(2, [*args, "output.resume=true"])
-    assert refused.returncode != 0 and "noise-key" in refused.stderr and "overwrite" in refused.stderr
+    assert refused.returncode != 0 and "privacy.key_path" in refused.stderr and "overwrite" in refused.stderr
     assert _committed(out) == committed
     key.write_bytes(saved)
     key.chmod(0o600)

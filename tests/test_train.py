@@ -248,6 +248,7 @@ def _train_args(model, data, out, *extra):
             "data.batch_size=8", "data.max_length=48", "train.grad_accum=2", "train.epochs=2", "train.save_every=4",
             "train.log_every=1", "privacy=sigma", "privacy.sigma=0.02", "privacy.unit=token", "split.k=0",
             "train.grad_privacy.mechanism=sigma", "train.grad_privacy.sigma=0.001", "train.grad_privacy.clip=5",
+            *([] if any(e.startswith("train.owner_dir=") for e in extra) else ["train.owner_dir=allow_shared"]),
             *extra]
 
 
