@@ -71,8 +71,9 @@ class Owner:
 
     # -- the front: what leaves rank 0
     def front(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
-              release: int = 0, cache=None, step_mask: torch.Tensor | None = None):
-        """Embed ``ids`` (B, T), run layers [0, k) (with the owner's KV ``cache`` in generation), privatise.
+              release: int = 0, cache=None, step_mask: torch.Tensor | None = None, counted: bool = True):
+        """Embed ``ids`` (B, T), run layers [0, k) (with the owner's KV ``cache`` in generation), privatise
+        (``counted``: see :meth:`~nesa_hpc.privacy.Privacy.apply`).
         Returns (Z (B, T, H), (B,) int32 marks): the only activations that leave rank 0."""
         a = self.adapter
         h = a.embed(ids, pos)  # (B, T, H)
@@ -81,7 +82,7 @@ class Owner:
         clean = torch.full((ids.shape[0],), -1, dtype=torch.int32, device=h.device)
         # marked before the privacy transform, which sends a NaN/Inf as zero (it would slip past the clip)
         bad = mark_nonfinite(h, step_mask, clean, 0)
-        z = self.privacy.apply(h, step_mask, rows, release=release)  # (B, T, H)
+        z = self.privacy.apply(h, step_mask, rows, release=release, counted=counted)  # (B, T, H)
         return z, mark_nonfinite(z, step_mask, bad, 0)
 
     # -- the back: what rank 0 does with what comes back

@@ -264,6 +264,20 @@ def test_generation_with_noise_is_keyed_per_step_and_accounted(tiny_models, text
     np.testing.assert_allclose(three["epsilon_spent"], [ledger.epsilon(int(r)) for r in three["n_releases"]])
     assert attrs["privacy_epsilon_spent"] == pytest.approx(float(three["epsilon_spent"].max()))
     assert attrs["privacy_releases"] == int(one["n_releases"].max()) == 6
+    # at k=0 a decode step sends only the embedding of a token picked from the workers' outputs: it gets
+    # fresh noise but costs the row nothing, so every row spent exactly one release (its prompt)
+    out = tmp_path / "noisy-k0.h5"
+    proc = run_mpi(2, [str(ROOT / "jobs" / "infer.py"), f"model.path={tiny_models['llama']}", "task=generate",
+                       f"data.path={texts_file}", "split.k=0", "task.max_new_tokens=6", "privacy=gaussian",
+                       "privacy.unit=token", "privacy.epsilon=2000", "privacy.clip=20.0", "privacy.seed=4",
+                       f"output.path={out}", "data.max_length=64", "runtime.threads=1"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with h5py.File(out) as f:
+        k0, k0_attrs = {k: f[k][()] for k in ("n_generated", "n_releases", "epsilon_spent")}, dict(f.attrs)
+    assert np.array_equal(k0["n_releases"], k0["n_generated"]) and k0["n_releases"].max() > 1
+    ledger = Ledger("gaussian", 1e-5, k0_attrs["privacy_sigma"] / (2 * k0_attrs["privacy_clip"]), None)
+    np.testing.assert_allclose(k0["epsilon_spent"], ledger.epsilon(1))
+    assert k0_attrs["privacy_releases"] == 1
 
 
 def test_every_family_generates_like_transformers(family_models, texts_file, tmp_path):
