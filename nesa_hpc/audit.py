@@ -6,14 +6,18 @@ held-out rows (``audit.eval_path``, default: the shipped sample data), and measu
 
 - utility relative to privacy off: perplexity ratio (causal LMs) and the cosine similarity of the
   mean-pooled final hidden states to the noise-free ones (the ``task=embed`` output);
-- leakage as top-1 recovery of the token at each real position of Z, by three attackers who see only
-  Z: nearest neighbour against the embedding matrix (k=0), the model's own final norm and LM head
-  applied to Z (any k), and an MLP probe trained on *public* text (``audit.public_path``, default: the
-  built-in standard-library prose) passed through the same mechanism (the noise-aware attacker);
+- leakage as top-1 recovery of the token at each real position of Z, by four attackers who see only
+  Z and know the model, the mechanism and sigma: nearest neighbour against the embedding matrix (k=0),
+  the Bayes MAP decoder with the clipping in its candidates and the public unigram as its prior (k=0),
+  the model's own final norm and LM head applied to Z (any k), and an MLP probe trained on *public*
+  text (``audit.public_path``, default: the built-in standard-library prose) passed through the same
+  mechanism (the noise-aware attacker). ``best_recovery`` is the best of them: a lower bound on what
+  an attacker can recover, never a guarantee;
 - the floor: always guessing the public text's most frequent token;
-- the bound of the guarantee: with (epsilon, delta)-DP on the unit, no attacker recovers a token with
-  probability above e^epsilon * p_prior + delta, p_prior being the frequency of the most common token of
-  the held-out rows (the best guess of an attacker who knows the unigram distribution and not Z).
+- the bounds of the guarantee, p_prior being the frequency of the most common token of the held-out
+  rows (the best guess of an attacker who knows the unigram distribution and not Z): the tight bound of
+  mu-GDP, Phi(Phi^-1(p_prior) + mu) with mu = 2C / sigma (``bound_gdp``, see :func:`gdp_bound`), and
+  the looser e^epsilon * p_prior + delta of (epsilon, delta)-DP (``bound``).
 
 The grid of settings is shared among the MPI ranks (each rank runs the whole model); rank 0 writes
 ``audit.h5``, ``audit.csv``, ``audit.json`` and three PNG figures into ``audit.out_dir``.
@@ -45,8 +49,9 @@ __all__ = ["run_audit", "AuditSettings", "COLUMNS"]
 log = logging.getLogger("nesa_hpc")
 
 COLUMNS = ("k", "mechanism", "unit", "epsilon", "delta", "sigma", "clip", "noise_to_signal", "perplexity",
-           "perplexity_ratio", "cosine", "nn_recovery", "head_recovery", "probe_recovery", "floor", "p_prior",
-           "bound", "eval_tokens", "public_tokens")
+           "perplexity_ratio", "cosine", "nn_recovery", "map_recovery", "head_recovery", "probe_recovery",
+           "best_recovery", "floor", "p_prior", "bound", "bound_gdp", "eval_tokens", "public_tokens")
+ATTACKERS = ("nn_recovery", "map_recovery", "head_recovery", "probe_recovery")
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,25 @@ class _Attacks:
             out.append((self.sq.unsqueeze(0) - 2 * chunk @ self.table.T).argmin(-1))
         return torch.cat(out)
 
+    def map_decode(self, z: torch.Tensor, pos: torch.Tensor, log_prior: torch.Tensor, sigma: float,
+                   clip: float | None) -> torch.Tensor:
+        """The Bayes (MAP) decoder at k=0 for the token unit: each position's Z is clip(e_v + p) plus
+        N(0, sigma^2 I), so the most probable token given z is
+        argmax_v log prior(v) - ||z - clip(e_v + p)||^2 / (2 sigma^2), with the candidates clipped exactly
+        as the mechanism clips them (the prior: the public text's unigram distribution)."""
+        out = torch.empty(len(z), dtype=torch.long)
+        moving = bool(self.shift.abs().max() > 0)  # learned absolute positions: candidates depend on p
+        for p in (pos.unique().tolist() if moving else [None]):
+            at = (pos == p).nonzero().squeeze(1) if p is not None else torch.arange(len(z))
+            cand = self.table + (self.shift[p] if p is not None else 0)
+            if clip is not None:
+                cand = cand * torch.clamp(clip / cand.norm(dim=-1, keepdim=True).clamp(min=1e-30), max=1.0)
+            sq = (cand ** 2).sum(-1)
+            for chunk in at.split(512):
+                score = log_prior.unsqueeze(0) - (sq.unsqueeze(0) - 2 * z[chunk] @ cand.T) / (2 * sigma ** 2)
+                out[chunk] = score.argmax(-1)
+        return out
+
     def head(self, z: torch.Tensor) -> torch.Tensor | None:
         if not self.adapter.has_head:
             return None
@@ -183,6 +207,18 @@ def _probe(train_z: torch.Tensor, train_ids: torch.Tensor, test_z: torch.Tensor,
                 opt.step()
     with torch.no_grad():
         return classes[net(test_z / scale).argmax(-1)]
+
+
+def gdp_bound(p_prior: float, mu: float) -> float:
+    """The tight bound on reconstruction success of a mu-GDP mechanism (one Gaussian release of L2
+    sensitivity 2C and std sigma is mu-GDP with mu = 2C / sigma; R releases compose to mu * sqrt(R)):
+    Phi(Phi^-1(p_prior) + mu), where p_prior is the attacker's best success without the release
+    (Hayes, Mahloujifar & Balle, "Bounding data reconstruction attacks with the hypothesis testing
+    interpretation of differential privacy", NeurIPS 2023: success <= 1 - f(p_prior) for an f-DP
+    mechanism, and f(a) = Phi(Phi^-1(1 - a) - mu) for mu-GDP)."""
+    from scipy.stats import norm
+
+    return float(norm.cdf(norm.ppf(p_prior) + mu))
 
 
 def _point(adapter, attacks: _Attacks, public: _Corpus, held: _Corpus, k: int, level: float | None,
@@ -216,16 +252,23 @@ def _point(adapter, attacks: _Attacks, public: _Corpus, held: _Corpus, k: int, l
     row["noise_to_signal"] = row["sigma"] * math.sqrt(z_eval.shape[1]) / signal
     ids = held.ids
     row["nn_recovery"] = float((attacks.nearest(z_eval, held.pos) == ids).float().mean()) if k == 0 else math.nan
+    if k == 0 and row["sigma"] > 0:
+        guess = attacks.map_decode(z_eval, held.pos, clean["log_prior"], row["sigma"], clip)
+        row["map_recovery"] = float((guess == ids).float().mean())
+    else:  # without noise the MAP decoder is the nearest neighbour
+        row["map_recovery"] = row["nn_recovery"]
     guess = attacks.head(z_eval)
     row["head_recovery"] = float((guess == ids).float().mean()) if guess is not None else math.nan
     pred = _probe(z_public, public.ids, z_eval, s.probe_hidden, s.probe_epochs, s.seed)
     row["probe_recovery"] = float((pred == ids).float().mean())
+    row["best_recovery"] = max(row[a] for a in ATTACKERS if not math.isnan(row[a]))
     row["floor"], row["p_prior"] = clean["floor"], clean["p_prior"]
     eps = row["epsilon"]
     if math.isnan(eps):
         row["bound"] = math.nan
     else:
         row["bound"] = 1.0 if eps > 50 else min(1.0, math.exp(eps) * row["p_prior"] + s.delta)
+    row["bound_gdp"] = gdp_bound(row["p_prior"], 2 * clip / row["sigma"]) if row["sigma"] > 0 else 1.0
     row["eval_tokens"], row["public_tokens"] = len(ids), len(public.ids)
     return row
 
@@ -269,7 +312,9 @@ def run_audit(cfg: DictConfig, comm=None) -> list[dict] | None:
     counts = torch.bincount(public.ids, minlength=adapter.config.vocab_size)
     top = int(counts.argmax())
     held_counts = torch.bincount(held.ids, minlength=adapter.config.vocab_size)
-    base = {"floor": float((held.ids == top).float().mean()), "p_prior": float(held_counts.max() / len(held.ids))}
+    base = {"floor": float((held.ids == top).float().mean()), "p_prior": float(held_counts.max() / len(held.ids)),
+            # the MAP decoder's prior: the public text's unigram distribution (add-one smoothed)
+            "log_prior": torch.log((counts.double() + 1) / (counts.sum() + len(counts))).float()}
     grid = [(k, level) for k in s.ks for level in s.levels]
     mine = grid[rank::size]
     clean_by_k: dict[int, dict] = {}
@@ -285,10 +330,12 @@ def run_audit(cfg: DictConfig, comm=None) -> list[dict] | None:
             clean_by_k[k] = {"perplexity": math.exp(nll / count) if count else math.nan, "pooled": pooled,
                              "clip": clip, **base}
         rows.append(_point(adapter, attacks, public, held, k, level, s, clean_by_k[k]))
-        log.info("audit k=%d %s=%s: perplexity x%.3g, cosine %.3f, recovery nn %.3f head %.3f probe %.3f",
-                 k, "epsilon" if s.mechanism == "gaussian" else "sigma", level, rows[-1]["perplexity_ratio"],
-                 rows[-1]["cosine"], rows[-1]["nn_recovery"], rows[-1]["head_recovery"],
-                 rows[-1]["probe_recovery"])
+        r = rows[-1]
+        log.info("audit k=%d %s=%s: perplexity x%.3g, cosine %.3f, recovery at least %.3f (nn %.3f map %.3f head "
+                 "%.3f probe %.3f), bounds %.3f (GDP) %.3f (e^eps)", k,
+                 "epsilon" if s.mechanism == "gaussian" else "sigma", level, r["perplexity_ratio"], r["cosine"],
+                 r["best_recovery"], r["nn_recovery"], r["map_recovery"], r["head_recovery"], r["probe_recovery"],
+                 r["bound_gdp"], r["bound"])
     gathered = comm.gather(rows, root=0)
     if rank != 0:
         return None
@@ -365,6 +412,7 @@ def _plot(out: Path, table: list[dict], meta: dict) -> None:
     fig, ax = plt.subplots(1, len(ks), figsize=(4.2 * len(ks), 4), squeeze=False)
     for a, k in zip(ax[0], ks, strict=True):
         for key, label, color in (("nn_recovery", "nearest neighbour", "C0"),
+                                  ("map_recovery", "Bayes MAP decoder (clip-aware)", "C3"),
                                   ("head_recovery", "final norm + LM head", "C1"),
                                   ("probe_recovery", "MLP probe (noise-aware)", "C2")):
             x, y = series(k, key)
@@ -375,6 +423,8 @@ def _plot(out: Path, table: list[dict], meta: dict) -> None:
         if gaussian:
             x, y = series(k, "bound")
             a.plot(x, y, "r:", label="DP bound e^eps p + delta")
+            x, y = series(k, "bound_gdp")
+            a.plot(x, y, "m-.", label="GDP bound Phi(Phi^-1(p) + mu)")
         a.set_xscale("log")
         a.set_ylim(-0.02, 1.02)
         a.set_xlabel(xkey)
@@ -388,15 +438,14 @@ def _plot(out: Path, table: list[dict], meta: dict) -> None:
     fig, a = plt.subplots(figsize=(6.5, 4.8))
     for k in ks:
         pts = sorted((r for r in noisy if r["k"] == k), key=lambda r: r[xkey])
-        best = [max(v for v in (r["nn_recovery"], r["head_recovery"], r["probe_recovery"]) if not math.isnan(v))
-                for r in pts]
+        best = [r["best_recovery"] for r in pts]
         a.plot([r["perplexity_ratio"] for r in pts], best, marker="o", label=f"k={k}")
         for r, b in zip(pts, best, strict=True):
             a.annotate(f"{r[xkey]:g}", (r["perplexity_ratio"], b), fontsize=6, xytext=(3, 3),
                        textcoords="offset points")
     a.set_xscale("log")
     a.set_xlabel("perplexity ratio (utility lost)")
-    a.set_ylabel("best attacker's token recovery")
+    a.set_ylabel("token recovery (best attacker: at least this)")
     a.set_title(f"leakage-utility frontier (points labelled by {xkey})")
     a.legend()
     fig.text(0.01, 0.01, caption, fontsize=6)

@@ -8,6 +8,7 @@ import math
 
 import h5py
 import pytest
+import torch
 from conftest import ROOT, run_mpi
 
 from nesa_hpc.audit import COLUMNS
@@ -59,8 +60,37 @@ def test_audit_measures_what_it_should(audit):
     assert strong0["bound"] == pytest.approx(min(1.0, math.e * strong0["p_prior"] + 1e-5))
     assert 0 <= strong0["floor"] <= strong0["p_prior"] <= 1
     assert weak0["bound"] == 1.0
+    # the tight mu-GDP bound, mu = 2C / sigma, below the e^eps form; the best attacker is the best of four
+    from scipy.stats import norm
+
+    mu = 2 * strong0["clip"] / strong0["sigma"]
+    assert strong0["bound_gdp"] == pytest.approx(norm.cdf(norm.ppf(strong0["p_prior"]) + mu))
+    assert strong0["bound_gdp"] < strong0["bound"]
+    for r in rows:
+        found = [r[a] for a in ("nn_recovery", "map_recovery", "head_recovery", "probe_recovery")
+                 if not math.isnan(r[a])]
+        assert r["best_recovery"] == max(found)
+    assert clean0["map_recovery"] == clean0["nn_recovery"] == 1.0 and weak0["map_recovery"] >= 0.9
+    assert math.isnan(by[(2, 1)]["map_recovery"])
     # k > 0: sequence unit, no nearest-neighbour attack, sigma from the clip calibrated on public text
     clean2, strong2 = by[(2, math.inf)], by[(2, 1)]
     assert clean2["unit"] == "sequence" and math.isnan(clean2["nn_recovery"])
     assert strong2["sigma"] > 0 and strong2["clip"] > 0
     assert strong2["probe_recovery"] <= clean2["probe_recovery"] + 1e-9
+
+
+def test_map_decoder_weighs_distance_against_the_prior():
+    """With little noise the MAP decoder is the nearest clipped candidate; with a lot, the prior's favourite."""
+    from types import SimpleNamespace
+
+    from nesa_hpc.audit import _Attacks
+
+    table = torch.tensor([[3.0, 0.0], [0.0, 3.0], [-3.0, 0.0]])
+    attacks = SimpleNamespace(table=table, shift=torch.zeros(4, 2))
+    z = torch.tensor([[0.9, 0.1], [0.1, 0.8], [-1.0, 0.2]])
+    pos = torch.zeros(3, dtype=torch.long)
+    prior = torch.log(torch.tensor([0.1, 0.1, 0.8]))
+    near = _Attacks.map_decode(attacks, z, pos, prior, sigma=0.05, clip=1.0)
+    assert near.tolist() == [0, 1, 2]  # clipped to norm 1, the candidates sit where z does
+    far = _Attacks.map_decode(attacks, z, pos, prior, sigma=100.0, clip=1.0)
+    assert far.tolist() == [2, 2, 2]
