@@ -203,6 +203,7 @@ def _run_owner(comm, settings, owner: Owner, task, folder: str, data_path: str, 
             raise RuntimeError(f"{ordered.pending} rows finished but could not be written in input order")
     except BaseException:
         progress.close()
+        _record_uncommitted(writer, privacy, ledger)
         writer.abort()
         raise
     progress.close()
@@ -252,6 +253,24 @@ def _run_owner(comm, settings, owner: Owner, task, folder: str, data_path: str, 
     summary["ranks"] = ranks
     summary["output"] = settings.output_path
     return summary
+
+
+def _record_uncommitted(writer: ResultWriter, privacy, ledger) -> None:
+    """A job that fails after sending rows it never committed still released them: the file says how many
+    (``privacy_uncommitted_rows``, their most releases and the epsilon that spent). A resume re-sends them
+    with the same noise (the same key), so they are not released again. Never raises (it runs on the way
+    out of another error)."""
+    left = {r: n for r, n in privacy.releases.items() if n > 0}
+    if not privacy.spec.adds_noise or not left or not writer.file.id.valid:
+        return
+    most = max(left.values())
+    try:
+        writer.set_attrs({"privacy_uncommitted_rows": len(left), "privacy_uncommitted_releases": most,
+                          "privacy_uncommitted_epsilon": ledger.epsilon(most)})
+    except (OSError, RuntimeError, ValueError):
+        pass
+    log.warning("%d rows were sent (up to %d releases each, epsilon %.4g) but not committed before the job "
+                "failed; recorded in privacy_uncommitted_rows", len(left), most, ledger.epsilon(most))
 
 
 def main(cfg: DictConfig) -> None:

@@ -77,3 +77,26 @@ def test_ledger_attributes(reports):
     assert token["attrs"]["privacy_epsilon_spent"] == pytest.approx(20.0, rel=1e-3)
     assert sigma["attrs"]["privacy_sigma"] == 0.05 and math.isnan(sigma["attrs"]["privacy_epsilon_spent"])
     assert dchi["epsilon_spent"] == [300.0] * 6 and "metric DP" in dchi["attrs"]["privacy_guarantee"]
+
+
+def test_a_failed_job_records_the_rows_it_sent_but_never_committed(tiny_models, tmp_path):
+    """A bad row that ends the job while batches are in flight: those rows were released, and the file
+    says so (count, most releases, epsilon) although they are not in `row`."""
+    import h5py
+    from conftest import ROOT
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row number {i} of plain words"}) + "\n" for i in range(40))
+                    + "{not json\n")
+    out = tmp_path / "out.h5"
+    proc = run_mpi(2, [str(ROOT / "jobs" / "infer.py"), f"model.path={tiny_models['llama']}", f"data.path={data}",
+                       "split.k=1", "privacy=gaussian", "privacy.epsilon=50", "privacy.clip=5.0", "privacy.seed=1",
+                       "data.batch_size=2", "data.bucket_window=0", "runtime.inflight=4", f"output.path={out}",
+                       "runtime.threads=1"], timeout=300)
+    assert proc.returncode != 0 and "malformed JSON" in proc.stderr
+    with h5py.File(out) as f:
+        attrs, committed = dict(f.attrs), len(f["row"])
+    assert not attrs["complete"] and committed < 40
+    assert attrs["privacy_uncommitted_rows"] >= 1 and committed + attrs["privacy_uncommitted_rows"] <= 40
+    assert attrs["privacy_uncommitted_releases"] == 1 and math.isfinite(attrs["privacy_uncommitted_epsilon"])
+    assert "privacy_uncommitted_rows" in proc.stderr
