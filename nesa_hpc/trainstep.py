@@ -99,13 +99,16 @@ class TrainLedger:
 
 
 def grad_message(privacy: Privacy | None, g: torch.Tensor, row_of: torch.Tensor, rows: torch.Tensor,
-                  release: int, scale: float) -> torch.Tensor:
+                  release: int, scale: float, public_scale: float | None = None) -> torch.Tensor:
     """Privatise the gradient message (N, D) whose position n belongs to row ``row_of[n]``: the gradient of
     the summed token loss (``g * scale``) is clipped per row to ``train.grad_privacy.clip``, noise keyed by
-    (row, release) is added, and the result is scaled back."""
+    (row, release) is added, and the result is divided by ``public_scale`` (default ``scale``). The
+    divisor is seen by whoever receives the message (it sets the noise's size), so it must be public:
+    ``scale`` is the step's count of target tokens, which with ``train.loss=completion`` is private, and the
+    caller passes the step's count of scored positions instead (the workers see the masks)."""
     if privacy is None or not privacy.spec.adds_noise:
         return g
-    x = g.double() * scale
+    x = torch.nan_to_num(g.double(), nan=0.0, posinf=0.0, neginf=0.0) * scale
     if privacy.clip is not None:
         sq = torch.zeros(len(rows), dtype=torch.float64, device=x.device).index_add_(0, row_of, x.pow(2).sum(-1))
         factor = torch.clamp(privacy.clip / sq.sqrt().clamp(min=1e-30), max=1.0)
@@ -114,7 +117,7 @@ def grad_message(privacy: Privacy | None, g: torch.Tensor, row_of: torch.Tensor,
         at = (row_of == i).nonzero().squeeze(-1)
         if len(at):
             x[at] += privacy.draw(r, release, len(at), x.shape[-1]).to(device=x.device, dtype=x.dtype)
-    return (x / scale).to(g.dtype)
+    return (x / (scale if public_scale is None else public_scale)).to(g.dtype)
 
 
 
@@ -177,20 +180,21 @@ def loss_sum(logits: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
 
 
 def _privatised_grad(g: torch.Tensor, b: TrainBatch, mask: torch.Tensor, head_here: bool, grad_privacy,
-                     release: int, n_target: int) -> torch.Tensor:
+                     release: int, n_target: int, n_scored: int) -> torch.Tensor:
     """The gradient message of one micro-batch: (B, T, H) states' gradient (head on the owner) or the
-    (N, V) logits' gradient (head on the last worker), clipped and noised per row by ``grad_privacy``."""
+    (N, V) logits' gradient (head on the last worker), clipped and noised per row by ``grad_privacy`` and
+    divided by the step's public count of scored positions ``n_scored``."""
     dev = g.device
     if head_here:
         real = mask.bool()
         row_of = torch.arange(b.size, device=dev).unsqueeze(1).expand_as(real)[real]
-        flat = grad_message(grad_privacy, g[real], row_of, b.rows, release, n_target)
+        flat = grad_message(grad_privacy, g[real], row_of, b.rows, release, n_target, n_scored)
         out = torch.zeros_like(g)
         out[real] = flat
         return out
     sel = b.scored.to(dev)
     row_of = torch.arange(b.size, device=dev).unsqueeze(1).expand_as(sel)[sel]
-    return grad_message(grad_privacy, g, row_of, b.rows, release, n_target)
+    return grad_message(grad_privacy, g, row_of, b.rows, release, n_target, n_scored)
 
 
 def owner_step(trainer: Trainer, owner: Owner, batches: list[TrainBatch], grad_privacy: Privacy | None,
@@ -201,6 +205,7 @@ def owner_step(trainer: Trainer, owner: Owner, batches: list[TrainBatch], grad_p
     a gradient on), so it gets the gradient of its output."""
     topo, a, dev, stats = owner.topo, owner.adapter, owner.device, owner.stats
     n_target = int(sum(b.weights().sum() for b in batches))
+    n_scored = int(sum(b.scored.sum() for b in batches))  # public: what the masks show (= n_target, causal loss)
     front_trains = trainer.roles.needs[0]
     micro = len(batches)
     plan = torch.tensor([micro, step], dtype=torch.int32)
@@ -245,7 +250,7 @@ def owner_step(trainer: Trainer, owner: Owner, batches: list[TrainBatch], grad_p
                 (part / n_target).backward()
         loss += float(part.detach())
         if sends_grad:
-            g = _privatised_grad(x.grad, b, mask, owner.head_here, grad_privacy, release, n_target)
+            g = _privatised_grad(x.grad, b, mask, owner.head_here, grad_privacy, release, n_target, n_scored)
             owner.send(Kind.TRAIN_BWD, m, [g.to(owner.wire) if owner.head_here else g], dest=topo.last)
         stats.compute_s += time.perf_counter() - t0
         if sent < micro:

@@ -206,6 +206,15 @@ def test_gradient_message_is_clipped_per_row_and_noised():
     assert not torch.equal(a, b)  # a new release (epoch) draws new noise
     assert torch.equal(a, grad_message(noisy, torch.zeros(4000, 16), torch.zeros(4000, dtype=torch.long),
                                         rows[:1], 0, 1.0))
+    # the message is divided by a public count: the noise a worker sees does not reveal the private one
+    # (train.loss=completion: the completion tokens of the step), and a NaN entry leaves as zero plus noise
+    zeros, one_row = torch.zeros(50, 16), torch.zeros(50, dtype=torch.long)
+    m7 = grad_message(noisy, zeros, one_row, rows[:1], 0, scale=7.0, public_scale=30.0)
+    m19 = grad_message(noisy, zeros, one_row, rows[:1], 0, scale=19.0, public_scale=30.0)
+    assert torch.equal(m7, m19) and float(m7.std() * 30) == pytest.approx(2.0, rel=0.15)
+    nan = zeros.clone()
+    nan[3, 4] = float("nan")
+    assert torch.equal(grad_message(noisy, nan, one_row, rows[:1], 0, 7.0, 30.0), m7)
 
 
 @pytest.mark.parametrize("override,message", [
