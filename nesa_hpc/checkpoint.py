@@ -137,6 +137,10 @@ def export(trainer: Trainer, spec: TrainSpec, model_folder: str) -> str | None:
     if spec.export == "none":
         return None
     if spec.export == "adapter":
+        # rank 0's trained layers saw the raw rows and are not covered by the privacy guarantee: with a
+        # mechanism on, rank 0 writes the adapter (gathered, its layers included) to its own folder
+        if trainer.private and spec.owner_trainable:
+            out = Path(spec.owner_dir)
         export_adapter(trainer, trainer.comm, out / "adapter", model_folder, _all_layers(trainer))
         return str(out / "adapter")
     export_merged(trainer, trainer.comm, out / "model", model_folder,

@@ -380,6 +380,10 @@ def _owner_loop(stage: Trainer, owner: Owner, settings: Settings, spec: TrainSpe
     exported = export(stage, spec, folder)
     owner.stop()
     summary["exported"] = exported
+    if exported and stage.private and spec.owner_trainable:
+        summary["export_covered"] = False
+        log.warning("the export %s holds rank 0's layers, trained on the raw rows: it is not covered by the privacy "
+                    "guarantee (written to train.owner_dir; share it only as you would the data)", exported)
     summary["rank_stats"] = _all_rank_stats(stage, owner, elapsed)
     (own / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (own / "noise-key").unlink(missing_ok=True)

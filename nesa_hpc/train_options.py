@@ -137,6 +137,11 @@ def train_spec(cfg: DictConfig) -> TrainSpec:
     if not spec.out_dir:
         raise ConfigError("train.out_dir must name the folder for checkpoints and the exported model")
     noisy = OmegaConf.select(cfg, "privacy.mechanism", default="none") != "none" or spec.grad_privacy.adds_noise
+    if noisy and spec.owner_trainable and spec.export == "merged":
+        raise ConfigError("train.export=merged with train.owner_trainable=true and a privacy mechanism on: every rank "
+                          "writes its shard to train.out_dir, rank 0's layers (trained on the raw rows, not covered by "
+                          "the guarantee) included; use train.export=adapter (rank 0 writes it to train.owner_dir) "
+                          "or train.export=none")
     if noisy and not spec.owner_shared_ok and \
             Path(spec.owner_dir).expanduser().resolve() == Path(spec.out_dir).expanduser().resolve():
         raise ConfigError(f"privacy is on, and rank 0's own files (the noise key, the loss on the private labels "

@@ -278,3 +278,9 @@ def test_training_with_noise_refuses_to_keep_owner_files_in_the_shared_folder(ow
     else:
         with pytest.raises(ConfigError, match="train.owner_dir"):
             train_spec(cfg)
+    # rank 0's trained layers are not covered: a merged export (every rank writes to out_dir) is refused
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*overrides[:5], f"train.owner_dir={tmp_path / 'own'}",
+                                                      "train.owner_trainable=true", "train.export=merged"])
+    with pytest.raises(ConfigError, match="not covered by the guarantee"):
+        train_spec(cfg)

@@ -332,6 +332,7 @@ def test_os_seeded_training_keeps_its_noise_key_until_done(tiny_models, many_row
     refused = run_mpi(2, [*args, "train.resume=true"], timeout=120)
     assert refused.returncode != 0 and "noise-key" in refused.stderr
     key.write_bytes(saved)
+    key.chmod(0o600)  # a key readable by others is refused
     assert run_mpi(2, [*args, "train.resume=true"], timeout=300).returncode == 0
     assert not key.exists()
     # a finished run resumes to nothing more than another export (no key needed: nothing more is released)
