@@ -11,7 +11,8 @@ held-out rows (``audit.eval_path``, default: the shipped sample data), and measu
   the Bayes MAP decoder with the clipping in its candidates and the public unigram as its prior (k=0),
   the model's own final norm and LM head applied to Z (any k), and an MLP probe trained on *public*
   text (``audit.public_path``, default: the built-in standard-library prose) passed through the same
-  mechanism (the noise-aware attacker). ``best_recovery`` is the best of them: a lower bound on what
+  mechanism, and a learned sequence inverter (a small transformer over a row's whole Z) trained the
+  same way (the noise-aware attackers). ``best_recovery`` is the best of them: a lower bound on what
   an attacker can recover, never a guarantee;
 - the floor: always guessing the public text's most frequent token;
 - the bounds of the guarantee, p_prior being the frequency of the most common token of the held-out
@@ -50,8 +51,9 @@ log = logging.getLogger("nesa_hpc")
 
 COLUMNS = ("k", "mechanism", "unit", "epsilon", "delta", "sigma", "clip", "noise_to_signal", "perplexity",
            "perplexity_ratio", "cosine", "nn_recovery", "map_recovery", "head_recovery", "probe_recovery",
-           "best_recovery", "floor", "p_prior", "bound", "bound_gdp", "eval_tokens", "public_tokens")
-ATTACKERS = ("nn_recovery", "map_recovery", "head_recovery", "probe_recovery")
+           "inverter_recovery", "best_recovery", "floor", "p_prior", "bound", "bound_gdp", "eval_tokens",
+           "public_tokens")
+ATTACKERS = ("nn_recovery", "map_recovery", "head_recovery", "probe_recovery", "inverter_recovery")
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,9 @@ class AuditSettings:
     probe_epochs: int
     seed: int
     out_dir: str
+    inverter_dim: int = 256
+    inverter_layers: int = 2
+    inverter_epochs: int = 30
 
 
 def audit_settings(cfg: DictConfig) -> AuditSettings:
@@ -97,7 +102,9 @@ def audit_settings(cfg: DictConfig) -> AuditSettings:
                          max_eval_rows=int(a.get("max_eval_rows", 64)), max_length=int(a.get("max_length", 64)),
                          batch_size=int(a.get("batch_size", 16)), probe_hidden=int(a.get("probe_hidden", 256)),
                          probe_epochs=int(a.get("probe_epochs", 6)), seed=int(a.get("seed", 0)),
-                         out_dir=str(a.get("out_dir", "audit_results")))
+                         out_dir=str(a.get("out_dir", "audit_results")),
+                         inverter_dim=int(a.get("inverter_dim", 256)), inverter_layers=int(a.get("inverter_layers", 2)),
+                         inverter_epochs=int(a.get("inverter_epochs", 30)))
 
 
 class _Corpus:
@@ -209,6 +216,49 @@ def _probe(train_z: torch.Tensor, train_ids: torch.Tensor, test_z: torch.Tensor,
         return classes[net(test_z / scale).argmax(-1)]
 
 
+def _inverter(train: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+              test: list[tuple[torch.Tensor, torch.Tensor]], dim: int, layers: int, epochs: int,
+              seed: int) -> torch.Tensor:
+    """The learned sequence inverter: a small transformer encoder that reads a row's whole (noisy) Z, every
+    position with its neighbours on both sides, and predicts each position's token (the hidden-state
+    inversion family of attacks). Trained on public rows pushed through the same mechanism: ``train`` is
+    [(Z (B, T, H), mask (B, T), ids (B, T))], ``test`` [(Z, mask)]; returns the predicted token of every
+    real test position, in order."""
+    ids_all = torch.cat([ids[m.bool()] for _, m, ids in train])
+    classes = torch.unique(ids_all)
+    lookup = torch.full((int(classes.max()) + 1,), -1, dtype=torch.long)
+    lookup[classes] = torch.arange(len(classes))
+    scale = torch.cat([z[m.bool()] for z, m, _ in train]).float().pow(2).mean().sqrt().clamp(min=1e-12)
+    H = train[0][0].shape[-1]
+    T = max(z.shape[1] for z, _, _ in train + [(z, m, None) for z, m in test])
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    inp, pos_emb = torch.nn.Linear(H, dim), torch.nn.Embedding(T, dim)
+    enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.1,
+                                                                       batch_first=True), layers)
+    out = torch.nn.Linear(dim, len(classes))
+    modules = torch.nn.ModuleList([inp, pos_emb, enc, out])
+
+    def forward(z, m):
+        x = inp(z.float() / scale) + pos_emb(torch.arange(z.shape[1])).unsqueeze(0)
+        return out(enc(x, src_key_padding_mask=~m.bool()))
+
+    opt = torch.optim.AdamW(modules.parameters(), lr=1e-3, weight_decay=1e-2)
+    with torch.enable_grad():
+        modules.train()
+        for _ in range(epochs):
+            for i in torch.randperm(len(train), generator=gen).tolist():
+                z, m, ids = train[i]
+                logits = forward(z, m)[m.bool()]
+                loss = F.cross_entropy(logits, lookup[ids[m.bool()]])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    modules.eval()
+    with torch.no_grad():
+        return torch.cat([classes[forward(z, m)[m.bool()].argmax(-1)] for z, m in test])
+
+
 def gdp_bound(p_prior: float, mu: float) -> float:
     """The tight bound on reconstruction success of a mu-GDP mechanism (one Gaussian release of L2
     sensitivity 2C and std sigma is mu-GDP with mu = 2C / sigma; R releases compose to mu * sqrt(R)):
@@ -261,6 +311,10 @@ def _point(adapter, attacks: _Attacks, public: _Corpus, held: _Corpus, k: int, l
     row["head_recovery"] = float((guess == ids).float().mean()) if guess is not None else math.nan
     pred = _probe(z_public, public.ids, z_eval, s.probe_hidden, s.probe_epochs, s.seed)
     row["probe_recovery"] = float((pred == ids).float().mean())
+    pred = _inverter([(z, b.mask, b.ids) for b, z in zip(public.batches, public_z, strict=True)],
+                     [(z, b.mask) for b, z in zip(held.batches, eval_z, strict=True)], s.inverter_dim,
+                     s.inverter_layers, s.inverter_epochs, s.seed)
+    row["inverter_recovery"] = float((pred == ids).float().mean())
     row["best_recovery"] = max(row[a] for a in ATTACKERS if not math.isnan(row[a]))
     row["floor"], row["p_prior"] = clean["floor"], clean["p_prior"]
     eps = row["epsilon"]
@@ -332,10 +386,10 @@ def run_audit(cfg: DictConfig, comm=None) -> list[dict] | None:
         rows.append(_point(adapter, attacks, public, held, k, level, s, clean_by_k[k]))
         r = rows[-1]
         log.info("audit k=%d %s=%s: perplexity x%.3g, cosine %.3f, recovery at least %.3f (nn %.3f map %.3f head "
-                 "%.3f probe %.3f), bounds %.3f (GDP) %.3f (e^eps)", k,
+                 "%.3f probe %.3f inverter %.3f), bounds %.3f (GDP) %.3f (e^eps)", k,
                  "epsilon" if s.mechanism == "gaussian" else "sigma", level, r["perplexity_ratio"], r["cosine"],
                  r["best_recovery"], r["nn_recovery"], r["map_recovery"], r["head_recovery"], r["probe_recovery"],
-                 r["bound_gdp"], r["bound"])
+                 r["inverter_recovery"], r["bound_gdp"], r["bound"])
     gathered = comm.gather(rows, root=0)
     if rank != 0:
         return None
@@ -347,7 +401,9 @@ def run_audit(cfg: DictConfig, comm=None) -> list[dict] | None:
             "delta": s.delta,
             "clip_percentile": s.clip_percentile, "public_text": s.public_path or "built-in (stdlib docstrings)",
             "eval_text": s.eval_path or str(sample_path()), "probe": f"MLP H-{s.probe_hidden}-|V_public|, "
-            f"{s.probe_epochs} epochs", "seconds": round(time.perf_counter() - start, 1), "world_size": size}
+            f"{s.probe_epochs} epochs", "inverter": f"transformer encoder d={s.inverter_dim}, "
+            f"{s.inverter_layers} layers, {s.inverter_epochs} epochs",
+            "seconds": round(time.perf_counter() - start, 1), "world_size": size}
     _write(out, table, meta)
     _plot(out, table, meta)
     log.info("audit: %d settings in %.0f s -> %s", len(table), meta["seconds"], out)
@@ -414,7 +470,8 @@ def _plot(out: Path, table: list[dict], meta: dict) -> None:
         for key, label, color in (("nn_recovery", "nearest neighbour", "C0"),
                                   ("map_recovery", "Bayes MAP decoder (clip-aware)", "C3"),
                                   ("head_recovery", "final norm + LM head", "C1"),
-                                  ("probe_recovery", "MLP probe (noise-aware)", "C2")):
+                                  ("probe_recovery", "MLP probe (noise-aware)", "C2"),
+                                  ("inverter_recovery", "sequence inverter (noise-aware)", "C4")):
             x, y = series(k, key)
             if not all(math.isnan(v) for v in y):
                 a.plot(x, y, marker="o", color=color, label=label)

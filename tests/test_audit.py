@@ -25,6 +25,7 @@ def audit(tiny_models, tmp_path_factory):
     rows.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     proc = run_mpi(2, [AUDIT, f"model.path={tiny_models['llama']}", "audit.ks=[0,2]", "audit.epsilons=[1000000,1]",
                        "audit.max_public_rows=80", f"audit.eval_path={rows}", "audit.probe_epochs=3",
+                       "audit.inverter_epochs=8", "audit.inverter_dim=64",
                        f"audit.out_dir={out}", "runtime.threads=1"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads((out / "audit.json").read_text())["rows"]
@@ -67,7 +68,7 @@ def test_audit_measures_what_it_should(audit):
     assert strong0["bound_gdp"] == pytest.approx(norm.cdf(norm.ppf(strong0["p_prior"]) + mu))
     assert strong0["bound_gdp"] < strong0["bound"]
     for r in rows:
-        found = [r[a] for a in ("nn_recovery", "map_recovery", "head_recovery", "probe_recovery")
+        found = [r[a] for a in ("nn_recovery", "map_recovery", "head_recovery", "probe_recovery", "inverter_recovery")
                  if not math.isnan(r[a])]
         assert r["best_recovery"] == max(found)
     assert clean0["map_recovery"] == clean0["nn_recovery"] == 1.0 and weak0["map_recovery"] >= 0.9
@@ -77,6 +78,8 @@ def test_audit_measures_what_it_should(audit):
     assert clean2["unit"] == "sequence" and math.isnan(clean2["nn_recovery"])
     assert strong2["sigma"] > 0 and strong2["clip"] > 0
     assert strong2["probe_recovery"] <= clean2["probe_recovery"] + 1e-9
+    # the sequence inverter learns from public rows: without noise it recovers tokens well above the floor
+    assert clean0["inverter_recovery"] > 2 * clean0["floor"]
 
 
 def test_map_decoder_weighs_distance_against_the_prior():
