@@ -25,7 +25,7 @@ def audit(tiny_models, tmp_path_factory):
     rows.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     proc = run_mpi(2, [AUDIT, f"model.path={tiny_models['llama']}", "audit.ks=[0,2]", "audit.epsilons=[1000000,1]",
                        "audit.max_public_rows=80", f"audit.eval_path={rows}", "audit.probe_epochs=3",
-                       "audit.inverter_epochs=8", "audit.inverter_dim=64",
+                       "audit.inverter_epochs=8", "audit.inverter_dim=64", "audit.grad_epsilons=[1]",
                        f"audit.out_dir={out}", "runtime.threads=1"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads((out / "audit.json").read_text())["rows"]
@@ -97,3 +97,21 @@ def test_map_decoder_weighs_distance_against_the_prior():
     assert near.tolist() == [0, 1, 2]  # clipped to norm 1, the candidates sit where z does
     far = _Attacks.map_decode(attacks, z, pos, prior, sigma=100.0, clip=1.0)
     assert far.tolist() == [2, 2, 2]
+
+
+def test_gradient_message_audit_reads_labels_without_noise(audit):
+    """Training's gradient message: without noise the attackers read the next tokens from it (the logits'
+    gradient, head on the last worker, is softmax - one-hot: every label); with eps=1 the tight bound holds
+    them near the prior."""
+    out, _ = audit
+    grad = json.loads((out / "audit.json").read_text())["gradient"]
+    by = {(r["head"], r["epsilon"]): r for r in grad}
+    assert set(by) == {("owner", math.inf), ("owner", 1.0), ("last", math.inf), ("last", 1.0)}
+    assert by[("last", math.inf)]["best_recovery"] == 1.0
+    assert by[("owner", math.inf)]["best_recovery"] > 0.5
+    for head in ("owner", "last"):
+        strong = by[(head, 1.0)]
+        assert strong["sigma"] > 0 and strong["bound_gdp"] < strong["bound"] <= 1
+        assert strong["best_recovery"] == max(strong["transpose_recovery"], strong["bayes_recovery"])
+    with open(out / "audit_gradient.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 4
