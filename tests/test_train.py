@@ -133,10 +133,11 @@ def _noise_cases(models: dict, data: str) -> list[dict]:
     llama = str(models["llama"])
     noisy = {"privacy": "sigma", "privacy.sigma": 0.05, "privacy.clip": 2.0, "privacy.unit": "token",
              "privacy.seed": 3, "train.grad_privacy.mechanism": "gaussian", "train.grad_privacy.epsilon": 5.0,
-             "train.grad_privacy.clip": 0.5}
+             "train.grad_privacy.clip": 0.5, "train.owner_dir": "allow_shared"}
     gauss = {"privacy": "gaussian", "privacy.epsilon": 50.0, "privacy.clip": 3.0, "privacy.seed": 4,
              "train.grad_privacy.mechanism": "gaussian", "train.grad_privacy.epsilon": 8.0,
-             "train.grad_privacy.clip": 1.0, "train.epochs": 2, "train.max_steps": "null"}
+             "train.grad_privacy.clip": 1.0, "train.epochs": 2, "train.max_steps": "null",
+             "train.owner_dir": "allow_shared"}
     return [{"model": llama, "data": data, "k": 0, "head": "owner", "mode": "lora", "reference": False,
              "extra": noisy},
             {"model": llama, "data": data, "k": 1, "head": "last", "mode": "lora", "reference": False,
