@@ -3,6 +3,7 @@ resume key, the noise key, and the ledger's totals."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from pathlib import Path
@@ -72,12 +73,11 @@ def resume_key(settings: Settings, folder: str, data_path: str, privacy_attrs: d
 def row_attrs(settings: Settings) -> dict:
     """The row and per-token options that differ from their defaults (files of earlier versions, written
     before these options existed, keep resuming)."""
-    values = {"messages_field": settings.messages_field, "prompt_field": settings.prompt_field,
-              "completion_field": settings.completion_field, "token_logprobs": settings.token_logprobs,
-              "top_logprobs": settings.top_logprobs}
-    defaults = {"messages_field": "messages", "prompt_field": None, "completion_field": None,
-                "token_logprobs": False, "top_logprobs": 0}
-    return {k: v for k, v in values.items() if v != defaults[k]}
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings) if f.name in _ROW_OPTIONS}
+    return {k: getattr(settings, k) for k in _ROW_OPTIONS if getattr(settings, k) != defaults[k]}
+
+
+_ROW_OPTIONS = ("messages_field", "prompt_field", "completion_field", "token_logprobs", "top_logprobs")
 
 
 def decoding_attrs(settings: Settings) -> dict:
@@ -135,9 +135,14 @@ def load_tokenizer(folder: str):
         raise ConfigError(f"cannot load the tokenizer from {folder}: {exc}") from None
 
 
+def position_limit(config) -> int | None:
+    """The most positions the model takes (None when its config does not say)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def check_generate(settings: Settings, adapter, folder: str, tokenizer) -> None:
     """Options of task=generate that depend on the model: chat template, position limit."""
-    limit = getattr(adapter.config, "max_position_embeddings", None) or getattr(adapter.config, "n_positions", None)
+    limit = position_limit(adapter.config)
     if limit and settings.max_length + settings.max_new_tokens > limit:
         raise ConfigError(f"data.max_length={settings.max_length} + task.max_new_tokens={settings.max_new_tokens} "
                           f"exceeds the model's {limit} positions; lower one of them")
@@ -206,11 +211,8 @@ def chat(tokenizer, text):
 
 def row_fields(settings: Settings, adapter=None) -> RowFields:
     """What a row of ``data.path`` holds, from the ``data.*`` options."""
-    limit = None
-    if adapter is not None:
-        positions = getattr(adapter.config, "max_position_embeddings", None) or \
-            getattr(adapter.config, "n_positions", None)
-        limit = positions - settings.max_length if positions else None
+    positions = position_limit(adapter.config) if adapter is not None else None
+    limit = positions - settings.max_length if positions else None
     return RowFields(settings.text_field, settings.messages_field, settings.prompt_field, settings.completion_field,
                      openai=settings.data_format == "openai_batch", max_new_tokens=limit)
 

@@ -83,7 +83,8 @@ class Owner:
         # marked before the privacy transform, which sends a NaN/Inf as zero (it would slip past the clip)
         bad = mark_nonfinite(h, step_mask, clean, 0)
         z = self.privacy.apply(h, step_mask, rows, release=release, counted=counted)  # (B, T, H)
-        return z, mark_nonfinite(z, step_mask, bad, 0)
+        # a transform's final cast can still overflow (fp16 and a large sigma); without one, Z is h, checked above
+        return z, (bad if z is h else mark_nonfinite(z, step_mask, bad, 0))
 
     # -- the back: what rank 0 does with what comes back
     def back(self, h: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, bad: torch.Tensor, cache=None,
