@@ -124,7 +124,7 @@ def _layer_pos(adapter) -> int:
 def _all_layers(trainer: Trainer) -> list[int]:
     """Every layer any rank trains (gathered), for the adapter's ``layers_to_transform``."""
     pos = _layer_pos(trainer.adapter)
-    mine = sorted({int(n.split(".")[pos]) for n, _ in trainer.params})
+    mine = sorted({int(n.split(".")[pos]) for n, _ in trainer.params if not n.startswith("denoiser.")})
     gathered = trainer.comm.allgather(mine) if trainer.comm is not None else [mine]
     return sorted({i for part in gathered for i in part})
 
@@ -137,11 +137,14 @@ def export(trainer: Trainer, spec: TrainSpec, model_folder: str) -> str | None:
     if spec.export == "none":
         return None
     if spec.export == "adapter":
+        layers = _all_layers(trainer)
+        if not layers:  # train.layers=[]: only rank 0's denoiser was trained (written by the owner's loop)
+            return None
         # rank 0's trained layers saw the raw rows and are not covered by the privacy guarantee: with a
         # mechanism on, rank 0 writes the adapter (gathered, its layers included) to its own folder
         if trainer.private and spec.owner_trainable:
             out = Path(spec.owner_dir)
-        export_adapter(trainer, trainer.comm, out / "adapter", model_folder, _all_layers(trainer))
+        export_adapter(trainer, trainer.comm, out / "adapter", model_folder, layers)
         return str(out / "adapter")
     export_merged(trainer, trainer.comm, out / "model", model_folder,
                   rank_modules(trainer.rank, trainer.topo, trainer.adapter, "score"))

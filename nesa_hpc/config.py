@@ -61,6 +61,7 @@ class Settings:
     num_shards: int = 1
     shard: int = 0
     model_adapters: str | None = None
+    denoiser: str | None = None  # split.denoiser: folder of rank 0's denoiser (head on the owner)
     # task=generate
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()
@@ -142,6 +143,16 @@ def privacy_spec(p: dict, k: Any) -> PrivacySpec:
     return spec
 
 
+def _denoiser_option(split: dict) -> str | None:
+    path = split.get("denoiser")
+    if path in (None, ""):
+        return None
+    if split["head"] != "owner":
+        raise ConfigError(f"split.denoiser={path} needs split.head=owner: the denoiser runs on rank 0 on the final "
+                          "states the workers send back")
+    return str(path)
+
+
 def settings_from_cfg(cfg: DictConfig) -> Settings:
     """Check every option once and return typed settings; raise :class:`ConfigError` naming the key."""
     try:
@@ -170,6 +181,7 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
         partition=partition,
         owner_tail=integer("split.owner_tail", split.get("owner_tail"), 0, allow_none=True),
         head_cost=None if split.get("head_cost") is None else nonneg("split.head_cost", split["head_cost"]),
+        denoiser=_denoiser_option(split),
         privacy=privacy_spec(privacy, split["k"]),
         data_path=data.get("path"),
         data_format=choice("data.format", data.get("format", "auto"), ("auto", *FORMATS)),

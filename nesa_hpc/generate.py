@@ -204,7 +204,7 @@ def run_generate(owner: Owner, task, batches: Iterable[Batch],
             # mix the row's prompt into it, and it counts)
             z, bad = owner.front(ids.to(dev), g.mask, g.pos, g.batch.rows[g.alive],
                                  release=int(g.releases[g.alive[0]]), cache=g.cache, step_mask=g.mask[:, -T:],
-                                 counted=g.prefill or topo.k > 0)
+                                 counted=g.prefill or topo.k > 0, key=g.batch.index)
             g.releases[g.alive] += 1
             before = g.bad[g.alive].to(bad.device)  # a row keeps the stage where NaN/Inf first appeared
             bad = torch.where(before >= 0, before, bad)
@@ -237,7 +237,7 @@ def run_generate(owner: Owner, task, batches: Iterable[Batch],
         with memory_guard(0, "the head", tuple(g.mask.shape)):
             if owner.head_here:
                 ones = torch.ones(out[0].shape[:2], dtype=torch.long, device=dev)
-                h, bad = owner.back(out[0], g.mask, g.pos, bad, g.cache, mark_mask=ones)  # (B', T', H)
+                h, bad = owner.back(out[0], g.mask, g.pos, bad, g.cache, mark_mask=ones, key=gid)  # (B', T', H)
                 logits = task.head_stage(adapter, h, None)[0]  # (B', V)
             else:
                 logits = out[0]

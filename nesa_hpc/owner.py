@@ -64,6 +64,8 @@ class Owner:
         self.stats = StageStats()
         self.pending: deque = deque()
         self.mail: dict[int, deque[Message]] = {}
+        self.denoiser = None  # split.denoiser / train.denoiser: rank 0's network before the head
+        self.kept: dict[int, torch.Tensor] = {}  # micro-batch -> its clean layer-k states, for the denoiser
 
     @property
     def last(self) -> int:
@@ -71,13 +73,17 @@ class Owner:
 
     # -- the front: what leaves rank 0
     def front(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
-              release: int = 0, cache=None, step_mask: torch.Tensor | None = None, counted: bool = True):
+              release: int = 0, cache=None, step_mask: torch.Tensor | None = None, counted: bool = True,
+              key: int | None = None):
         """Embed ``ids`` (B, T), run layers [0, k) (with the owner's KV ``cache`` in generation), privatise
-        (``counted``: see :meth:`~nesa_hpc.privacy.Privacy.apply`).
+        (``counted``: see :meth:`~nesa_hpc.privacy.Privacy.apply`). With a denoiser, the clean states at
+        layer k are kept under ``key`` (the micro-batch) for :meth:`back`.
         Returns (Z (B, T, H), (B,) int32 marks): the only activations that leave rank 0."""
         a = self.adapter
         h = a.embed(ids, pos)  # (B, T, H)
         h = a.run_layers(range(0, self.topo.k), h, mask, pos, cache)
+        if self.denoiser is not None:
+            self.kept[key] = h.detach()
         step_mask = mask if step_mask is None else step_mask
         clean = torch.full((ids.shape[0],), -1, dtype=torch.int32, device=h.device)
         # marked before the privacy transform, which sends a NaN/Inf as zero (it would slip past the clip)
@@ -88,9 +94,14 @@ class Owner:
 
     # -- the back: what rank 0 does with what comes back
     def back(self, h: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, bad: torch.Tensor, cache=None,
-             mark_mask: torch.Tensor | None = None):
-        """The owner tail over the last worker's (B, T, H) states; returns (states, marks)."""
+             mark_mask: torch.Tensor | None = None, key: int | None = None):
+        """The owner tail over the last worker's (B, T, H) states, then the denoiser (with the clean states
+        :meth:`front` kept under ``key``; the last T of them when fewer positions come back); returns
+        (states, marks)."""
         h = self.adapter.run_layers(self.topo.tail, h.to(self.dtype), mask, pos, cache)
+        if self.denoiser is not None:
+            clean = self.kept.pop(key)
+            h = self.denoiser(h, clean[:, clean.shape[1] - h.shape[1]:])
         return h, mark_nonfinite(h, mask if mark_mask is None else mark_mask, bad, self.topo.world_size)
 
     # -- messages
@@ -159,7 +170,7 @@ def run_stream(owner: Owner, task, batches: Iterable[Batch],
         with torch.inference_mode(), memory_guard(0, "the head", tuple(batch.ids.shape)):
             if owner.head_here:
                 mask, pos = batch.mask.to(dev), batch.pos.to(dev)
-                h, bad = owner.back(tensors[0], mask, pos, bad)  # (B, T, H)
+                h, bad = owner.back(tensors[0], mask, pos, bad, key=batch.index)  # (B, T, H)
                 out = task.head_stage(adapter, h, mask)
             else:
                 out = tensors
@@ -173,7 +184,7 @@ def run_stream(owner: Owner, task, batches: Iterable[Batch],
         t0 = time.perf_counter()
         with torch.inference_mode(), memory_guard(0, "embedding and layers [0, k)", tuple(batch.ids.shape)):
             mask, pos = batch.mask.to(dev), batch.pos.to(dev)  # (B, T) each
-            z, bad = owner.front(batch.ids.to(dev), mask, pos, batch.rows)
+            z, bad = owner.front(batch.ids.to(dev), mask, pos, batch.rows, key=batch.index)
         stats.compute_s += time.perf_counter() - t0
         stats.batches += 1
         owner.send(Kind.DATA, batch.index, data_message(z, mask, pos, bad, owner.wire), limit=inflight)

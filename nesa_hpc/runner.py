@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from .control import Progress, SkipLog, StopFlag
 from .data import make_batches, prefetch, sample_path
+from .denoiser import owner_denoiser
 from .generate import Decoding, eos_token_ids, run_generate
 from .infer_io import (
     chat,
@@ -102,6 +103,7 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
             used, names = all_ok(comm, lambda: _load_adapters(settings, adapter, topo, rank))
             found = set().union(*comm.allgather(used))
             agree(comm, lambda: check_adapter_use(settings.model_adapters, found, names))
+        denoiser = agree(comm, lambda: owner_denoiser(settings, adapter, topo, job.device), share=False)
         transport = job.transport(on_recv)
     except JobError:
         if writer is not None:
@@ -124,6 +126,7 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
             raise JobError("reported by rank 0")
         return {"exit_code": code}
     owner = Owner(topo, adapter, None, transport, job.device, wire_dtype)
+    owner.denoiser = denoiser
     try:
         summary = _run_owner(comm, settings, owner, task, folder, data_path, start, writer, stop, rows, tokenizer,
                              eos)
@@ -143,6 +146,9 @@ def _run_owner(comm, settings, owner: Owner, task, folder: str, data_path: str, 
     topo, adapter = owner.topo, owner.adapter
     try:
         privacy = owner.privacy = owner_privacy(settings, topo, adapter, tokenizer, writer, owner.device)
+        if owner.denoiser is not None:
+            owner.denoiser.check_noise(privacy.sigma)
+            writer.set_attrs({"denoiser": settings.denoiser})
     except BaseException:
         writer.abort()
         raise

@@ -27,11 +27,13 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import checkpoint_root, export, latest_checkpoint, load_rank, save_rank
 from .config import ConfigError, Settings
 from .control import StopFlag
+from .denoiser import Denoiser, save_denoiser
 from .jobsetup import (
     EXIT_STOPPED,
     JobError,
@@ -53,6 +55,7 @@ from .stage import NonFiniteError, Stage, serve
 from .tasks import make_task
 from .train_options import TrainBatch, TrainSpec, epoch_batches, load_examples, lr_factor, train_spec
 from .trainstep import (
+    DENOISER,
     Roles,
     Trainer,
     TrainLedger,
@@ -102,6 +105,9 @@ def run_train(cfg: DictConfig, comm=None, on_step=None, on_recv=None) -> dict:
                                       settings.model_dtype, job.device))
     layers = trainable_layers(rank, topo, spec)
     params = all_ok(comm, lambda: make_trainable(adapter, layers, spec))
+    denoiser = all_ok(comm, lambda: _new_denoiser(adapter, topo, spec, job.device) if rank == 0 else None)
+    if denoiser is not None:
+        params = params + [(f"{DENOISER}{n}", p) for n, p in denoiser.named_parameters()]
     # front = parameters before the head: the owner's tail and head come after the workers
     front = bool(params) if rank != 0 else any(p.requires_grad for i in range(topo.k)
                                                for p in adapter.layers[i].parameters())
@@ -124,8 +130,12 @@ def run_train(cfg: DictConfig, comm=None, on_step=None, on_recv=None) -> dict:
         start_step = comm.bcast(start_step, root=0)
     if rank == 0:
         job.log_layout("training")
-        log.info("%s on layers %s, train.pipeline=%s; trainable parameters per rank %s", spec.mode,
-                 f"[{spec.layers[0]}, {spec.layers[1]})" if spec.layers else "all", spec.pipeline, counts)
+        which = "all" if spec.layers is None else "none" if spec.layers == (0, 0) else \
+            f"[{spec.layers[0]}, {spec.layers[1]})"
+        log.info("%s on layers %s, train.pipeline=%s; trainable parameters per rank %s%s", spec.mode, which,
+                 spec.pipeline, counts, "" if denoiser is None else
+                 f" (rank 0: a denoiser of {denoiser.blocks} blocks, width {denoiser.width}"
+                 f"{', owner alone: the workers are not used' if denoiser.alone else ''})")
         if len(topo.tail) and not spec.owner_trainable and size > 1:
             log.warning("layers [%d, %d) run on rank 0 (owner tail) and stay frozen (train.owner_trainable=false); "
                         "set split.owner_tail=0 to give them to the workers", topo.tail.start, topo.tail.stop)
@@ -135,6 +145,9 @@ def run_train(cfg: DictConfig, comm=None, on_step=None, on_recv=None) -> dict:
     try:
         if rank == 0:
             owner = Owner(topo, adapter, None, transport, job.device, wire_dtype)
+            owner.denoiser = denoiser
+            if spec.denoiser_alone:  # the owner alone computes nothing of layers [k, L)
+                owner.local.layers = range(topo.num_layers, topo.num_layers)
             sends_grad = roles.needs[topo.last]
             if owner.local is not None:  # world size 1: the local stage trains layers [k, L) with rank 0
                 sends_grad = roles.needs[0] or any(p.requires_grad for i in owner.local.layers
@@ -162,6 +175,20 @@ def run_train(cfg: DictConfig, comm=None, on_step=None, on_recv=None) -> dict:
         stop.restore()
         if transport is not None:
             transport.close()
+
+
+def _new_denoiser(adapter, topo, spec: TrainSpec, device) -> Denoiser | None:
+    """Rank 0's new denoiser (``train.denoiser.blocks`` > 0), initialised from ``train.seed``."""
+    if not spec.denoiser_blocks:
+        return None
+    if spec.denoiser_alone and topo.world_size > 1:
+        raise ConfigError("train.denoiser.alone=true trains the owner-alone model, which sends nothing: run it with "
+                          "one process (mpiexec -n 1)")
+    hidden = adapter.config.hidden_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        d = Denoiser(hidden, spec.denoiser_blocks, spec.denoiser_width or 4 * hidden, topo.k, spec.denoiser_alone)
+    return d.to(device)
 
 
 def training_costs(head_cost: float, spec: TrainSpec, k: int) -> tuple[float, tuple[float, float, float]]:
@@ -224,7 +251,7 @@ def _prepare_out_dir(spec: TrainSpec, cfg: DictConfig) -> None:
                               "or replace it with train.overwrite=true")
     if spec.overwrite:
         for folder in {out, Path(spec.owner_dir)}:
-            for name in ("checkpoints", "adapter", "model"):
+            for name in ("checkpoints", "adapter", "model", "denoiser"):
                 shutil.rmtree(folder / name, ignore_errors=True)
             for name in ("train.json", "metrics.jsonl", "summary.json", "noise-key"):
                 (folder / name).unlink(missing_ok=True)
@@ -312,6 +339,10 @@ def _owner_loop(stage: Trainer, owner: Owner, settings: Settings, spec: TrainSpe
     elif metrics_path.exists():
         metrics_path.unlink()
     per_epoch, total = plan["steps_per_epoch"], plan["total_steps"]
+    # rank 0's weights trained on the raw rows (its layers, or a denoiser the gradient message passes through)
+    # make every release depend on every row seen before
+    mixes = spec.owner_trainable or (owner.denoiser is not None and stage.roles.needs[topo.last]
+                                     and topo.world_size > 1)
     t_start = time.perf_counter()
     tokens_run, last_log, last_saved = 0, t_start, start_step
     losses = []
@@ -343,7 +374,7 @@ def _owner_loop(stage: Trainer, owner: Owner, settings: Settings, spec: TrainSpe
                        topo.world_size > 1, stage.roles.needs[topo.last] and topo.world_size > 1)
         tokens = int(sum(int(b.mask.sum()) for b in batches))
         tokens_run += tokens
-        eps = ledger.epsilon(fwd, bwd, spec.owner_trainable)
+        eps = ledger.epsilon(fwd, bwd, mixes)
         step += 1
         losses.append(loss)
         now = time.perf_counter()
@@ -364,8 +395,7 @@ def _owner_loop(stage: Trainer, owner: Owner, settings: Settings, spec: TrainSpe
     elapsed = time.perf_counter() - t_start
     summary = {"steps": step, "total_steps": total, "rows": plan["rows"], "seconds": round(elapsed, 3),
                "tokens_per_s": round(tokens_run / elapsed, 1) if elapsed > 0 else 0.0,
-               "final_loss": losses[-1] if losses else None, "epsilon_spent": ledger.epsilon(fwd, bwd,
-                                                                                             spec.owner_trainable),
+               "final_loss": losses[-1] if losses else None, "epsilon_spent": ledger.epsilon(fwd, bwd, mixes),
                "forward_releases_per_row": ledger.forward_max, "backward_releases_per_row": ledger.backward_max,
                "privacy_mechanism": fwd.mechanism, "privacy_sigma": fwd.sigma, "privacy_clip": fwd.clip,
                "grad_privacy_mechanism": bwd.mechanism if bwd else "none", "grad_privacy_sigma": bwd.sigma if bwd
@@ -380,6 +410,14 @@ def _owner_loop(stage: Trainer, owner: Owner, settings: Settings, spec: TrainSpe
     exported = export(stage, spec, folder)
     owner.stop()
     summary["exported"] = exported
+    if owner.denoiser is not None:
+        trained = {"steps": step, "alone": spec.denoiser_alone, "privacy_mechanism": fwd.mechanism,
+                   "privacy_sigma": fwd.sigma, "privacy_clip": fwd.clip, "privacy_unit": settings.privacy.unit,
+                   "epsilon_spent": summary["epsilon_spent"], "data": settings.data_path or "built-in public text",
+                   "final_loss": summary["final_loss"]}
+        summary["denoiser"] = str(save_denoiser(owner.denoiser, own / "denoiser", stage.adapter.config, trained))
+        log.info("denoiser (%d blocks, width %d) -> %s: use it with split.denoiser=%s", owner.denoiser.blocks,
+                 owner.denoiser.width, summary["denoiser"], summary["denoiser"])
     if exported and stage.private and spec.owner_trainable:
         summary["export_covered"] = False
         log.warning("the export %s holds rank 0's layers, trained on the raw rows: it is not covered by the privacy "
@@ -403,6 +441,7 @@ def _save(stage: Trainer, owner: Owner, spec: TrainSpec, step: int, ledger: Trai
     owner.send(Kind.SAVE, step)
     _save_part(stage, spec, step)
     folder = checkpoint_root(spec) / f"step-{step:08d}"
+    folder.mkdir(parents=True, exist_ok=True)  # rank 0's own part may have gone to train.owner_dir
     state = {"step": step, "ledger": ledger.__dict__}
     tmp = folder / "state.json.tmp"
     tmp.write_text(json.dumps(state, indent=2))

@@ -68,18 +68,31 @@ class TrainSpec:
     log_every: int = 10
     pipeline: str = "1f1b"
     grad_privacy: PrivacySpec = field(default_factory=PrivacySpec)
+    denoiser_blocks: int = 0            # train.denoiser.blocks: > 0 trains rank 0's denoiser
+    denoiser_width: int | None = None   # null = 4 x the model's hidden size
+    denoiser_alone: bool = False        # the owner-alone model: the workers' answer is not used
+    denoiser_lr: float | None = None    # null = train.lr
+
+
+def _layers_option(layers) -> tuple[int, int] | None:
+    """``train.layers``: null (every layer a rank may train), [] (none: only the denoiser) or [start, stop)."""
+    if layers is None:
+        return None
+    if isinstance(layers, (list, tuple)) and len(layers) == 0:
+        return (0, 0)
+    if not isinstance(layers, (list, tuple)) or len(layers) != 2:
+        raise ConfigError(f"train.layers={layers!r} must be null, [] (no layer) or [start, stop) layer indices")
+    layers = (integer("train.layers[0]", layers[0], 0), integer("train.layers[1]", layers[1], 1))
+    if layers[1] <= layers[0]:
+        raise ConfigError(f"train.layers={list(layers)} is empty: stop must be > start (or [] for no layer)")
+    return layers
 
 
 def train_spec(cfg: DictConfig) -> TrainSpec:
     t = OmegaConf.to_container(cfg.train, resolve=True)
     lora = t.get("lora") or {}
-    layers = t.get("layers")
-    if layers is not None:
-        if not isinstance(layers, (list, tuple)) or len(layers) != 2:
-            raise ConfigError(f"train.layers={layers!r} must be null or [start, stop) layer indices")
-        layers = (integer("train.layers[0]", layers[0], 0), integer("train.layers[1]", layers[1], 1))
-        if layers[1] <= layers[0]:
-            raise ConfigError(f"train.layers={list(layers)} is empty: stop must be > start")
+    layers = _layers_option(t.get("layers"))
+    den = t.get("denoiser") or {}
     targets = lora.get("target_modules")
     if targets is not None and (not isinstance(targets, (list, tuple)) or not targets
                                 or not all(isinstance(x, str) and x for x in targets)):
@@ -131,6 +144,10 @@ def train_spec(cfg: DictConfig) -> TrainSpec:
         log_every=integer("train.log_every", t.get("log_every", 10), 1),
         pipeline=choice("train.pipeline", t.get("pipeline", "1f1b"), PIPELINES),
         grad_privacy=grad_privacy,
+        denoiser_blocks=integer("train.denoiser.blocks", den.get("blocks", 0), 0),
+        denoiser_width=integer("train.denoiser.width", den.get("width"), 1, allow_none=True),
+        denoiser_alone=as_bool("train.denoiser.alone", den.get("alone", False)),
+        denoiser_lr=None if den.get("lr") is None else positive("train.denoiser.lr", den["lr"]),
     )
     if spec.export == "auto":
         spec = replace(spec, export="adapter" if spec.mode == "lora" else "merged")
@@ -153,9 +170,31 @@ def train_spec(cfg: DictConfig) -> TrainSpec:
                           "an unseeded random state: split and unsplit training, and a resumed run, would differ)")
     if spec.export == "adapter" and spec.mode == "full":
         raise ConfigError("train.export=adapter needs train.mode=lora (full fine-tuning exports train.export=merged)")
+    _check_denoiser(cfg, spec, noisy)
     if spec.resume and spec.overwrite:
         raise ConfigError("train.resume=true and train.overwrite=true contradict each other")
     return spec
+
+
+def _check_denoiser(cfg: DictConfig, spec: TrainSpec, noisy: bool) -> None:
+    if not spec.denoiser_blocks:
+        if spec.denoiser_alone:
+            raise ConfigError("train.denoiser.alone=true needs train.denoiser.blocks > 0")
+        return
+    if OmegaConf.select(cfg, "split.head", default="owner") != "owner":
+        raise ConfigError("train.denoiser.blocks > 0 needs split.head=owner: the denoiser runs on rank 0 on the "
+                          "final states the workers send back")
+    if OmegaConf.select(cfg, "split.denoiser", default=None):
+        raise ConfigError("split.denoiser applies to jobs/infer.py; training starts a new denoiser "
+                          "(train.denoiser.blocks)")
+    if spec.denoiser_alone:
+        k = OmegaConf.select(cfg, "split.k", default=0)
+        if noisy:
+            raise ConfigError("train.denoiser.alone=true trains the owner-alone model, which sends nothing: set "
+                              "privacy=none and train.grad_privacy.mechanism=none")
+        if spec.layers != (0, 0):
+            raise ConfigError(f"train.denoiser.alone=true trains the denoiser alone over rank 0's frozen layers "
+                              f"[0, split.k={k}): set train.layers=[]")
 
 
 # ------------------------------------------------------------------------------------------------ data

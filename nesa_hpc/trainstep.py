@@ -27,8 +27,11 @@ from .topology import Topology
 from .train_options import TrainBatch, TrainSpec, lr_factor
 from .transport import Kind
 
-__all__ = ["trainable_layers", "make_trainable", "training_epsilon", "TrainLedger", "grad_message", "Roles",
+__all__ = ["DENOISER", "trainable_layers", "make_trainable", "training_epsilon", "TrainLedger", "grad_message", "Roles",
            "Trainer", "owner_step", "ledger_counts", "loss_sum"]
+
+
+DENOISER = "denoiser."  # the names of rank 0's denoiser parameters among a trainer's parameters
 
 
 def trainable_layers(rank: int, topo: Topology, spec: TrainSpec) -> list[int]:
@@ -144,8 +147,10 @@ class Trainer:
         self.rank, self.topo, self.adapter, self.spec = rank, topo, adapter, spec
         self.params = params
         self.comm, self.roles, self.device = comm, roles, device
-        self.opt = torch.optim.AdamW([p for _, p in params], lr=spec.lr, weight_decay=spec.weight_decay) \
-            if params else None
+        groups = [{"params": [p for n, p in params if not n.startswith(DENOISER)]},
+                  {"params": [p for n, p in params if n.startswith(DENOISER)], "lr": spec.denoiser_lr or spec.lr}]
+        self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr,
+                                     weight_decay=spec.weight_decay) if params else None
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, total_steps, spec.warmup_steps, spec.schedule)) if params else None
         # with a privacy mechanism, rank 0's gradients (of its own layers, trained on the raw rows) are clipped
@@ -219,7 +224,7 @@ def owner_step(trainer: Trainer, owner: Owner, batches: list[TrainBatch], grad_p
         t0 = time.perf_counter()
         with torch.set_grad_enabled(front_trains), memory_guard(0, "embedding and layers [0, k)", b.ids.shape), \
                 trainer.saved_bytes.counting() as counted:
-            z, bad = owner.front(b.ids.to(dev), mask, pos, b.rows, release=release)  # (B, T, H)
+            z, bad = owner.front(b.ids.to(dev), mask, pos, b.rows, release=release, key=m)  # (B, T, H)
         stats.compute_s += time.perf_counter() - t0
         stats.batches += 1
         if front_trains:
@@ -244,7 +249,7 @@ def owner_step(trainer: Trainer, owner: Owner, batches: list[TrainBatch], grad_p
         if sends_grad:
             x.requires_grad_(True)
         with torch.enable_grad(), memory_guard(0, "the head", tuple(b.ids.shape)):
-            logits = head_logits(a, owner.back(x, mask, pos, bad)[0], mask) if owner.head_here else x
+            logits = head_logits(a, owner.back(x, mask, pos, bad, key=m)[0], mask) if owner.head_here else x
             part = loss_sum(logits, b)
             if part.requires_grad:
                 (part / n_target).backward()
