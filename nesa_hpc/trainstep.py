@@ -153,28 +153,36 @@ class Trainer:
                                      weight_decay=spec.weight_decay) if params else None
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, total_steps, spec.warmup_steps, spec.schedule)) if params else None
-        # with a privacy mechanism, rank 0's gradients (of its own layers, trained on the raw rows) are clipped
-        # by their own norm and kept out of the shared one: nothing computed from them leaves rank 0
+        # with a privacy mechanism, the gradients of rank 0's own weights (its layers [0, k) and tail, its
+        # denoiser: trained on the raw rows) are clipped by their own norm and kept out of the shared one, which
+        # the workers learn: nothing computed from them leaves rank 0. At world size 1 the same split is made
+        # inside the one process, so it trains as a split job does.
         self.private = False
+        own = [adapter.layer_module(i) + "." for i in [*range(topo.k), *topo.tail]] if rank == 0 else []
+        self.own = {n for n, _ in params if rank == 0 and (topo.world_size > 1 or n.startswith(DENOISER)
+                                                            or n.startswith(tuple(own)))}
         self.saved_bytes = SavedBytes(adapter.model)  # the trainable parameters exist by now
 
     # -- shared end of a step: global gradient norm, clipping, optimizer
     def finish_step(self) -> float:
-        local = sum(float(p.grad.double().pow(2).sum()) for _, p in self.params if p.grad is not None)
-        apart = self.private and self.rank == 0 and self.topo.world_size > 1
-        shared = self.comm.allreduce(0.0 if apart else local) if self.comm is not None else local
-        total = math.sqrt(local if apart else shared)
+        """Clip and step; returns the norm that was clipped (rank 0 under privacy: of everything it trains)."""
+        apart = self.own if self.private else set()
+        sq = {True: 0.0, False: 0.0}
+        for n, p in self.params:
+            if p.grad is not None:
+                sq[n in apart] += float(p.grad.double().pow(2).sum())
+        shared = self.comm.allreduce(sq[False]) if self.comm is not None else sq[False]
+        norms = {True: math.sqrt(sq[True]), False: math.sqrt(shared)}
         if self.params:
             if self.spec.max_grad_norm is not None:
-                coef = min(1.0, self.spec.max_grad_norm / (total + 1e-6))
-                if coef < 1.0:
-                    for _, p in self.params:
-                        if p.grad is not None:
-                            p.grad.mul_(coef)
+                for n, p in self.params:
+                    coef = min(1.0, self.spec.max_grad_norm / (norms[n in apart] + 1e-6))
+                    if coef < 1.0 and p.grad is not None:
+                        p.grad.mul_(coef)
             self.opt.step()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
-        return total
+        return math.sqrt(sq[True] + shared) if apart else norms[False]
 
 
 def loss_sum(logits: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
