@@ -52,7 +52,7 @@ log = logging.getLogger("nesa_hpc")
 COLUMNS = ("k", "mechanism", "unit", "epsilon", "delta", "sigma", "clip", "noise_to_signal", "perplexity",
            "perplexity_ratio", "cosine", "nn_recovery", "map_recovery", "head_recovery", "probe_recovery",
            "inverter_recovery", "best_recovery", "floor", "p_prior", "bound", "bound_gdp", "eval_tokens",
-           "public_tokens")
+           "public_tokens", "unigram_perplexity", "owner_alone_perplexity")
 ATTACKERS = ("nn_recovery", "map_recovery", "head_recovery", "probe_recovery", "inverter_recovery")
 
 
@@ -77,6 +77,7 @@ class AuditSettings:
     inverter_layers: int = 2
     inverter_epochs: int = 30
     grad_levels: tuple[float, ...] = ()  # epsilons of train.grad_privacy to audit the gradient message at
+    owner_alone: tuple[str, ...] = ()  # owner-alone denoiser folders: the baseline a private split has to beat
 
 
 def audit_settings(cfg: DictConfig) -> AuditSettings:
@@ -106,7 +107,8 @@ def audit_settings(cfg: DictConfig) -> AuditSettings:
                          out_dir=str(a.get("out_dir", "audit_results")),
                          inverter_dim=int(a.get("inverter_dim", 256)), inverter_layers=int(a.get("inverter_layers", 2)),
                          inverter_epochs=int(a.get("inverter_epochs", 30)),
-                         grad_levels=tuple(sorted((float(e) for e in a.get("grad_epsilons") or ()), reverse=True)))
+                         grad_levels=tuple(sorted((float(e) for e in a.get("grad_epsilons") or ()), reverse=True)),
+                         owner_alone=tuple(str(p) for p in a.get("owner_alone") or ()))
 
 
 class _Corpus:
@@ -127,12 +129,15 @@ class _Corpus:
         return self.states[k]
 
 
-def _finish(adapter, corpus: _Corpus, zs: list[torch.Tensor], k: int):
-    """Run layers [k, L) + norm (+ head): total NLL, predicted-token count and pooled final states."""
+def _finish(adapter, corpus: _Corpus, zs: list[torch.Tensor], k: int, denoiser=None):
+    """Run layers [k, L) (none for an owner-alone ``denoiser``) + the denoiser over them and the clean states at
+    layer k + norm (+ head): total NLL, predicted-token count and pooled final states."""
     nll, count, pooled = 0.0, 0, []
     with torch.inference_mode():
-        for b, z in zip(corpus.batches, zs, strict=True):
-            h = adapter.norm(adapter.run_layers(range(k, adapter.num_layers), z, b.mask, b.pos)).float()
+        for b, z, c in zip(corpus.batches, zs, corpus.at(adapter, k) if denoiser is not None else zs, strict=True):
+            h = z if denoiser is not None and denoiser.alone else \
+                adapter.run_layers(range(k, adapter.num_layers), z, b.mask, b.pos)
+            h = adapter.norm(h if denoiser is None else denoiser(h, c)).float()
             m = b.mask.unsqueeze(-1).float()
             pooled.append((h * m).sum(1) / m.sum(1).clamp(min=1))
             if adapter.has_head:
@@ -141,6 +146,27 @@ def _finish(adapter, corpus: _Corpus, zs: list[torch.Tensor], k: int):
                 nll += float(F.cross_entropy(logits, b.ids[:, 1:][sel], reduction="sum"))
                 count += int(sel.sum())
     return nll, count, torch.cat(pooled)
+
+
+def owner_alone(adapter, corpus: _Corpus, counts: torch.Tensor, paths: tuple[str, ...]) -> dict:
+    """What rank 0 predicts without sending anything, on ``corpus``: the perplexity of the public-text unigram
+    (``counts``, add-one smoothed) and of each owner-alone denoiser in ``paths`` (``audit.owner_alone``:
+    trained by ``jobs/train.py train.denoiser.alone=true``), by its split point."""
+    from .denoiser import META, load_denoiser
+
+    logp = torch.log((counts.double() + 1) / (counts.sum() + len(counts)))
+    labels = torch.cat([b.ids[:, 1:][score_positions(b.mask)] for b in corpus.batches])
+    out = {"unigram_perplexity": math.exp(-float(logp[labels].mean())), "owner_alone_perplexity": {}}
+    for path in paths:
+        meta = json.loads((Path(path).expanduser() / META).read_text()) if (Path(path).expanduser() / META).is_file() \
+            else {}
+        d = load_denoiser(path, adapter.config, int(meta.get("k", -1)))
+        if not d.alone:
+            raise ConfigError(f"audit.owner_alone: {path} uses the workers' answer (train.denoiser.alone=false); the "
+                              "baseline is a denoiser trained with train.denoiser.alone=true")
+        nll, count, _ = _finish(adapter, corpus, corpus.at(adapter, d.k), d.k, d)
+        out["owner_alone_perplexity"][d.k] = math.exp(nll / count)
+    return out
 
 
 def _real(zs: list[torch.Tensor], corpus: _Corpus) -> torch.Tensor:
@@ -479,6 +505,7 @@ def run_audit(cfg: DictConfig, comm=None) -> list[dict] | None:
     base = {"floor": float((held.ids == top).float().mean()), "p_prior": float(held_counts.max() / len(held.ids)),
             # the MAP decoder's prior: the public text's unigram distribution (add-one smoothed)
             "log_prior": torch.log((counts.double() + 1) / (counts.sum() + len(counts))).float()}
+    alone = owner_alone(adapter, held, counts, s.owner_alone)  # every rank: a bad folder ends them all alike
     grid = [(k, level) for k in s.ks for level in s.levels]
     mine = grid[rank::size]
     clean_by_k: dict[int, dict] = {}
@@ -494,6 +521,8 @@ def run_audit(cfg: DictConfig, comm=None) -> list[dict] | None:
             clean_by_k[k] = {"perplexity": math.exp(nll / count) if count else math.nan, "pooled": pooled,
                              "clip": clip, **base}
         rows.append(_point(adapter, attacks, public, held, k, level, s, clean_by_k[k]))
+        rows[-1].update(unigram_perplexity=alone["unigram_perplexity"],
+                        owner_alone_perplexity=alone["owner_alone_perplexity"].get(k, math.nan))
         r = rows[-1]
         log.info("audit k=%d %s=%s: perplexity x%.3g, cosine %.3f, recovery at least %.3f (nn %.3f map %.3f head "
                  "%.3f probe %.3f inverter %.3f), bounds %.3f (GDP) %.3f (e^eps)", k,
@@ -516,6 +545,7 @@ def run_audit(cfg: DictConfig, comm=None) -> list[dict] | None:
             "eval_text": s.eval_path or str(sample_path()), "probe": f"MLP H-{s.probe_hidden}-|V_public|, "
             f"{s.probe_epochs} epochs", "inverter": f"transformer encoder d={s.inverter_dim}, "
             f"{s.inverter_layers} layers, {s.inverter_epochs} epochs",
+            "owner_alone": " ".join(s.owner_alone) or "none", "unigram_perplexity": alone["unigram_perplexity"],
             "seconds": round(time.perf_counter() - start, 1), "world_size": size}
     _write(out, table, meta, grad_rows)
     _plot(out, table, meta)
@@ -568,9 +598,13 @@ def _plot(out: Path, table: list[dict], meta: dict) -> None:
         return [p[0] for p in pts], [p[1] for p in pts]
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
-    for k in ks:
+    clean = {r["k"]: r["perplexity"] for r in table if r["mechanism"] == "none"}
+    for i, k in enumerate(ks):
         x, y = series(k, "perplexity_ratio")
-        ax[0].plot(x, y, marker="o", label=f"k={k}")
+        ax[0].plot(x, y, marker="o", color=f"C{i}", label=f"k={k}")
+        alone = next((r["owner_alone_perplexity"] for r in table if r["k"] == k), math.nan)
+        if not math.isnan(alone) and k in clean:
+            ax[0].axhline(alone / clean[k], color=f"C{i}", ls="--", lw=1, label=f"owner alone, k={k}")
         x, y = series(k, "cosine")
         ax[1].plot(x, y, marker="o", label=f"k={k}")
     for a, title in zip(ax, ("perplexity / perplexity without noise", "cosine to noise-free embedding"),
@@ -579,6 +613,10 @@ def _plot(out: Path, table: list[dict], meta: dict) -> None:
         a.set_xlabel(xkey)
         a.set_title(title)
         a.legend()
+    if table and clean:
+        ax[0].axhline(table[0]["unigram_perplexity"] / next(iter(clean.values())), color="grey", ls=":", lw=1,
+                      label="public unigram (owner alone)")
+        ax[0].legend(fontsize=7)
     ax[0].set_yscale("log")
     fig.text(0.01, 0.01, caption, fontsize=7)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
@@ -613,13 +651,19 @@ def _plot(out: Path, table: list[dict], meta: dict) -> None:
     plt.close(fig)
 
     fig, a = plt.subplots(figsize=(6.5, 4.8))
-    for k in ks:
+    for i, k in enumerate(ks):
         pts = sorted((r for r in noisy if r["k"] == k), key=lambda r: r[xkey])
         best = [r["best_recovery"] for r in pts]
-        a.plot([r["perplexity_ratio"] for r in pts], best, marker="o", label=f"k={k}")
+        a.plot([r["perplexity_ratio"] for r in pts], best, marker="o", color=f"C{i}", label=f"k={k}")
+        alone = next((r["owner_alone_perplexity"] for r in table if r["k"] == k), math.nan)
+        if not math.isnan(alone) and k in clean:  # to the right of it, the owner does better alone
+            a.axvline(alone / clean[k], color=f"C{i}", ls="--", lw=1, label=f"owner alone, k={k}")
         for r, b in zip(pts, best, strict=True):
             a.annotate(f"{r[xkey]:g}", (r["perplexity_ratio"], b), fontsize=6, xytext=(3, 3),
                        textcoords="offset points")
+    if table and clean:
+        a.axvline(table[0]["unigram_perplexity"] / next(iter(clean.values())), color="grey", ls=":", lw=1,
+                  label="public unigram (owner alone)")
     a.set_xscale("log")
     a.set_xlabel("perplexity ratio (utility lost)")
     a.set_ylabel("token recovery (best attacker: at least this)")

@@ -16,6 +16,21 @@ from nesa_hpc.audit import COLUMNS
 AUDIT = str(ROOT / "jobs" / "audit.py")
 
 
+def _alone_denoiser(model_path, folder):
+    """An owner-alone denoiser at k=2 with random weights."""
+    from transformers import AutoConfig
+
+    from nesa_hpc.denoiser import Denoiser, save_denoiser
+
+    config = AutoConfig.from_pretrained(model_path)
+    torch.manual_seed(5)
+    d = Denoiser(config.hidden_size, 1, 32, 2, alone=True)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    return save_denoiser(d, folder, config, {"steps": 0})
+
+
 @pytest.fixture(scope="module")
 def audit(tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("audit")
@@ -23,7 +38,9 @@ def audit(tiny_models, tmp_path_factory):
     texts = ["the quick brown fox jumps over the lazy dog", "a somewhat longer row of plain words to tokenize",
              "hello world", "numbers one two three four five six seven", "padding matters when rows differ"]
     rows.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    alone = _alone_denoiser(tiny_models["llama"], out / "alone")
     proc = run_mpi(2, [AUDIT, f"model.path={tiny_models['llama']}", "audit.ks=[0,2]", "audit.epsilons=[1000000,1]",
+                       f"audit.owner_alone=[{alone}]",
                        "audit.max_public_rows=80", f"audit.eval_path={rows}", "audit.probe_epochs=3",
                        "audit.inverter_epochs=8", "audit.inverter_dim=64", "audit.grad_epsilons=[1]",
                        f"audit.out_dir={out}", "runtime.threads=1"], timeout=600)
@@ -115,3 +132,33 @@ def test_gradient_message_audit_reads_labels_without_noise(audit):
         assert strong["best_recovery"] == max(strong["transpose_recovery"], strong["bayes_recovery"])
     with open(out / "audit_gradient.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 4
+
+
+def test_audit_reports_the_owner_alone_baseline(audit, tiny_models):
+    """The owner-alone denoiser's perplexity at its k (the unsplit model's layers [0, 2), the denoiser without
+    the workers, norm and head), none at the other k, and the public unigram on every row."""
+    from transformers import AutoModelForCausalLM
+
+    from nesa_hpc.denoiser import load_denoiser
+
+    out, rows = audit
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+    d = load_denoiser(str(out / "alone"), model.config, 2)
+    texts = [json.loads(line)["text"] for line in (out / "held.jsonl").read_text().splitlines()]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([tok(t, truncation=True, max_length=64)["input_ids"]])
+            c = model.model(ids, output_hidden_states=True).hidden_states[2]  # input of layer 2
+            logits = model.lm_head(model.model.norm(d(c, c)))[0, :-1]
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    for r in rows:
+        if r["k"] == 2:
+            assert r["owner_alone_perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+        else:
+            assert math.isnan(r["owner_alone_perplexity"])
+        assert r["unigram_perplexity"] == rows[0]["unigram_perplexity"] > 1
