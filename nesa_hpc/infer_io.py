@@ -67,6 +67,7 @@ def resume_key(settings: Settings, folder: str, data_path: str, privacy_attrs: d
             "on_error": settings.on_error, "on_long": settings.on_long,
             "bucket_window": settings.bucket_window, "padding_side": settings.padding_side,
             "wire_dtype": settings.wire_dtype or settings.model_dtype, **privacy_attrs, **shard,
+            **({"denoiser": settings.denoiser} if settings.denoiser else {}),
             **(decoding_attrs(settings) if settings.task == "generate" else {}), **row_attrs(settings)}
 
 
