@@ -21,15 +21,19 @@ __all__ = ["lora_targets", "lora_config", "add_lora", "peft_name", "base_name", 
 def _linear_leaves(adapter: Adapter) -> dict[str, bool]:
     """Names of the linear modules of a layer (-> whether they are GPT-2 style ``Conv1D``), routers of a
     mixture of experts left out."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
     layer = adapter.layers[0]
     found: dict[str, bool] = {}
     for name, module in layer.named_modules():
+        if any(part == "base_layer" or part.startswith("lora_") for part in name.split(".")):
+            continue  # inside a LoRA wrapper this rank has already injected: the wrapper stands for the module
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
         parent = layer.get_submodule(name.rpartition(".")[0])
-        if isinstance(module, (nn.Linear, Conv1D)) and not hasattr(parent, "experts"):
-            found[name.rpartition(".")[2]] = isinstance(module, Conv1D)
+        if isinstance(base, (nn.Linear, Conv1D)) and not hasattr(parent, "experts"):
+            found[name.rpartition(".")[2]] = isinstance(base, Conv1D)
     return found
 
 

@@ -15,7 +15,9 @@
 # Training: STEPS steps on the built-in public text (noise seeded with privacy.seed=0). Evaluation: perplexity of
 # jobs/infer.py task=score on the sample rows (text the training never saw), noise seeded with privacy.seed=1.
 # Token recovery and the tight bound come from the audit's CSV (AUDIT_CSV, default docs/audit/audit.csv: the
-# attackers see Z, which none of these variants changes).
+# attackers see Z, which none of these variants changes). TRAIN_DATA and EVAL_DATA (JSONL with a "text" field)
+# replace the built-in public text and the sample rows; the audit of AUDIT_CSV must then have used the same
+# rows (audit.public_path=$TRAIN_DATA audit.eval_path=$EVAL_DATA).
 # Writes OUT_DIR/payoff.csv, OUT_DIR/payoff.json and OUT_DIR/payoff.png, and prints the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,13 +32,18 @@ export NESA_HPC_KEYS="${NESA_HPC_KEYS:-$OUT/keys}"
 mkdir -p "$OUT"
 IFS=';' read -r -a POINTS <<<"${PAYOFF_POINTS:-0 10 token 3.099794387817383;2 1000 sequence 588.7997863769531}"
 COMMON=(data.max_length=64 data.batch_size=8 runtime.threads=2)
+TRAIN_ON=()
+EVAL_ON=()
+[[ -n ${TRAIN_DATA:-} ]] && TRAIN_ON=(data.path="$TRAIN_DATA")
+[[ -n ${EVAL_DATA:-} ]] && EVAL_ON=(data.path="$EVAL_DATA")
 TRAIN=(train.grad_accum=2 train.max_steps="$STEPS" train.lr=1e-3 train.warmup_steps=10 train.lora.r=16
        train.lora.alpha=32 train.save_every=1000000 train.overwrite=true train.denoiser.lr="$DLR")
 
 score() {  # score NAME K EXTRA...: perplexity of the sample rows -> $OUT/.../NAME.h5
   local name=$1 k=$2
   shift 2
-  $PY jobs/infer.py task=score split.k="$k" output.path="$name.h5" output.overwrite=true "${COMMON[@]}" "$@"
+  $PY jobs/infer.py task=score split.k="$k" output.path="$name.h5" output.overwrite=true "${COMMON[@]}" \
+    "${EVAL_ON[@]}" "$@"
 }
 
 for point in "${POINTS[@]}"; do
@@ -57,7 +64,8 @@ for point in "${POINTS[@]}"; do
     noise=("${NOISE[@]}" privacy.seed=0)
     [[ $v == owner-alone ]] && noise=(privacy=none)
     dir="$RUN/${v/+/_}"
-    $PY jobs/train.py split.k="$K" "train.layers=$layers" "${noise[@]}" "${COMMON[@]}" "${TRAIN[@]}" "${den[@]}" \
+    $PY jobs/train.py split.k="$K" "train.layers=$layers" "${noise[@]}" "${COMMON[@]}" "${TRAIN_ON[@]}" "${TRAIN[@]}" \
+      "${den[@]}" \
       train.out_dir="$dir/train" train.owner_dir="$dir/owner"
     extra=()
     [[ $v == lora* ]] && extra+=(model.adapters="$dir/train/adapter")
@@ -69,7 +77,7 @@ for point in "${POINTS[@]}"; do
     fi
   done
 done
-$PY - "$OUT" "$AUDIT_CSV" <<'PYEOF'
+$PY - "$OUT" "$AUDIT_CSV" "${TRAIN_DATA:-}" "${EVAL_DATA:-}" <<'PYEOF'
 import csv, json, math, sys
 from pathlib import Path
 
@@ -82,6 +90,7 @@ from nesa_hpc.weights import packaged_model_path
 from transformers import AutoTokenizer
 
 out, audit_csv = Path(sys.argv[1]), sys.argv[2]
+train_data, eval_data = sys.argv[3] or None, sys.argv[4] or str(sample_path())
 
 
 def perplexity(path):
@@ -92,12 +101,12 @@ def perplexity(path):
 # the public-text unigram (add-one smoothed) over the same predicted tokens (max_length 64)
 tok = AutoTokenizer.from_pretrained(packaged_model_path("smollm2-135m-instruct"))
 counts = np.ones(len(tok), dtype=np.float64)
-for text in public_texts():
+for text in (public_texts() if train_data is None else [t for _, t in read_rows(train_data, "auto", "text", "fail")]):
     for t in tok(text)["input_ids"]:
         counts[t] += 1
 logp = np.log(counts / counts.sum())
 held = [ids[1:] for ids in (tok(t, truncation=True, max_length=64)["input_ids"]
-                            for _, t in read_rows(str(sample_path()), "auto", "text", "fail"))]
+                            for _, t in read_rows(eval_data, "auto", "text", "fail"))]
 unigram = math.exp(-float(np.mean(np.concatenate([logp[h] for h in held]))))
 audit = list(csv.DictReader(open(audit_csv)))
 rows = []

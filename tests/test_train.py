@@ -394,3 +394,22 @@ def test_missing_or_foreign_adapter_folder_is_named(tiny_models, texts_file, tmp
     proc = run_mpi(2, [*base, f"model.adapters={tmp_path / 'empty'}"], timeout=120)
     assert proc.returncode != 0 and "adapter_config.json" in proc.stderr
     assert not (tmp_path / "o.h5").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_lora_targets_are_the_same_after_injection(family, tiny_models):
+    """The exported adapter's target modules are the layer's own linear modules even when the exporting rank
+    holds LoRA in the layer they are read from (world size 1, or layer 0 on rank 0)."""
+    from nesa_hpc.lora import add_lora, lora_config
+    from nesa_hpc.train_options import TrainSpec
+    from nesa_hpc.weights import build_adapter, load_modules
+
+    folder = str(tiny_models[family])
+    adapter = build_adapter(folder)
+    load_modules(adapter, folder, [adapter.layer_module(i) for i in range(adapter.num_layers)], "float32")
+    spec = TrainSpec(out_dir="x")
+    before = lora_config(adapter, spec).target_modules
+    add_lora(adapter, [0, 1], spec)
+    after = lora_config(adapter, spec, [0, 1])
+    assert after.target_modules == before and "base_layer" not in after.target_modules
+    assert after.fan_in_fan_out == (family == "gpt2")
