@@ -18,6 +18,10 @@
 # attackers see Z, which none of these variants changes). TRAIN_DATA and EVAL_DATA (JSONL with a "text" field)
 # replace the built-in public text and the sample rows; the audit of AUDIT_CSV must then have used the same
 # rows (audit.public_path=$TRAIN_DATA audit.eval_path=$EVAL_DATA).
+# The owner-alone baseline of a k is the better of the unigram and the owner-alone denoiser; vs_owner_alone is
+# that perplexity over each model's (> 1: the split beats the owner alone). Every k*_eps* folder of OUT_DIR is
+# tabulated, so runs with other PAYOFF_POINTS or PAYOFF_VARIANTS add to one table; PAYOFF_POINTS= (empty)
+# only tabulates.
 # Writes OUT_DIR/payoff.csv, OUT_DIR/payoff.json and OUT_DIR/payoff.png, and prints the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +34,8 @@ DLR=${DENOISER_LR:-2e-3}
 VARIANTS=${PAYOFF_VARIANTS:-"frozen lora denoiser lora+denoiser owner-alone"}
 export NESA_HPC_KEYS="${NESA_HPC_KEYS:-$OUT/keys}"
 mkdir -p "$OUT"
-IFS=';' read -r -a POINTS <<<"${PAYOFF_POINTS:-0 10 token 3.099794387817383;2 1000 sequence 588.7997863769531}"
+POINTS=()
+IFS=';' read -r -a POINTS <<<"${PAYOFF_POINTS-0 10 token 3.099794387817383;2 1000 sequence 588.7997863769531}"
 COMMON=(data.max_length=64 data.batch_size=8 runtime.threads=2)
 TRAIN_ON=()
 EVAL_ON=()
@@ -46,7 +51,7 @@ score() {  # score NAME K EXTRA...: perplexity of the sample rows -> $OUT/.../NA
     "${EVAL_ON[@]}" "$@"
 }
 
-for point in "${POINTS[@]}"; do
+for point in ${POINTS[@]+"${POINTS[@]}"}; do
   read -r K EPS UNIT CLIP <<<"$point"
   RUN="$OUT/k${K}_eps${EPS}"
   mkdir -p "$RUN"
@@ -129,9 +134,11 @@ for run in sorted(out.glob("k*_eps*")):
                      "train_seconds": summary.get("seconds")})
     for r in rows:
         if r["k"] == k:
-            base = next((x["perplexity"] for x in rows if x["k"] == k and x["model"] == "owner-alone"), math.nan)
-            r["owner_alone_perplexity"] = base
-            r["vs_owner_alone"] = base / r["perplexity"]  # > 1: better than the owner alone
+            # the owner-alone baseline: the better of the public unigram and the owner-alone denoiser
+            alone = next((x["perplexity"] for x in rows if x["k"] == k and x["model"] == "owner-alone"), math.inf)
+            r["owner_alone_denoiser_perplexity"] = alone if math.isfinite(alone) else None
+            r["owner_alone_perplexity"] = min(alone, unigram)
+            r["vs_owner_alone"] = r["owner_alone_perplexity"] / r["perplexity"]  # > 1: better than the owner alone
 if not rows:
     sys.exit("no results")
 with open(out / "payoff.csv", "w", newline="") as fh:
@@ -140,7 +147,7 @@ with open(out / "payoff.csv", "w", newline="") as fh:
     w.writerows(rows)
 (out / "payoff.json").write_text(json.dumps(rows, indent=1))
 print(f"unigram (public text) perplexity {unigram:.1f}")
-print(f"{'k':>2} {'unit':8} {'eps':>6} {'model':14} {'ppl':>10} {'x clean':>8} {'alone/ppl':>9} {'best rec':>8} "
+print(f"{'k':>2} {'unit':8} {'eps':>6} {'model':14} {'ppl':>10} {'x clean':>8} {'vs alone':>9} {'best rec':>8} "
       f"{'bound':>6}")
 for r in rows:
     print(f"{r['k']:>2} {r['unit']:8} {r['epsilon']:>6g} {r['model']:14} {r['perplexity']:>10.1f} "
@@ -160,10 +167,12 @@ for a, k in zip(axes[0], ks):
         a.annotate(r["model"], (r["best_recovery"], r["perplexity_vs_clean"]), fontsize=7, xytext=(4, 3),
                    textcoords="offset points")
     base = next(r for r in rows if r["k"] == k)
-    if not math.isnan(base["owner_alone_perplexity"]):
-        a.axhline(base["owner_alone_perplexity"] / base["clean_perplexity"], color="k", ls="--",
-                  label="owner alone (denoiser, no workers)")
+    if base["owner_alone_denoiser_perplexity"] is not None:
+        a.axhline(base["owner_alone_denoiser_perplexity"] / base["clean_perplexity"], color="k", ls="--",
+                  label="owner-alone denoiser (no workers)")
     a.axhline(unigram / base["clean_perplexity"], color="grey", ls=":", label="public unigram")
+    a.axhline(base["owner_alone_perplexity"] / 2 / base["clean_perplexity"], color="red", ls="-.", lw=0.8,
+              label="2x better than the owner alone")
     a.axhline(1.0, color="green", ls="-", lw=0.8, label="clean model")
     a.set_yscale("log")
     a.set_xlabel("token recovery, at least (best attacker)")
