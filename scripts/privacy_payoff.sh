@@ -132,13 +132,12 @@ for run in sorted(out.glob("k*_eps*")):
                      "bound_gdp": 0.0 if alone else float(point["bound_gdp"]), "floor": float(point["floor"]),
                      "train_steps": summary.get("steps", 0), "train_final_loss": summary.get("final_loss"),
                      "train_seconds": summary.get("seconds")})
-    for r in rows:
-        if r["k"] == k:
-            # the owner-alone baseline: the better of the public unigram and the owner-alone denoiser
-            alone = next((x["perplexity"] for x in rows if x["k"] == k and x["model"] == "owner-alone"), math.inf)
-            r["owner_alone_denoiser_perplexity"] = alone if math.isfinite(alone) else None
-            r["owner_alone_perplexity"] = min(alone, unigram)
-            r["vs_owner_alone"] = r["owner_alone_perplexity"] / r["perplexity"]  # > 1: better than the owner alone
+# the owner-alone baseline of each k: the better of the public unigram and the owner-alone denoiser
+alone = {r["k"]: r["perplexity"] for r in rows if r["model"] == "owner-alone"}
+for r in rows:
+    r["owner_alone_denoiser_perplexity"] = alone.get(r["k"])
+    r["owner_alone_perplexity"] = min(alone.get(r["k"], math.inf), unigram)
+    r["vs_owner_alone"] = r["owner_alone_perplexity"] / r["perplexity"]  # > 1: better than the owner alone
 if not rows:
     sys.exit("no results")
 with open(out / "payoff.csv", "w", newline="") as fh:

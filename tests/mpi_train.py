@@ -127,9 +127,9 @@ def main() -> None:
                     # largest entry of any tensor. After an AdamW step LoRA's A matrices get gradients scaled by
                     # the small new B, and those of q/k projections over rows of one or two tokens (a softmax over
                     # one position has no gradient) are rounding alone, which no fp32 order of sums reproduces.
-                    scale = max((float(v.abs().max()) for _, v in pairs), default=0.0) if when == "last" else None
-                    diffs = [float((s - v).abs().max()) / max(scale if scale is not None else float(v.abs().max()),
-                                                              1e-12) for s, v in pairs]
+                    largest = max((float(v.abs().max()) for _, v in pairs), default=0.0)
+                    diffs = [float((s - v).abs().max())
+                             / max(largest if when == "last" else float(v.abs().max()), 1e-12) for s, v in pairs]
                     entry[f"max_grad_rel_diff_{when}"] = max(diffs) if diffs else math.inf
                 entry["nonzero_grads"] = sum(bool(v.abs().max() > 0) for v in ref_grads.values())
             # what workers received: kinds and dtypes only (never token ids: no int64 tensors)
