@@ -198,13 +198,10 @@ def run_generate(owner: Owner, task, batches: Iterable[Batch],
         T = ids.shape[1]
         with memory_guard(0, "embedding and layers [0, k)", tuple(ids.shape)):
             # every row still running in a group has made the same number of releases so far (0 before the
-            # prefill), which keys this step's noise
-            # a decode step at k=0 sends only the embedding of a token picked from the workers' outputs:
-            # post-processing of what was released, so it costs the row nothing (at k>0 the owner's layers
-            # mix the row's prompt into it, and it counts)
+            # prefill), which keys this step's noise; the owner decides whether a decode step costs the row
             z, bad = owner.front(ids.to(dev), g.mask, g.pos, g.batch.rows[g.alive],
                                  release=int(g.releases[g.alive[0]]), cache=g.cache, step_mask=g.mask[:, -T:],
-                                 counted=g.prefill or topo.k > 0, key=g.batch.index)
+                                 picked=not g.prefill, key=g.batch.index)
             g.releases[g.alive] += 1
             before = g.bad[g.alive].to(bad.device)  # a row keeps the stage where NaN/Inf first appeared
             bad = torch.where(before >= 0, before, bad)

@@ -71,12 +71,22 @@ class Owner:
     def last(self) -> int:
         return self.topo.last
 
+    @property
+    def picks_from_releases_only(self) -> bool:
+        """Whether a token rank 0 picks is a function of released activations alone. Only then is a decode
+        step's Z (the picked token's embedding, re-noised) post-processing that costs the row nothing. At
+        k > 0 rank 0's layers mix the row's clean prompt (their KV cache) into it; a denoiser feeds the
+        clean layer-k states into what picks the token. The owner tail and a head on the last worker read
+        only what the workers returned."""
+        return self.topo.k == 0 and self.denoiser is None
+
     # -- the front: what leaves rank 0
     def front(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
-              release: int = 0, cache=None, step_mask: torch.Tensor | None = None, counted: bool = True,
+              release: int = 0, cache=None, step_mask: torch.Tensor | None = None, picked: bool = False,
               key: int | None = None):
-        """Embed ``ids`` (B, T), run layers [0, k) (with the owner's KV ``cache`` in generation), privatise
-        (``counted``: see :meth:`~nesa_hpc.privacy.Privacy.apply`). With a denoiser, the clean states at
+        """Embed ``ids`` (B, T), run layers [0, k) (with the owner's KV ``cache`` in generation), privatise.
+        ``picked``: the ids are tokens rank 0 picked from what came back (a decode step); such a Z is a new
+        release of the row unless :attr:`picks_from_releases_only`. With a denoiser, the clean states at
         layer k are kept under ``key`` (the micro-batch) for :meth:`back`.
         Returns (Z (B, T, H), (B,) int32 marks): the only activations that leave rank 0."""
         a = self.adapter
@@ -88,6 +98,7 @@ class Owner:
         clean = torch.full((ids.shape[0],), -1, dtype=torch.int32, device=h.device)
         # marked before the privacy transform, which sends a NaN/Inf as zero (it would slip past the clip)
         bad = mark_nonfinite(h, step_mask, clean, 0)
+        counted = not (picked and self.picks_from_releases_only)
         z = self.privacy.apply(h, step_mask, rows, release=release, counted=counted)  # (B, T, H)
         # a transform's final cast can still overflow (fp16 and a large sigma); without one, Z is h, checked above
         return z, (bad if z is h else mark_nonfinite(z, step_mask, bad, 0))

@@ -258,9 +258,9 @@ class Privacy:
         """Transform Z (B, T, H) before it is sent; ``mask`` (B, T) marks real tokens and ``rows`` (B,)
         the input rows. ``release`` numbers the releases of the same rows (generation: decode steps).
         ``counted=False``: Z is a function of what the workers already returned, not of the row (a decode
-        step at k=0 embeds a token picked from their outputs), so the ledger does not count it; it still
-        gets fresh noise. Padded positions are sent as zeros, since at k>0 they depend on the row's real
-        tokens."""
+        step at k=0 without a denoiser embeds a token picked from their outputs alone), so the ledger does
+        not count it; it still gets fresh noise. Padded positions are sent as zeros, since at k>0 they
+        depend on the row's real tokens."""
         if rows is not None and counted:
             for r in rows.tolist():
                 self.releases[r] = self.releases.get(r, 0) + 1

@@ -82,6 +82,12 @@ def inference_run(tiny_models, tmp_path_factory):
         "score_k0_tail": ["task=score", "split.k=0", "split.owner_tail=1", f"split.denoiser={d0}"],
         "embed_k2": ["task=embed", "split.k=2", f"split.denoiser={d2}"],
         "generate_k2": ["task=generate", "split.k=2", f"split.denoiser={d2}", "task.max_new_tokens=5"],
+        "generate_k0_noisy": ["task=generate", "split.k=0", f"split.denoiser={d0}", "task.max_new_tokens=5",
+                              "privacy=gaussian", "privacy.unit=token", "privacy.epsilon=2000", "privacy.clip=20.0",
+                              "privacy.seed=4"],
+        "generate_k0_plain_noisy": ["task=generate", "split.k=0", "task.max_new_tokens=5", "privacy=gaussian",
+                                    "privacy.unit=token", "privacy.epsilon=2000", "privacy.clip=20.0",
+                                    "privacy.seed=4"],
         "plain_k2": ["task=score", "split.k=2"],
         "alone_noisy": ["task=score", "split.k=2", f"split.denoiser={alone}", "privacy=sigma", "privacy.sigma=3",
                         "privacy.seed=1", "privacy.unit=sequence"],
@@ -145,6 +151,31 @@ def test_split_greedy_generation_equals_the_unsplit_model_with_the_denoiser(infe
                 if nxt == eos:
                     break
         assert tokens == want
+
+
+def test_generation_at_k0_with_a_denoiser_counts_every_decode_step(inference_run):
+    """The denoiser feeds rank 0's clean states into what picks each token, so at k=0 every decode step is
+    a further release of the row: epsilon_spent is the composition of all n_releases. Without a denoiser a
+    decode step at k=0 is post-processing and only the prompt counts."""
+    from nesa_hpc.privacy import Ledger
+
+    r = inference_run
+    spent = {}
+    for name in ("generate_k0_noisy", "generate_k0_plain_noisy"):
+        assert r["report"][name] is None, r["report"][name]
+        with h5py.File(r["tmp"] / f"{name}.h5") as f:
+            rel, eps, gen, attrs = f["n_releases"][:], f["epsilon_spent"][:], f["n_generated"][:], dict(f.attrs)
+        assert np.array_equal(rel, gen), (name, rel, gen)
+        ledger = Ledger("gaussian", 1e-5, attrs["privacy_sigma"] / (2 * attrs["privacy_clip"]), None)
+        spent[name] = (rel, eps, ledger, attrs)
+    rel, eps, ledger, attrs = spent["generate_k0_noisy"]
+    assert rel.max() > 1
+    np.testing.assert_allclose(eps, [ledger.epsilon(int(n)) for n in rel], rtol=1e-9)
+    assert attrs["privacy_releases"] == int(rel.max())
+    assert attrs["privacy_epsilon_spent"] == pytest.approx(float(eps.max()))
+    rel, eps, ledger, attrs = spent["generate_k0_plain_noisy"]
+    np.testing.assert_allclose(eps, ledger.epsilon(1), rtol=1e-9)
+    assert attrs["privacy_releases"] == 1
 
 
 def test_owner_alone_denoiser_ignores_the_workers(inference_run):
