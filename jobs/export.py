@@ -11,7 +11,7 @@ with status 2 and a message naming the file or option when it cannot export.
 import argparse
 import sys
 
-from nesa_hpc.export import EXPORT_FORMATS, ExportError, export
+from nesa_hpc.io.export import EXPORT_FORMATS, ExportError, export
 
 
 def main(argv: list[str] | None = None) -> int:

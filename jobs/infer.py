@@ -8,14 +8,14 @@ Every rank composes the same config (conf/infer.yaml); rank 0 is the data owner.
 """
 
 # Catch SIGTERM/SIGUSR1 before anything slow is imported: a stop during start-up ends the job cleanly (exit 75).
-from nesa_hpc import stopsignal
+from nesa_hpc.engine import stopsignal
 
 stopsignal.install()
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from nesa_hpc.runner import main  # noqa: E402
+from nesa_hpc.infer.job import main  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="infer")

@@ -11,8 +11,8 @@ import argparse
 import glob
 import sys
 
-from nesa_hpc.merge import MergeError, merge_shards
-from nesa_hpc.results import OutputExistsError
+from nesa_hpc.io.merge import MergeError, merge_shards
+from nesa_hpc.io.results import OutputExistsError
 
 
 def main(argv: list[str] | None = None) -> int:

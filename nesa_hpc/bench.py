@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from .config import settings_from_cfg
-from .data import make_batches, read_rows, sample_path
-from .jobsetup import model_folder
-from .tasks import score_positions
+from .engine.job import model_folder
+from .infer.tasks import score_positions
+from .io.data import make_batches, read_rows, sample_path
 
 __all__ = ["run_bench", "make_dataset", "baseline_score", "baseline_generate", "run_bench_generate", "baseline_train",
            "run_bench_train", "run_bench_train_memory"]
@@ -250,7 +250,7 @@ def baseline_generate(folder: str, data: Path, cfg: DictConfig, threads: int) ->
     left-padded batches; counts each row's tokens up to and including its first EOS."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .generate import eos_token_ids
+    from .infer.generate import eos_token_ids
 
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -329,7 +329,7 @@ def run_bench_generate(cfg: DictConfig) -> dict:
 
 
 def _train_spec(cfg: DictConfig, num_layers: int):
-    from .train import TrainSpec
+    from .train.job import TrainSpec
 
     return TrainSpec(layers=(cfg.split.k, num_layers), grad_accum=cfg.bench.train_grad_accum,
                      max_steps=cfg.bench.train_steps, out_dir="unused")
@@ -340,8 +340,8 @@ def baseline_train(folder: str, data: Path, cfg: DictConfig, threads: int) -> di
     rows, micro-batches, trainable layers, optimizer and schedule as ``jobs/train.py``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .models import make_adapter
-    from .train import epoch_batches, load_examples, lr_factor, make_trainable
+    from .models.adapter import make_adapter
+    from .train.job import epoch_batches, load_examples, lr_factor, make_trainable
 
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(folder)

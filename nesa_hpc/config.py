@@ -8,12 +8,12 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .data import FORMATS, ON_ERROR, ON_LONG
+from .engine.topology import HEAD_PLACEMENTS, PARTITIONS
 from .errors import ConfigError
-from .privacy import MECHANISMS, UNITS, PrivacyConfigError, PrivacySpec
-from .tasks import TASKS
-from .topology import HEAD_PLACEMENTS, PARTITIONS
-from .weights import DTYPES, PACKAGED_MODELS
+from .infer.tasks import TASKS
+from .io.data import FORMATS, ON_ERROR, ON_LONG
+from .models.weights import DTYPES, PACKAGED_MODELS
+from .privacy.mechanism import MECHANISMS, UNITS, PrivacyConfigError, PrivacySpec
 
 __all__ = ["ConfigError", "Settings", "settings_from_cfg", "DEVICES", "TRANSPORTS", "as_bool", "choice", "integer",
            "nonneg", "positive", "privacy_spec"]

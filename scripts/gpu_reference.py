@@ -95,7 +95,7 @@ def _resolve_model(choice: str, work: Path, texts: list[str], profile: str) -> t
     if choice in ("auto", "smollm2"):
         try:
             sys.path.insert(0, str(ROOT))
-            from nesa_hpc.weights import cache_dir, packaged_model_path
+            from nesa_hpc.models.weights import cache_dir, packaged_model_path
 
             converted = cache_dir() / "smollm2-135m-instruct"
             path = converted if (converted / "config.json").exists() else packaged_model_path("smollm2-135m-instruct")
@@ -136,7 +136,7 @@ def transport(args) -> None:
     from mpi4py import MPI
 
     sys.path.insert(0, str(ROOT))
-    from nesa_hpc.transport import MpiTransport, mpi_cuda_aware
+    from nesa_hpc.engine.transport import MpiTransport, mpi_cuda_aware
 
     comm = MPI.COMM_WORLD
     me = comm.Get_rank()
@@ -206,7 +206,7 @@ def _sync(dev) -> None:
 
 
 def _eos(tok, folder: str, config) -> list[int]:
-    """The ids that end a row, as nesa_hpc.generate.eos_token_ids picks them."""
+    """The ids that end a row, as nesa_hpc.infer.generate.eos_token_ids picks them."""
     from transformers import GenerationConfig
 
     ids = set()

@@ -89,9 +89,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from nesa_hpc.data import read_rows, sample_path
-from nesa_hpc.public_text import public_texts
-from nesa_hpc.weights import packaged_model_path
+from nesa_hpc.io.data import read_rows, sample_path
+from nesa_hpc.io.public_text import public_texts
+from nesa_hpc.models.weights import packaged_model_path
 from transformers import AutoTokenizer
 
 out, audit_csv = Path(sys.argv[1]), sys.argv[2]

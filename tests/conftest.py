@@ -98,7 +98,7 @@ def minilm_path() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    from nesa_hpc.weights import packaged_model_path
+    from nesa_hpc.models.weights import packaged_model_path
 
     return packaged_model_path("smollm2-135m-instruct")
 
@@ -127,6 +127,6 @@ def family_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def gemma3_path() -> Path:
     """Gemma 3 270M (packaged; converted once into the cache on first use)."""
-    from nesa_hpc.weights import packaged_model_path
+    from nesa_hpc.models.weights import packaged_model_path
 
     return packaged_model_path("gemma3-270m")

@@ -3,7 +3,7 @@
     mpiexec -n N python tests/mpi_check.py spec.json report.json
 
 ``spec.json`` is a list of cases (model folder, task, k, head, padding, ...). Every rank runs every
-case through ``nesa_hpc.runner.run``; rank 0 then computes the single-process transformers reference
+case through ``nesa_hpc.infer.job.run``; rank 0 then computes the single-process transformers reference
 and writes one report entry per case. Workers record every message they receive, so the report also
 says whether a worker ever saw anything but hidden states, the mask and the positions.
 """
@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from mpi4py import MPI
 
-from nesa_hpc.data import make_batches, read_rows
-from nesa_hpc.results import read_results
-from nesa_hpc.runner import run
-from nesa_hpc.tasks import score_positions
+from nesa_hpc.infer.job import run
+from nesa_hpc.infer.tasks import score_positions
+from nesa_hpc.io.data import make_batches, read_rows
+from nesa_hpc.io.results import read_results
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -109,8 +109,8 @@ def privacy_report(case: dict, cfg, out: str, traffic: list) -> dict:
     from transformers import AutoTokenizer
 
     from nesa_hpc.config import settings_from_cfg
-    from nesa_hpc.privacy import make_privacy
-    from nesa_hpc.weights import build_adapter, load_modules
+    from nesa_hpc.models.weights import build_adapter, load_modules
+    from nesa_hpc.privacy.mechanism import make_privacy
 
     res, attrs = read_results(out)
     report = {"rows": res["row"].tolist(), "complete": bool(attrs["complete"]), "values": res["nll_mean"].tolist(),

@@ -3,7 +3,7 @@
     mpiexec -n N python tests/mpi_generate.py spec.json report.json
 
 ``spec.json`` is a list of cases (model folder, k, head, decoding options, ...). Every rank runs every
-case through ``nesa_hpc.runner.run``. Rank 0 then computes the reference and writes one report entry per
+case through ``nesa_hpc.infer.job.run``. Rank 0 then computes the reference and writes one report entry per
 case: for greedy cases, ``model.generate(do_sample=False)`` on each prompt alone (no padding); for
 sampling cases, the same job run again on rank 0 alone (world size 1), which the pipeline must equal.
 Workers record every message they receive, so the report also says whether any integer that crossed
@@ -21,9 +21,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from mpi4py import MPI
 
-from nesa_hpc.data import read_rows
-from nesa_hpc.results import read_results
-from nesa_hpc.runner import run
+from nesa_hpc.infer.job import run
+from nesa_hpc.io.data import read_rows
+from nesa_hpc.io.results import read_results
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 

@@ -2,7 +2,7 @@
 
     mpiexec -n N python tests/mpi_train.py spec.json report.json
 
-Every rank runs every case through ``nesa_hpc.train.run_train`` and records the gradients of its trainable
+Every rank runs every case through ``nesa_hpc.train.job.run_train`` and records the gradients of its trainable
 parameters after the first backward pass. Rank 0 then trains the unsplit transformers model in this one
 process (its own forward, loss, ``clip_grad_norm_`` and one AdamW over every trainable parameter) on the
 same micro-batches, and reports the largest gradient and loss differences, plus what the workers received.
@@ -21,9 +21,9 @@ from hydra import compose, initialize_config_dir
 from mpi4py import MPI
 
 from nesa_hpc.config import settings_from_cfg
-from nesa_hpc.models import make_adapter
-from nesa_hpc.topology import make_topology
-from nesa_hpc.train import epoch_batches, load_examples, lr_factor, make_trainable, run_train, train_spec
+from nesa_hpc.engine.topology import make_topology
+from nesa_hpc.models.adapter import make_adapter
+from nesa_hpc.train.job import epoch_batches, load_examples, lr_factor, make_trainable, run_train, train_spec
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from mpi4py import MPI
 
-from nesa_hpc.runner import JobError, run
+from nesa_hpc.infer.job import JobError, run
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, run_mpi
 
-from nesa_hpc.audit import COLUMNS
+from nesa_hpc.privacy.audit import COLUMNS
 
 AUDIT = str(ROOT / "jobs" / "audit.py")
 
@@ -20,7 +20,7 @@ def _alone_denoiser(model_path, folder):
     """An owner-alone denoiser at k=2 with random weights."""
     from transformers import AutoConfig
 
-    from nesa_hpc.denoiser import Denoiser, save_denoiser
+    from nesa_hpc.privacy.denoiser import Denoiser, save_denoiser
 
     config = AutoConfig.from_pretrained(model_path)
     torch.manual_seed(5)
@@ -103,7 +103,7 @@ def test_map_decoder_weighs_distance_against_the_prior():
     """With little noise the MAP decoder is the nearest clipped candidate; with a lot, the prior's favourite."""
     from types import SimpleNamespace
 
-    from nesa_hpc.audit import _Attacks
+    from nesa_hpc.privacy.audit import _Attacks
 
     table = torch.tensor([[3.0, 0.0], [0.0, 3.0], [-3.0, 0.0]])
     attacks = SimpleNamespace(table=table, shift=torch.zeros(4, 2))
@@ -139,7 +139,7 @@ def test_audit_reports_the_owner_alone_baseline(audit, tiny_models):
     the workers, norm and head), none at the other k, and the public unigram on every row."""
     from transformers import AutoModelForCausalLM
 
-    from nesa_hpc.denoiser import load_denoiser
+    from nesa_hpc.privacy.denoiser import load_denoiser
 
     out, rows = audit
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()

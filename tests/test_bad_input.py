@@ -10,8 +10,8 @@ import pytest
 from conftest import ROOT, run_mpi
 from transformers import AutoTokenizer
 
-from nesa_hpc.data import DataError, RowError, make_batches, read_rows
-from nesa_hpc.results import ResultWriter, ResumeMismatch
+from nesa_hpc.io.data import DataError, RowError, make_batches, read_rows
+from nesa_hpc.io.results import ResultWriter, ResumeMismatch
 
 INFER = str(ROOT / "jobs" / "infer.py")
 

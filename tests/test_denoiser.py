@@ -17,8 +17,8 @@ from conftest import ROOT, run_mpi
 from hydra import compose, initialize_config_dir
 
 from nesa_hpc.config import ConfigError
-from nesa_hpc.denoiser import Denoiser, load_denoiser, save_denoiser
-from nesa_hpc.train_options import train_spec
+from nesa_hpc.privacy.denoiser import Denoiser, load_denoiser, save_denoiser
+from nesa_hpc.train.options import train_spec
 
 TRAIN = str(ROOT / "jobs" / "train.py")
 RUN_JOBS = str(ROOT / "tests" / "run_jobs.py")
@@ -157,7 +157,7 @@ def test_generation_at_k0_with_a_denoiser_counts_every_decode_step(inference_run
     """The denoiser feeds rank 0's clean states into what picks each token, so at k=0 every decode step is
     a further release of the row: epsilon_spent is the composition of all n_releases. Without a denoiser a
     decode step at k=0 is post-processing and only the prompt counts."""
-    from nesa_hpc.privacy import Ledger
+    from nesa_hpc.privacy.mechanism import Ledger
 
     r = inference_run
     spent = {}

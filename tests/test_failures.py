@@ -137,7 +137,7 @@ def test_output_folder_read_only(read_only_dir, tiny_models, texts_file):
 def test_disk_full_keeps_committed_rows_and_resumes(small_disk, tiny_models, tmp_path):
     import numpy as np
 
-    from nesa_hpc.results import read_results
+    from nesa_hpc.io.results import read_results
 
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"text": "word " * (1 + i % 50)}) + "\n" for i in range(3000)))

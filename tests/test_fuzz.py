@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from nesa_hpc.data import DataError, RowError, make_batches, read_rows
+from nesa_hpc.io.data import DataError, RowError, make_batches, read_rows
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -83,7 +83,7 @@ def tokenizer(minilm_path):
 @pytest.fixture(scope="module")
 def tokenizers(tokenizer):
     """MiniLM (BERT WordPiece, [CLS] ... [SEP]) and, when converted in the cache, SmolLM2 (byte-level BPE)."""
-    from nesa_hpc.weights import packaged_model_path
+    from nesa_hpc.models.weights import packaged_model_path
 
     found = [tokenizer]
     folder = packaged_model_path("smollm2-135m-instruct", convert=False)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import ROOT, run_mpi
 
-from nesa_hpc.generate import Decoding, pick_tokens, row_generator
+from nesa_hpc.infer.generate import Decoding, pick_tokens, row_generator
 
 SCRIPT = ROOT / "tests" / "mpi_generate.py"
 NUM_LAYERS = 6  # the tiny models in conftest
@@ -202,7 +202,7 @@ def test_stop_then_resume_equals_uninterrupted(tiny_models, tmp_path):
 
     from test_resume import _committed, _finish, _start, _wait_for_progress
 
-    from nesa_hpc.results import read_results
+    from nesa_hpc.io.results import read_results
 
     rng = random.Random(3)
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
@@ -242,7 +242,7 @@ def test_stop_then_resume_equals_uninterrupted(tiny_models, tmp_path):
 def test_generation_with_noise_is_keyed_per_step_and_accounted(tiny_models, texts_file, tmp_path):
     """With privacy=gaussian every decode step is one keyed release: the generated tokens do not depend on
     the world size, and each row's epsilon_spent is the PLD composition of its n_releases."""
-    from nesa_hpc.privacy import Ledger
+    from nesa_hpc.privacy.mechanism import Ledger
 
     outs = {}
     for n in (1, 3):

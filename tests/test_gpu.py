@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import ROOT, run_mpi
 
-from nesa_hpc.results import read_results
+from nesa_hpc.io.results import read_results
 
 INFER = str(ROOT / "jobs" / "infer.py")
 HAS_CUDA = torch.cuda.is_available()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import ROOT, run_mpi
 
-from nesa_hpc.data import _appended_special_tokens
+from nesa_hpc.io.data import _appended_special_tokens
 
 RUN_JOBS = ROOT / "tests" / "run_jobs.py"
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
@@ -292,7 +292,7 @@ def test_row_and_logprob_options_name_the_key(overrides, key):
 
 
 def test_openai_request_lines_are_checked_row_by_row():
-    from nesa_hpc.inputs import RowFields
+    from nesa_hpc.io.inputs import RowFields
 
     fields = RowFields(openai=True, max_new_tokens=100)
     ok = {"custom_id": "x", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "h"}]}}
@@ -318,7 +318,7 @@ def test_encode_pair_is_the_harness_tokenization(smollm2_path):
     a prompt with no tokens is refused, and a long row keeps its last tokens (the completion whole)."""
     from transformers import AutoTokenizer
 
-    from nesa_hpc.data import encode_pair
+    from nesa_hpc.io.data import encode_pair
 
     tok = AutoTokenizer.from_pretrained(smollm2_path)
     ids, n_prompt, cut = encode_pair(tok, "The capital of France is ", "Paris", 64)

@@ -7,8 +7,8 @@ import torch
 from conftest import _tokenizer_source
 
 from nesa_hpc.errors import ConfigError
-from nesa_hpc.models import SUPPORTED_MODEL_TYPES, check_supported
-from nesa_hpc.weights import build_adapter, load_modules
+from nesa_hpc.models.adapter import SUPPORTED_MODEL_TYPES, check_supported
+from nesa_hpc.models.weights import build_adapter, load_modules
 
 
 @pytest.fixture(scope="module")

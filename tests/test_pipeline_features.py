@@ -10,9 +10,9 @@ import pytest
 from conftest import ROOT, run_mpi
 from transformers import AutoTokenizer
 
-from nesa_hpc.data import DataError, make_batches, prefetch
-from nesa_hpc.results import InOrder
-from nesa_hpc.topology import balanced_plan, make_topology
+from nesa_hpc.engine.topology import balanced_plan, make_topology
+from nesa_hpc.io.data import DataError, make_batches, prefetch
+from nesa_hpc.io.results import InOrder
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_wire_dtype_bfloat16_stays_close(tiny_models, texts_file, tmp_path):
 def test_memory_guard_turns_a_failed_allocation_into_advice():
     import torch
 
-    from nesa_hpc.stage import BatchMemoryError, memory_guard
+    from nesa_hpc.engine.stage import BatchMemoryError, memory_guard
 
     with pytest.raises(BatchMemoryError, match=r"rank 2: out of memory running layers \[4, 8\) on a micro-batch of "
                                                r"8 rows x 512 tokens .*lower data.batch_size or data.max_length"):

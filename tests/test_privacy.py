@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from nesa_hpc.privacy import (
+from nesa_hpc.privacy.mechanism import (
     Ledger,
     PrivacyConfigError,
     PrivacySpec,
@@ -164,10 +164,10 @@ def test_unsound_settings_are_refused(spec, k, match):
 def test_calibrated_clip_is_a_percentile_of_public_norms(tiny_models):
     from transformers import AutoTokenizer
 
-    from nesa_hpc.data import make_batches
-    from nesa_hpc.privacy import calibrate_clip
-    from nesa_hpc.public_text import public_texts
-    from nesa_hpc.weights import build_adapter, load_modules
+    from nesa_hpc.io.data import make_batches
+    from nesa_hpc.io.public_text import public_texts
+    from nesa_hpc.models.weights import build_adapter, load_modules
+    from nesa_hpc.privacy.mechanism import calibrate_clip
 
     folder = str(tiny_models["llama"])
     adapter = build_adapter(folder)
@@ -228,7 +228,7 @@ def test_seeded_noise_claims_no_formal_guarantee():
 def test_noise_keys_are_new_private_files_away_from_the_results(tmp_path, monkeypatch):
     import os
 
-    from nesa_hpc.privacy import default_key_path, key_dir, read_key, write_key
+    from nesa_hpc.privacy.mechanism import default_key_path, key_dir, read_key, write_key
 
     monkeypatch.setenv("NESA_HPC_KEYS", str(tmp_path / "keys"))
     results = tmp_path / "shared" / "out.h5"
@@ -263,7 +263,7 @@ def test_training_with_noise_refuses_to_keep_owner_files_in_the_shared_folder(ow
     from hydra import compose, initialize_config_dir
 
     from nesa_hpc.config import ConfigError
-    from nesa_hpc.train_options import train_spec
+    from nesa_hpc.train.options import train_spec
 
     conf = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "conf")
     overrides = ["privacy=sigma", "privacy.sigma=0.1", "privacy.unit=token", "split.k=0",

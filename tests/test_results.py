@@ -1,4 +1,4 @@
-"""Unit tests for nesa_hpc.results: the HDF5 results file written batch by batch."""
+"""Unit tests for nesa_hpc.io.results: the HDF5 results file written batch by batch."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from nesa_hpc.results import OutputExistsError, ResultWriter, check_output_path, read_results
+from nesa_hpc.io.results import OutputExistsError, ResultWriter, check_output_path, read_results
 
 COLUMNS = {"nll": (np.float64, ()), "embedding": (np.float32, (4,))}
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 from conftest import ROOT, mpiexec, open_released, run_mpi
 
-from nesa_hpc.results import read_results
+from nesa_hpc.io.results import read_results
 
 INFER = str(ROOT / "jobs" / "infer.py")
 ROWS = 3000

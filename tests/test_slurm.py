@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT, run_mpi
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 
-from nesa_hpc.results import read_results
+from nesa_hpc.io.results import read_results
 
 INFER = str(ROOT / "jobs" / "infer.py")
 MERGE = str(ROOT / "jobs" / "merge.py")

@@ -1,4 +1,4 @@
-"""Unit tests for nesa_hpc.topology: layer partitioning and rank roles (no MPI)."""
+"""Unit tests for nesa_hpc.engine.topology: layer partitioning and rank roles (no MPI)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nesa_hpc.topology import HEAD_PLACEMENTS, Topology, make_topology, partition_layers
+from nesa_hpc.engine.topology import HEAD_PLACEMENTS, Topology, make_topology, partition_layers
 
 
 def _check_cover(ranges: list[range], num_layers: int) -> None:
@@ -326,7 +326,7 @@ def test_property_make_topology_only_value_error(num_layers, k, world_size, head
 def test_balanced_training_costs_move_layers_to_the_frozen_owner():
     """Training weighs a worker's trained layer as forward + backward (3) and a frozen owner's as forward only:
     the owner takes a longer tail than at inference, and no other tail gives a cheaper most-loaded stage."""
-    from nesa_hpc.topology import balanced_plan
+    from nesa_hpc.engine.topology import balanced_plan
 
     head = 8.0
     _, tail_infer = balanced_plan(30, 2, 2, "owner", head)

@@ -149,8 +149,8 @@ def _noise_cases(models: dict, data: str) -> list[dict]:
 def test_noise_aware_training_is_the_same_at_every_world_size(tiny_models, texts_file, tmp_path):
     """The noise of both messages is keyed by (row, epoch): 2 and 3 ranks train identically, and differently
     from training without noise; the ledger composes both directions over the epochs."""
-    from nesa_hpc.privacy import gaussian_sigma
-    from nesa_hpc.train import training_epsilon
+    from nesa_hpc.privacy.mechanism import gaussian_sigma
+    from nesa_hpc.train.job import training_epsilon
 
     cases = _noise_cases(tiny_models, str(texts_file))
     (tmp_path / "a").mkdir()
@@ -178,7 +178,7 @@ def test_training_epsilon_matches_the_pld_accountant():
     from dp_accounting import GaussianDpEvent, SelfComposedDpEvent
     from dp_accounting.pld import PLDAccountant
 
-    from nesa_hpc.train import training_epsilon
+    from nesa_hpc.train.job import training_epsilon
 
     for (z1, n1), (z2, n2) in [((1.0, 3), (2.0, 3)), ((0.7, 1), (1.5, 4)), ((3.0, 10), (3.0, 10))]:
         acc = PLDAccountant(value_discretization_interval=1e-4)
@@ -188,8 +188,8 @@ def test_training_epsilon_matches_the_pld_accountant():
 
 
 def test_gradient_message_is_clipped_per_row_and_noised():
-    from nesa_hpc.privacy import PrivacySpec, make_privacy
-    from nesa_hpc.trainstep import grad_message
+    from nesa_hpc.privacy.mechanism import PrivacySpec, make_privacy
+    from nesa_hpc.train.step import grad_message
 
     g = torch.randn(40, 16) * 5
     row_of = torch.tensor([0] * 10 + [1] * 25 + [2] * 5)
@@ -348,8 +348,8 @@ def test_exported_adapter_and_merged_model_serve_inference(tiny_models, texts_fi
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nesa_hpc.data import read_rows
-    from nesa_hpc.results import read_results
+    from nesa_hpc.io.data import read_rows
+    from nesa_hpc.io.results import read_results
 
     model = tiny_models["llama"]
     base = [TRAIN, f"model.path={model}", f"data.path={texts_file}", "runtime.threads=1", "train.max_steps=4",
@@ -400,9 +400,9 @@ def test_missing_or_foreign_adapter_folder_is_named(tiny_models, texts_file, tmp
 def test_lora_targets_are_the_same_after_injection(family, tiny_models):
     """The exported adapter's target modules are the layer's own linear modules even when the exporting rank
     holds LoRA in the layer they are read from (world size 1, or layer 0 on rank 0)."""
-    from nesa_hpc.lora import add_lora, lora_config
-    from nesa_hpc.train_options import TrainSpec
-    from nesa_hpc.weights import build_adapter, load_modules
+    from nesa_hpc.models.lora import add_lora, lora_config
+    from nesa_hpc.models.weights import build_adapter, load_modules
+    from nesa_hpc.train.options import TrainSpec
 
     folder = str(tiny_models[family])
     adapter = build_adapter(folder)

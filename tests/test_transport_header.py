@@ -1,4 +1,4 @@
-"""Unit tests for the fixed int64 message header of nesa_hpc.transport (no MPI)."""
+"""Unit tests for the fixed int64 message header of nesa_hpc.engine.transport (no MPI)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nesa_hpc.transport import HEADER_LEN, MAX_TENSORS, WIRE_DTYPES, Kind, decode_header, encode_header
+from nesa_hpc.engine.transport import HEADER_LEN, MAX_TENSORS, WIRE_DTYPES, Kind, decode_header, encode_header
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 shapes = st.lists(st.integers(0, 50), min_size=0, max_size=4).map(tuple)
@@ -250,7 +250,7 @@ def _index(log, entry):
 
 @pytest.mark.parametrize("cuda_aware", [False, True])
 def test_gpu_send_synchronizes_events_not_streams(fake_cuda, cuda_aware):
-    from nesa_hpc.transport import MpiTransport
+    from nesa_hpc.engine.transport import MpiTransport
 
     log = fake_cuda
     tr = MpiTransport(_FakeComm(), device="cuda", cuda_aware=cuda_aware)
@@ -283,7 +283,7 @@ def test_gpu_send_synchronizes_events_not_streams(fake_cuda, cuda_aware):
 
 
 def test_cpu_send_never_touches_cuda(fake_cuda):
-    from nesa_hpc.transport import MpiTransport
+    from nesa_hpc.engine.transport import MpiTransport
 
     tr = MpiTransport(_FakeComm(), device="cpu")
     t = torch.arange(6, dtype=torch.float32).view(2, 3).t()

@@ -24,10 +24,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from mpi4py import MPI
 
-from nesa_hpc.placement import node_local_rank, pick_device
-from nesa_hpc.results import read_results
-from nesa_hpc.runner import run
-from nesa_hpc.transport import WIRE_DTYPES, MpiTransport, TorchTransport, TransportTimeout
+from nesa_hpc.engine.placement import node_local_rank, pick_device
+from nesa_hpc.engine.transport import WIRE_DTYPES, MpiTransport, TorchTransport, TransportTimeout
+from nesa_hpc.infer.job import run
+from nesa_hpc.io.results import read_results
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 

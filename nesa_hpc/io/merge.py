@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 from .results import check_output_path
 
 __all__ = ["MergeError", "merge_shards", "SHARD_KEYS"]

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import Batch
-from .errors import ConfigError
-from .models import Adapter
+from ..errors import ConfigError
+from ..io.data import Batch
+from ..models.adapter import Adapter
 
 __all__ = ["Task", "ScoreTask", "EmbedTask", "GenerateTask", "make_task", "TASKS"]
 
@@ -164,7 +164,7 @@ class EmbedTask(Task):
 
 
 class GenerateTask(Task):
-    """Autoregressive generation (the loop lives in :mod:`nesa_hpc.generate`): the head turns the last
+    """Autoregressive generation (the loop lives in :mod:`nesa_hpc.infer.generate`): the head turns the last
     position's state into next-token logits; ``finish`` writes the generated tokens and text."""
 
     name = "generate"
@@ -176,7 +176,7 @@ class GenerateTask(Task):
         self.requests = requests  # OpenAI batch lines: keep each row's custom_id and endpoint
 
     def finish(self, adapter, batch, outputs):
-        (res,) = outputs  # a nesa_hpc.generate.GroupResult
+        (res,) = outputs  # a nesa_hpc.infer.generate.GroupResult
         ids = np.empty(batch.size, dtype=object)
         for i, t in enumerate(res.tokens):
             ids[i] = np.asarray(t, dtype=np.int32)

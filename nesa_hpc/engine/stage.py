@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 from .transport import Kind, Message
 
 __all__ = ["Stage", "StageStats", "LocalPipe", "serve", "BatchMemoryError", "NonFiniteError", "memory_guard",
@@ -93,7 +93,7 @@ def data_message(h: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, bad: to
 
 def head_logits(adapter, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(N, V) logits of the positions that predict a real token (training's head)."""
-    from .tasks import score_positions
+    from ..infer.tasks import score_positions
 
     return adapter.logits(adapter.norm(h[:, :-1][score_positions(mask)]))
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from .config import Settings, settings_from_cfg
-from .errors import UserError
+from ..config import Settings, settings_from_cfg
+from ..errors import UserError
+from ..models.weights import build_adapter, packaged_model_path
 from .placement import describe_device, launcher_local_rank, node_local_rank, pick_device
 from .topology import Topology, make_topology
 from .transport import MpiTransport, PeerFailure, TorchTransport, TransportTimeout
-from .weights import build_adapter, packaged_model_path
 
 __all__ = ["EXIT_STOPPED", "JobError", "USER_ERRORS", "Job", "start_job", "setup_logging", "agree", "all_ok",
            "stop_requested", "message", "model_folder", "rank_modules", "make_transport", "transport_name",

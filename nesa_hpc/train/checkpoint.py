@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import ConfigError
-from .jobsetup import rank_modules
-from .lora import base_name, lora_config, merge_lora, peft_name
-from .train_options import TrainSpec
+from ..engine.job import rank_modules
+from ..errors import ConfigError
+from ..models.lora import base_name, lora_config, merge_lora, peft_name
+from .options import TrainSpec
 
 if TYPE_CHECKING:
-    from .trainstep import Trainer
+    from .step import Trainer
 
 __all__ = ["latest_checkpoint", "checkpoint_root", "save_rank", "load_rank", "export_adapter", "export_merged",
            "export"]

@@ -3,8 +3,8 @@
 The owner's *front* (embed -> layers [0, k) -> privacy) makes the only activations that leave rank 0; its
 *back* (owner tail -> final norm -> head) consumes what the last worker returns. :class:`Owner` holds
 both, sends to rank 1 and receives from the workers; every task drives it (score and embed with
-:func:`run_stream`, generation in :mod:`nesa_hpc.generate`, a training step in :mod:`nesa_hpc.trainstep`).
-At world size 1 the workers' layers [k, L) run in a :class:`~nesa_hpc.stage.LocalPipe`, so the same
+:func:`run_stream`, generation in :mod:`nesa_hpc.infer.generate`, a training step in :mod:`nesa_hpc.train.step`).
+At world size 1 the workers' layers [k, L) run in a :class:`~nesa_hpc.engine.stage.LocalPipe`, so the same
 code path serves every world size.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .data import Batch
+from ..io.data import Batch
 from .stage import (
     LocalPipe,
     NonFiniteError,

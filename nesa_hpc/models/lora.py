@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import ConfigError, ModelError
-from .models import Adapter
+from ..errors import ConfigError, ModelError
+from .adapter import Adapter
 
 if TYPE_CHECKING:
-    from .train_options import TrainSpec
+    from ..train.options import TrainSpec
 
 __all__ = ["lora_targets", "lora_config", "add_lora", "peft_name", "base_name", "merge_lora", "apply_adapters",
            "check_adapter_use"]

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, Settings, as_bool, choice, integer, nonneg, positive, privacy_spec
-from .data import DataError, RowError, encode_rows, pad_batch, position_ids, read_rows
-from .privacy import PrivacySpec
-from .public_text import public_texts
-from .stage import PIPELINES
-from .tasks import score_positions
+from ..config import ConfigError, Settings, as_bool, choice, integer, nonneg, positive, privacy_spec
+from ..engine.stage import PIPELINES
+from ..infer.tasks import score_positions
+from ..io.data import DataError, RowError, encode_rows, pad_batch, position_ids, read_rows
+from ..io.public_text import public_texts
+from ..privacy.mechanism import PrivacySpec
 
 ALLOW_SHARED = "allow_shared"  # train.owner_dir: rank 0's files in train.out_dir even with noise on
 

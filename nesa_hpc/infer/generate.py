@@ -27,11 +27,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from .data import Batch
-from .models import StageCache
-from .owner import Owner
-from .stage import StageStats, data_message, memory_guard
-from .transport import Kind
+from ..engine.owner import Owner
+from ..engine.stage import StageStats, data_message, memory_guard
+from ..engine.transport import Kind
+from ..io.data import Batch
+from ..models.adapter import StageCache
 
 __all__ = ["Decoding", "GroupResult", "eos_token_ids", "row_generator", "pick_tokens", "run_generate"]
 

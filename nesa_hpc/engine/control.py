@@ -8,8 +8,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from ..io.results import InOrder
 from . import stopsignal
-from .results import InOrder
 
 __all__ = ["StopFlag", "SkipLog", "Progress"]
 
@@ -20,7 +20,7 @@ class StopFlag:
     """SIGTERM / SIGUSR1 (Slurm before a time limit or preemption) set a flag instead of killing the rank:
     rank 0 then stops feeding batches, drains the pipeline, flushes and exits with EXIT_STOPPED.
 
-    The signals are caught from the first line of the entry scripts (:mod:`nesa_hpc.stopsignal`), so one
+    The signals are caught from the first line of the entry scripts (:mod:`nesa_hpc.engine.stopsignal`), so one
     that arrived during start-up counts too; a job run from Python (tests) is caught from here on."""
 
     def __init__(self) -> None:

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ["Privacy", "PrivacySpec", "Ledger", "make_privacy", "gaussian_sigma", "calibrate_clip",
            "clip_norms", "unit_norms", "percentile_clip", "MECHANISMS", "UNITS", "PrivacyConfigError", "noise_key",
@@ -368,7 +368,7 @@ def make_privacy(spec: PrivacySpec | str, k: int = 0, clip: float | None = None,
 def calibrate_clip(adapter, tokenizer, k: int, unit: str, percentile: float, texts: list[str],
                    max_length: int = 128, batch_size: int = 8, device: torch.device | str = "cpu") -> float:
     """The ``percentile`` of unit norms of Z (layer k) over *public* ``texts``, on the owner's own layers."""
-    from .data import make_batches
+    from ..io.data import make_batches
 
     norms = []
     with torch.inference_mode():

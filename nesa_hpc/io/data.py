@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from .errors import ConfigError, UserError
+from ..errors import ConfigError, UserError
 from .inputs import Request, RowFields
 
 __all__ = ["DataError", "RowError", "ON_ERROR", "ON_LONG", "Batch", "Encoded", "encode_rows", "read_rows",
@@ -46,7 +46,7 @@ ON_LONG = ("truncate", "skip", "fail")
 
 def sample_path() -> Path:
     """The small sample dataset shipped with nesa_hpc (used when ``data.path`` is null)."""
-    return Path(__file__).parent / "sample_data" / "sample.jsonl"
+    return Path(__file__).parents[1] / "sample_data" / "sample.jsonl"
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:
@@ -65,8 +65,8 @@ def read_rows(path: str | Path, fmt: str = "auto", text_field: str = "text", on_
               fields: RowFields | None = None) -> Iterator[tuple[int, str | Request | RowError]]:
     """Yield ``(row_index, text)`` for every row, streaming; row indices count from 0 in file order.
 
-    Without ``fields`` a row is the string in ``text_field``. With ``fields`` (:class:`~nesa_hpc.inputs.RowFields`)
-    a row may also be a :class:`~nesa_hpc.inputs.Request`: a chat (a messages list), a prompt and a
+    Without ``fields`` a row is the string in ``text_field``. With ``fields`` (:class:`~nesa_hpc.io.inputs.RowFields`)
+    a row may also be a :class:`~nesa_hpc.io.inputs.Request`: a chat (a messages list), a prompt and a
     completion, or (``fmt="openai_batch"``) an OpenAI batch request line.
 
     A bad row (malformed JSON, missing or non-string field, invalid UTF-8 or an unpaired surrogate, empty

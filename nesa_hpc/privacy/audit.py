@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from .data import make_batches, sample_path
-from .errors import ConfigError
-from .privacy import PrivacySpec, make_privacy, percentile_clip, unit_norms
-from .public_text import load_texts
-from .tasks import score_positions
+from ..errors import ConfigError
+from ..infer.tasks import score_positions
+from ..io.data import make_batches, sample_path
+from ..io.public_text import load_texts
+from .mechanism import PrivacySpec, make_privacy, percentile_clip, unit_norms
 
 __all__ = ["run_audit", "AuditSettings", "COLUMNS"]
 
@@ -81,7 +81,7 @@ class AuditSettings:
 
 
 def audit_settings(cfg: DictConfig) -> AuditSettings:
-    from .config import ConfigError
+    from ..config import ConfigError
 
     a = OmegaConf.to_container(cfg.audit, resolve=True)
     mechanism = a.get("mechanism", "gaussian")
@@ -356,8 +356,8 @@ def _gradient_audit(adapter, public: _Corpus, held: _Corpus, s: AuditSettings) -
     """What the last worker learns about the labels from training's gradient message, per head placement and
     ``audit.grad_epsilons`` (train.grad_privacy=gaussian, clip C_g = the ``audit.clip_percentile`` of
     per-row message norms on public text)."""
-    from .privacy import PrivacySpec as Spec
-    from .trainstep import grad_message
+    from ..train.step import grad_message
+    from .mechanism import PrivacySpec as Spec
 
     held_g, public_g = _label_grads(adapter, held), _label_grads(adapter, public)
     labels = torch.cat([it["labels"] for it in held_g])
@@ -468,9 +468,9 @@ def run_audit(cfg: DictConfig, comm=None) -> list[dict] | None:
     from mpi4py import MPI
     from transformers import AutoTokenizer
 
-    from .config import settings_from_cfg
-    from .jobsetup import model_folder, setup_logging
-    from .weights import build_adapter, load_modules
+    from ..config import settings_from_cfg
+    from ..engine.job import model_folder, setup_logging
+    from ..models.weights import build_adapter, load_modules
 
     comm = comm or MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -490,7 +490,7 @@ def run_audit(cfg: DictConfig, comm=None) -> list[dict] | None:
     load_modules(adapter, folder, modules + [adapter.layer_module(i) for i in range(adapter.num_layers)],
                  settings.model_dtype)
     if settings.model_adapters:
-        from .lora import apply_adapters, check_adapter_use
+        from ..models.lora import apply_adapters, check_adapter_use
 
         check_adapter_use(settings.model_adapters, *apply_adapters(adapter, settings.model_adapters,
                                                                     range(adapter.num_layers)))
@@ -681,7 +681,7 @@ def main(cfg: DictConfig) -> None:
 
     from mpi4py import MPI
 
-    from .config import ConfigError
+    from ..config import ConfigError
 
     comm = MPI.COMM_WORLD
     try:

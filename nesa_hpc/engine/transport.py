@@ -31,7 +31,7 @@ from enum import IntEnum
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["Kind", "Message", "MpiTransport", "TorchTransport", "TransportTimeout", "PeerFailure", "encode_header",
            "decode_header", "HEADER_LEN", "WIRE_DTYPES", "mpi_cuda_aware", "rendezvous_address", "Transport"]

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["Denoiser", "save_denoiser", "load_denoiser", "owner_denoiser", "FILE", "META"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ["ResultWriter", "InOrder", "OutputExistsError", "ResumeMismatch", "ResultWriteError", "read_results"]
 

@@ -1,10 +1,10 @@
 """One training step: who trains what, the owner's side of a step over the pipeline (GPipe or 1F1B), the
 gradient message's privacy, the end of a step on every rank, and the training ledger.
 
-The owner drives a step through :class:`~nesa_hpc.owner.Owner`: its front runs each micro-batch's forward
+The owner drives a step through :class:`~nesa_hpc.engine.owner.Owner`: its front runs each micro-batch's forward
 and sends Z on (``TRAIN_FWD``), the loss runs where the last worker's output comes back (``TRAIN_OUT``),
 and the gradient of that output goes back (``TRAIN_BWD``); the workers answer with their
-:class:`~nesa_hpc.stage.Stage` verbs in the order :func:`~nesa_hpc.stage.train_schedule` gives. With
+:class:`~nesa_hpc.engine.stage.Stage` verbs in the order :func:`~nesa_hpc.engine.stage.train_schedule` gives. With
 ``train.pipeline=1f1b`` the owner keeps at most ``max(runtime.inflight, world size)`` micro-batches in
 flight and starts the next forward as each result comes back, so activation memory is bounded by the
 number of stages; ``gpipe`` sends every forward of the step first.
@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .lora import add_lora
-from .owner import Owner, describe_stage
-from .privacy import Privacy
-from .stage import NonFiniteError, SavedBytes, data_message, head_logits, memory_guard
-from .topology import Topology
-from .train_options import TrainBatch, TrainSpec, lr_factor
-from .transport import Kind
+from ..engine.owner import Owner, describe_stage
+from ..engine.stage import NonFiniteError, SavedBytes, data_message, head_logits, memory_guard
+from ..engine.topology import Topology
+from ..engine.transport import Kind
+from ..models.lora import add_lora
+from ..privacy.mechanism import Privacy
+from .options import TrainBatch, TrainSpec, lr_factor
 
 __all__ = ["DENOISER", "trainable_layers", "make_trainable", "training_epsilon", "TrainLedger", "grad_message", "Roles",
            "Trainer", "owner_step", "ledger_counts", "loss_sum"]

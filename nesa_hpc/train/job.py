@@ -1,7 +1,7 @@
 """Split fine-tuning (``jobs/train.py``): the loss on rank 0, activation gradients back through the pipeline.
 
 Every optimizer step runs ``train.grad_accum`` micro-batches through the same pipeline as inference
-(:mod:`nesa_hpc.trainstep` drives rank 0's side, :func:`nesa_hpc.stage.serve` answers on the workers):
+(:mod:`nesa_hpc.train.step` drives rank 0's side, :func:`nesa_hpc.engine.stage.serve` answers on the workers):
 
 1. rank 0 embeds each micro-batch, runs layers [0, k), applies the privacy transform exactly as at
    inference (noise-aware training) and sends Z on; each worker runs its block and sends on; the last
@@ -30,11 +30,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import checkpoint_root, export, latest_checkpoint, load_rank, save_rank
-from .config import ConfigError, Settings
-from .control import StopFlag
-from .denoiser import Denoiser, save_denoiser
-from .jobsetup import (
+from ..config import ConfigError, Settings
+from ..engine.control import StopFlag
+from ..engine.job import (
     EXIT_STOPPED,
     JobError,
     agree,
@@ -47,14 +45,18 @@ from .jobsetup import (
     start_job,
     stop_requested,
 )
-from .lora import lora_targets
-from .owner import Owner
-from .privacy import Privacy, PrivacySpec, calibrate_clip, make_privacy, noise_key, read_key, write_key
-from .public_text import load_texts
-from .stage import NonFiniteError, Stage, serve
-from .tasks import make_task
-from .train_options import TrainBatch, TrainSpec, epoch_batches, load_examples, lr_factor, train_spec
-from .trainstep import (
+from ..engine.owner import Owner
+from ..engine.stage import NonFiniteError, Stage, serve
+from ..engine.transport import Kind
+from ..infer.tasks import make_task
+from ..io.public_text import load_texts
+from ..models.lora import lora_targets
+from ..models.weights import DTYPES, load_modules
+from ..privacy.denoiser import Denoiser, save_denoiser
+from ..privacy.mechanism import Privacy, PrivacySpec, calibrate_clip, make_privacy, noise_key, read_key, write_key
+from .checkpoint import checkpoint_root, export, latest_checkpoint, load_rank, save_rank
+from .options import TrainBatch, TrainSpec, epoch_batches, load_examples, lr_factor, train_spec
+from .step import (
     DENOISER,
     Roles,
     Trainer,
@@ -65,8 +67,6 @@ from .trainstep import (
     trainable_layers,
     training_epsilon,
 )
-from .transport import Kind
-from .weights import DTYPES, load_modules
 
 __all__ = ["run_train", "main", "train_spec", "load_examples", "epoch_batches", "lr_factor", "make_trainable",
            "training_epsilon", "TrainSpec"]

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from . import __version__
-from .config import Settings
-from .data import DataError, RowError, count_rows, read_rows, shard_range
-from .errors import ConfigError
-from .inputs import RowFields, chat_text, render
-from .privacy import PrivacySpec, calibrate_clip, default_key_path, make_privacy, read_key, write_key
-from .public_text import load_texts
-from .results import ResultWriter
+from .. import __version__
+from ..config import Settings
+from ..errors import ConfigError
+from ..io.data import DataError, RowError, count_rows, read_rows, shard_range
+from ..io.inputs import RowFields, chat_text, render
+from ..io.public_text import load_texts
+from ..io.results import ResultWriter
+from ..privacy.mechanism import PrivacySpec, calibrate_clip, default_key_path, make_privacy, read_key, write_key
 
 __all__ = ["privacy_key", "shard_rows", "resume_key", "decoding_attrs", "open_results", "check_task",
            "check_generate", "load_tokenizer", "key_file", "owner_privacy", "spent", "chat", "rows_from",
@@ -55,7 +55,7 @@ def shard_rows(settings: Settings, data_path: str) -> range | None:
 def resume_key(settings: Settings, folder: str, data_path: str, privacy_attrs: dict,
                 rows: range | None = None) -> dict:
     """What must match for rows of two runs to be interchangeable (world size and partition need not).
-    A shard also records which shard it is and its rows (so :mod:`nesa_hpc.merge` can check that shards
+    A shard also records which shard it is and its rows (so :mod:`nesa_hpc.io.merge` can check that shards
     belong together once those are set aside)."""
     shard = {} if rows is None else {"num_shards": settings.num_shards, "shard": settings.shard,
                                      "shard_rows": [rows.start, rows.stop]}
@@ -161,7 +161,7 @@ def owner_privacy(settings: Settings, topo, adapter, tokenizer, writer: ResultWr
     """Rank 0: calibrate the clip on public text if asked, set up the noise key, record the attributes.
 
     With OS-seeded noise the key is kept at ``privacy.key_path`` (default: the owner's key folder, see
-    :func:`~nesa_hpc.privacy.default_key_path`; never next to the results, which workers can usually read)
+    :func:`~nesa_hpc.privacy.mechanism.default_key_path`; never next to the results, which workers can usually read)
     until the job completes, so a resumed run re-sends a replayed row with the same noise as before
     instead of releasing it a second time with fresh noise."""
     spec = settings.privacy
@@ -204,7 +204,7 @@ def spent(writer: ResultWriter, releases: int) -> dict:
 
 def chat(tokenizer, text):
     """Wrap one prompt as a user message in the tokenizer's chat template, ready for the assistant's reply
-    (``data.chat_template=true``; see :func:`nesa_hpc.inputs.chat_text`)."""
+    (``data.chat_template=true``; see :func:`nesa_hpc.io.inputs.chat_text`)."""
     if not isinstance(text, str) or not text:
         return text
     return chat_text(tokenizer, [{"role": "user", "content": text}], generation_prompt=True)

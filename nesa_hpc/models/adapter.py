@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["Adapter", "make_adapter", "StageCache", "DECODER_MODEL_TYPES", "ENCODER_MODEL_TYPES",
            "SUPPORTED_MODEL_TYPES", "check_supported"]
@@ -155,7 +155,7 @@ class Adapter:
     """Names the parts of one transformers model and runs them through the family's own ``forward``.
 
     ``embed(ids, pos)`` -> ``run_layers(range, h, mask, pos, cache)`` ... -> ``norm(h)`` -> ``logits(h)``.
-    The model is built on the meta device (see :mod:`nesa_hpc.weights`); a rank fills in only the modules
+    The model is built on the meta device (see :mod:`nesa_hpc.models.weights`); a rank fills in only the modules
     it runs.
     """
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ["ExportError", "EXPORT_FORMATS", "export", "openai_lines", "table_rows"]
 

@@ -7,7 +7,7 @@ import socket
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["node_local_rank", "pick_device", "describe_device"]
 

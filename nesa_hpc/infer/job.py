@@ -9,24 +9,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from .control import Progress, SkipLog, StopFlag
-from .data import make_batches, prefetch, sample_path
-from .denoiser import owner_denoiser
-from .generate import Decoding, eos_token_ids, run_generate
-from .infer_io import (
-    chat,
-    check_generate,
-    check_task,
-    key_file,
-    load_tokenizer,
-    open_results,
-    owner_privacy,
-    rows_from,
-    rows_to_count,
-    shard_rows,
-    spent,
-)
-from .jobsetup import (
+from ..engine.control import Progress, SkipLog, StopFlag
+from ..engine.job import (
     EXIT_STOPPED,
     JobError,
     agree,
@@ -39,12 +23,28 @@ from .jobsetup import (
     start_job,
     stop_requested,
 )
-from .lora import check_adapter_use
-from .owner import Owner, check_finite, run_stream
-from .results import InOrder, ResultWriter
-from .stage import Stage, serve
+from ..engine.owner import Owner, check_finite, run_stream
+from ..engine.stage import Stage, serve
+from ..io.data import make_batches, prefetch, sample_path
+from ..io.results import InOrder, ResultWriter
+from ..models.lora import check_adapter_use
+from ..models.weights import DTYPES, load_modules
+from ..privacy.denoiser import owner_denoiser
+from .files import (
+    chat,
+    check_generate,
+    check_task,
+    key_file,
+    load_tokenizer,
+    open_results,
+    owner_privacy,
+    rows_from,
+    rows_to_count,
+    shard_rows,
+    spent,
+)
+from .generate import Decoding, eos_token_ids, run_generate
 from .tasks import make_task
-from .weights import DTYPES, load_modules
 
 __all__ = ["run", "main", "JobError", "EXIT_STOPPED"]
 
@@ -53,7 +53,7 @@ log = logging.getLogger("nesa_hpc")
 
 def _load_adapters(settings, adapter, topo, rank: int) -> tuple[set[str], set[str]]:
     """Merge ``model.adapters`` (a peft LoRA folder, e.g. from jobs/train.py) into this rank's layers."""
-    from .lora import apply_adapters
+    from ..models.lora import apply_adapters
 
     folder = Path(settings.model_adapters).expanduser()
     if not folder.is_dir():

@@ -15,8 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .errors import ConfigError, ModelError
-from .models import ENCODER_MODEL_TYPES, Adapter, check_supported, make_adapter
+from ..errors import ConfigError, ModelError
+from .adapter import ENCODER_MODEL_TYPES, Adapter, check_supported, make_adapter
 
 __all__ = ["PACKAGED_MODELS", "packaged_model_path", "build_adapter", "load_modules",
            "checkpoint_index", "cache_dir"]
