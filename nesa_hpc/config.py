@@ -69,6 +69,8 @@ class Settings:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    ignore_eos: bool = False
+    prefill_tokens: int = 512  # runtime.prefill_tokens: padded prompt tokens a generation lane takes per step
     chat_template: bool = False
     # rows beyond one text field (data.*) and score outputs beyond per-row sums (task.*)
     messages_field: str | None = "messages"
@@ -197,6 +199,7 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
         resume=as_bool("output.resume", out.get("resume", False)),
         threads=integer("runtime.threads", rt.get("threads"), 1, allow_none=True),
         inflight=integer("runtime.inflight", rt.get("inflight"), 1, allow_none=True),
+        prefill_tokens=integer("runtime.prefill_tokens", rt.get("prefill_tokens", 512), 1),
         timeout=positive("runtime.timeout", rt.get("timeout", 300)),
         wire_dtype=choice("runtime.wire_dtype", rt.get("wire_dtype"), (None, *DTYPES)),
         on_nonfinite=choice("runtime.on_nonfinite", rt.get("on_nonfinite", "error"), ("error", "flag")),
@@ -264,6 +267,7 @@ def _generate_options(task: dict) -> dict:
         top_k=integer("task.top_k", task.get("top_k", 0), 0),
         top_p=positive("task.top_p", task.get("top_p", 1.0)),
         seed=integer("task.seed", task.get("seed", 0), 0),
+        ignore_eos=as_bool("task.ignore_eos", task.get("ignore_eos", False)),
     )
     if opts["top_p"] > 1:
         raise ConfigError(f"task.top_p={opts['top_p']} must be in (0, 1]")

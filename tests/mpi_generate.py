@@ -21,6 +21,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from mpi4py import MPI
 
+from nesa_hpc.engine.messages import Kind
 from nesa_hpc.infer.job import run
 from nesa_hpc.io.data import read_rows
 from nesa_hpc.io.results import read_results
@@ -57,10 +58,13 @@ def wire_error(records: list, case: dict) -> str | None:
     """Workers may only see float states and small integers (mask bits, positions, marks, row indices)."""
     bound = case.get("max_length", 64) + case.get("max_new_tokens", 12)
     for rec in records:
-        if rec["kind"] in (4, 5):  # PREFILL, DECODE
-            if rec["dtypes"][0] not in ("torch.float32", "torch.float16", "torch.bfloat16"):
-                return f"first tensor is {rec['dtypes'][0]}, not floating point"
-            if rec["dtypes"][1:] != ["torch.int8", "torch.int32", "torch.int32", "torch.int32"]:
+        if rec["kind"] == int(Kind.GENERATE):
+            floats = ("torch.float32", "torch.float16", "torch.bfloat16")
+            kept, dec, dec_mask, dec_pos, join, join_mask, join_pos, marks = rec["dtypes"]
+            if dec not in floats or join not in floats:
+                return f"states of dtype {dec} / {join}, not floating point"
+            if [kept, dec_mask, dec_pos, join_mask, join_pos, marks] != ["torch.int32", "torch.int8", "torch.int32",
+                                                                         "torch.int8", "torch.int32", "torch.int32"]:
                 return f"unexpected tensors {rec['dtypes']}"
         elif rec["dtypes"]:
             return f"message of kind {rec['kind']} with tensors {rec['dtypes']}"
@@ -114,7 +118,7 @@ def main() -> None:
                 entry["finish_reason"] = [x.decode() for x in res["finish_reason"]]
                 entry["generated_text"] = [x.decode() for x in res["generated_text"]]
                 entry["n_prompt_tokens"] = res["n_prompt_tokens"].tolist()
-                keys = ("decoding", "seed", "temperature", "max_new_tokens", "max_groups_in_flight")
+                keys = ("decoding", "seed", "temperature", "max_new_tokens", "max_groups_in_flight", "generation_steps")
                 entry["attrs"] = {k: attrs[k].item() if isinstance(attrs[k], np.generic) else attrs[k] for k in keys}
                 entry["eos_token_ids"] = json.loads(attrs["eos_token_ids"])
                 if float(case.get("extra", {}).get("task.temperature", 0)) == 0:

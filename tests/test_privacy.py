@@ -117,7 +117,7 @@ def test_noise_is_keyed_by_row_not_by_batch():
     alone = make_privacy(spec, 0).apply(z[2:3, 2:], mask[2:3, 2:], torch.tensor([2]))
     assert torch.equal(alone[0], batch[2, 2:])
     # another release of the same row, another seed, or the OS key: other noise
-    again = make_privacy(spec, 0).apply(z[1:2, :3], mask[1:2, :3], torch.tensor([9]), release=1)
+    again = make_privacy(spec, 0).apply(z[1:2, :3], mask[1:2, :3], torch.tensor([9]), releases=1)
     assert not torch.equal(again[0], batch[1, :3])
     other = make_privacy(PrivacySpec(**{**spec.__dict__, "seed": 12}), 0).apply(z, mask, torch.tensor([4, 9, 2]))
     assert not torch.equal(other, batch)

@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nesa_hpc.engine.transport import HEADER_LEN, MAX_TENSORS, WIRE_DTYPES, Kind, decode_header, encode_header
+from nesa_hpc.engine.messages import Kind
+from nesa_hpc.engine.transport import HEADER_LEN, MAX_TENSORS, WIRE_DTYPES, decode_header, encode_header
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 shapes = st.lists(st.integers(0, 50), min_size=0, max_size=4).map(tuple)
@@ -202,6 +203,10 @@ class _FakeEvent:
 
 
 class _FakeComm:
+    @staticmethod
+    def Get_rank():  # noqa: N802 - mpi4py's name
+        return 0
+
     def Isend(self, buf, dest, tag):  # noqa: N802 - mpi4py's name
         data = buf[0]
         _FakeCuda.log.append(("Isend", tag, bytes(np.asarray(data).view(np.uint8))))
@@ -256,7 +261,7 @@ def test_gpu_send_synchronizes_events_not_streams(fake_cuda, cuda_aware):
     tr = MpiTransport(_FakeComm(), device="cuda", cuda_aware=cuda_aware)
     tensors = _gpu_message()
     expect = [t.as_subclass(torch.Tensor).contiguous() for t in tensors]
-    tr.send(1, Kind.DATA, 7, tensors)
+    tr.send_raw(1, Kind.DATA, 7, tensors)
     ops = [e[0] for e in log]
     assert "stream_synchronize" not in ops and "device_synchronize" not in ops
     ready = _index(log, ("record",))
@@ -287,6 +292,6 @@ def test_cpu_send_never_touches_cuda(fake_cuda):
 
     tr = MpiTransport(_FakeComm(), device="cpu")
     t = torch.arange(6, dtype=torch.float32).view(2, 3).t()
-    tr.send(1, Kind.DATA, 0, [t])
+    tr.send_raw(1, Kind.DATA, 0, [t])
     assert [e[0] for e in fake_cuda] == ["Isend", "Isend"]
     assert fake_cuda[1][2] == t.contiguous().numpy().tobytes()

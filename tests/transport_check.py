@@ -50,18 +50,18 @@ def _raw_messages(transport, rank: int, device: torch.device) -> str | None:
     """0 -> 1 -> 2: relay every message; rank 2 compares bytes with what rank 0 built."""
     messages = _messages(device)
     if rank == 0:
-        pending = [transport.send(1, 1, i, m) for i, m in enumerate(messages)]
+        pending = [transport.send_raw(1, 1, i, m) for i, m in enumerate(messages)]
         for p in pending:
             p.wait()
         return None
     for i, expected in enumerate(messages):
-        msg = transport.recv(rank - 1)
+        kind, batch_id, tensors = transport.recv_raw(rank - 1)
         if rank == 1:
-            transport.send(2, msg.kind, msg.batch_id, msg.tensors).wait()
+            transport.send_raw(2, kind, batch_id, tensors).wait()
             continue
-        if msg.batch_id != i or len(msg.tensors) != len(expected):
-            return f"message {i}: batch id {msg.batch_id}, {len(msg.tensors)} tensors"
-        for got, want in zip(msg.tensors, expected, strict=True):
+        if batch_id != i or len(tensors) != len(expected):
+            return f"message {i}: batch id {batch_id}, {len(tensors)} tensors"
+        for got, want in zip(tensors, expected, strict=True):
             if got.dtype != want.dtype or got.shape != want.shape or got.device.type != device.type:
                 return (f"message {i}: {got.dtype}{tuple(got.shape)} on {got.device}, "
                         f"want {want.dtype}{tuple(want.shape)}")

@@ -66,14 +66,15 @@ class SkipLog:
 
 
 class Progress:
-    """A tqdm bar on a terminal; otherwise a log line every ``every`` seconds.
+    """A tqdm bar on a terminal; otherwise a log line every ``every`` seconds: rows done, ``unit`` (tokens
+    read, or for generation tokens generated) and their rate.
 
     ``count`` (rows to do, or None when unknown) runs in a background thread, so counting a large input
     file never delays the first batch; the total appears in the bar and log lines once known.
     """
 
-    def __init__(self, every: float, count: Callable[[], int | None]) -> None:
-        self.every, self.total = every, None
+    def __init__(self, every: float, count: Callable[[], int | None], unit: str = "tokens") -> None:
+        self.every, self.total, self.unit = every, None, unit
         self.rows = self.tokens = 0
         self.start = self.last = time.perf_counter()
         self.bar = None
@@ -97,11 +98,11 @@ class Progress:
         rate = self.tokens / max(now - self.start, 1e-9)
         if self.bar is not None:
             self.bar.update(rows)
-            self.bar.set_postfix_str(f"{rate:.0f} tok/s")
+            self.bar.set_postfix_str(f"{rate:.0f} {self.unit}/s")
         elif now - self.last >= self.every:
             self.last = now
             of = f"/{self.total}" if self.total else ""
-            log.info("progress: %d%s rows, %d tokens, %.0f tokens/s", self.rows, of, self.tokens, rate)
+            log.info("progress: %d%s rows, %d %s, %.0f %s/s", self.rows, of, self.tokens, self.unit, rate, self.unit)
 
     def close(self) -> None:
         if self.bar is not None:

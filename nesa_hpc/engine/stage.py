@@ -1,24 +1,13 @@
 """What one rank holds (a :class:`Stage`) and the one loop every worker runs (:func:`serve`).
 
 A stage holds a block of layers (original indices) and, per micro-batch in flight, its state: the KV cache
-of a generation group, the activations a training micro-batch saved for its backward. It answers one
-message with a few verbs and returns the messages to send on; it never touches the transport itself,
-so the same stage serves a worker rank (:func:`serve`) and, at world size 1, rank 0's in-process
-:class:`LocalPipe`. The memory guard, the non-finite marks and the wire dtype live here, so every task
-has them.
-
-Messages a stage answers (``batch_id`` = the micro-batch or generation group):
-
-- ``DATA`` (score/embed): (B, T, H) states, (B, T) int8 mask, (B, T) int32 positions, (B,) int32 marks.
-- ``PREFILL`` / ``DECODE`` (generate): the same plus (B',) int32 rows kept since the group's last step;
-  the mask covers the cached positions too.
-- ``FREE``: a generation group is done; drop its cache.
-- ``TRAIN_FWD``: a data message plus (2,) int32 ``[micro-batches in this step, step]``; ``TRAIN_BWD``:
-  the gradient of what the receiver sent. Within a step a stage follows a fixed schedule (GPipe or 1F1B),
-  which says whether its next message comes from the rank before it or the rank after it.
-- ``SAVE`` / ``EXPORT`` (training): passed on, then the job's handler for it runs on this rank.
-- ``STOP``: passed on; the loop ends.
-The last stage answers with ``RESULT`` (inference) or ``TRAIN_OUT`` (training) to rank 0.
+of a generation lane, the activations a training micro-batch saved for its backward. It answers one
+message (:mod:`nesa_hpc.engine.messages`) with a few verbs and returns the messages to send on; it never
+touches the transport itself, so the same stage serves a worker rank (:func:`serve`) and, at world size
+1, rank 0's in-process :class:`LocalPipe`. The memory guard, the non-finite marks and the wire dtype live
+here, so every task has them. In training a stage follows its part of the step's schedule
+(:mod:`nesa_hpc.engine.schedule`), which says whether its next message is a forward from the rank before
+it or a gradient from the rank after it.
 """
 
 from __future__ import annotations
@@ -32,13 +21,24 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
-from .transport import Kind, Message
+from .messages import (
+    Activations,
+    Export,
+    Free,
+    GenerationOutput,
+    GenerationStep,
+    Message,
+    Output,
+    Save,
+    Stop,
+    TrainForward,
+    TrainGrad,
+    TrainOutput,
+)
+from .schedule import Action, TrainingRole
 
 __all__ = ["Stage", "StageStats", "LocalPipe", "serve", "BatchMemoryError", "NonFiniteError", "memory_guard",
-           "mark_nonfinite", "adapter_dtype", "data_message", "train_schedule", "head_logits", "PIPELINES",
-           "SavedBytes"]
-
-PIPELINES = ("gpipe", "1f1b")
+           "mark_nonfinite", "adapter_dtype", "head_logits", "SavedBytes", "lane_step"]
 
 
 @dataclass
@@ -84,33 +84,11 @@ def adapter_dtype(adapter) -> torch.dtype:
     return next((p.dtype for p in adapter.model.parameters() if p.device.type != "meta"), torch.float32)
 
 
-def data_message(h: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, bad: torch.Tensor,
-                 wire_dtype: torch.dtype) -> list[torch.Tensor]:
-    # (B, T, H) hidden states, (B, T) int8 mask, (B, T) int32 positions, (B,) int32 non-finite marks:
-    # no token ids, ever.
-    return [h.to(wire_dtype), mask.to(torch.int8), pos.to(torch.int32), bad.to(torch.int32)]
-
-
 def head_logits(adapter, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(N, V) logits of the positions that predict a real token (training's head)."""
     from ..infer.tasks import score_positions
 
     return adapter.logits(adapter.norm(h[:, :-1][score_positions(mask)]))
-
-
-def train_schedule(pipeline: str, micro: int, position: int, world: int, backward: bool) -> list[str]:
-    """This stage's order of forwards ("F") and backwards ("B") in a training step of ``micro`` micro-batches.
-
-    ``position`` is the worker's rank; rank 0 is both the first stage (its front) and the last (the loss),
-    so a worker has ``world - position`` stages after it. GPipe runs every forward first; 1F1B runs that
-    many forwards, then alternates one forward and one backward, so at most ``world - position + 1``
-    micro-batches hold activations here. Without a backward (nothing before the head trains here or
-    earlier) a stage only runs forwards."""
-    if not backward:
-        return ["F"] * micro
-    warm = micro if pipeline == "gpipe" else min(world - position, micro)
-    steady = [a for _ in range(micro - warm) for a in ("F", "B")]
-    return ["F"] * warm + steady + ["B"] * warm
 
 
 class SavedBytes:
@@ -137,156 +115,200 @@ class SavedBytes:
             yield total
 
 
+def lane_step(cache, kept: torch.Tensor, past: int, decode: tuple | None, join: tuple | None,
+              run: Callable[[tuple, object], object], new_cache: Callable[[], object]):
+    """One step of a generation lane over one block of layers, the same on every stage and on rank 0's
+    front and tail: keep the cached rows ``kept`` (in that order) and the last ``past`` columns of the
+    lane's timeline (earlier ones belong to no kept row), run the ``decode`` rows with the lane's cache,
+    then the ``join`` rows with a fresh cache, whose rows are appended after the kept ones.
+    ``run(part, cache)`` computes one part. Returns (the lane's cache, decode output, join output); a
+    part that is None has output None."""
+    if cache is not None:
+        if len(kept) == 0:
+            cache = None
+        else:
+            cache.keep_rows(kept)
+            cache.keep_last(past)
+    dec_out = run(decode, cache) if decode is not None else None
+    join_out = None
+    if join is not None:
+        fresh = new_cache()
+        join_out = run(join, fresh)
+        if cache is None:
+            cache = fresh
+        else:
+            cache.add_rows(fresh)
+    return cache, dec_out, join_out
+
+
 class Stage:
     """One rank's layers, its per-micro-batch state and the verbs that answer messages.
 
     ``prev`` / ``nxt`` are the ranks before and after this stage (``nxt`` is 0 for the last stage);
     ``mark`` is the stage number written into non-finite marks; ``head`` is the task whose ``head_stage``
-    runs here when this stage holds the head (``split.head=last``), else None.
+    runs here when this stage holds the head (``split.head=last``), else None. In training, ``training``
+    is its part of the schedule, ``handlers`` the job's action for a :class:`Save` or :class:`Export`
+    (called with the step) and ``on_step_end(step)`` runs when its part of a step is done.
     """
 
     def __init__(self, rank: int, layers: range, adapter, device: torch.device, *, prev: int, nxt: int,
                  is_last: bool, head=None, mark: int | None = None, wire_dtype: torch.dtype | None = None,
-                 tail_on_owner: bool = False, world: int = 1, position: int | None = None) -> None:
+                 tail_on_owner: bool = False, training: TrainingRole | None = None,
+                 handlers: dict[type, Callable[[int], None]] | None = None,
+                 on_step_end: Callable[[int], None] | None = None) -> None:
         self.rank, self.layers, self.adapter, self.device = rank, layers, adapter, torch.device(device)
         self.prev, self.nxt, self.is_last, self.head = prev, nxt, is_last, head
         self.mark = rank if mark is None else mark
         self.dtype = adapter_dtype(adapter)
         self.wire = wire_dtype or self.dtype
         self.tail_on_owner = tail_on_owner
-        self.world = world
-        self.position = rank if position is None else position  # place in the pipeline, for the schedule
+        self.training = training
+        self.handlers = handlers or {}
+        self.on_step_end = on_step_end
         self.stats = StageStats()
-        self.caches: dict[int, tuple[object, int]] = {}      # generation group -> (KV cache, rows in it)
-        self.saved: dict[int, tuple] = {}                    # training micro-batch -> (input, output, bytes)
-        self.schedule: deque[str] = deque()                  # this training step's remaining F/B actions
+        self.lanes: dict[int, object] = {}        # generation lane -> its KV cache over this stage's layers
+        self.saved: dict[int, tuple] = {}         # training micro-batch -> (input, output, bytes)
+        self.schedule: deque[Action] = deque()    # this training step's remaining actions
         self.step = -1
-        # training: set by the job (whether this stage back-propagates, and sends a gradient back)
-        self.trains, self.sends_back, self.pipeline = False, False, "1f1b"
-        self.handlers: dict[int, Callable[[int], None]] = {}  # SAVE / EXPORT handlers of the job
-        self.on_step_end: Callable[[int], None] | None = None
         self.finished: int | None = None
         self._saved_bytes: SavedBytes | None = None
 
     @classmethod
-    def of_rank(cls, rank: int, topo, adapter, device, task=None, wire_dtype: torch.dtype | None = None) -> Stage:
+    def of_rank(cls, rank: int, topo, adapter, device, task=None, wire_dtype: torch.dtype | None = None,
+                training: TrainingRole | None = None, handlers: dict | None = None,
+                on_step_end: Callable[[int], None] | None = None) -> Stage:
         """Worker ``rank``'s stage: its block of layers, and the head (``task``) when it holds it."""
         last = rank == topo.last
         return cls(rank, topo.layers_of(rank), adapter, device, prev=rank - 1, nxt=0 if last else rank + 1,
                    is_last=last, head=task if topo.head_rank() == rank else None, wire_dtype=wire_dtype,
-                   tail_on_owner=len(topo.tail) > 0, world=topo.world_size)
+                   tail_on_owner=len(topo.tail) > 0, training=training, handlers=handlers, on_step_end=on_step_end)
+
+    @classmethod
+    def in_owner(cls, layers: range, adapter, device, training: TrainingRole | None = None) -> Stage:
+        """World size 1: the pipeline's middle ``layers`` in rank 0's own process, the last of two stages
+        (rank 0 both before and after it); NaN/Inf found there is marked as rank 0's."""
+        return cls(0, layers, adapter, device, prev=0, nxt=0, is_last=True, mark=0, training=training)
 
     # -- where the next message comes from
     def wants_backward(self) -> bool:
         """Whether this stage's next message is a gradient (from the rank after it) rather than a forward."""
-        return bool(self.schedule) and self.schedule[0] == "B"
+        return bool(self.schedule) and self.schedule[0].op == "B"
 
     def next_source(self) -> int:
         return self.nxt if self.wants_backward() else self.prev
 
-    def _unwire(self, tensors: list[torch.Tensor]):
-        h, mask, pos, bad = (t.to(self.device, non_blocking=True) for t in tensors[:4])
-        return h.to(self.dtype), mask.long(), pos.long(), bad
+    def _compute(self, states: torch.Tensor, *ints: torch.Tensor) -> list[torch.Tensor]:
+        """Wire tensors on this rank's device: states in the compute dtype, masks and positions as int64."""
+        out = [states.to(self.device, non_blocking=True).to(self.dtype)]
+        return out + [t.to(self.device, non_blocking=True).long() for t in ints]
 
     def _guard(self, shape):
         return memory_guard(self.rank, f"layers [{self.layers.start}, {self.layers.stop})", tuple(shape))
 
     # -- the verbs
-    def handle(self, msg: Message) -> list[tuple[int, int, int, list[torch.Tensor]]]:
-        """Answer one message; returns the messages to send as (dest, kind, batch_id, tensors)."""
-        kind = msg.kind
-        if kind in (Kind.STOP, Kind.SAVE, Kind.EXPORT, Kind.FREE):  # passed on; FREE drops a group's cache
-            if kind == Kind.FREE:
-                self.caches.pop(msg.batch_id, None)
-            return [] if self.is_last else [(self.nxt, kind, msg.batch_id, [])]
+    def handle(self, msg: Message) -> list[tuple[int, Message]]:
+        """Answer one message; returns the messages to send as (destination rank, message)."""
+        if isinstance(msg, (Stop, Save, Export, Free)):  # passed on; Free drops a lane's cache
+            if isinstance(msg, Free):
+                self.lanes.pop(msg.batch_id, None)
+            return [] if self.is_last else [(self.nxt, msg)]
+        verb = {Activations: self.forward, GenerationStep: self.generate, TrainForward: self.train_forward,
+                TrainGrad: self.backward}.get(type(msg))
+        if verb is None:
+            raise RuntimeError(f"rank {self.rank}: unexpected message {type(msg).__name__}")
         t0 = time.perf_counter()
-        if kind == Kind.DATA:
-            out = self.forward(msg)
-        elif kind in (Kind.PREFILL, Kind.DECODE):
-            out = self.generate(msg)
-        elif kind == Kind.TRAIN_FWD:
-            out = self.train_forward(msg)
-        elif kind == Kind.TRAIN_BWD:
-            out = self.backward(msg)
-        else:
-            raise RuntimeError(f"rank {self.rank}: unexpected message kind {kind}")
+        out = verb(msg)
         self.stats.compute_s += time.perf_counter() - t0
-        self.stats.batches += kind != Kind.TRAIN_BWD
-        if kind in (Kind.TRAIN_FWD, Kind.TRAIN_BWD) and not self.schedule:
+        self.stats.batches += not isinstance(msg, TrainGrad)
+        if isinstance(msg, (TrainForward, TrainGrad)) and not self.schedule:
             self.finished, self.step = self.step, -1  # the step's schedule ran out: see take_step_end
         return out
 
-    def forward(self, msg: Message):
+    def forward(self, msg: Activations) -> list[tuple[int, Message]]:
         """Inference: run this stage's layers; the last stage applies the head when it holds it."""
-        h, mask, pos, bad = self._unwire(msg.tensors)
+        h, mask, pos = self._compute(msg.states, msg.mask, msg.positions)
         with torch.inference_mode(), self._guard(mask.shape):
             h = self.adapter.run_layers(self.layers, h, mask, pos)  # (B, T, H)
-            bad = mark_nonfinite(h, mask, bad, self.mark)
+            bad = mark_nonfinite(h, mask, msg.nonfinite_at.to(self.device), self.mark)
             if not self.is_last:
-                return [(self.nxt, Kind.DATA, msg.batch_id, data_message(h, mask, pos, bad, self.wire))]
-            out = self.head.head_stage(self.adapter, h, mask) if self.head is not None else [h.to(self.wire)]
-        return [(0, Kind.RESULT, msg.batch_id, [*out, bad])]
+                return [(self.nxt, Activations.pack(msg.batch_id, h, mask, pos, bad, self.wire))]
+            (out,) = self.head.head_stage(self.adapter, h, mask) if self.head is not None else [h.to(self.wire)]
+        return [(0, Output(msg.batch_id, out, bad.to(torch.int32)))]
 
-    def generate(self, msg: Message):
-        """Prefill or one decode step of a generation group, with this stage's KV cache of the group."""
-        h, mask, pos, bad = self._unwire(msg.tensors)
-        keep = msg.tensors[4].to(self.device, non_blocking=True).long()
-        with torch.inference_mode(), self._guard(mask.shape):
-            if msg.kind == Kind.PREFILL:
-                self.caches[msg.batch_id] = (self.adapter.new_cache(), len(keep))
-            cache, rows = self.caches[msg.batch_id]
-            if len(keep) != rows:  # rows that finished at the owner: drop their cache entries
-                cache.batch_select_indices(keep)
-                self.caches[msg.batch_id] = (cache, len(keep))
-            h = self.adapter.run_layers(self.layers, h, mask, pos, cache)  # (B', T, H)
-            bad = mark_nonfinite(h, mask[:, -h.shape[1]:], bad, self.mark)
+    def generate(self, msg: GenerationStep) -> list[tuple[int, Message]]:
+        """One step of a generation lane (:class:`GenerationStep`) with this stage's KV cache of the lane."""
+        kept = msg.kept.to(self.device).long()
+        dec = self._compute(msg.decode_states, msg.decode_mask, msg.decode_positions) if len(kept) else None
+        join = self._compute(msg.join_states, msg.join_mask, msg.join_positions) if len(msg.join_states) else None
+        def run(part, cache):
+            return self.adapter.run_layers(self.layers, *part, cache)
+
+        with torch.inference_mode(), self._guard((len(kept) + len(msg.join_states), msg.decode_mask.shape[1])):
+            cache, dec_out, join_out = lane_step(self.lanes.get(msg.batch_id), kept, msg.decode_mask.shape[1] - 1,
+                                                 dec, join, run, self.adapter.new_cache)
+            self.lanes[msg.batch_id] = cache
+            bad = msg.nonfinite_at.to(self.device).clone()
+            n = len(kept)
+            if dec_out is not None:
+                bad[:n] = mark_nonfinite(dec_out, dec[1][:, -1:], bad[:n], self.mark)
+            if join_out is not None:
+                bad[n:] = mark_nonfinite(join_out, join[1], bad[n:], self.mark)
+            dec_out = dec_out if dec_out is not None else msg.decode_states
+            join_out = join_out if join_out is not None else msg.join_states
             if not self.is_last:
-                return [(self.nxt, msg.kind, msg.batch_id,
-                         [*data_message(h, mask, pos, bad, self.wire), keep.to(torch.int32)])]
-            if self.head is not None:
-                out = self.head.head_stage(self.adapter, h, None)  # [(B', V) logits of the last position]
-            elif msg.kind == Kind.PREFILL and self.tail_on_owner:
-                out = [h.to(self.wire)]  # the owner's tail layers need every prompt position
-            else:
-                out = [h[:, -1:].to(self.wire)]  # (B', 1, H)
-        return [(0, Kind.RESULT, msg.batch_id, [*out, bad])]
+                return [(self.nxt, GenerationStep(msg.batch_id, msg.kept, dec_out.to(self.wire), msg.decode_mask,
+                                                  msg.decode_positions, join_out.to(self.wire), msg.join_mask,
+                                                  msg.join_positions, bad))]
+            return [(0, GenerationOutput(msg.batch_id, *self._generation_answer(dec_out, join_out), bad))]
 
-    def train_forward(self, msg: Message):
+    def _generation_answer(self, dec_out: torch.Tensor, join_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the last stage returns: next-token logits where it holds the head; else the last position's
+        states, or every joining position when rank 0's tail layers need the whole prompt."""
+        if self.head is not None:
+            vocab = self.adapter.config.vocab_size
+            return tuple(self.head.head_stage(self.adapter, x, None)[0] if len(x) else
+                         torch.zeros(0, vocab, device=x.device) for x in (dec_out, join_out))
+        return dec_out[:, -1:].to(self.wire), (join_out if self.tail_on_owner else join_out[:, -1:]).to(self.wire)
+
+    def train_forward(self, msg: TrainForward) -> list[tuple[int, Message]]:
         """Training forward of one micro-batch; the first of a step sets this step's schedule."""
-        micro, step = (int(x) for x in msg.tensors[4].tolist())
         if msg.batch_id == 0:
-            self.step = step
-            self.schedule = deque(train_schedule(self.pipeline, micro, self.position, self.world, self.trains))
-        if not self.schedule or self.schedule.popleft() != "F":
-            raise RuntimeError(f"rank {self.rank}: a forward of micro-batch {msg.batch_id} arrived out of schedule")
-        h, mask, pos, bad = self._unwire(msg.tensors)
+            self.step = msg.step
+            self.schedule = deque(self.training.order(msg.micro_batches))
+        self._next_action("F", msg.batch_id)
+        h, mask, pos = self._compute(msg.states, msg.mask, msg.positions)
         if self._saved_bytes is None:
             self._saved_bytes = SavedBytes(self.adapter.model)
-        with torch.set_grad_enabled(self.trains), self._guard(mask.shape), self._saved_bytes.counting() as saved:
-            if self.sends_back:
+        backward = self.training.backward
+        with torch.set_grad_enabled(backward), self._guard(mask.shape), self._saved_bytes.counting() as saved:
+            if self.training.sends_back:
                 h.requires_grad_(True)
             out = self.adapter.run_layers(self.layers, h, mask, pos)  # (B, T, H)
-            bad = mark_nonfinite(out, mask, bad, self.mark)
+            bad = mark_nonfinite(out, mask, msg.nonfinite_at.to(self.device), self.mark)
             if self.is_last and self.head is not None:
                 out = head_logits(self.adapter, out, mask).float()  # (N, V)
-        if self.trains:
+        if backward:
             self.saved[msg.batch_id] = (h, out, saved[0])
             live = sum(b for _, _, b in self.saved.values())
             self.stats.peak_saved_bytes = max(self.stats.peak_saved_bytes, live)
         if self.is_last:
             send = out.detach() if self.head is not None else out.detach().to(self.wire)
-            return [(0, Kind.TRAIN_OUT, msg.batch_id, [send, bad])]
-        return [(self.nxt, Kind.TRAIN_FWD, msg.batch_id,
-                 [*data_message(out.detach(), mask, pos, bad, self.wire), msg.tensors[4]])]
+            return [(0, TrainOutput(msg.batch_id, send, bad.to(torch.int32)))]
+        data = Activations.pack(msg.batch_id, out.detach(), mask, pos, bad, self.wire)
+        return [(self.nxt, TrainForward.pack(msg.batch_id, data, msg.micro_batches, msg.step))]
 
-    def backward(self, msg: Message):
+    def backward(self, msg: TrainGrad) -> list[tuple[int, Message]]:
         """Training backward of one micro-batch: the gradient of this stage's output, back to its input."""
-        if not self.schedule or self.schedule.popleft() != "B":
-            raise RuntimeError(f"rank {self.rank}: a gradient of micro-batch {msg.batch_id} arrived out of schedule")
+        self._next_action("B", msg.batch_id)
         h, out, _ = self.saved.pop(msg.batch_id)
         with self._guard(tuple(h.shape)):
-            out.backward(msg.tensors[0].to(device=out.device, dtype=out.dtype))
-        return [(self.prev, Kind.TRAIN_BWD, msg.batch_id, [h.grad.to(self.wire)])] if self.sends_back else []
+            out.backward(msg.grad.to(device=out.device, dtype=out.dtype))
+        return [(self.prev, TrainGrad(msg.batch_id, h.grad.to(self.wire)))] if self.training.sends_back else []
+
+    def _next_action(self, op: str, micro: int) -> None:
+        if not self.schedule or self.schedule.popleft() != Action(op, micro):
+            what = "a forward" if op == "F" else "a gradient"
+            raise RuntimeError(f"rank {self.rank}: {what} of micro-batch {micro} arrived out of schedule")
 
     def take_step_end(self) -> int | None:
         """The training step this stage just finished (its schedule ran out), once; else None."""
@@ -302,7 +324,7 @@ class _Waiting:
         self.queues: dict[bool, deque[Message]] = {False: deque(), True: deque()}  # by "is a gradient"
 
     def put(self, msg: Message) -> None:
-        self.queues[msg.kind == Kind.TRAIN_BWD].append(msg)
+        self.queues[isinstance(msg, TrainGrad)].append(msg)
 
     def take(self, stage: Stage) -> Message | None:
         queue = self.queues[stage.wants_backward()]
@@ -310,9 +332,9 @@ class _Waiting:
 
 
 def serve(stage: Stage, transport, depth: int = 2) -> StageStats:
-    """The worker loop: receive, answer with the stage's verbs, send on, until ``STOP``. At most ``depth``
-    sends are outstanding outside a training step; within one, sends complete at the step's end (a wait
-    inside the step could block on a rank that waits for this one)."""
+    """The worker loop: receive, answer with the stage's verbs, send on, until :class:`Stop`. At most
+    ``depth`` sends are outstanding outside a training step; within one, sends complete at the step's end
+    (a wait inside the step could block on a rank that waits for this one)."""
     pending: deque = deque()
     # the last worker of two ranks gets forwards and gradients from rank 0 alike: one may come early
     waiting = _Waiting()
@@ -321,11 +343,11 @@ def serve(stage: Stage, transport, depth: int = 2) -> StageStats:
         if msg is None:
             waiting.put(transport.recv(stage.next_source()))
             continue
-        for dest, kind, batch_id, tensors in stage.handle(msg):
-            pending.append(transport.send(dest, kind, batch_id, tensors))
-        if msg.kind == Kind.STOP:
+        for dest, out in stage.handle(msg):
+            pending.append(transport.send(dest, out))
+        if isinstance(msg, Stop):
             break
-        handler = stage.handlers.get(msg.kind)
+        handler = stage.handlers.get(type(msg))
         if handler is not None:
             handler(msg.batch_id)
         step = stage.take_step_end()
@@ -357,11 +379,11 @@ class LocalPipe:
         self.waiting = _Waiting()
         self.inbox: deque[Message] = deque()
 
-    def send(self, dest: int, kind: int, batch_id: int, tensors: list[torch.Tensor] = ()):
-        self.waiting.put(Message(kind, batch_id, list(tensors)))
-        while (msg := self.waiting.take(self.stage)) is not None:
-            for _, k, b, out in self.stage.handle(msg):
-                self.inbox.append(Message(k, b, out))
+    def send(self, dest: int, msg: Message):
+        self.waiting.put(msg)
+        while (nxt := self.waiting.take(self.stage)) is not None:
+            for _, out in self.stage.handle(nxt):
+                self.inbox.append(out)
             self.stage.take_step_end()  # rank 0's own optimizer covers the local stage's parameters
         return _Done()
 

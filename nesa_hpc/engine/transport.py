@@ -1,7 +1,8 @@
 """Point-to-point messages between ranks: a fixed int64 header, then one raw byte buffer per tensor.
 
-Two backends share one interface (``send(dest, kind, batch_id, tensors)`` returns a handle with
-``wait()``; ``recv(source)`` returns a :class:`Message`; ``bytes_sent``, ``wait_seconds``, ``close()``):
+The messages themselves are the classes of :mod:`nesa_hpc.engine.messages`. Two backends share one
+interface, :class:`Transport` (``send(dest, message)`` returns a handle with ``wait()``;
+``recv(source)`` returns the message; ``bytes_sent``, ``wait_seconds``, ``close()``):
 
 - :class:`MpiTransport`: ``tensor.view(torch.uint8)`` with mpi4py's buffer API (no pickles: float16
   and bfloat16 have no MPI datatype, and pickling is an order of magnitude slower). GPU tensors go
@@ -26,15 +27,15 @@ import socket
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from enum import IntEnum
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError
+from .messages import Message, decode
 
-__all__ = ["Kind", "Message", "MpiTransport", "TorchTransport", "TransportTimeout", "PeerFailure", "encode_header",
-           "decode_header", "HEADER_LEN", "WIRE_DTYPES", "mpi_cuda_aware", "rendezvous_address", "Transport"]
+__all__ = ["Transport", "MpiTransport", "TorchTransport", "TransportTimeout", "PeerFailure", "encode_header",
+           "decode_header", "HEADER_LEN", "WIRE_DTYPES", "mpi_cuda_aware", "rendezvous_address"]
 
 HEADER_LEN = 64
 _MAX_DIMS = 4
@@ -46,20 +47,6 @@ _TAG_DATA = 12
 WIRE_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
                torch.int8, torch.uint8, torch.bool]
 _CODE = {dt: i for i, dt in enumerate(WIRE_DTYPES)}
-
-
-class Kind(IntEnum):
-    DATA = 1      # hidden states (B, T, H) + mask (B, T) + positions (B, T), owner -> workers
-    RESULT = 2    # what the owner needs back from the last rank
-    STOP = 3      # no more batches
-    PREFILL = 4   # task=generate: a new group's prompts (states, mask, positions, marks, kept rows)
-    DECODE = 5    # task=generate: one new position per row of a group
-    FREE = 6      # task=generate: a group is finished; every stage drops its KV cache
-    TRAIN_FWD = 7  # training: (B, T, H) states + mask + positions of one micro-batch, towards the last rank
-    TRAIN_OUT = 8  # training: the last rank's output for the loss (final states, or logits with head=last)
-    TRAIN_BWD = 9  # training: the gradient of the loss with respect to what the receiver sent
-    SAVE = 10      # training: write this rank's part of the checkpoint of step batch_id
-    EXPORT = 11    # training: write this rank's part of the exported adapter or model
 
 
 class TransportTimeout(RuntimeError):
@@ -123,11 +110,52 @@ def mpi_cuda_aware() -> bool:
     return bool(query()) if query is not None else False
 
 
-@dataclass
-class Message:
-    kind: int
-    batch_id: int
-    tensors: list[torch.Tensor]
+class Transport:
+    """What both backends share: the peers' hosts for messages, the progress deadline, the counters, the
+    test hook, and turning received buffers back into a message. A backend implements
+    ``send_raw(dest, kind, batch_id, tensors)`` (returns a handle with ``wait()``) and ``recv_raw(source)``
+    -> (kind, batch_id, tensors): the header and the raw buffers."""
+
+    def __init__(self, comm, timeout: float, on_recv=None, hosts: list[str] | None = None) -> None:
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.hosts = hosts
+        self.timeout = float(timeout)
+        self.on_recv = on_recv  # optional hook(source, message), used by tests to inspect traffic
+        self.wait_seconds = {"recv": 0.0, "send": 0.0}  # time blocked waiting for input / for a send
+        self.bytes_sent = 0
+
+    def send(self, dest: int, msg: Message):
+        """Start sending ``msg`` to ``dest``; returns a handle whose ``wait()`` completes the send."""
+        return self.send_raw(dest, msg.kind, msg.batch_id, msg.tensors)
+
+    def recv(self, source: int) -> Message:
+        """Receive one whole message from ``source`` (blocking, with the progress deadline)."""
+        msg = decode(*self.recv_raw(source))
+        if self.on_recv is not None:
+            self.on_recv(source, msg)
+        return msg
+
+    def _peer(self, rank: int) -> str:
+        return f"{rank} on {self.hosts[rank]}" if self.hosts else str(rank)
+
+    def _poll(self, done, what: str, kind: str, cancel=None) -> None:
+        """Wait until ``done()``, sleeping a little longer each time (an idle rank leaves the core to busy
+        ones); after ``runtime.timeout`` seconds without it, ``cancel()`` and raise naming ``what``."""
+        start = time.monotonic()
+        nap = 1e-5
+        while not done():
+            if time.monotonic() - start > self.timeout:
+                if cancel is not None:
+                    cancel()
+                raise TransportTimeout(f"rank {self.rank}: no progress for {self.timeout:.0f} s while {what} "
+                                       "(runtime.timeout)")
+            time.sleep(nap)
+            nap = min(nap * 2, 1e-3)
+        self.wait_seconds[kind] += time.monotonic() - start
+
+    def close(self) -> None:
+        """Release what the backend holds (nothing by default)."""
 
 
 @dataclass
@@ -144,17 +172,12 @@ class Pending:
             self.transport._wait_all(self.requests, f"sending to rank {self.transport._peer(self.peer)}", "send")
 
 
-class MpiTransport:
+class MpiTransport(Transport):
     """Header + raw buffers over an mpi4py communicator, with polling waits and a progress deadline."""
 
     def __init__(self, comm, timeout: float = 300.0, on_recv=None, hosts: list[str] | None = None,
                  device: torch.device | str = "cpu", cuda_aware: bool | None = None) -> None:
-        self.comm = comm
-        self.hosts = hosts
-        self.timeout = float(timeout)
-        self.on_recv = on_recv  # optional hook(source, Message), used by tests to inspect traffic
-        self.wait_seconds = {"recv": 0.0, "send": 0.0}  # time blocked waiting for input / for a send
-        self.bytes_sent = 0
+        super().__init__(comm, timeout, on_recv, hosts)
         # where this rank computes; with CUDA, GPU buffers go to MPI directly only if it is CUDA-aware
         self.device = torch.device(device)
         on_gpu = self.device.type == "cuda"
@@ -162,8 +185,7 @@ class MpiTransport:
         self.pinned = on_gpu and not self.cuda_aware
         self._copy_streams: dict = {}  # CUDA device -> this transport's stream for device-to-host staging
 
-    def send(self, dest: int, kind: int, batch_id: int, tensors: list[torch.Tensor] = ()) -> Pending:
-        """Start sending; returns a handle whose ``wait()`` completes the send."""
+    def send_raw(self, dest: int, kind: int, batch_id: int, tensors: list[torch.Tensor]) -> Pending:
         from mpi4py import MPI
 
         if any(t.is_cuda for t in tensors):
@@ -238,9 +260,9 @@ class MpiTransport:
             return torch.empty(shape, dtype=dtype, device=self.device)
         return torch.empty(shape, dtype=dtype, pin_memory=self.pinned)
 
-    def recv(self, source: int) -> Message:
-        """Receive one whole message from ``source`` (blocking, with the progress deadline). Tensors land
-        on the host (pinned when this rank computes on a GPU), or on the GPU with a CUDA-aware MPI."""
+    def recv_raw(self, source: int) -> tuple[int, int, list[torch.Tensor]]:
+        """Tensors land on the host (pinned when this rank computes on a GPU), or on the GPU with a
+        CUDA-aware MPI."""
         from mpi4py import MPI
 
         header = np.empty(HEADER_LEN, dtype=np.int64)
@@ -257,10 +279,7 @@ class MpiTransport:
         reqs = [self.comm.Irecv([_bytes(t), MPI.BYTE], source=source, tag=_TAG_DATA) for t in tensors if t.numel()]
         if reqs:
             self._wait_all(reqs, f"receiving data from rank {self._peer(source)}", "recv")
-        msg = Message(kind, batch_id, tensors)
-        if self.on_recv is not None:
-            self.on_recv(source, msg)
-        return msg
+        return kind, batch_id, tensors
 
     def _test_all(self, requests: list, what: str) -> bool:
         from mpi4py import MPI
@@ -271,28 +290,15 @@ class MpiTransport:
             raise PeerFailure(f"rank {self.comm.Get_rank()}: {what} failed ({exc.Get_error_string().strip()}); "
                               "that rank has probably exited or been killed") from None
 
-    def _peer(self, rank: int) -> str:
-        return f"{rank} on {self.hosts[rank]}" if self.hosts else str(rank)
-
     def _wait_all(self, requests: list, what: str, kind: str) -> None:
         from mpi4py import MPI
 
-        start = time.monotonic()
-        nap = 1e-5
-        while not self._test_all(requests, what):
-            now = time.monotonic()
-            if now - start > self.timeout:
-                for r in requests:
-                    if r != MPI.REQUEST_NULL:
-                        r.Cancel()
-                raise TransportTimeout(f"rank {self.comm.Get_rank()}: no progress for {self.timeout:.0f} s "
-                                       f"while {what} (runtime.timeout)")
-            time.sleep(nap)
-            nap = min(nap * 2, 1e-3)
-        self.wait_seconds[kind] += time.monotonic() - start
+        def cancel() -> None:
+            for r in requests:
+                if r != MPI.REQUEST_NULL:
+                    r.Cancel()
 
-    def close(self) -> None:
-        """Nothing to release: the communicator belongs to the caller."""
+        self._poll(lambda: self._test_all(requests, what), what, kind, cancel)
 
 
 def rendezvous_address(comm, hosts: list[str]) -> str:
@@ -324,7 +330,7 @@ class _TorchPending:
         self.buffers = []
 
 
-class TorchTransport:
+class TorchTransport(Transport):
     """The same messages over ``torch.distributed`` point-to-point: NCCL when ``device`` is a GPU, gloo on CPU.
 
     The process group spans ``comm``'s ranks. Rank 0 starts the rendezvous store on a free port and
@@ -336,15 +342,9 @@ class TorchTransport:
 
     def __init__(self, comm, device: torch.device | str = "cpu", timeout: float = 300.0, on_recv=None,
                  hosts: list[str] | None = None) -> None:
-        self.comm = comm
+        super().__init__(comm, timeout, on_recv, hosts)
         self.device = torch.device(device)
         self.backend = "nccl" if self.device.type == "cuda" else "gloo"
-        self.hosts = hosts
-        self.timeout = float(timeout)
-        self.on_recv = on_recv
-        self.wait_seconds = {"recv": 0.0, "send": 0.0}
-        self.bytes_sent = 0
-        self.rank = comm.Get_rank()
         self._started = False
 
     @staticmethod
@@ -397,8 +397,7 @@ class TorchTransport:
                               f"({str(exc).splitlines()[0][:300]})") from None
         self._started = True
 
-    def send(self, dest: int, kind: int, batch_id: int, tensors: list[torch.Tensor] = ()) -> _TorchPending:
-        """Start sending; returns a handle whose ``wait()`` completes the send."""
+    def send_raw(self, dest: int, kind: int, batch_id: int, tensors: list[torch.Tensor]) -> _TorchPending:
         import torch.distributed as dist
 
         if self.device.type == "cuda":
@@ -427,8 +426,7 @@ class TorchTransport:
             t = t.contiguous().pin_memory()
         return t.to(self.device, non_blocking=True).contiguous()
 
-    def recv(self, source: int) -> Message:
-        """Receive one whole message from ``source`` (blocking, with the progress deadline)."""
+    def recv_raw(self, source: int) -> tuple[int, int, list[torch.Tensor]]:
         import torch.distributed as dist
 
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
@@ -438,31 +436,19 @@ class TorchTransport:
         works = [dist.irecv(t.view(torch.uint8).reshape(-1), source) for t in tensors if t.numel()]
         if works:
             self._wait_all(works, f"receiving data from rank {self._peer(source)}", "recv")
-        msg = Message(kind, batch_id, tensors)
-        if self.on_recv is not None:
-            self.on_recv(source, msg)
-        return msg
-
-    def _peer(self, rank: int) -> str:
-        return f"{rank} on {self.hosts[rank]}" if self.hosts else str(rank)
+        return kind, batch_id, tensors
 
     def _wait_all(self, works: list, what: str, kind: str) -> None:
         start = time.monotonic()
-        late = TransportTimeout(f"rank {self.rank}: no progress for {self.timeout:.0f} s while {what} "
-                                "(runtime.timeout)")
         try:
             if self.backend == "gloo":
                 # gloo's point-to-point work reports completion only through wait(), which takes a deadline
                 # and sleeps on a condition variable (no busy polling)
                 for w in works:
                     w.wait(timedelta(seconds=max(1e-3, start + self.timeout - time.monotonic())))
+                self.wait_seconds[kind] += time.monotonic() - start
             else:
-                nap = 1e-5
-                while not all(w.is_completed() for w in works):  # NCCL: polls the CUDA events
-                    if time.monotonic() - start > self.timeout:
-                        raise late
-                    time.sleep(nap)
-                    nap = min(nap * 2, 1e-3)
+                self._poll(lambda: all(w.is_completed() for w in works), what, kind)  # NCCL: polls CUDA events
                 for w in works:
                     w.wait()  # raises if the operation failed; orders the current stream after it
         except TransportTimeout:
@@ -470,10 +456,10 @@ class TorchTransport:
         except RuntimeError as exc:
             text = str(exc)
             if "Timed out" in text or "timed out" in text:
-                raise late from None
+                raise TransportTimeout(f"rank {self.rank}: no progress for {self.timeout:.0f} s while {what} "
+                                       "(runtime.timeout)") from None
             raise PeerFailure(f"rank {self.rank}: {what} failed ({text.splitlines()[0][:300]}); that rank has "
                               "probably exited or been killed") from None
-        self.wait_seconds[kind] += time.monotonic() - start
 
     def close(self) -> None:
         """Leave the process group (every rank calls it once the pipeline has drained)."""
@@ -483,5 +469,3 @@ class TorchTransport:
             dist.destroy_process_group()
         self._started = False
 
-
-Transport = MpiTransport | TorchTransport

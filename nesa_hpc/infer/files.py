@@ -82,9 +82,12 @@ _ROW_OPTIONS = ("messages_field", "prompt_field", "completion_field", "token_log
 
 
 def decoding_attrs(settings: Settings) -> dict:
-    return {"max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature, "top_k": settings.top_k,
-            "top_p": settings.top_p, "seed": settings.seed, "stop": list(settings.stop),
-            "chat_template": settings.chat_template}
+    out = {"max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature, "top_k": settings.top_k,
+           "top_p": settings.top_p, "seed": settings.seed, "stop": list(settings.stop),
+           "chat_template": settings.chat_template}
+    if settings.ignore_eos:  # files of earlier versions, written before the option existed, keep resuming
+        out["ignore_eos"] = True
+    return out
 
 
 def open_results(cfg, settings: Settings, topo, adapter, task, folder: str, data_path: str,

@@ -442,6 +442,15 @@ class Batch:
     def tokens(self) -> int:
         return int(self.lengths.sum())
 
+    def row(self, i: int) -> Batch:
+        """Row ``i`` alone, without its padding: a batch of one."""
+        real = self.mask[i].bool()
+        mask = self.mask[i:i + 1, real]
+        return Batch(self.index, self.rows[i:i + 1], self.ids[i:i + 1, real], mask, position_ids(mask),
+                     self.lengths[i:i + 1], self.truncated[i:i + 1],
+                     None if self.prompt_tokens is None else self.prompt_tokens[i:i + 1],
+                     None if self.requests is None else self.requests[i:i + 1])
+
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, so left padding starts each row at 0."""

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..errors import ConfigError
 
@@ -128,6 +129,52 @@ class StageCache(DynamicCache):
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return super().get_query_offset(self._here(layer_idx))
+
+    # -- rows of a generation lane: each row's cached positions end at the lane's last column (its
+    # timeline), so a row that joined later is padded on the left, as in a left-padded batch
+    def _filled(self) -> list:
+        layers = [layer for layer in self.layers if layer.is_initialized and layer.keys.numel()]
+        for layer in layers:
+            if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+                raise ConfigError(f"generation lanes cannot hold a {type(layer).__name__} cache layer")
+        return layers
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (indices, in their new order) in every layer."""
+        for layer in self._filled():
+            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+
+    def keep_last(self, columns: int) -> None:
+        """Drop every column of the timeline but the last ``columns`` (those no remaining row uses)."""
+        for layer in self._filled():
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                layer.cumulative_length = min(layer.cumulative_length, columns)
+            stored = layer.keys.shape[-2]
+            start = stored - min(stored, columns)
+            layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+
+    def add_rows(self, other: StageCache) -> None:
+        """Append ``other``'s rows after this cache's, both padded on the left to the longer timeline."""
+        for mine, theirs in zip(self.layers, other.layers, strict=True):
+            if not (theirs.is_initialized and theirs.keys.numel()):
+                continue
+            if not (mine.is_initialized and mine.keys.numel()):
+                raise ValueError("add_rows: this cache has no rows in a layer the other one fills")
+            if type(mine) is not type(theirs) or type(mine) not in (DynamicLayer, DynamicSlidingWindowLayer):
+                raise ConfigError(f"generation lanes cannot hold a {type(mine).__name__} cache layer")
+            if isinstance(mine, DynamicSlidingWindowLayer):
+                timeline = max(mine.cumulative_length, theirs.cumulative_length)
+                stored = min(timeline, mine.sliding_window - 1)
+                mine.cumulative_length = timeline
+            else:
+                stored = max(mine.keys.shape[-2], theirs.keys.shape[-2])
+            mine.keys = torch.cat([_pad_left(mine.keys, stored), _pad_left(theirs.keys, stored)])
+            mine.values = torch.cat([_pad_left(mine.values, stored), _pad_left(theirs.values, stored)])
+
+
+def _pad_left(x: torch.Tensor, columns: int) -> torch.Tensor:
+    """(B, heads, S, D) -> (B, heads, columns, D), zeros before the S cached columns."""
+    return torch.nn.functional.pad(x, (0, 0, columns - x.shape[-2], 0))
 
 
 def _swap(parent: nn.Module, name: str, module: nn.Module):

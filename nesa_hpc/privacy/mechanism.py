@@ -254,9 +254,10 @@ class Privacy:
         return self.spec.mechanism
 
     def apply(self, z: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None = None,
-              release: int = 0, counted: bool = True) -> torch.Tensor:
+              releases: int | list[int] = 0, counted: bool = True) -> torch.Tensor:
         """Transform Z (B, T, H) before it is sent; ``mask`` (B, T) marks real tokens and ``rows`` (B,)
-        the input rows. ``release`` numbers the releases of the same rows (generation: decode steps).
+        the input rows. ``releases`` numbers the releases of the same row (generation: decode steps), one
+        for every row or one per row.
         ``counted=False``: Z is a function of what the workers already returned, not of the row (a decode
         step at k=0 without a denoiser embeds a token picked from their outputs alone), so the ledger does
         not count it; it still gets fresh noise. Padded positions are sent as zeros, since at k>0 they
@@ -278,10 +279,11 @@ class Privacy:
         noise = torch.zeros_like(z)
         m = mask.bool()
         H = z.shape[-1]
-        for i, r in enumerate(rows.tolist()):
+        per_row = releases if isinstance(releases, list) else [releases] * len(rows)
+        for i, (r, release) in enumerate(zip(rows.tolist(), per_row, strict=True)):
             n = int(m[i].sum())
             if n:
-                noise[i][m[i]] = self.draw(r, release, n, H).to(device=z.device)
+                noise[i][m[i]] = self.draw(r, int(release), n, H).to(device=z.device)
         return (z + noise).to(dtype)
 
     def draw(self, row: int, release: int, n: int, H: int) -> torch.Tensor:

@@ -45,9 +45,10 @@ from ..engine.job import (
     start_job,
     stop_requested,
 )
+from ..engine.messages import Export, Save
 from ..engine.owner import Owner
-from ..engine.stage import NonFiniteError, Stage, serve
-from ..engine.transport import Kind
+from ..engine.schedule import TrainingRole
+from ..engine.stage import LocalPipe, NonFiniteError, Stage, serve
 from ..infer.tasks import make_task
 from ..io.public_text import load_texts
 from ..models.lora import lora_targets
@@ -58,9 +59,9 @@ from .checkpoint import checkpoint_root, export, latest_checkpoint, load_rank, s
 from .options import TrainBatch, TrainSpec, epoch_batches, load_examples, lr_factor, train_spec
 from .step import (
     DENOISER,
-    Roles,
     Trainer,
     TrainLedger,
+    gradient_flow,
     ledger_counts,
     make_trainable,
     owner_step,
@@ -116,12 +117,19 @@ def run_train(cfg: DictConfig, comm=None, on_step=None, on_recv=None) -> dict:
     if sum(counts) == 0:
         raise JobError("nothing to train: train.layers selects no layer a rank may train (rank 0's layers train "
                        "only with train.owner_trainable=true)")
-    roles = Roles.of(flags)
+    local_layers = range(topo.num_layers, topo.num_layers) if spec.denoiser_alone else \
+        range(topo.k, topo.num_layers)  # world size 1: what rank 0's in-process stage runs
+    if size == 1:  # the in-process stage is the second of two stages
+        flags = [front, any(p.requires_grad for i in local_layers for p in adapter.layers[i].parameters())]
+    grads = gradient_flow(flags)
+    window = settings.inflight or topo.world_size
+    role = TrainingRole(spec.pipeline, window, grads, position=rank)
     planned = agree(comm, lambda: _owner_plan(settings, spec, folder), share=False)
     plan = comm.bcast(planned[0] if rank == 0 else None, root=0)
-    transport = job.transport(on_recv)
-    trainer = Trainer(rank, topo, adapter, spec, params, comm, roles, job.device, plan["total_steps"])
-    trainer.private = settings.privacy.adds_noise or spec.grad_privacy.adds_noise
+    transport = job.transport(on_recv) or LocalPipe(Stage.in_owner(
+        local_layers, adapter, job.device, TrainingRole(spec.pipeline, window, grads, position=1)))
+    trainer = Trainer(rank, topo, adapter, spec, params, comm, role, job.device, plan["total_steps"],
+                      private=settings.privacy.adds_noise or spec.grad_privacy.adds_noise)
     start_step = 0
     resume_from = agree(comm, lambda: _resume_point(spec, cfg))
     if resume_from is not None:
@@ -144,30 +152,24 @@ def run_train(cfg: DictConfig, comm=None, on_step=None, on_recv=None) -> dict:
     start = time.perf_counter()
     try:
         if rank == 0:
-            owner = Owner(topo, adapter, None, transport, job.device, wire_dtype)
-            owner.denoiser = denoiser
-            if spec.denoiser_alone:  # the owner alone computes nothing of layers [k, L)
-                owner.local.layers = range(topo.num_layers, topo.num_layers)
-            sends_grad = roles.needs[topo.last]
-            if owner.local is not None:  # world size 1: the local stage trains layers [k, L) with rank 0
-                sends_grad = roles.needs[0] or any(p.requires_grad for i in owner.local.layers
-                                                   for p in adapter.layers[i].parameters())
-                _train_stage(owner.local, roles.needs[0], sends_grad, spec)
-            summary = _owner_loop(trainer, owner, settings, spec, folder, plan, *planned[1:], start_step, stop,
-                                  on_step, sends_grad)
+            examples, tokenizer = planned[1:]
+            fwd, bwd = _owner_privacy(settings, spec, trainer, tokenizer,
+                                      finished=start_step >= plan["total_steps"])
+            owner = Owner(topo, adapter, fwd, transport, job.device, wire_dtype, denoiser)
+            summary = _owner_loop(trainer, owner, bwd, settings, spec, folder, plan, examples, tokenizer,
+                                  start_step, stop, on_step)
             share_exit_code(comm, summary["exit_code"])
             return summary
-        stage = Stage.of_rank(rank, topo, adapter, job.device, make_task("score", False), wire_dtype)
-        _train_stage(stage, roles.needs[rank - 1], roles.needs[rank], spec)
-        stage.handlers[Kind.SAVE] = lambda step: _save_part(trainer, spec, step)
-        stage.handlers[Kind.EXPORT] = lambda step: export(trainer, spec, folder)
 
         def step_end(step: int) -> None:
             if on_step is not None:
                 on_step(trainer, step, None)
             trainer.finish_step()
 
-        stage.on_step_end = step_end
+        handlers = {Save: lambda step: _save_part(trainer, spec, step),
+                    Export: lambda step: export(trainer, spec, folder)}
+        stage = Stage.of_rank(rank, topo, adapter, job.device, make_task("score", False), wire_dtype, role,
+                              handlers, step_end)
         stats = serve(stage, transport)
         gather_stats(comm, rank_stats(rank, stats, transport, time.perf_counter() - start))
         return {"exit_code": share_exit_code(comm, None)}
@@ -199,10 +201,6 @@ def training_costs(head_cost: float, spec: TrainSpec, k: int) -> tuple[float, tu
     front = 3.0 if spec.owner_trainable and (spec.layers is None or spec.layers[0] < k) else 1.0
     tail = 3.0 if spec.owner_trainable else 2.0
     return 2.0 * head_cost, (front, 3.0, tail)
-
-
-def _train_stage(stage: Stage, sends_back: bool, trains: bool, spec: TrainSpec) -> None:
-    stage.sends_back, stage.trains, stage.pipeline = sends_back, trains, spec.pipeline
 
 
 def _save_part(trainer: Trainer, spec: TrainSpec, step: int) -> None:
@@ -321,12 +319,11 @@ def _owner_privacy(settings: Settings, spec: TrainSpec, stage: Trainer, tokenize
     return fwd, bwd
 
 
-def _owner_loop(stage: Trainer, owner: Owner, settings: Settings, spec: TrainSpec, folder: str, plan: dict,
-                examples: list, tok, start_step: int, stop: StopFlag, on_step, sends_grad: bool) -> dict:
+def _owner_loop(stage: Trainer, owner: Owner, bwd: Privacy | None, settings: Settings, spec: TrainSpec,
+                folder: str, plan: dict, examples: list, tok, start_step: int, stop: StopFlag, on_step) -> dict:
     topo = stage.topo
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    fwd, bwd = _owner_privacy(settings, spec, stage, tok, finished=start_step >= plan["total_steps"])
-    owner.privacy = fwd
+    fwd = owner.privacy
     ledger = TrainLedger()
     own = Path(spec.owner_dir)
     own.mkdir(parents=True, exist_ok=True)
@@ -341,8 +338,7 @@ def _owner_loop(stage: Trainer, owner: Owner, settings: Settings, spec: TrainSpe
     per_epoch, total = plan["steps_per_epoch"], plan["total_steps"]
     # rank 0's weights trained on the raw rows (its layers, or a denoiser the gradient message passes through)
     # make every release depend on every row seen before
-    mixes = spec.owner_trainable or (owner.denoiser is not None and stage.roles.needs[topo.last]
-                                     and topo.world_size > 1)
+    mixes = spec.owner_trainable or (owner.denoiser is not None and stage.role.grads[-1] and topo.world_size > 1)
     t_start = time.perf_counter()
     tokens_run, last_log, last_saved = 0, t_start, start_step
     losses = []
@@ -359,8 +355,7 @@ def _owner_loop(stage: Trainer, owner: Owner, settings: Settings, spec: TrainSpe
             epoch_cache[epoch] = epoch_batches(examples, epoch, spec.seed, settings.batch_size, pad,
                                                settings.padding_side)
         batches = epoch_cache[epoch][within * spec.grad_accum:(within + 1) * spec.grad_accum]
-        loss, n_target = owner_step(stage, owner, batches, bwd if topo.world_size > 1 else None, epoch, step,
-                                    settings.inflight or topo.world_size, sends_grad)
+        loss, n_target = owner_step(stage, owner, batches, bwd if topo.world_size > 1 else None, epoch, step)
         fwd.releases.clear()
         if not math.isfinite(loss):
             raise NonFiniteError(f"train: the loss is {loss} at step {step + 1} (lower train.lr, or set "
@@ -371,7 +366,7 @@ def _owner_loop(stage: Trainer, owner: Owner, settings: Settings, spec: TrainSpe
                                                                                    spec.schedule)
         norm = stage.finish_step()
         ledger_counts(ledger, step + 1, per_epoch, spec.grad_accum, settings.batch_size, plan["rows"],
-                       topo.world_size > 1, stage.roles.needs[topo.last] and topo.world_size > 1)
+                       topo.world_size > 1, stage.role.grads[-1] and topo.world_size > 1)
         tokens = int(sum(int(b.mask.sum()) for b in batches))
         tokens_run += tokens
         eps = ledger.epsilon(fwd, bwd, mixes)
@@ -406,7 +401,7 @@ def _owner_loop(stage: Trainer, owner: Owner, settings: Settings, spec: TrainSpe
         summary["rank_stats"] = _all_rank_stats(stage, owner, elapsed)
         log.warning("stopped by %s after step %d; rerun with train.resume=true to continue", stopped, step)
         return summary
-    owner.send(Kind.EXPORT, step)
+    owner.send(Export(step))
     exported = export(stage, spec, folder)
     owner.stop()
     summary["exported"] = exported
@@ -438,7 +433,7 @@ def _fmt_eps(eps: float) -> str:
 
 
 def _save(stage: Trainer, owner: Owner, spec: TrainSpec, step: int, ledger: TrainLedger) -> None:
-    owner.send(Kind.SAVE, step)
+    owner.send(Save(step))
     _save_part(stage, spec, step)
     folder = checkpoint_root(spec) / f"step-{step:08d}"
     folder.mkdir(parents=True, exist_ok=True)  # rank 0's own part may have gone to train.owner_dir

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import ConfigError, Settings, as_bool, choice, integer, nonneg, positive, privacy_spec
-from ..engine.stage import PIPELINES
+from ..engine.schedule import PIPELINES
 from ..infer.tasks import score_positions
 from ..io.data import DataError, RowError, encode_rows, pad_batch, position_ids, read_rows
 from ..io.public_text import public_texts

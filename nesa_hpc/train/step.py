@@ -1,13 +1,12 @@
-"""One training step: who trains what, the owner's side of a step over the pipeline (GPipe or 1F1B), the
-gradient message's privacy, the end of a step on every rank, and the training ledger.
+"""One training step: who trains what, the owner's side of a step over the pipeline, the gradient message's
+privacy, the end of a step on every rank, and the training ledger.
 
-The owner drives a step through :class:`~nesa_hpc.engine.owner.Owner`: its front runs each micro-batch's forward
-and sends Z on (``TRAIN_FWD``), the loss runs where the last worker's output comes back (``TRAIN_OUT``),
-and the gradient of that output goes back (``TRAIN_BWD``); the workers answer with their
-:class:`~nesa_hpc.engine.stage.Stage` verbs in the order :func:`~nesa_hpc.engine.stage.train_schedule` gives. With
-``train.pipeline=1f1b`` the owner keeps at most ``max(runtime.inflight, world size)`` micro-batches in
-flight and starts the next forward as each result comes back, so activation memory is bounded by the
-number of stages; ``gpipe`` sends every forward of the step first.
+The owner drives a step through :class:`~nesa_hpc.engine.owner.Owner` in the order its part of the step's
+schedule gives (:mod:`nesa_hpc.engine.schedule`, the same function the workers' stages follow): ``F`` runs
+a micro-batch's front and sends Z on (:class:`~nesa_hpc.engine.messages.TrainForward`), ``L`` computes the
+loss where the last worker's output comes back (:class:`~nesa_hpc.engine.messages.TrainOutput`) and sends
+the gradient of that output back (:class:`~nesa_hpc.engine.messages.TrainGrad`), ``B`` back-propagates
+rank 0's front with the gradient of Z from rank 1.
 """
 
 from __future__ import annotations
@@ -19,16 +18,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..engine.messages import Activations, TrainForward, TrainGrad, TrainOutput
 from ..engine.owner import Owner, describe_stage
-from ..engine.stage import NonFiniteError, SavedBytes, data_message, head_logits, memory_guard
+from ..engine.schedule import TrainingRole
+from ..engine.stage import NonFiniteError, SavedBytes, head_logits, memory_guard
 from ..engine.topology import Topology
-from ..engine.transport import Kind
 from ..models.lora import add_lora
 from ..privacy.mechanism import Privacy
 from .options import TrainBatch, TrainSpec, lr_factor
 
-__all__ = ["DENOISER", "trainable_layers", "make_trainable", "training_epsilon", "TrainLedger", "grad_message", "Roles",
-           "Trainer", "owner_step", "ledger_counts", "loss_sum"]
+__all__ = ["DENOISER", "trainable_layers", "make_trainable", "training_epsilon", "TrainLedger", "grad_message",
+           "gradient_flow", "Trainer", "owner_step", "ledger_counts", "loss_sum"]
 
 
 DENOISER = "denoiser."  # the names of rank 0's denoiser parameters among a trainer's parameters
@@ -124,29 +124,24 @@ def grad_message(privacy: Privacy | None, g: torch.Tensor, row_of: torch.Tensor,
 
 
 
-@dataclass
-class Roles:
-    """Who sends gradients where: ``needs[r]`` = some rank <= r trains parameters that come before the head."""
-
-    needs: list[bool]
-
-    @classmethod
-    def of(cls, flags: list[bool]) -> Roles:
-        needs, seen = [], False
-        for f in flags:
-            seen = seen or f
-            needs.append(seen)
-        return cls(needs)
+def gradient_flow(trains_before_head: list[bool]) -> tuple[bool, ...]:
+    """Per pipeline stage (rank 0 first), whether the loss's gradient flows back through it: some stage at
+    or before it trains parameters that come before the head (``trains_before_head``, one flag per stage)."""
+    flow, seen = [], False
+    for f in trains_before_head:
+        seen = seen or f
+        flow.append(seen)
+    return tuple(flow)
 
 
 class Trainer:
     """One rank's part of training: its trainable parameters, optimizer and schedule, and the step's end."""
 
-    def __init__(self, rank: int, topo: Topology, adapter, spec: TrainSpec, params, comm, roles: Roles,
-                 device: torch.device, total_steps: int) -> None:
+    def __init__(self, rank: int, topo: Topology, adapter, spec: TrainSpec, params, comm, role: TrainingRole,
+                 device: torch.device, total_steps: int, private: bool) -> None:
         self.rank, self.topo, self.adapter, self.spec = rank, topo, adapter, spec
         self.params = params
-        self.comm, self.roles, self.device = comm, roles, device
+        self.comm, self.role, self.device = comm, role, device
         groups = [{"params": [p for n, p in params if not n.startswith(DENOISER)]},
                   {"params": [p for n, p in params if n.startswith(DENOISER)], "lr": spec.denoiser_lr or spec.lr}]
         self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr,
@@ -157,7 +152,7 @@ class Trainer:
         # denoiser: trained on the raw rows) are clipped by their own norm and kept out of the shared one, which
         # the workers learn: nothing computed from them leaves rank 0. At world size 1 the same split is made
         # inside the one process, so it trains as a split job does.
-        self.private = False
+        self.private = private
         own = [adapter.layer_module(i) + "." for i in [*range(topo.k), *topo.tail]] if rank == 0 else []
         self.own = {n for n, _ in params if rank == 0 and (topo.world_size > 1 or n.startswith(DENOISER)
                                                             or n.startswith(tuple(own)))}
@@ -211,72 +206,88 @@ def _privatised_grad(g: torch.Tensor, b: TrainBatch, mask: torch.Tensor, head_he
 
 
 def owner_step(trainer: Trainer, owner: Owner, batches: list[TrainBatch], grad_privacy: Privacy | None,
-               release: int, step: int, window: int, sends_grad: bool) -> tuple[float, int]:
-    """One optimizer step's forwards and backwards on rank 0; returns (mean token loss, target tokens).
-
-    ``window``: micro-batches in flight (1F1B); ``sends_grad``: the stage before the loss trains (or passes
-    a gradient on), so it gets the gradient of its output."""
-    topo, a, dev, stats = owner.topo, owner.adapter, owner.device, owner.stats
+               release: int, step: int) -> tuple[float, int]:
+    """One optimizer step's forwards and backwards on rank 0, in the order of its part of the schedule;
+    returns (mean token loss, target tokens)."""
+    role = trainer.role
     n_target = int(sum(b.weights().sum() for b in batches))
     n_scored = int(sum(b.scored.sum() for b in batches))  # public: what the masks show (= n_target, causal loss)
-    front_trains = trainer.roles.needs[0]
-    micro = len(batches)
-    plan = torch.tensor([micro, step], dtype=torch.int32)
-    window = micro if trainer.spec.pipeline == "gpipe" else max(window, owner.stages)
-    saved: dict[int, tuple[torch.Tensor, int]] = {}  # micro-batch -> (Z, bytes saved for its backward)
-    loss, sent = 0.0, 0
+    run = _OwnerStep(trainer, owner, batches, grad_privacy, release, step, n_target, n_scored)
+    for action in role.order(len(batches)):
+        {"F": run.forward, "L": run.loss, "B": run.backward}[action.op](action.micro)
+    owner.flush()
+    return run.loss_sum / max(n_target, 1), n_target
 
-    def forward(m: int) -> None:
-        b = batches[m]
+
+class _OwnerStep:
+    """Rank 0's three actions of a training step (see :mod:`nesa_hpc.engine.schedule`) over its micro-batches."""
+
+    def __init__(self, trainer: Trainer, owner: Owner, batches: list[TrainBatch], grad_privacy: Privacy | None,
+                 release: int, step: int, n_target: int, n_scored: int) -> None:
+        self.trainer, self.owner, self.batches, self.grad_privacy = trainer, owner, batches, grad_privacy
+        self.release, self.step, self.n_target, self.n_scored = release, step, n_target, n_scored
+        self.front_trains = trainer.role.grads[0]
+        self.sends_grad = trainer.role.grads[-1]  # the last stage back-propagates: it gets the gradient
+        self.saved: dict[int, tuple[torch.Tensor, int]] = {}  # micro-batch -> (Z, bytes saved for its backward)
+        self.clean: dict[int, torch.Tensor | None] = {}  # micro-batch -> clean layer-k states (denoiser)
+        self.loss_sum = 0.0
+
+    def forward(self, m: int) -> None:
+        """``F``: embed, layers [0, k), privacy; Z goes to rank 1."""
+        owner, b, stats = self.owner, self.batches[m], self.owner.stats
+        dev = owner.device
         mask, pos = b.mask.to(dev), b.pos.to(dev)
         t0 = time.perf_counter()
-        with torch.set_grad_enabled(front_trains), memory_guard(0, "embedding and layers [0, k)", b.ids.shape), \
-                trainer.saved_bytes.counting() as counted:
-            z, bad = owner.front(b.ids.to(dev), mask, pos, b.rows, release=release, key=m)  # (B, T, H)
+        with torch.set_grad_enabled(self.front_trains), memory_guard(0, "embedding and layers [0, k)", b.ids.shape), \
+                self.trainer.saved_bytes.counting() as counted:
+            z, bad, self.clean[m] = owner.front(b.ids.to(dev), mask, pos, b.rows, releases=self.release)  # (B, T, H)
         stats.compute_s += time.perf_counter() - t0
         stats.batches += 1
-        if front_trains:
-            saved[m] = (z, counted[0])
-            stats.peak_saved_bytes = max(stats.peak_saved_bytes, sum(n for _, n in saved.values()))
-        owner.send(Kind.TRAIN_FWD, m, [*data_message(z.detach(), mask, pos, bad, owner.wire), plan])
+        if self.front_trains:
+            self.saved[m] = (z, counted[0])
+            stats.peak_saved_bytes = max(stats.peak_saved_bytes, sum(n for _, n in self.saved.values()))
+        data = Activations.pack(m, z.detach(), mask, pos, bad, owner.wire)
+        owner.send(TrainForward.pack(m, data, len(self.batches), self.step))
 
-    while sent < min(window, micro):
-        forward(sent)
-        sent += 1
-    for m, b in enumerate(batches):
-        msg = owner.recv(Kind.TRAIN_OUT, m, strict=False)  # final states (B, T, H), or logits (N, V) with head=last
+    def loss(self, m: int) -> None:
+        """``L``: the loss of micro-batch ``m`` on what the last worker returned; its gradient goes back."""
+        owner, b, topo = self.owner, self.batches[m], self.owner.topo
+        dev = owner.device
+        msg = owner.recv(TrainOutput, m, strict=False)  # final states (B, T, H), or logits (N, V) with head=last
         t0 = time.perf_counter()
-        x, bad = (t.to(dev, non_blocking=True) for t in msg.tensors)
+        x, bad = msg.output.to(dev, non_blocking=True), msg.nonfinite_at.to(dev)
         if (bad >= 0).any():
             stage = int(bad[bad >= 0].min())
             raise NonFiniteError(f"train: NaN/Inf in the activations of rows {b.rows[bad.cpu() >= 0].tolist()} at "
-                                 f"step {step + 1}, first in {describe_stage(stage, topo)} (lower train.lr, or set "
-                                 "train.max_grad_norm)")
+                                 f"step {self.step + 1}, first in {describe_stage(stage, topo)} (lower train.lr, or "
+                                 "set train.max_grad_norm)")
         mask, pos = b.mask.to(dev), b.pos.to(dev)
         x = x.to(owner.dtype) if owner.head_here else x
-        if sends_grad:
+        if self.sends_grad:
             x.requires_grad_(True)
         with torch.enable_grad(), memory_guard(0, "the head", tuple(b.ids.shape)):
-            logits = head_logits(a, owner.back(x, mask, pos, bad, key=m)[0], mask) if owner.head_here else x
+            if owner.head_here:
+                h = owner.back(x, mask, pos, bad, clean=self.clean.pop(m))[0]
+                logits = head_logits(owner.adapter, h, mask)
+            else:
+                logits = x
             part = loss_sum(logits, b)
             if part.requires_grad:
-                (part / n_target).backward()
-        loss += float(part.detach())
-        if sends_grad:
-            g = _privatised_grad(x.grad, b, mask, owner.head_here, grad_privacy, release, n_target, n_scored)
-            owner.send(Kind.TRAIN_BWD, m, [g.to(owner.wire) if owner.head_here else g], dest=topo.last)
-        stats.compute_s += time.perf_counter() - t0
-        if sent < micro:
-            forward(sent)
-            sent += 1
-        if front_trains:
-            grad = owner.recv(Kind.TRAIN_BWD, m, source=1, strict=False).tensors[0]
-            z, _ = saved.pop(m)
-            t0 = time.perf_counter()
-            z.backward(grad.to(device=z.device, dtype=z.dtype))
-            stats.compute_s += time.perf_counter() - t0
-    owner.flush()
-    return loss / max(n_target, 1), n_target
+                (part / self.n_target).backward()
+        self.loss_sum += float(part.detach())
+        if self.sends_grad:
+            g = _privatised_grad(x.grad, b, mask, owner.head_here, self.grad_privacy, self.release, self.n_target,
+                                 self.n_scored)
+            owner.send(TrainGrad(m, g.to(owner.wire) if owner.head_here else g), dest=topo.last)
+        owner.stats.compute_s += time.perf_counter() - t0
+
+    def backward(self, m: int) -> None:
+        """``B``: back-propagate rank 0's front with the gradient of Z from rank 1."""
+        grad = self.owner.recv(TrainGrad, m, source=1, strict=False).grad
+        z, _ = self.saved.pop(m)
+        t0 = time.perf_counter()
+        z.backward(grad.to(device=z.device, dtype=z.dtype))
+        self.owner.stats.compute_s += time.perf_counter() - t0
 
 
 def ledger_counts(ledger: TrainLedger, steps_done: int, per_epoch: int, accum: int, batch_size: int, rows: int,
