@@ -1,0 +1,164 @@
+"""``task=generate`` with ``bench.generate.workload=variable``: prompts of up to ``bench.generate.max_words``
+words, each with its own max tokens (geometric with mean ``bench.generate.tokens_mean``, clipped to
+``[1, bench.generate.tokens_cap]``), as an OpenAI batch file. Measured in one invocation:
+
+- transformers static ``generate``: left-padded batches of ``data.batch_size`` in input order, each run to
+  its largest max tokens, one process with ``cores`` threads (rows cut at their own max when counted);
+- transformers continuous batching, per-request max tokens, one process at one thread and at ``cores``
+  threads (each in its own subprocess);
+- the pipeline at each of ``bench.ranks`` (default 2 and 3), one thread per rank.
+
+The ceiling is ``cores`` x the one-thread continuous-batching figure."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from ..io.data import read_rows, sample_path
+from .common import launch, num, override, print_rank_stats, ranks, setup_model, share, write
+from .generate import baseline_generate, read_generated
+
+__all__ = ["CB_CEILING", "make_variable_workload", "run_bench_variable"]
+
+CB_CEILING = ("cores x the one-thread transformers continuous-batching figure (1 process, "
+              "torch.set_num_threads(1)), measured in this run")
+
+
+def make_variable_workload(path: Path, rows: int, min_words: int, max_words: int, tokens_mean: float,
+                           tokens_cap: int, seed: int) -> list[int]:
+    """Write ``rows`` OpenAI batch lines (``/v1/completions``, greedy) to ``path`` and return each row's max
+    tokens. A prompt is ``min_words``..``max_words`` words (uniform) cut from the shipped sample sentences; its
+    ``max_tokens`` is drawn from a geometric distribution with mean ``tokens_mean`` (support 1, 2, ...),
+    clipped to ``tokens_cap``."""
+    rng = random.Random(seed)
+    draw = np.random.default_rng(seed)
+    sentences = [t for _, t in read_rows(sample_path())]
+    caps = []
+    with open(path, "w") as fh:
+        for i in range(rows):
+            target = rng.randint(min_words, max_words)
+            words: list[str] = []
+            while len(words) < target:
+                words += rng.choice(sentences).split()
+            cap = int(min(tokens_cap, draw.geometric(1.0 / tokens_mean)))
+            caps.append(cap)
+            body = {"model": "bench", "prompt": " ".join(words[:target]), "max_tokens": cap, "temperature": 0}
+            fh.write(json.dumps({"custom_id": f"row-{i}", "method": "POST", "url": "/v1/completions",
+                                 "body": body}) + "\n")
+    return caps
+
+
+def _continuous(cfg: DictConfig, folder: str, data: Path, threads: int, out: Path) -> dict:
+    """One continuous-batching run in a fresh process (see :mod:`nesa_hpc.bench.continuous`)."""
+    g = cfg.bench.generate
+    spec = {"folder": folder, "data": str(data), "max_length": cfg.data.max_length, "threads": threads,
+            "attn": g.cb_attn, "max_batch_tokens": g.cb_max_batch_tokens, "num_blocks": g.cb_num_blocks,
+            "out": str(out)}
+    cmd = [sys.executable, "-m", "nesa_hpc.bench.continuous", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"continuous batching at {threads} threads failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(out.read_text())
+    result["tokens"] = {int(r): t for r, t in result["tokens"].items()}
+    return result
+
+
+def _row(system: str, ranks_: int, threads: int, res: dict, base: dict, **more) -> dict:
+    """One table row: generated tokens, tokens/s and the share of rows equal to the static baseline."""
+    same = sum(res["tokens"].get(r) == t for r, t in base["tokens"].items()) / len(base["tokens"])
+    return {"name": f"{system} {ranks_} x {threads}", "system": system, "ranks": ranks_, "threads": threads,
+            "generated": res["generated"], "seconds": res["seconds"], "generated_per_s": res["generated_per_s"],
+            "same_tokens": same, **more}
+
+
+def _baseline_rows(cfg: DictConfig, folder: str, data: Path, caps: dict[int, int], cores: int,
+                   out_dir: Path) -> tuple[list[dict], float, dict, dict]:
+    """Static ``generate`` at ``cores`` threads, continuous batching at one and at ``cores`` threads: their
+    table rows, the ceiling, the continuous-batching settings in effect and the static run (the baseline)."""
+    static = baseline_generate(folder, data, cfg, cores, caps)
+    print(f"transformers generate (static), 1 process x {cores} thr: {static['generated_per_s']:.1f} tokens/s",
+          flush=True)
+    rows = [_row("transformers generate (static)", 1, cores, static, static)]
+    runs = {}
+    for threads in sorted({1, cores}):
+        runs[threads] = _continuous(cfg, folder, data, threads, out_dir / f"bench_generate_cb_{threads}thr.json")
+        res = runs[threads]
+        print(f"transformers continuous batching, 1 process x {threads} thr: {res['generated_per_s']:.1f} "
+              f"tokens/s ({res['steps']} forwards, {res['forward_share']:.0%} of the time inside them)", flush=True)
+        rows.append(_row("transformers continuous batching", 1, threads, res, static, steps=res["steps"],
+                         forward_share=res["forward_share"]))
+    ceiling = cores * runs[1]["generated_per_s"]
+    print(f"ceiling = {cores} x {runs[1]['generated_per_s']:.1f} = {ceiling:.1f} tokens/s ({CB_CEILING})", flush=True)
+    settings = {**runs[1]["settings"], "requested_attn_implementation": cfg.bench.generate.cb_attn}
+    return rows, ceiling, settings, static
+
+
+def _pipeline_rows(cfg: DictConfig, folder: str, data: Path, caps: dict[int, int], base: dict,
+                   out_dir: Path) -> list[dict]:
+    """The pipeline at each of ``bench.ranks`` (default 2, 3), one thread per rank, greedy."""
+    rows = []
+    extra = ["task=generate", "data.format=openai_batch", f"task.max_new_tokens={max(caps.values())}",
+             "task.temperature=0"]
+    for n in ranks(cfg, (2, 3)):
+        out = out_dir / f"bench_generate_variable_n{n}.h5"
+        launch(cfg, n, 1, folder, data, out, extra)
+        res = read_generated(out)
+        generated = sum(len(t) for t in res["tokens"].values())
+        res.update(generated=generated, generated_per_s=generated / res["seconds"])
+        stats = res["rank_stats"]
+        rows.append(_row("nesa_hpc", n, 1, res, base, layers_per_rank=res["layers_per_rank"], rank_stats=stats,
+                         idle_share=[s.get("idle_share") for s in stats],
+                         peak_rss_mb=[s.get("peak_rss_mb") for s in stats]))
+        print(f"nesa_hpc, {n} ranks x 1 thr: {res['generated_per_s']:.1f} tokens/s", flush=True)
+    return rows
+
+
+def _print_table(rows: list[dict], cores: int, ceiling: float) -> None:
+    print()
+    print(f"ceiling: {ceiling:.1f} generated tokens/s = {cores} x one-thread continuous batching")
+    print(f"| {'system':34s} | ranks x threads | generated | tokens/s | of ceiling | rows equal to baseline |")
+    print(f"|{'-' * 36}|----------------:|----------:|---------:|-----------:|-----------------------:|")
+    for r in rows:
+        print(f"| {r['system']:34s} | {r['ranks']:>7d} x {r['threads']:<5d} | {r['generated']:9d} | "
+              f"{r['generated_per_s']:8.1f} | {num(r['share_of_ceiling'], '10.0%')} | "
+              f"{100 * r['same_tokens']:21.0f}% |")
+    print(flush=True)
+    print_rank_stats(rows)
+
+
+def run_bench_variable(cfg: DictConfig) -> dict:
+    """The variable-length generation benchmark; writes ``bench_generate.json``."""
+    g = cfg.bench.generate
+    out_dir, folder, tokenizer, cores = setup_model(cfg)
+    data = out_dir / f"prompts_variable_{g.rows}rows_seed{cfg.bench.seed}.jsonl"
+    caps = dict(enumerate(make_variable_workload(data, g.rows, g.min_words, g.max_words, g.tokens_mean,
+                                                 g.tokens_cap, cfg.bench.seed)))
+    prompt_tokens = [len(tokenizer(json.loads(line)["body"]["prompt"])["input_ids"])
+                     for line in data.read_text().splitlines()]
+    workload = {"kind": "variable", "file": str(data), "format": "openai_batch", "rows": g.rows,
+                "prompt_words": [g.min_words, g.max_words], "prompt_tokens_min": min(prompt_tokens),
+                "prompt_tokens_mean": sum(prompt_tokens) / len(prompt_tokens), "prompt_tokens_max": max(prompt_tokens),
+                "max_tokens_distribution": f"geometric(p=1/{g.tokens_mean}) on 1, 2, ..., clipped to {g.tokens_cap}",
+                "max_tokens_mean": sum(caps.values()) / len(caps), "max_tokens_max": max(caps.values()),
+                "max_tokens_sum": sum(caps.values())}
+    print(f"model {folder}; {g.rows} prompts of {workload['prompt_tokens_min']}-{workload['prompt_tokens_max']} "
+          f"tokens; max tokens per row mean {workload['max_tokens_mean']:.1f}, max {workload['max_tokens_max']}; "
+          f"batch {cfg.data.batch_size}; split.k={cfg.split.k}; partition {cfg.split.partition}; {cores} cores",
+          flush=True)
+    rows, ceiling, cb_settings, static = _baseline_rows(cfg, folder, data, caps, cores, out_dir)
+    rows += _pipeline_rows(cfg, folder, data, caps, static, out_dir)
+    share(rows, "generated_per_s", ceiling)
+    _print_table(rows, cores, ceiling)
+    report = {"config": OmegaConf.to_container(cfg.bench), "model": folder, "workload": workload,
+              "batch_size": cfg.data.batch_size, "split_k": cfg.split.k, "partition": override(cfg.split.partition),
+              "cores": cores, "inflight": cfg.runtime.inflight, "continuous_batching": cb_settings,
+              "one_thread_tokens_per_s": ceiling / cores, "ceiling_tokens_per_s": ceiling,
+              "ceiling_definition": CB_CEILING, "results": rows}
+    return write(out_dir, "bench_generate.json", report)
