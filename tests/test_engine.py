@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from nesa_hpc.engine.messages import MESSAGES, Activations, GenerationStep, Kind, TrainForward, decode
+from nesa_hpc.engine.messages import MESSAGES, Activations, Kind, TrainForward, decode
 from nesa_hpc.engine.schedule import Action, TrainingRole, check_order, step_order
 from nesa_hpc.engine.stage import lane_step
 from nesa_hpc.engine.transport import decode_header, encode_header

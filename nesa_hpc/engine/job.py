@@ -12,6 +12,7 @@ import os
 import resource
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,8 @@ from .transport import MpiTransport, PeerFailure, TorchTransport, TransportTimeo
 
 __all__ = ["EXIT_STOPPED", "JobError", "USER_ERRORS", "Job", "start_job", "setup_logging", "agree", "all_ok",
            "stop_requested", "message", "model_folder", "rank_modules", "make_transport", "transport_name",
-           "peak_rss_mb", "gather_stats", "share_exit_code", "run_main", "rank_stats", "threads_for"]
+           "peak_rss_mb", "gather_stats", "share_exit_code", "run_main", "rank_stats", "threads_for",
+           "stopped_at_startup", "serve_worker", "log_rank_stats"]
 
 # Exit status of a job stopped early by SIGTERM/SIGUSR1 (EX_TEMPFAIL: rerun with output.resume=true).
 EXIT_STOPPED = 75
@@ -235,6 +237,41 @@ def gather_stats(comm, mine: dict | None) -> list[dict]:
 def share_exit_code(comm, code: int | None) -> int:
     """Rank 0's exit code, on every rank (the last collective of a job)."""
     return int(comm.bcast(code, root=0)) if comm.Get_size() > 1 else int(code)
+
+
+def stopped_at_startup(comm, before: str, resume: str) -> dict | None:
+    """The summary of a job that a stop signal ended during start-up (exit 75), or None to go on. A
+    collective: every rank calls it at the same point, ``before`` anything of the job was written."""
+    signal_name = stop_requested(comm)
+    if signal_name is None:
+        return None
+    if comm.Get_rank() == 0:
+        log.warning("stopped by %s during start-up, before %s; rerun (with %s) to start", signal_name, before,
+                    resume)
+    return {"exit_code": EXIT_STOPPED, "stopped_by": signal_name}
+
+
+def serve_worker(job: Job, stage, transport) -> dict:
+    """A worker's job once its stage is built: answer messages until rank 0 stops the pipeline, send its
+    figures to rank 0, and end with rank 0's exit code (raising :class:`JobError` when rank 0 reported an
+    error). The caller closes the transport."""
+    from .stage import serve
+
+    start = time.perf_counter()
+    stats = serve(stage, transport)
+    gather_stats(job.comm, rank_stats(job.rank, stats, transport, time.perf_counter() - start))
+    code = share_exit_code(job.comm, None)
+    if code == 2:
+        raise JobError("reported by rank 0")
+    return {"exit_code": code}
+
+
+def log_rank_stats(ranks: list[dict]) -> None:
+    """Rank 0: one line per rank of where its time went."""
+    for r in ranks:
+        log.info("rank %d (%s): compute %.2f s, waiting for input %.2f s, waiting to send %.2f s, idle %.0f%%, "
+                 "peak RSS %.0f MB", r["rank"], r["host"], r["compute_s"], r["wait_input_s"], r["wait_send_s"],
+                 100 * r["idle_share"], r["peak_rss_mb"])
 
 
 def stop_requested(comm) -> str | None:

@@ -16,13 +16,12 @@ from ..config import Settings
 from ..errors import ConfigError
 from ..io.data import DataError, RowError, count_rows, read_rows, shard_range
 from ..io.inputs import RowFields, chat_text, render
-from ..io.public_text import load_texts
 from ..io.results import ResultWriter
-from ..privacy.mechanism import PrivacySpec, calibrate_clip, default_key_path, make_privacy, read_key, write_key
+from ..privacy.mechanism import PrivacySpec, auto_clip, default_key_path, make_privacy, read_key, write_key
 
-__all__ = ["privacy_key", "shard_rows", "resume_key", "decoding_attrs", "open_results", "check_task",
-           "check_generate", "load_tokenizer", "key_file", "owner_privacy", "spent", "chat", "rows_from",
-           "rows_to_count", "row_fields"]
+__all__ = ["privacy_key", "batching_window", "replay_start", "shard_rows", "resume_key", "decoding_attrs",
+           "open_results", "check_task", "check_generate", "load_tokenizer", "key_file", "owner_privacy", "spent",
+           "chat", "rows_from", "rows_to_count", "row_fields"]
 
 log = logging.getLogger("nesa_hpc")
 
@@ -35,11 +34,24 @@ def privacy_key(spec: PrivacySpec) -> dict:
             "privacy_seed": "os" if spec.seed is None else spec.seed, "privacy_releases": spec.releases}
 
 
+def batching_window(settings: Settings) -> int:
+    """Rows read and batched together (``data.bucket_window``, at least one batch)."""
+    return max(settings.bucket_window, settings.batch_size) if settings.bucket_window else settings.batch_size
+
+
+def replay_start(settings: Settings, writer: ResultWriter) -> int:
+    """The first input row a (resumed) run reads: the start of the batching window holding the first missing
+    row, so every remaining row lands in the same batch as in an uninterrupted run; rows of that window that
+    were already committed are recomputed but not written again."""
+    committed = writer.next_row
+    return committed if writer.was_complete else committed // batching_window(settings) * batching_window(settings)
+
+
 def shard_rows(settings: Settings, data_path: str) -> range | None:
     """This job's input rows with ``data.num_shards > 1`` (None otherwise: every row)."""
     if settings.num_shards == 1:
         return None
-    window = max(settings.bucket_window, settings.batch_size) if settings.bucket_window else settings.batch_size
+    window = batching_window(settings)
     total = count_rows(data_path, settings.data_format)
     rows = shard_range(total, settings.num_shards, settings.shard, window)
     if not rows:
@@ -168,13 +180,7 @@ def owner_privacy(settings: Settings, topo, adapter, tokenizer, writer: ResultWr
     until the job completes, so a resumed run re-sends a replayed row with the same noise as before
     instead of releasing it a second time with fresh noise."""
     spec = settings.privacy
-    clip = None
-    if spec.adds_noise and spec.clip == "auto":
-        texts = load_texts(spec.calibration_path)
-        clip = calibrate_clip(adapter, tokenizer, topo.k, spec.unit, spec.clip_percentile, texts,
-                              max_length=settings.max_length, device=device)
-        log.info("privacy.clip=auto: C = %.4g (percentile %g of %s norms at layer %d over %d public texts)",
-                 clip, spec.clip_percentile, spec.unit, topo.k, len(texts))
+    clip = auto_clip(spec, adapter, tokenizer, topo.k, settings.max_length, device)
     key, path = None, key_file(settings)
     # a reopened file whose run got as far as its privacy set-up may have sent rows with its key
     resuming_key = spec.adds_noise and spec.seed is None and writer.reopened and not writer.was_complete \

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -16,15 +17,17 @@ from ..engine.job import (
     agree,
     all_ok,
     gather_stats,
+    log_rank_stats,
     rank_modules,
     rank_stats,
     run_main,
+    serve_worker,
     share_exit_code,
     start_job,
-    stop_requested,
+    stopped_at_startup,
 )
 from ..engine.owner import Owner, check_finite, run_stream
-from ..engine.stage import LocalPipe, Stage, serve
+from ..engine.stage import LocalPipe, Stage
 from ..io.data import make_batches, prefetch, sample_path
 from ..io.results import InOrder, ResultWriter
 from ..models.lora import check_adapter_use
@@ -38,6 +41,7 @@ from .files import (
     load_tokenizer,
     open_results,
     owner_privacy,
+    replay_start,
     rows_from,
     rows_to_count,
     shard_rows,
@@ -74,70 +78,30 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
 
     comm = comm or MPI.COMM_WORLD
     job = start_job(cfg, comm)
-    rank, settings, adapter, topo, folder = job.rank, job.settings, job.adapter, job.topo, job.folder
-    if signal_name := stop_requested(comm):
-        if rank == 0:
-            log.warning("stopped by %s during start-up, before the results file was opened; rerun (with "
-                        "output.resume=true) to start", signal_name)
-        return {"exit_code": EXIT_STOPPED, "stopped_by": signal_name}
-    task = all_ok(comm, lambda: make_task(settings.task, topo.head_rank() == 0, settings.pooling,
-                                          settings.normalize, settings))
-    all_ok(comm, lambda: check_task(settings, adapter))
-    # rank 0 alone reads text: it loads the tokenizer once, for every check and for the data
-    tokenizer = agree(comm, lambda: load_tokenizer(folder), share=False)
-    eos = frozenset()
-    if settings.task == "generate":
-        agree(comm, lambda: check_generate(settings, adapter, folder, tokenizer))
-        eos = eos_token_ids(tokenizer, folder, adapter.config) if rank == 0 else eos
-    data_path = settings.data_path or str(sample_path())
-    job.log_layout("model", job.head_cost)
-    # with data.num_shards > 1, rank 0 counts the input rows to find this shard's block
-    rows = agree(comm, lambda: shard_rows(settings, data_path), share=False)
-    # rank 0 opens (or reopens, to resume) the results file before any rank loads weights
-    writer = agree(comm, lambda: open_results(cfg, settings, topo, adapter, task, folder, data_path, rows, eos),
-                   share=False)
+    stopped = stopped_at_startup(comm, "the results file was opened", "output.resume=true")
+    if stopped is not None:
+        return stopped
+    plan = _plan(cfg, job)
     try:
-        all_ok(comm, lambda: load_modules(adapter, folder, rank_modules(rank, topo, adapter, settings.task),
-                                          settings.model_dtype, job.device))
-        if settings.model_adapters:
-            used, names = all_ok(comm, lambda: _load_adapters(settings, adapter, topo, rank))
-            found = set().union(*comm.allgather(used))
-            agree(comm, lambda: check_adapter_use(settings.model_adapters, found, names))
-        denoiser = agree(comm, lambda: owner_denoiser(settings, adapter, topo, job.device), share=False)
+        all_ok(comm, lambda: load_modules(job.adapter, job.folder, rank_modules(job.rank, job.topo, job.adapter,
+                                                                                 job.settings.task),
+                                          job.settings.model_dtype, job.device))
+        if job.settings.model_adapters:
+            _apply_adapters(job)
+        denoiser = agree(comm, lambda: owner_denoiser(job.settings, job.adapter, job.topo, job.device), share=False)
         transport = job.transport(on_recv)
     except JobError:
-        if writer is not None:
-            writer.discard()
+        if plan.writer is not None:
+            plan.writer.discard()
         raise
-    stop = StopFlag()
-    start = time.perf_counter()
-    wire_dtype = DTYPES[settings.wire_dtype] if settings.wire_dtype else None
-    if rank != 0:
-        # workers ignore SIGTERM/SIGUSR1: rank 0 drains the pipeline and then tells them to stop
-        stage = Stage.of_rank(rank, topo, adapter, job.device, task, wire_dtype)
-        try:
-            stats = serve(stage, transport)
-        finally:
-            stop.restore()
-            transport.close()
-        gather_stats(comm, rank_stats(rank, stats, transport, time.perf_counter() - start))
-        code = share_exit_code(comm, None)
-        if code == 2:
-            raise JobError("reported by rank 0")
-        return {"exit_code": code}
+    wire_dtype = DTYPES[job.settings.wire_dtype] if job.settings.wire_dtype else None
+    stop = StopFlag()  # workers too: they ignore SIGTERM/SIGUSR1, rank 0 drains the pipeline and stops them
     try:
-        try:
-            privacy = owner_privacy(settings, topo, adapter, tokenizer, writer, job.device)
-            if denoiser is not None:
-                denoiser.check_noise(privacy.sigma)
-                writer.set_attrs({"denoiser": settings.denoiser})
-        except BaseException:
-            writer.abort()
-            raise
-        pipe = transport or LocalPipe(Stage.in_owner(range(topo.k, topo.num_layers), adapter, job.device))
-        owner = Owner(topo, adapter, privacy, pipe, job.device, wire_dtype, denoiser)
-        summary = _run_owner(comm, settings, owner, task, folder, data_path, start, writer, stop, rows, tokenizer,
-                             eos)
+        if job.rank != 0:
+            stage = Stage.of_rank(job.rank, job.topo, job.adapter, job.device, plan.task, wire_dtype)
+            return serve_worker(job, stage, transport)
+        owner = _owner(job, plan, denoiser, transport, wire_dtype)
+        summary = _OwnerRun(job, plan, owner, stop).run()
     finally:
         stop.restore()
         if transport is not None:
@@ -148,118 +112,190 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
     return summary
 
 
-def _run_owner(comm, settings, owner: Owner, task, folder: str, data_path: str, start: float,
-               writer: ResultWriter, stop: StopFlag, rows: range | None, tokenizer, eos: frozenset[int]) -> dict:
-    """Rank 0: read, batch and drive the rows through the pipeline; write results in input order."""
-    topo, adapter, privacy = owner.topo, owner.adapter, owner.privacy
-    ledger = privacy.ledger()
-    committed = writer.next_row
-    # Resume at the start of the batching window holding the first missing row, so every remaining row
-    # lands in the same batch as in an uninterrupted run (identical results); rows of that window that
-    # were already committed are recomputed but not written again.
-    window = max(settings.bucket_window, settings.batch_size) if settings.bucket_window else settings.batch_size
-    replay_from = committed if writer.was_complete else committed // window * window
-    ordered = InOrder(writer, first_row=replay_from, keep_from=committed)
-    skips = SkipLog()
+@dataclass
+class _Plan:
+    """What an inference job works on, agreed by every rank before any weight is loaded; the tokenizer, EOS
+    ids, shard rows and results file exist on rank 0 only."""
 
-    def rows_to_do() -> int | None:
-        total = rows_to_count(data_path, settings) if rows is None else rows.stop
-        return None if total is None else total - replay_from
+    task: object
+    data_path: str
+    tokenizer: object = None
+    eos: frozenset[int] = frozenset()
+    rows: range | None = None
+    writer: ResultWriter | None = None
 
-    generate = settings.task == "generate"
-    progress = Progress(settings.log_every, rows_to_do, "generated tokens" if generate else "tokens")
-    done = {"rows": 0, "tokens": 0, "padded": 0, "releases": 0}
 
-    def on_result(batch, outputs, bad):
-        skips.drain_into(ordered)  # rows the reader skipped before this batch was read
-        cols = task.finish(adapter, batch, outputs)
-        bad = check_finite(cols, bad, batch, topo, settings.on_nonfinite)
-        released = [privacy.releases.pop(r, 0) for r in batch.rows.tolist()]
+def _plan(cfg: DictConfig, job) -> _Plan:
+    comm, settings, adapter, topo, folder = job.comm, job.settings, job.adapter, job.topo, job.folder
+    task = all_ok(comm, lambda: make_task(settings.task, topo.head_rank() == 0, settings.pooling,
+                                          settings.normalize, settings))
+    all_ok(comm, lambda: check_task(settings, adapter))
+    # rank 0 alone reads text: it loads the tokenizer once, for every check and for the data
+    tokenizer = agree(comm, lambda: load_tokenizer(folder), share=False)
+    eos = frozenset()
+    if settings.task == "generate":
+        agree(comm, lambda: check_generate(settings, adapter, folder, tokenizer))
+        eos = eos_token_ids(tokenizer, folder, adapter.config) if job.rank == 0 else eos
+    data_path = settings.data_path or str(sample_path())
+    job.log_layout("model", job.head_cost)
+    # with data.num_shards > 1, rank 0 counts the input rows to find this shard's block
+    rows = agree(comm, lambda: shard_rows(settings, data_path), share=False)
+    # rank 0 opens (or reopens, to resume) the results file before any rank loads weights
+    writer = agree(comm, lambda: open_results(cfg, settings, topo, adapter, task, folder, data_path, rows, eos),
+                   share=False)
+    return _Plan(task, data_path, tokenizer, eos, rows, writer)
+
+
+def _apply_adapters(job) -> None:
+    """Merge ``model.adapters`` into every rank's layers and check that the adapter was used whole."""
+    used, names = all_ok(job.comm, lambda: _load_adapters(job.settings, job.adapter, job.topo, job.rank))
+    found = set().union(*job.comm.allgather(used))
+    agree(job.comm, lambda: check_adapter_use(job.settings.model_adapters, found, names))
+
+
+def _owner(job, plan: _Plan, denoiser, transport, wire_dtype) -> Owner:
+    """Rank 0's ends of the pipeline, with its privacy transform (set up here: the results file records it)."""
+    settings, topo, adapter, writer = job.settings, job.topo, job.adapter, plan.writer
+    try:
+        privacy = owner_privacy(settings, topo, adapter, plan.tokenizer, writer, job.device)
+        if denoiser is not None:
+            denoiser.check_noise(privacy.sigma)
+            writer.set_attrs({"denoiser": settings.denoiser})
+    except BaseException:
+        writer.abort()
+        raise
+    pipe = transport or LocalPipe(Stage.in_owner(range(topo.k, topo.num_layers), adapter, job.device))
+    return Owner(topo, adapter, privacy, pipe, job.device, wire_dtype, denoiser)
+
+
+class _OwnerRun:
+    """Rank 0 of an inference job: read, batch and drive the rows through the pipeline, write the results in
+    input order (:meth:`on_result`), then the summary (:meth:`finish`)."""
+
+    def __init__(self, job, plan: _Plan, owner: Owner, stop: StopFlag) -> None:
+        self.job, self.settings, self.plan, self.owner, self.stop = job, job.settings, plan, owner, stop
+        self.writer = plan.writer
+        self.ledger = owner.privacy.ledger()
+        self.committed = self.writer.next_row
+        self.replay_from = replay_start(self.settings, self.writer)
+        self.ordered = InOrder(self.writer, first_row=self.replay_from, keep_from=self.committed)
+        self.skips = SkipLog()
+        self.generate = self.settings.task == "generate"
+        self.progress = Progress(self.settings.log_every, self._rows_to_do,
+                                 "generated tokens" if self.generate else "tokens")
+        self.done = {"rows": 0, "tokens": 0, "padded": 0, "releases": 0}
+        self.start = time.perf_counter()
+
+    def _rows_to_do(self) -> int | None:
+        rows = self.plan.rows
+        total = rows_to_count(self.plan.data_path, self.settings) if rows is None else rows.stop
+        return None if total is None else total - self.replay_from
+
+    def on_result(self, batch, outputs, bad) -> None:
+        """Rows of ``batch`` are done: their columns go to the file in input order."""
+        owner, done = self.owner, self.done
+        self.skips.drain_into(self.ordered)  # rows the reader skipped before this batch was read
+        cols = self.plan.task.finish(owner.adapter, batch, outputs)
+        bad = check_finite(cols, bad, batch, owner.topo, self.settings.on_nonfinite)
+        released = [owner.privacy.releases.pop(r, 0) for r in batch.rows.tolist()]
         cols.update(row=batch.rows.numpy(), truncated=batch.truncated.numpy(), nonfinite=bad.numpy() >= 0,
-                    epsilon_spent=ledger.per_row(released))
+                    epsilon_spent=self.ledger.per_row(released))
         done["releases"] = max(done["releases"], max(released, default=0))
-        ordered.add(cols)
+        self.ordered.add(cols)
         done["rows"] += batch.size
         done["tokens"] += batch.tokens
         done["padded"] += batch.ids.numel()
-        progress.update(batch.size, int(cols["n_generated"].sum()) if generate else batch.tokens)
+        self.progress.update(batch.size, int(cols["n_generated"].sum()) if self.generate else batch.tokens)
 
-    try:
-        todo = rows_from(data_path, settings, replay_from, rows, tokenizer, adapter)
-        if generate and settings.chat_template:
-            todo = ((r, chat(tokenizer, t)) for r, t in todo)
+    def run(self) -> dict:
+        try:
+            stats = self._drive(self._batches())
+            stopped = stats.extra.get("stopped", False)
+            if not stopped:
+                self.skips.drain_into(self.ordered)
+            if self.ordered.pending and not stopped:
+                raise RuntimeError(f"{self.ordered.pending} rows finished but could not be written in input order")
+        except BaseException:
+            self.progress.close()
+            _record_uncommitted(self.writer, self.owner.privacy, self.ledger)
+            self.writer.abort()
+            raise
+        self.progress.close()
+        return self.finish(stats, stopped)
+
+    def _batches(self):
+        settings, plan = self.settings, self.plan
+        todo = rows_from(plan.data_path, settings, self.replay_from, plan.rows, plan.tokenizer, self.owner.adapter)
+        if self.generate and settings.chat_template:
+            todo = ((r, chat(plan.tokenizer, t)) for r, t in todo)
         # generation pads on the left, so that every prompt ends at the last column
-        padding = "left" if generate else settings.padding_side
-        batches = prefetch(make_batches(todo, tokenizer, settings.batch_size, settings.max_length,
-                                        padding, str(data_path), settings.bucket_window,
-                                        settings.on_error, settings.on_long, skips.add))
-        if generate:
-            decoding = Decoding(settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
-                                settings.seed, settings.stop, eos, settings.ignore_eos)
-            stats = run_generate(owner, task, batches, on_result, settings.inflight or topo.world_size, decoding,
-                                 tokenizer, stop, settings.batch_size, settings.prefill_tokens)
-        else:
-            stats = run_stream(owner, task, batches, on_result, settings.inflight or topo.world_size + 1,
-                               should_stop=stop)
-        stopped = stats.extra.get("stopped", False)
-        if not stopped:
-            skips.drain_into(ordered)
-        if ordered.pending and not stopped:
-            raise RuntimeError(f"{ordered.pending} rows finished but could not be written in input order")
-    except BaseException:
-        progress.close()
-        _record_uncommitted(writer, privacy, ledger)
-        writer.abort()
-        raise
-    progress.close()
-    elapsed = time.perf_counter() - start
-    transport = owner.transport if topo.world_size > 1 else None
-    ranks = [rank_stats(0, stats, transport, elapsed)] + gather_stats(comm, None)
-    waste = 1 - done["tokens"] / done["padded"] if done["padded"] else 0.0
-    summary = {"rows": done["rows"], "tokens": done["tokens"], "seconds": round(elapsed, 3),
-               "tokens_per_s": round(done["tokens"] / elapsed, 1) if elapsed > 0 else 0.0,
-               "padding_waste": round(waste, 4), "exit_code": 0}
-    final = {"seconds": elapsed, "padding_waste": waste, "peak_rss_mb": [r["peak_rss_mb"] for r in ranks],
-             "rank_stats": ranks, **writer.totals(), **spent(writer, done["releases"])}
-    if generate:
-        # tokens generated by this run (rows replayed on resume included), and the rate
-        summary["generated"] = final["generated_this_run"] = stats.extra["generated"]
-        summary["generated_per_s"] = final["generated_per_s"] = stats.extra["generated"] / elapsed if elapsed else 0.0
-        final["max_groups_in_flight"] = stats.extra["max_lanes"]
-        final["max_rows_in_flight"] = stats.extra["max_rows"]
-        final["generation_steps"] = stats.extra["steps"]
-    if stopped:
-        summary["exit_code"] = EXIT_STOPPED
-        final["stopped_by"] = stop.signal
-        writer.close(final, complete=False)
-        log.warning("stopped by %s after %d committed rows; rerun with output.resume=true to continue",
-                    stop.signal, final["rows"])
+        padding = "left" if self.generate else settings.padding_side
+        return prefetch(make_batches(todo, plan.tokenizer, settings.batch_size, settings.max_length, padding,
+                                     str(plan.data_path), settings.bucket_window, settings.on_error,
+                                     settings.on_long, self.skips.add))
+
+    def _drive(self, batches):
+        settings, owner = self.settings, self.owner
+        world = owner.topo.world_size
+        if not self.generate:
+            return run_stream(owner, self.plan.task, batches, self.on_result, settings.inflight or world + 1,
+                              should_stop=self.stop)
+        decoding = Decoding(settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
+                            settings.seed, settings.stop, self.plan.eos, settings.ignore_eos)
+        return run_generate(owner, self.plan.task, batches, self.on_result, settings.inflight or world, decoding,
+                            self.plan.tokenizer, self.stop, settings.batch_size, settings.prefill_tokens)
+
+    def finish(self, stats, stopped: bool) -> dict:
+        """Close the results file with the run's figures; the summary (and its log line)."""
+        settings, writer, done = self.settings, self.writer, self.done
+        elapsed = time.perf_counter() - self.start
+        ranks = [rank_stats(0, stats, self.owner.transport if self.owner.local is None else None, elapsed)] + \
+            gather_stats(self.job.comm, None)
+        waste = 1 - done["tokens"] / done["padded"] if done["padded"] else 0.0
+        summary = {"rows": done["rows"], "tokens": done["tokens"], "seconds": round(elapsed, 3),
+                   "tokens_per_s": round(done["tokens"] / elapsed, 1) if elapsed > 0 else 0.0,
+                   "padding_waste": round(waste, 4), "exit_code": 0}
+        final = {"seconds": elapsed, "padding_waste": waste, "peak_rss_mb": [r["peak_rss_mb"] for r in ranks],
+                 "rank_stats": ranks, **writer.totals(), **spent(writer, done["releases"])}
+        if self.generate:
+            # tokens generated by this run (rows replayed on resume included), and the rate
+            generated = stats.extra["generated"]
+            summary["generated"] = final["generated_this_run"] = generated
+            summary["generated_per_s"] = final["generated_per_s"] = generated / elapsed if elapsed else 0.0
+            final.update(max_groups_in_flight=stats.extra["max_lanes"], max_rows_in_flight=stats.extra["max_rows"],
+                         generation_steps=stats.extra["steps"])
+        if stopped:
+            summary["exit_code"] = EXIT_STOPPED
+            final["stopped_by"] = self.stop.signal
+            writer.close(final, complete=False)
+            log.warning("stopped by %s after %d committed rows; rerun with output.resume=true to continue",
+                        self.stop.signal, final["rows"])
+            return summary
+        if final["rows"] == 0:
+            writer.abort()
+            summary.update(exit_code=2, error=f"{self.plan.data_path}: the dataset has no usable rows "
+                                              f"({final['skipped']} skipped)")
+            return summary
+        writer.close(final)
+        key_file(settings).unlink(missing_ok=True)  # complete: nothing will be re-sent
+        log_rank_stats(ranks)
+        log.info("%s -> %s", self._done_line(summary, final, waste), settings.output_path)
+        summary.update(ranks=ranks, output=settings.output_path)
         return summary
-    if final["rows"] == 0:
-        writer.abort()
-        summary.update(exit_code=2, error=f"{data_path}: the dataset has no usable rows ({final['skipped']} skipped)")
-        return summary
-    writer.close(final)
-    key_file(settings).unlink(missing_ok=True)  # complete: nothing will be re-sent
-    for r in ranks:
-        log.info("rank %d (%s): compute %.2f s, waiting for input %.2f s, waiting to send %.2f s, idle %.0f%%, "
-                 "peak RSS %.0f MB", r["rank"], r["host"], r["compute_s"], r["wait_input_s"], r["wait_send_s"],
-                 100 * r["idle_share"], r["peak_rss_mb"])
-    line = (f"done: {summary['rows']} rows, {summary['tokens']} tokens in {summary['seconds']:.1f} s "
-            f"({summary['tokens_per_s']:.1f} tokens/s, padding {100 * waste:.1f}%)")
-    if generate:
-        line += f", {summary['generated']} tokens generated ({summary['generated_per_s']:.1f}/s)"
-    if "perplexity" in final:
-        summary["perplexity"] = final["perplexity"]
-        line += f", perplexity {final['perplexity']:.4f}"
-    if final["skipped"]:
-        line += f", {final['skipped']} rows skipped (see skipped_row / skipped_reason)"
-    if writer.resumed_rows:
-        line += f" (resumed after {writer.resumed_rows} rows; the file holds {final['rows']})"
-    log.info("%s -> %s", line, settings.output_path)
-    summary["ranks"] = ranks
-    summary["output"] = settings.output_path
-    return summary
+
+    def _done_line(self, summary: dict, final: dict, waste: float) -> str:
+        line = (f"done: {summary['rows']} rows, {summary['tokens']} tokens in {summary['seconds']:.1f} s "
+                f"({summary['tokens_per_s']:.1f} tokens/s, padding {100 * waste:.1f}%)")
+        if self.generate:
+            line += f", {summary['generated']} tokens generated ({summary['generated_per_s']:.1f}/s)"
+        if "perplexity" in final:
+            summary["perplexity"] = final["perplexity"]
+            line += f", perplexity {final['perplexity']:.4f}"
+        if final["skipped"]:
+            line += f", {final['skipped']} rows skipped (see skipped_row / skipped_reason)"
+        if self.writer.resumed_rows:
+            line += f" (resumed after {self.writer.resumed_rows} rows; the file holds {final['rows']})"
+        return line
 
 
 def _record_uncommitted(writer: ResultWriter, privacy, ledger) -> None:

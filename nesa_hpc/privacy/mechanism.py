@@ -28,6 +28,7 @@ experiments. A row's noise therefore does not depend on the batch it lands in or
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import secrets
@@ -41,7 +42,9 @@ import torch
 
 from ..errors import UserError
 
-__all__ = ["Privacy", "PrivacySpec", "Ledger", "make_privacy", "gaussian_sigma", "calibrate_clip",
+log = logging.getLogger("nesa_hpc")
+
+__all__ = ["Privacy", "PrivacySpec", "Ledger", "make_privacy", "gaussian_sigma", "calibrate_clip", "auto_clip",
            "clip_norms", "unit_norms", "percentile_clip", "MECHANISMS", "UNITS", "PrivacyConfigError", "noise_key",
            "key_dir", "default_key_path", "write_key", "read_key"]
 
@@ -365,6 +368,21 @@ def make_privacy(spec: PrivacySpec | str, k: int = 0, clip: float | None = None,
     if key is None or spec.seed is not None:
         key = noise_key(spec.seed)
     return Privacy(spec, clip=clip, sigma=sigma, key=key)
+
+
+def auto_clip(spec: PrivacySpec, adapter, tokenizer, k: int, max_length: int, device) -> float | None:
+    """The clip norm of ``privacy.clip=auto`` (calibrated on public text, logged); None for any other clip
+    setting or no noise."""
+    if not (spec.adds_noise and spec.clip == "auto"):
+        return None
+    from ..io.public_text import load_texts
+
+    texts = load_texts(spec.calibration_path)
+    clip = calibrate_clip(adapter, tokenizer, k, spec.unit, spec.clip_percentile, texts, max_length=max_length,
+                          device=device)
+    log.info("privacy.clip=auto: C = %.4g (percentile %g of %s norms at layer %d over %d public texts)", clip,
+             spec.clip_percentile, spec.unit, k, len(texts))
+    return clip
 
 
 def calibrate_clip(adapter, tokenizer, k: int, unit: str, percentile: float, texts: list[str],

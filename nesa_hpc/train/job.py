@@ -12,8 +12,9 @@ Every optimizer step runs ``train.grad_accum`` micro-batches through the same pi
    it, as long as some rank before it has parameters to train;
 3. the ranks agree on the global gradient norm (one ``allreduce``), clip, and each steps its own AdamW.
 
-Checkpoints and the export travel as ``SAVE`` / ``EXPORT`` messages along the pipeline, and ``STOP`` ends
-it, so a stopped job exits with 75 on every rank.
+Checkpoints and the export travel as :class:`~nesa_hpc.engine.messages.Save` /
+:class:`~nesa_hpc.engine.messages.Export` messages along the pipeline, and ``Stop`` ends it, so a stopped job
+exits with 75 on every rank. Rank 0's loop is :class:`~nesa_hpc.train.loop.TrainLoop`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import os
 import shutil
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,41 +32,28 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import ConfigError, Settings
 from ..engine.control import StopFlag
 from ..engine.job import (
-    EXIT_STOPPED,
     JobError,
     agree,
     all_ok,
-    gather_stats,
     rank_modules,
-    rank_stats,
     run_main,
+    serve_worker,
     share_exit_code,
     start_job,
-    stop_requested,
+    stopped_at_startup,
 )
 from ..engine.messages import Export, Save
 from ..engine.owner import Owner
 from ..engine.schedule import TrainingRole
-from ..engine.stage import LocalPipe, NonFiniteError, Stage, serve
+from ..engine.stage import LocalPipe, Stage
 from ..infer.tasks import make_task
-from ..io.public_text import load_texts
 from ..models.lora import lora_targets
 from ..models.weights import DTYPES, load_modules
-from ..privacy.denoiser import Denoiser, save_denoiser
-from ..privacy.mechanism import Privacy, PrivacySpec, calibrate_clip, make_privacy, noise_key, read_key, write_key
-from .checkpoint import checkpoint_root, export, latest_checkpoint, load_rank, save_rank
-from .options import TrainBatch, TrainSpec, epoch_batches, load_examples, lr_factor, train_spec
-from .step import (
-    DENOISER,
-    Trainer,
-    TrainLedger,
-    gradient_flow,
-    ledger_counts,
-    make_trainable,
-    owner_step,
-    trainable_layers,
-    training_epsilon,
-)
+from ..privacy.denoiser import Denoiser
+from .checkpoint import export, latest_checkpoint, load_rank
+from .loop import TrainLoop, TrainPlan, owner_privacy, save_part
+from .options import TrainSpec, epoch_batches, load_examples, lr_factor, train_spec
+from .step import DENOISER, Trainer, gradient_flow, make_trainable, trainable_layers, training_epsilon
 
 __all__ = ["run_train", "main", "train_spec", "load_examples", "epoch_batches", "lr_factor", "make_trainable",
            "training_epsilon", "TrainSpec"]
@@ -94,89 +80,120 @@ def run_train(cfg: DictConfig, comm=None, on_step=None, on_recv=None) -> dict:
     comm = comm or MPI.COMM_WORLD
     spec = all_ok(comm, lambda: train_spec(cfg))
     job = start_job(cfg, comm, head_task="score", costs=lambda head: training_costs(head, spec, cfg.split.k))
-    rank, size, settings, adapter, topo, folder = job.rank, job.size, job.settings, job.adapter, job.topo, job.folder
-    if signal_name := stop_requested(comm):
-        if rank == 0:
-            log.warning("stopped by %s during start-up, before train.out_dir was touched; rerun (with "
-                        "train.resume=true) to start", signal_name)
-        return {"exit_code": EXIT_STOPPED, "stopped_by": signal_name}
-    all_ok(comm, lambda: _check_model(adapter, settings, spec))
+    stopped = stopped_at_startup(comm, "train.out_dir was touched", "train.resume=true")
+    if stopped is not None:
+        return stopped
+    all_ok(comm, lambda: _check_model(job.adapter, job.settings, spec))
     agree(comm, lambda: _prepare_out_dir(spec, cfg))
-    all_ok(comm, lambda: load_modules(adapter, folder, rank_modules(rank, topo, adapter, "score"),
-                                      settings.model_dtype, job.device))
-    layers = trainable_layers(rank, topo, spec)
-    params = all_ok(comm, lambda: make_trainable(adapter, layers, spec))
-    denoiser = all_ok(comm, lambda: _new_denoiser(adapter, topo, spec, job.device) if rank == 0 else None)
-    if denoiser is not None:
-        params = params + [(f"{DENOISER}{n}", p) for n, p in denoiser.named_parameters()]
-    # front = parameters before the head: the owner's tail and head come after the workers
-    front = bool(params) if rank != 0 else any(p.requires_grad for i in range(topo.k)
-                                               for p in adapter.layers[i].parameters())
-    flags = comm.allgather(front)
-    counts = comm.allgather(sum(p.numel() for _, p in params))
-    if sum(counts) == 0:
-        raise JobError("nothing to train: train.layers selects no layer a rank may train (rank 0's layers train "
-                       "only with train.owner_trainable=true)")
-    local_layers = range(topo.num_layers, topo.num_layers) if spec.denoiser_alone else \
-        range(topo.k, topo.num_layers)  # world size 1: what rank 0's in-process stage runs
-    if size == 1:  # the in-process stage is the second of two stages
-        flags = [front, any(p.requires_grad for i in local_layers for p in adapter.layers[i].parameters())]
-    grads = gradient_flow(flags)
-    window = settings.inflight or topo.world_size
-    role = TrainingRole(spec.pipeline, window, grads, position=rank)
-    planned = agree(comm, lambda: _owner_plan(settings, spec, folder), share=False)
-    plan = comm.bcast(planned[0] if rank == 0 else None, root=0)
-    transport = job.transport(on_recv) or LocalPipe(Stage.in_owner(
-        local_layers, adapter, job.device, TrainingRole(spec.pipeline, window, grads, position=1)))
-    trainer = Trainer(rank, topo, adapter, spec, params, comm, role, job.device, plan["total_steps"],
-                      private=settings.privacy.adds_noise or spec.grad_privacy.adds_noise)
-    start_step = 0
-    resume_from = agree(comm, lambda: _resume_point(spec, cfg))
-    if resume_from is not None:
-        all_ok(comm, lambda: load_rank(trainer, Path(resume_from)))
-        start_step = json.loads((Path(resume_from) / "state.json").read_text())["step"] if rank == 0 else 0
-        start_step = comm.bcast(start_step, root=0)
-    if rank == 0:
-        job.log_layout("training")
-        which = "all" if spec.layers is None else "none" if spec.layers == (0, 0) else \
-            f"[{spec.layers[0]}, {spec.layers[1]})"
-        log.info("%s on layers %s, train.pipeline=%s; trainable parameters per rank %s%s", spec.mode, which,
-                 spec.pipeline, counts, "" if denoiser is None else
-                 f" (rank 0: a denoiser of {denoiser.blocks} blocks, width {denoiser.width}"
-                 f"{', owner alone: the workers are not used' if denoiser.alone else ''})")
-        if len(topo.tail) and not spec.owner_trainable and size > 1:
-            log.warning("layers [%d, %d) run on rank 0 (owner tail) and stay frozen (train.owner_trainable=false); "
-                        "set split.owner_tail=0 to give them to the workers", topo.tail.start, topo.tail.stop)
-    wire_dtype = DTYPES[settings.wire_dtype] if settings.wire_dtype else None
+    all_ok(comm, lambda: load_modules(job.adapter, job.folder, rank_modules(job.rank, job.topo, job.adapter, "score"),
+                                      job.settings.model_dtype, job.device))
+    params, denoiser, roles, counts = _trainable(job, spec)
+    planned = agree(comm, lambda: _owner_plan(job.settings, spec, job.folder), share=False)
+    sizes = comm.bcast((planned.steps_per_epoch, planned.total_steps, planned.rows) if job.rank == 0 else None)
+    plan = planned or TrainPlan(*sizes)  # rank 0 keeps its rows and tokenizer
+    transport = job.transport(on_recv) or LocalPipe(Stage.in_owner(roles.local_layers, job.adapter, job.device,
+                                                                   roles.local))
+    trainer = Trainer(job.rank, job.topo, job.adapter, spec, params, comm, roles.mine, job.device, plan.total_steps,
+                      private=job.settings.privacy.adds_noise or spec.grad_privacy.adds_noise)
+    start_step = _resume(job, trainer, spec, cfg)
+    if job.rank == 0:
+        _log_plan(job, spec, counts, denoiser)
+    wire_dtype = DTYPES[job.settings.wire_dtype] if job.settings.wire_dtype else None
     stop = StopFlag()
-    start = time.perf_counter()
     try:
-        if rank == 0:
-            examples, tokenizer = planned[1:]
-            fwd, bwd = _owner_privacy(settings, spec, trainer, tokenizer,
-                                      finished=start_step >= plan["total_steps"])
-            owner = Owner(topo, adapter, fwd, transport, job.device, wire_dtype, denoiser)
-            summary = _owner_loop(trainer, owner, bwd, settings, spec, folder, plan, examples, tokenizer,
-                                  start_step, stop, on_step)
-            share_exit_code(comm, summary["exit_code"])
-            return summary
-
-        def step_end(step: int) -> None:
-            if on_step is not None:
-                on_step(trainer, step, None)
-            trainer.finish_step()
-
-        handlers = {Save: lambda step: _save_part(trainer, spec, step),
-                    Export: lambda step: export(trainer, spec, folder)}
-        stage = Stage.of_rank(rank, topo, adapter, job.device, make_task("score", False), wire_dtype, role,
-                              handlers, step_end)
-        stats = serve(stage, transport)
-        gather_stats(comm, rank_stats(rank, stats, transport, time.perf_counter() - start))
-        return {"exit_code": share_exit_code(comm, None)}
+        if job.rank != 0:
+            return serve_worker(job, _worker_stage(job, trainer, spec, roles.mine, wire_dtype, on_step), transport)
+        fwd, bwd = owner_privacy(job.settings, spec, trainer, plan.tokenizer,
+                                 finished=start_step >= plan.total_steps)
+        owner = Owner(job.topo, job.adapter, fwd, transport, job.device, wire_dtype, denoiser)
+        summary = TrainLoop(trainer, owner, bwd, job.settings, spec, job.folder, plan, start_step, stop,
+                            on_step).run()
+        share_exit_code(comm, summary["exit_code"])
+        return summary
     finally:
         stop.restore()
         if transport is not None:
             transport.close()
+
+
+@dataclass
+class _Roles:
+    """This rank's part in training and, at world size 1, the part of the stage inside rank 0's process."""
+
+    mine: TrainingRole
+    local: TrainingRole | None
+    local_layers: range
+
+
+def _trainable(job, spec: TrainSpec) -> tuple[list, Denoiser | None, _Roles, list[int]]:
+    """Every rank's trainable parameters (LoRA or full layers; rank 0's denoiser), the roles (where the
+    loss's gradient flows: it reaches a stage when that stage or one before it trains) and the number of
+    trainable parameters of each rank."""
+    comm, rank, topo, adapter = job.comm, job.rank, job.topo, job.adapter
+    params = all_ok(comm, lambda: make_trainable(adapter, trainable_layers(rank, topo, spec), spec))
+    denoiser = all_ok(comm, lambda: _new_denoiser(adapter, topo, spec, job.device) if rank == 0 else None)
+    if denoiser is not None:
+        params = params + [(f"{DENOISER}{n}", p) for n, p in denoiser.named_parameters()]
+
+    def trains(layers) -> bool:
+        return any(p.requires_grad for i in layers for p in adapter.layers[i].parameters())
+
+    # before the head: rank 0's front layers; everything a worker trains (the owner's tail and head come after)
+    flags = comm.allgather(bool(params) if rank != 0 else trains(range(topo.k)))
+    counts = comm.allgather(sum(p.numel() for _, p in params))
+    if sum(counts) == 0:
+        raise JobError("nothing to train: train.layers selects no layer a rank may train (rank 0's layers train "
+                       "only with train.owner_trainable=true)")
+    # world size 1: rank 0's in-process stage runs layers [k, L) (none for the owner-alone model), the
+    # second of two stages
+    local_layers = range(topo.num_layers, topo.num_layers) if spec.denoiser_alone else range(topo.k, topo.num_layers)
+    if job.size == 1:
+        flags = [flags[0], trains(local_layers)]
+    grads = gradient_flow(flags)
+    window = job.settings.inflight or topo.world_size
+    local = TrainingRole(spec.pipeline, window, grads, position=1) if job.size == 1 else None
+    return params, denoiser, _Roles(TrainingRole(spec.pipeline, window, grads, position=rank), local, local_layers), \
+        counts
+
+
+def _resume(job, trainer: Trainer, spec: TrainSpec, cfg: DictConfig) -> int:
+    """The step a resumed run starts after (0 for a new run); every rank loads its part of the checkpoint."""
+    comm = job.comm
+    resume_from = agree(comm, lambda: _resume_point(spec, cfg))
+    if resume_from is None:
+        return 0
+    all_ok(comm, lambda: load_rank(trainer, Path(resume_from)))
+    start_step = json.loads((Path(resume_from) / "state.json").read_text())["step"] if job.rank == 0 else 0
+    return comm.bcast(start_step, root=0)
+
+
+def _log_plan(job, spec: TrainSpec, counts: list[int], denoiser: Denoiser | None) -> None:
+    topo = job.topo
+    job.log_layout("training")
+    which = "all" if spec.layers is None else "none" if spec.layers == (0, 0) else \
+        f"[{spec.layers[0]}, {spec.layers[1]})"
+    log.info("%s on layers %s, train.pipeline=%s; trainable parameters per rank %s%s", spec.mode, which,
+             spec.pipeline, counts, "" if denoiser is None else
+             f" (rank 0: a denoiser of {denoiser.blocks} blocks, width {denoiser.width}"
+             f"{', owner alone: the workers are not used' if denoiser.alone else ''})")
+    if len(topo.tail) and not spec.owner_trainable and job.size > 1:
+        log.warning("layers [%d, %d) run on rank 0 (owner tail) and stay frozen (train.owner_trainable=false); "
+                    "set split.owner_tail=0 to give them to the workers", topo.tail.start, topo.tail.stop)
+
+
+def _worker_stage(job, trainer: Trainer, spec: TrainSpec, role: TrainingRole, wire_dtype, on_step) -> Stage:
+    """A worker's stage in training: its layers, its part of the schedule, its checkpoint and export parts,
+    and the end of each step (the shared gradient norm, clipping, its optimizer)."""
+
+    def step_end(step: int) -> None:
+        if on_step is not None:
+            on_step(trainer, step, None)
+        trainer.finish_step()
+
+    handlers = {Save: lambda step: save_part(trainer, spec, step),
+                Export: lambda step: export(trainer, spec, job.folder)}
+    return Stage.of_rank(job.rank, job.topo, job.adapter, job.device, make_task("score", False), wire_dtype, role,
+                         handlers, step_end)
 
 
 def _new_denoiser(adapter, topo, spec: TrainSpec, device) -> Denoiser | None:
@@ -201,18 +218,6 @@ def training_costs(head_cost: float, spec: TrainSpec, k: int) -> tuple[float, tu
     front = 3.0 if spec.owner_trainable and (spec.layers is None or spec.layers[0] < k) else 1.0
     tail = 3.0 if spec.owner_trainable else 2.0
     return 2.0 * head_cost, (front, 3.0, tail)
-
-
-def _save_part(trainer: Trainer, spec: TrainSpec, step: int) -> None:
-    """This rank's part of the checkpoint of ``step``; returns once every rank has written its part."""
-    save_rank(trainer, checkpoint_root(spec) / f"step-{step:08d}")
-    trainer.comm.barrier()
-
-
-def _all_rank_stats(trainer: Trainer, owner: Owner, elapsed: float) -> list[dict]:
-    """Rank 0's figures and the workers' (gathered once the pipeline has stopped)."""
-    transport = owner.transport if owner.local is None else None
-    return [rank_stats(0, owner.all_stats(), transport, elapsed)] + gather_stats(trainer.comm, None)
 
 
 def _check_model(adapter, settings: Settings, spec: TrainSpec) -> None:
@@ -272,9 +277,9 @@ def _resume_point(spec: TrainSpec, cfg: DictConfig) -> str | None:
     return None if ckpt is None else str(ckpt)
 
 
-def _owner_plan(settings: Settings, spec: TrainSpec, folder: str) -> tuple[dict, list, object]:
-    """Rank 0: read and tokenize the training rows; the plan (steps per epoch, total steps, rows), the rows
-    and the tokenizer."""
+def _owner_plan(settings: Settings, spec: TrainSpec, folder: str) -> TrainPlan:
+    """Rank 0: read and tokenize the training rows; the plan (steps per epoch, total steps, rows), with the
+    rows and the tokenizer."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -282,176 +287,7 @@ def _owner_plan(settings: Settings, spec: TrainSpec, folder: str) -> tuple[dict,
     batches = -(-len(examples) // settings.batch_size)
     per_epoch = -(-batches // spec.grad_accum)
     total = per_epoch * spec.epochs if spec.max_steps is None else spec.max_steps
-    return {"steps_per_epoch": per_epoch, "total_steps": total, "rows": len(examples)}, examples, tokenizer
-
-
-def _owner_privacy(settings: Settings, spec: TrainSpec, stage: Trainer, tokenizer,
-                   finished: bool = False) -> tuple[Privacy, Privacy | None]:
-    """The forward transform (as at inference) and the gradient message's; OS keys are kept in
-    ``<train.owner_dir>/noise-key`` (0600) until training ends, so a resumed run draws the same noise."""
-    p = settings.privacy
-    clip = None
-    if p.adds_noise and p.clip == "auto":
-        texts = load_texts(p.calibration_path)
-        clip = calibrate_clip(stage.adapter, tokenizer, stage.topo.k, p.unit, p.clip_percentile, texts,
-                              max_length=settings.max_length, device=stage.device)
-        log.info("privacy.clip=auto: C = %.4g (percentile %g of %s norms at layer %d)", clip, p.clip_percentile,
-                 p.unit, stage.topo.k)
-    path = Path(spec.owner_dir) / "noise-key"
-    key = None
-    if p.seed is None and (p.adds_noise or spec.grad_privacy.adds_noise):
-        if spec.resume and path.is_file():
-            key = read_key(path)
-        elif spec.resume and latest_checkpoint(spec) is not None and not finished:
-            raise ConfigError(f"train.resume=true with OS-seeded noise needs {path}, written by the first run")
-        else:
-            key = noise_key(None)
-            path.unlink(missing_ok=True)  # a run that stopped before its first checkpoint: its key is unused
-            write_key(path, key)
-    else:
-        key = noise_key(p.seed)
-    fwd = make_privacy(p, stage.topo.k, clip, key)
-    bwd = None
-    if spec.grad_privacy.adds_noise:
-        g = spec.grad_privacy
-        bwd = make_privacy(PrivacySpec(**{**g.__dict__, "seed": None}), 0, None,
-                           hashlib.blake2b(key + b":gradient-message", digest_size=32).digest())
-    return fwd, bwd
-
-
-def _owner_loop(stage: Trainer, owner: Owner, bwd: Privacy | None, settings: Settings, spec: TrainSpec,
-                folder: str, plan: dict, examples: list, tok, start_step: int, stop: StopFlag, on_step) -> dict:
-    topo = stage.topo
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    fwd = owner.privacy
-    ledger = TrainLedger()
-    own = Path(spec.owner_dir)
-    own.mkdir(parents=True, exist_ok=True)
-    metrics_path = own / "metrics.jsonl"
-    if start_step:
-        state = json.loads((latest_checkpoint(spec) / "state.json").read_text())
-        ledger = TrainLedger(**state["ledger"])
-        log.info("resuming after step %d of %d (%s)", start_step, plan["total_steps"], latest_checkpoint(spec))
-        _truncate_metrics(metrics_path, start_step)
-    elif metrics_path.exists():
-        metrics_path.unlink()
-    per_epoch, total = plan["steps_per_epoch"], plan["total_steps"]
-    # rank 0's weights trained on the raw rows (its layers, or a denoiser the gradient message passes through)
-    # make every release depend on every row seen before
-    mixes = spec.owner_trainable or (owner.denoiser is not None and stage.role.grads[-1] and topo.world_size > 1)
-    t_start = time.perf_counter()
-    tokens_run, last_log, last_saved = 0, t_start, start_step
-    losses = []
-    epoch_cache: dict[int, list[TrainBatch]] = {}
-    step = start_step
-    stopped = None
-    while step < total:
-        if stop():
-            stopped = stop.signal
-            break
-        epoch, within = divmod(step, per_epoch)
-        if epoch not in epoch_cache:
-            epoch_cache.clear()
-            epoch_cache[epoch] = epoch_batches(examples, epoch, spec.seed, settings.batch_size, pad,
-                                               settings.padding_side)
-        batches = epoch_cache[epoch][within * spec.grad_accum:(within + 1) * spec.grad_accum]
-        loss, n_target = owner_step(stage, owner, batches, bwd if topo.world_size > 1 else None, epoch, step)
-        fwd.releases.clear()
-        if not math.isfinite(loss):
-            raise NonFiniteError(f"train: the loss is {loss} at step {step + 1} (lower train.lr, or set "
-                                 "train.max_grad_norm)")
-        if on_step is not None:
-            on_step(stage, step, loss)
-        lr = stage.sched.get_last_lr()[0] if stage.sched else spec.lr * lr_factor(step, total, spec.warmup_steps,
-                                                                                   spec.schedule)
-        norm = stage.finish_step()
-        ledger_counts(ledger, step + 1, per_epoch, spec.grad_accum, settings.batch_size, plan["rows"],
-                       topo.world_size > 1, stage.role.grads[-1] and topo.world_size > 1)
-        tokens = int(sum(int(b.mask.sum()) for b in batches))
-        tokens_run += tokens
-        eps = ledger.epsilon(fwd, bwd, mixes)
-        step += 1
-        losses.append(loss)
-        now = time.perf_counter()
-        rate = tokens_run / max(now - t_start, 1e-9)
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": norm,
-                                 "target_tokens": n_target, "tokens": tokens, "tokens_per_s": rate,
-                                 "epsilon_spent": eps}) + "\n")
-        if step % spec.log_every == 0 or step == total or now - last_log >= settings.log_every:
-            last_log = now
-            log.info("step %d/%d epoch %d: loss %.4f, lr %.3g, grad norm %.3g, %.0f tokens/s, epsilon spent %s",
-                     step, total, epoch, loss, lr, norm, rate, _fmt_eps(eps))
-        if step % spec.save_every == 0 and step < total:
-            _save(stage, owner, spec, step, ledger)
-            last_saved = step
-    if step > last_saved:
-        _save(stage, owner, spec, step, ledger)
-    elapsed = time.perf_counter() - t_start
-    summary = {"steps": step, "total_steps": total, "rows": plan["rows"], "seconds": round(elapsed, 3),
-               "tokens_per_s": round(tokens_run / elapsed, 1) if elapsed > 0 else 0.0,
-               "final_loss": losses[-1] if losses else None, "epsilon_spent": ledger.epsilon(fwd, bwd, mixes),
-               "forward_releases_per_row": ledger.forward_max, "backward_releases_per_row": ledger.backward_max,
-               "privacy_mechanism": fwd.mechanism, "privacy_sigma": fwd.sigma, "privacy_clip": fwd.clip,
-               "grad_privacy_mechanism": bwd.mechanism if bwd else "none", "grad_privacy_sigma": bwd.sigma if bwd
-               else 0.0, "grad_privacy_clip": bwd.clip if bwd else None, "exit_code": 0}
-    if stopped:
-        owner.stop()
-        summary.update(exit_code=EXIT_STOPPED, stopped_by=stopped)
-        summary["rank_stats"] = _all_rank_stats(stage, owner, elapsed)
-        log.warning("stopped by %s after step %d; rerun with train.resume=true to continue", stopped, step)
-        return summary
-    owner.send(Export(step))
-    exported = export(stage, spec, folder)
-    owner.stop()
-    summary["exported"] = exported
-    if owner.denoiser is not None:
-        trained = {"steps": step, "alone": spec.denoiser_alone, "privacy_mechanism": fwd.mechanism,
-                   "privacy_sigma": fwd.sigma, "privacy_clip": fwd.clip, "privacy_unit": settings.privacy.unit,
-                   "epsilon_spent": summary["epsilon_spent"], "data": settings.data_path or "built-in public text",
-                   "final_loss": summary["final_loss"]}
-        summary["denoiser"] = str(save_denoiser(owner.denoiser, own / "denoiser", stage.adapter.config, trained))
-        log.info("denoiser (%d blocks, width %d) -> %s: use it with split.denoiser=%s", owner.denoiser.blocks,
-                 owner.denoiser.width, summary["denoiser"], summary["denoiser"])
-    if exported and stage.private and spec.owner_trainable:
-        summary["export_covered"] = False
-        log.warning("the export %s holds rank 0's layers, trained on the raw rows: it is not covered by the privacy "
-                    "guarantee (written to train.owner_dir; share it only as you would the data)", exported)
-    summary["rank_stats"] = _all_rank_stats(stage, owner, elapsed)
-    (own / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    (own / "noise-key").unlink(missing_ok=True)
-    log.info("done: %d steps in %.1f s (%.0f tokens/s), final loss %.4f, epsilon spent %s%s", step, elapsed,
-             summary["tokens_per_s"], summary["final_loss"] if losses else float("nan"),
-             _fmt_eps(summary["epsilon_spent"]), f" -> {exported}" if exported else "")
-    return summary
-
-
-def _fmt_eps(eps: float) -> str:
-    if math.isnan(eps):
-        return "n/a (no formal claim)"
-    return "inf (a message travels unprotected)" if math.isinf(eps) else f"{eps:.4g}"
-
-
-def _save(stage: Trainer, owner: Owner, spec: TrainSpec, step: int, ledger: TrainLedger) -> None:
-    owner.send(Save(step))
-    _save_part(stage, spec, step)
-    folder = checkpoint_root(spec) / f"step-{step:08d}"
-    folder.mkdir(parents=True, exist_ok=True)  # rank 0's own part may have gone to train.owner_dir
-    state = {"step": step, "ledger": ledger.__dict__}
-    tmp = folder / "state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, folder / "state.json")
-    done = sorted(p for p in checkpoint_root(spec).glob("step-*") if (p / "state.json").is_file())
-    for old in done[:-spec.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
-    log.info("checkpoint: step %d -> %s", step, folder)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    return TrainPlan(per_epoch, total, len(examples), examples, tokenizer)
 
 
 def main(cfg: DictConfig) -> None:
