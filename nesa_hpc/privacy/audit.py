@@ -41,8 +41,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..errors import ConfigError
 from ..infer.tasks import score_positions
-from ..io.data import make_batches, sample_path
+from ..io.batch import make_batches
 from ..io.public_text import load_texts
+from ..io.read import sample_path
 from .mechanism import PrivacySpec, make_privacy, percentile_clip, unit_norms
 
 __all__ = ["run_audit", "AuditSettings", "COLUMNS"]

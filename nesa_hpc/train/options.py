@@ -14,8 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import ConfigError, Settings, as_bool, choice, integer, nonneg, positive, privacy_spec
 from ..engine.schedule import PIPELINES
 from ..infer.tasks import score_positions
-from ..io.data import DataError, RowError, encode_rows, pad_batch, position_ids, read_rows
+from ..io.batch import pad_batch, position_ids
 from ..io.public_text import public_texts
+from ..io.read import DataError, RowError, read_rows
+from ..io.tokenize import encode_rows
 from ..privacy.mechanism import PrivacySpec
 
 ALLOW_SHARED = "allow_shared"  # train.owner_dir: rank 0's files in train.out_dir even with noise on
