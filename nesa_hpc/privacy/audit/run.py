@@ -1,4 +1,8 @@
-"""The audit job: every rank evaluates its share of the (k, level) grid, rank 0 writes the report."""
+"""The audit job: every rank evaluates its share of the (k, level) grid, rank 0 writes the report.
+
+The start-up is agreed between the ranks as a split job's (:func:`~nesa_hpc.engine.job.all_ok`,
+:func:`~nesa_hpc.engine.job.agree`): an error one rank sees ends every rank with one message.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from ...config import Settings, settings_from_cfg
-from ...engine.job import model_folder, setup_logging
+from ...engine.job import JobError, agree, all_ok, model_folder, setup_logging
 from ...errors import ConfigError
 from ...io.public_text import load_texts
 from ...io.read import sample_path
@@ -37,7 +41,7 @@ def run_audit(cfg: DictConfig, comm=None) -> list[dict] | None:
     comm = comm or MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     setup_logging(rank)
-    s, settings, folder, adapter = _start(cfg)
+    s, settings, folder, adapter = _start(cfg, comm)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     start = time.perf_counter()
     public = Corpus(load_texts(s.public_path, s.max_public_rows), tokenizer, s, first_row=1_000_000)
@@ -65,16 +69,18 @@ def run_audit(cfg: DictConfig, comm=None) -> list[dict] | None:
     return table
 
 
-def _start(cfg: DictConfig) -> tuple[AuditSettings, Settings, str, object]:
-    """The options, the model folder and the whole model with its weights (and ``model.adapters``)."""
-    s = audit_settings(cfg)
-    settings = settings_from_cfg(cfg)
+def _start(cfg: DictConfig, comm) -> tuple[AuditSettings, Settings, str, object]:
+    """The options, the model folder and the whole model with its weights (and ``model.adapters``) on every rank,
+    agreed: an error one rank sees ends every rank. The options and the split points are checked on rank 0 (every
+    rank composes the same config), the model is read on every rank."""
+    s = agree(comm, lambda: audit_settings(cfg))
+    settings = agree(comm, lambda: settings_from_cfg(cfg))
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    folder = model_folder(settings)
-    adapter = build_adapter(folder)
-    _check_ks(s, adapter.num_layers)
-    _load_weights(adapter, folder, settings)
+    folder = agree(comm, lambda: model_folder(settings))
+    adapter = all_ok(comm, lambda: build_adapter(folder))
+    agree(comm, lambda: _check_ks(s, adapter.num_layers))
+    all_ok(comm, lambda: _load_weights(adapter, folder, settings))
     return s, settings, folder, adapter
 
 
@@ -162,6 +168,11 @@ def main(cfg: DictConfig) -> None:
     comm = MPI.COMM_WORLD
     try:
         run_audit(cfg, comm)
+    except JobError as exc:  # seen and reported alike on every rank
+        if comm.Get_rank() == 0:
+            log.error("error: %s", exc)
+        sys.stderr.flush()
+        sys.exit(2)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         log.error("error: %s", exc)
         sys.stderr.flush()
