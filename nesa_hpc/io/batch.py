@@ -89,7 +89,6 @@ def make_batches(rows: Iterable[tuple[int, str | RowError]], tokenizer, batch_si
         raise DataError(f"data.padding_side={padding_side!r} must be 'left' or 'right'")
     if on_long not in ON_LONG:
         raise DataError(f"data.on_long={on_long!r} must be one of {ON_LONG}")
-
     window = max(bucket_window, batch_size) if bucket_window > 0 else batch_size
     rules = _Rows(tokenizer, max_length, source, on_error, on_long, on_skip)
     pad_id = _pad_id(tokenizer)
@@ -132,7 +131,8 @@ class _Rows:
             items.sort(key=lambda it: it.row)  # input order, as for plain rows
         return items, bool(pairs)
 
-    def _sort_out(self, chunk: list[tuple[int, str | Request | RowError]]):
+    def _sort_out(self, chunk: list[tuple[int, str | Request | RowError]]
+                  ) -> tuple[list[tuple[int, str, Request | None]], list[tuple[int, Request]]]:
         """Text rows (row, text, request) and prompt/completion pairs (row, request); bad rows go here."""
         texts, pairs = [], []
         for row, text in chunk:
@@ -150,6 +150,7 @@ class _Rows:
         return texts, pairs
 
     def _texts(self, texts: list[tuple[int, str, Request | None]]) -> list[_Item]:
+        """Text rows tokenized by :func:`encode_rows`; a row without tokens or too long (not truncated) goes."""
         encoded = encode_rows(self.tokenizer, [t for _, t, _ in texts], self.max_length) if texts else []
         items = []
         for (row, _, request), (ids, truncated, count, exact) in zip(texts, encoded, strict=True):
@@ -163,12 +164,13 @@ class _Rows:
         return items
 
     def _pairs(self, pairs: list[tuple[int, Request]]) -> list[_Item]:
+        """Prompt/completion pairs tokenized by :func:`encode_pair`; a pair that cannot be scored goes."""
         items = []
         for row, request in pairs:
             try:
                 ids, n_prompt, truncated = encode_pair(self.tokenizer, request.prompt, request.completion,
                                                        self.max_length)
-            except ValueError as exc:
+            except ValueError as exc:  # its message is the reason: raised from None
                 reason = f"{self.source}: row {row}: {exc}"
                 if self.on_error == "fail":
                     raise DataError(reason) from None

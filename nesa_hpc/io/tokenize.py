@@ -93,6 +93,7 @@ class _RowEncoder:
         self.whole_only: set[int] = set()
 
     def run(self) -> list[Encoded]:
+        """Every row's :class:`Encoded`, in order."""
         pending = list(range(len(self.texts)))
         while pending:
             whole, cuts = self._plan(pending)

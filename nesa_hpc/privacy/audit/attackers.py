@@ -26,6 +26,7 @@ class Attacks:
         self.sq = (self.table ** 2).sum(-1)
 
     def nearest(self, z: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """At k=0: the token whose embedding at its position is nearest to each row of ``z``."""
         z = z - self.shift[pos]
         out = []
         for chunk in z.split(512):
@@ -52,6 +53,7 @@ class Attacks:
         return out
 
     def head(self, z: torch.Tensor) -> torch.Tensor | None:
+        """The model's final norm and LM head applied to ``z``: its top token (None for a model without a head)."""
         if not self.adapter.has_head:
             return None
         with torch.inference_mode():

@@ -29,6 +29,7 @@ class Corpus:
         self.states: dict[int, list[torch.Tensor]] = {}
 
     def at(self, adapter, k: int) -> list[torch.Tensor]:
+        """Per batch, the clean states after layers [0, k) (computed once per k)."""
         if k not in self.states:
             with torch.inference_mode():
                 self.states[k] = [adapter.run_layers(range(k), adapter.embed(b.ids, b.pos), b.mask, b.pos)
@@ -77,5 +78,6 @@ def owner_alone(adapter, corpus: Corpus, counts: torch.Tensor, paths: tuple[str,
 
 
 def real_states(zs: list[torch.Tensor], corpus: Corpus) -> torch.Tensor:
+    """The states ``zs`` of ``corpus``'s batches at its real (unpadded) positions, in order, as float: (N, H)."""
     return torch.cat([z[b.mask.bool()] for b, z in zip(corpus.batches, zs, strict=True)]).float()
 

@@ -80,6 +80,7 @@ class _Figures:
         self.clean = {r["k"]: r["perplexity"] for r in table if r["mechanism"] == "none"}
 
     def series(self, k: int, key: str) -> tuple[list, list]:
+        """The noisy rows' (level, ``key``) at split point ``k``, by level."""
         pts = sorted((r[self.xkey], r[key]) for r in self.noisy if r["k"] == k)
         return [p[0] for p in pts], [p[1] for p in pts]
 
@@ -92,6 +93,7 @@ class _Figures:
         return self.table[0]["unigram_perplexity"] / next(iter(self.clean.values()))
 
     def utility(self, plt):
+        """Perplexity ratio and cosine against the level, with the owner-alone baselines."""
         fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
         for i, k in enumerate(self.ks):
             x, y = self.series(k, "perplexity_ratio")
@@ -114,6 +116,7 @@ class _Figures:
         return fig
 
     def leakage(self, plt):
+        """Token recovery per attacker against the level, one panel per split point, with the floor and bounds."""
         fig, ax = plt.subplots(1, len(self.ks), figsize=(4.2 * len(self.ks), 4), squeeze=False)
         for a, k in zip(ax[0], self.ks, strict=True):
             for key, label, color in (("nn_recovery", "nearest neighbour", "C0"),
@@ -139,6 +142,7 @@ class _Figures:
         return fig
 
     def frontier(self, plt):
+        """Best recovery against the perplexity ratio: what each level buys."""
         fig, a = plt.subplots(figsize=(6.5, 4.8))
         for i, k in enumerate(self.ks):
             pts = sorted((r for r in self.noisy if r["k"] == k), key=lambda r: r[self.xkey])
