@@ -9,7 +9,7 @@ Writes ``<audit.out_dir>/audit.{h5,csv,json}`` and ``audit_{utility,leakage,fron
 import hydra
 from omegaconf import DictConfig
 
-from nesa_hpc.privacy.audit import main
+from nesa_hpc.privacy.audit.run import main
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="audit")

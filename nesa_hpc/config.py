@@ -11,7 +11,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from .engine.topology import HEAD_PLACEMENTS, PARTITIONS
 from .errors import ConfigError
 from .infer.tasks import TASKS
-from .io.data import FORMATS, ON_ERROR, ON_LONG
+from .io.batch import ON_LONG
+from .io.read import FORMATS, ON_ERROR
 from .models.weights import DTYPES, PACKAGED_MODELS
 from .privacy.mechanism import MECHANISMS, UNITS, PrivacyConfigError, PrivacySpec
 

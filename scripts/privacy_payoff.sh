@@ -89,7 +89,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from nesa_hpc.io.data import read_rows, sample_path
+from nesa_hpc.io.read import read_rows, sample_path
 from nesa_hpc.io.public_text import public_texts
 from nesa_hpc.models.weights import packaged_model_path
 from transformers import AutoTokenizer

@@ -21,7 +21,8 @@ from mpi4py import MPI
 
 from nesa_hpc.infer.job import run
 from nesa_hpc.infer.tasks import score_positions
-from nesa_hpc.io.data import make_batches, read_rows
+from nesa_hpc.io.batch import make_batches
+from nesa_hpc.io.read import read_rows
 from nesa_hpc.io.results import read_results
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

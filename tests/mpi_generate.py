@@ -23,7 +23,7 @@ from mpi4py import MPI
 
 from nesa_hpc.engine.messages import Kind
 from nesa_hpc.infer.job import run
-from nesa_hpc.io.data import read_rows
+from nesa_hpc.io.read import read_rows
 from nesa_hpc.io.results import read_results
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

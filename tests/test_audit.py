@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, run_mpi
 
-from nesa_hpc.privacy.audit import COLUMNS
+from nesa_hpc.privacy.audit.report import COLUMNS
 
 AUDIT = str(ROOT / "jobs" / "audit.py")
 
@@ -103,16 +103,16 @@ def test_map_decoder_weighs_distance_against_the_prior():
     """With little noise the MAP decoder is the nearest clipped candidate; with a lot, the prior's favourite."""
     from types import SimpleNamespace
 
-    from nesa_hpc.privacy.audit import _Attacks
+    from nesa_hpc.privacy.audit.attackers import Attacks
 
     table = torch.tensor([[3.0, 0.0], [0.0, 3.0], [-3.0, 0.0]])
     attacks = SimpleNamespace(table=table, shift=torch.zeros(4, 2))
     z = torch.tensor([[0.9, 0.1], [0.1, 0.8], [-1.0, 0.2]])
     pos = torch.zeros(3, dtype=torch.long)
     prior = torch.log(torch.tensor([0.1, 0.1, 0.8]))
-    near = _Attacks.map_decode(attacks, z, pos, prior, sigma=0.05, clip=1.0)
+    near = Attacks.map_decode(attacks, z, pos, prior, sigma=0.05, clip=1.0)
     assert near.tolist() == [0, 1, 2]  # clipped to norm 1, the candidates sit where z does
-    far = _Attacks.map_decode(attacks, z, pos, prior, sigma=100.0, clip=1.0)
+    far = Attacks.map_decode(attacks, z, pos, prior, sigma=100.0, clip=1.0)
     assert far.tolist() == [2, 2, 2]
 
 

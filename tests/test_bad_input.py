@@ -10,7 +10,8 @@ import pytest
 from conftest import ROOT, run_mpi
 from transformers import AutoTokenizer
 
-from nesa_hpc.io.data import DataError, RowError, make_batches, read_rows
+from nesa_hpc.io.batch import make_batches
+from nesa_hpc.io.read import DataError, RowError, read_rows
 from nesa_hpc.io.results import ResultWriter, ResumeMismatch
 
 INFER = str(ROOT / "jobs" / "infer.py")

@@ -1,4 +1,5 @@
-"""Unit tests for nesa_hpc.io.data: reading rows from every format and cutting padded micro-batches."""
+"""Unit tests for nesa_hpc.io.read, .tokenize and .batch: reading rows from every format and cutting padded
+micro-batches."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nesa_hpc.io.data import DataError, detect_format, make_batches, read_rows, sample_path
+from nesa_hpc.io.batch import make_batches
+from nesa_hpc.io.read import DataError, detect_format, read_rows, sample_path
 
 TEXTS = ["first row", "second, with a comma", 'third "quoted"', "fourth ünïcödé ✓", ""]
 
@@ -450,7 +452,7 @@ def _reference(tok, text: str, n: int) -> tuple[list[int], bool]:
 
 @pytest.mark.parametrize("n", [4, 16, 61])
 def test_encode_rows_equals_tokenizer_truncation(any_tokenizer, n):
-    from nesa_hpc.io.data import encode_rows
+    from nesa_hpc.io.tokenize import encode_rows
 
     tok = any_tokenizer
     texts = ["short", "fourth ünïcödé ✓", *LONG_ROWS]
@@ -466,7 +468,7 @@ def test_encode_rows_equals_tokenizer_truncation(any_tokenizer, n):
 
 
 def test_encode_rows_exactly_max_length(any_tokenizer):
-    from nesa_hpc.io.data import encode_rows
+    from nesa_hpc.io.tokenize import encode_rows
 
     tok = any_tokenizer
     for text in ["hello world", LONG_ROWS[0][:3000]]:
@@ -479,7 +481,7 @@ def test_encode_rows_exactly_max_length(any_tokenizer):
 
 def test_every_cut_inside_a_word(any_tokenizer):
     """Prefix cuts at every position of a long row: whatever falls near the cut, the ids are exact."""
-    from nesa_hpc.io.data import encode_rows
+    from nesa_hpc.io.tokenize import encode_rows
 
     tok = any_tokenizer
     row = LONG_ROWS[1]
@@ -532,7 +534,7 @@ def test_huge_row_tokenizes_a_bounded_prefix(tokenizer, smollm2_path, which):
 
     from transformers import AutoTokenizer
 
-    from nesa_hpc.io.data import encode_rows
+    from nesa_hpc.io.tokenize import encode_rows
 
     tok = tokenizer if which == "minilm" else AutoTokenizer.from_pretrained(smollm2_path)
     head = _long_row(7, 20_000)  # ~150 KB, tokenized whole for the reference below
@@ -562,7 +564,7 @@ def test_huge_row_tokenizes_a_bounded_prefix(tokenizer, smollm2_path, which):
 def test_non_local_tokenizer_is_tokenized_whole(caplog):
     """A tokenizer whose first token depends on the whole text fails the prefix check: rows are then
     tokenized whole, still exact."""
-    from nesa_hpc.io.data import encode_rows
+    from nesa_hpc.io.tokenize import encode_rows
 
     class LengthFirst:
         truncation_side = "right"

@@ -66,7 +66,7 @@ def test_tiny_models_every_split(n, tiny_models, texts_file, tmp_path):
 
 def test_real_models(smollm2_path, minilm_path, tmp_path):
     """SmolLM2-135M scored and MiniLM embedded across 3 ranks equal transformers in one process."""
-    from nesa_hpc.io.data import sample_path
+    from nesa_hpc.io.read import sample_path
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(sample_path().read_text().splitlines(keepends=True)[:12]))
@@ -124,7 +124,7 @@ def test_every_family_every_split(n, family_models, texts_file, tmp_path):
 def test_gemma3_real_model(gemma3_path, tmp_path):
     """Gemma 3 270M (sliding and full attention layers with their own rotary bases, embedding scale inside
     the embedding, its own BOS) scored across 3 ranks equals transformers in one process."""
-    from nesa_hpc.io.data import sample_path
+    from nesa_hpc.io.read import sample_path
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(sample_path().read_text().splitlines(keepends=True)[:8]))

@@ -36,7 +36,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from nesa_hpc.io.data import DataError, RowError, make_batches, read_rows
+from nesa_hpc.io.batch import make_batches
+from nesa_hpc.io.read import DataError, RowError, read_rows
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import ROOT, run_mpi
 
-from nesa_hpc.io.data import _appended_special_tokens
+from nesa_hpc.io.tokenize import _appended_special_tokens
 
 RUN_JOBS = ROOT / "tests" / "run_jobs.py"
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
@@ -318,7 +318,7 @@ def test_encode_pair_is_the_harness_tokenization(smollm2_path):
     a prompt with no tokens is refused, and a long row keeps its last tokens (the completion whole)."""
     from transformers import AutoTokenizer
 
-    from nesa_hpc.io.data import encode_pair
+    from nesa_hpc.io.tokenize import encode_pair
 
     tok = AutoTokenizer.from_pretrained(smollm2_path)
     ids, n_prompt, cut = encode_pair(tok, "The capital of France is ", "Paris", 64)

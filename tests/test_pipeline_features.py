@@ -11,7 +11,8 @@ from conftest import ROOT, run_mpi
 from transformers import AutoTokenizer
 
 from nesa_hpc.engine.topology import balanced_plan, make_topology
-from nesa_hpc.io.data import DataError, make_batches, prefetch
+from nesa_hpc.io.batch import make_batches, prefetch
+from nesa_hpc.io.read import DataError
 from nesa_hpc.io.results import InOrder
 
 

@@ -164,7 +164,7 @@ def test_unsound_settings_are_refused(spec, k, match):
 def test_calibrated_clip_is_a_percentile_of_public_norms(tiny_models):
     from transformers import AutoTokenizer
 
-    from nesa_hpc.io.data import make_batches
+    from nesa_hpc.io.batch import make_batches
     from nesa_hpc.io.public_text import public_texts
     from nesa_hpc.models.weights import build_adapter, load_modules
     from nesa_hpc.privacy.mechanism import calibrate_clip

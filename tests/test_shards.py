@@ -17,8 +17,8 @@ from conftest import ROOT, run_mpi
 from hydra import compose, initialize_config_dir
 
 from nesa_hpc.config import ConfigError, settings_from_cfg
-from nesa_hpc.io.data import count_rows, read_rows, shard_range
 from nesa_hpc.io.merge import MergeError, merge_shards
+from nesa_hpc.io.read import count_rows, read_rows, shard_range
 from nesa_hpc.io.results import read_results
 
 JOBS = str(ROOT / "tests" / "run_jobs.py")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from nesa_hpc.infer.files import chat
 from nesa_hpc.infer.generate import Decoding, _Stopper
-from nesa_hpc.io.data import make_batches
+from nesa_hpc.io.batch import make_batches
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
             "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")

@@ -348,7 +348,7 @@ def test_exported_adapter_and_merged_model_serve_inference(tiny_models, texts_fi
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nesa_hpc.io.data import read_rows
+    from nesa_hpc.io.read import read_rows
     from nesa_hpc.io.results import read_results
 
     model = tiny_models["llama"]

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import settings_from_cfg
 from ..engine.job import model_folder
-from ..io.data import read_rows, sample_path
+from ..io.read import read_rows, sample_path
 
 __all__ = ["ROOT", "CEILING", "make_dataset", "setup", "baselines", "num", "share", "print_rank_stats", "write",
            "run_job", "launch", "override", "ranks"]

@@ -15,8 +15,9 @@ import time
 
 import torch
 
-from ..io.data import make_batches, read_rows
+from ..io.batch import make_batches
 from ..io.inputs import RowFields
+from ..io.read import read_rows
 
 __all__ = ["load_requests", "continuous_generate", "main"]
 

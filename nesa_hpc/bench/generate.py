@@ -12,8 +12,9 @@ import h5py
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..io.data import make_batches, read_rows
+from ..io.batch import make_batches
 from ..io.inputs import RowFields
+from ..io.read import read_rows
 from .common import CEILING, baselines, launch, num, override, print_rank_stats, ranks, setup, share, write
 
 __all__ = ["until_eos", "baseline_generate", "read_generated", "run_bench_generate"]

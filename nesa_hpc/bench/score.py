@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ..infer.tasks import score_positions
-from ..io.data import make_batches, read_rows
+from ..io.batch import make_batches
+from ..io.read import read_rows
 from .common import (
     CEILING,
     baselines,

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from ..io.data import read_rows, sample_path
+from ..io.read import read_rows, sample_path
 from .common import launch, num, override, print_rank_stats, ranks, setup_model, share, write
 from .generate import baseline_generate, read_generated
 

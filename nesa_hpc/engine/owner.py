@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..io.data import Batch
+from ..io.batch import Batch
 from .messages import Activations, Message, Output, Stop
 from .stage import LocalPipe, NonFiniteError, StageStats, adapter_dtype, mark_nonfinite, memory_guard
 from .topology import Topology

@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from .. import __version__
 from ..config import Settings
 from ..errors import ConfigError
-from ..io.data import DataError, RowError, count_rows, read_rows, shard_range
 from ..io.inputs import RowFields, chat_text, render
+from ..io.read import DataError, RowError, count_rows, read_rows, shard_range
 from ..io.results import ResultWriter
 from ..privacy.mechanism import PrivacySpec, auto_clip, default_key_path, make_privacy, read_key, write_key
 

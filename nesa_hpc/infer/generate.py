@@ -30,7 +30,7 @@ import torch
 from ..engine.messages import Free, GenerationOutput, GenerationStep
 from ..engine.owner import Owner
 from ..engine.stage import StageStats, lane_step, memory_guard
-from ..io.data import Batch
+from ..io.batch import Batch
 
 __all__ = ["Decoding", "GroupResult", "eos_token_ids", "row_generator", "pick_tokens", "run_generate", "Generation"]
 

@@ -28,7 +28,8 @@ from ..engine.job import (
 )
 from ..engine.owner import Owner, check_finite, run_stream
 from ..engine.stage import LocalPipe, Stage
-from ..io.data import make_batches, prefetch, sample_path
+from ..io.batch import make_batches, prefetch
+from ..io.read import sample_path
 from ..io.results import InOrder, ResultWriter
 from ..models.lora import check_adapter_use
 from ..models.weights import DTYPES, load_modules

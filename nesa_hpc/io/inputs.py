@@ -2,9 +2,9 @@
 or an OpenAI batch request; and how rank 0 turns such a row into text for the tokenizer.
 
 A plain text row stays a ``str`` all the way to the tokenizer. Every other row is a :class:`Request`. The
-readers of :mod:`nesa_hpc.io.data` call :meth:`RowFields.extract` on each record (a JSON object, a CSV row or
+readers of :mod:`nesa_hpc.io.read` call :meth:`RowFields.extract` on each record (a JSON object, a CSV row or
 a Parquet row) and yield its ``str``, :class:`Request` or, for a row that cannot be used,
-:class:`~nesa_hpc.io.data.RowError`. :func:`render` then applies the tokenizer's chat template on rank 0.
+:class:`~nesa_hpc.io.read.RowError`. :func:`render` then applies the tokenizer's chat template on rank 0.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def load_texts(path: str | Path | None, limit: int | None = None) -> list[str]:
     """Texts of a data file (any format ``data.format=auto`` reads), or the built-in public text."""
     if path is None:
         return public_texts(limit)
-    from .data import read_rows
+    from .read import read_rows
 
     texts = [t for _, t in read_rows(path)]
     return texts[:limit] if limit else texts

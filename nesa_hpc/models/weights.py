@@ -184,10 +184,6 @@ def load_modules(adapter: Adapter, folder: str | Path, modules: list[str], dtype
     Checkpoint tensors are matched to parameters, and converted where the family stores them differently
     (mixture-of-experts weights are fused when loaded), by transformers' own conversion for the family.
     """
-    from transformers.core_model_loading import convert_and_load_state_dict_in_model
-    from transformers.modeling_utils import LoadStateDictConfig
-    from transformers.utils import logging as hf_logging
-
     folder = Path(folder)
     if dtype not in DTYPES:
         raise ConfigError(f"model.dtype={dtype!r} must be one of {sorted(DTYPES)}")
@@ -197,51 +193,84 @@ def load_modules(adapter: Adapter, folder: str | Path, modules: list[str], dtype
     targets, mapping = _targets(model, files)
     wanted = {f"{m}.{p}" for m in modules for p, _ in model.get_submodule(m).named_parameters()}
     keys = [k for k, name in targets.items() if name in wanted]
-    readers: dict[Path, _TensorReader] = {}
+    readers = _Readers(files)
     try:
-        def read(key: str) -> torch.Tensor:
-            if files[key] not in readers:
-                readers[files[key]] = _TensorReader(files[key])
-            return readers[files[key]].read(key)
-
-        partial = {k: read(k) for k in keys}
+        partial = {k: readers.read(k) for k in keys}
         if partial:
-            bar = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()
-            try:
-                info, _ = convert_and_load_state_dict_in_model(
-                    model, partial, LoadStateDictConfig(device_map={"": "cpu"}, weight_mapping=mapping))
-            finally:
-                if bar:
-                    hf_logging.enable_progress_bar()
-            if info.mismatched_keys:
-                name, got, want = sorted(info.mismatched_keys)[0]
-                raise ModelError(f"{folder}: tensor for {name!r} has shape {tuple(got)}, the model's config needs "
-                                 f"{tuple(want)}")
-            if info.conversion_errors:
-                raise ModelError(f"{folder}: cannot convert checkpoint tensors: "
-                                 f"{next(iter(info.conversion_errors.values()))}")
+            _convert_and_load(model, partial, mapping, folder)
         del partial
-        by_name = {name: key for key, name in targets.items()}
-        for full in sorted(wanted):
-            p = model.get_parameter(full)
-            if p.device.type == "meta":  # not in the checkpoint: a tied weight reads its source's tensor
-                source = adapter.tied.get(full)
-                key = by_name.get(source) if source else None
-                if key is None:
-                    raise ModelError(f"{folder}: tensor {full!r} is missing from the checkpoint")
-                src = model.get_parameter(source)
-                p = src if src.device.type != "meta" else read(key)
-            _assign(model, full, p.detach().to(device=device, dtype=DTYPES[dtype]))
+        _place_parameters(adapter, folder, wanted, targets, readers, DTYPES[dtype], device)
     finally:
-        for reader in readers.values():
+        readers.close()
+    _place_buffers(model, modules, DTYPES[dtype], device)
+    return adapter
+
+
+class _Readers:
+    """The checkpoint's safetensors files, each opened on its first read."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files = files
+        self.open: dict[Path, _TensorReader] = {}
+
+    def read(self, key: str) -> torch.Tensor:
+        path = self.files[key]
+        if path not in self.open:
+            self.open[path] = _TensorReader(path)
+        return self.open[path].read(key)
+
+    def close(self) -> None:
+        for reader in self.open.values():
             reader.close()
+
+
+def _convert_and_load(model: nn.Module, partial: dict[str, torch.Tensor], mapping: list, folder: Path) -> None:
+    """Load the checkpoint tensors ``partial`` into the model through transformers' conversion for the family."""
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        info, _ = convert_and_load_state_dict_in_model(
+            model, partial, LoadStateDictConfig(device_map={"": "cpu"}, weight_mapping=mapping))
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    if info.mismatched_keys:
+        name, got, want = sorted(info.mismatched_keys)[0]
+        raise ModelError(f"{folder}: tensor for {name!r} has shape {tuple(got)}, the model's config needs "
+                         f"{tuple(want)}")
+    if info.conversion_errors:
+        raise ModelError(f"{folder}: cannot convert checkpoint tensors: "
+                         f"{next(iter(info.conversion_errors.values()))}")
+
+
+def _place_parameters(adapter: Adapter, folder: Path, wanted: set[str], targets: dict[str, str], readers: _Readers,
+                      dtype: torch.dtype, device: str | torch.device) -> None:
+    """Every wanted parameter in ``dtype`` on ``device``; one the checkpoint lacks takes its tied source's tensor."""
+    model = adapter.model
+    by_name = {name: key for key, name in targets.items()}
+    for full in sorted(wanted):
+        p = model.get_parameter(full)
+        if p.device.type == "meta":  # not in the checkpoint: a tied weight reads its source's tensor
+            source = adapter.tied.get(full)
+            key = by_name.get(source) if source else None
+            if key is None:
+                raise ModelError(f"{folder}: tensor {full!r} is missing from the checkpoint")
+            src = model.get_parameter(source)
+            p = src if src.device.type != "meta" else readers.read(key)
+        _assign(model, full, p.detach().to(device=device, dtype=dtype))
+
+
+def _place_buffers(model: nn.Module, modules: list[str], dtype: torch.dtype, device: str | torch.device) -> None:
+    """The modules' buffers on ``device``; floating-point ones in ``dtype``, except rotary ``inv_freq``."""
     for module_name in modules:
         for bname, buf in list(model.get_submodule(module_name).named_buffers(recurse=True)):
-            if buf.device != torch.device(device) or (buf.is_floating_point() and buf.dtype != DTYPES[dtype]):
-                target_dtype = DTYPES[dtype] if buf.is_floating_point() and "inv_freq" not in bname else buf.dtype
+            if buf.device != torch.device(device) or (buf.is_floating_point() and buf.dtype != dtype):
+                target_dtype = dtype if buf.is_floating_point() and "inv_freq" not in bname else buf.dtype
                 _assign(model, f"{module_name}.{bname}", buf.to(device=device, dtype=target_dtype))
-    return adapter
 
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,

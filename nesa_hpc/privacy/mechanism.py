@@ -388,7 +388,7 @@ def auto_clip(spec: PrivacySpec, adapter, tokenizer, k: int, max_length: int, de
 def calibrate_clip(adapter, tokenizer, k: int, unit: str, percentile: float, texts: list[str],
                    max_length: int = 128, batch_size: int = 8, device: torch.device | str = "cpu") -> float:
     """The ``percentile`` of unit norms of Z (layer k) over *public* ``texts``, on the owner's own layers."""
-    from ..io.data import make_batches
+    from ..io.batch import make_batches
 
     norms = []
     with torch.inference_mode():

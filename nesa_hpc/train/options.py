@@ -14,8 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import ConfigError, Settings, as_bool, choice, integer, nonneg, positive, privacy_spec
 from ..engine.schedule import PIPELINES
 from ..infer.tasks import score_positions
-from ..io.data import DataError, RowError, encode_rows, pad_batch, position_ids, read_rows
+from ..io.batch import pad_batch, position_ids
 from ..io.public_text import public_texts
+from ..io.read import DataError, RowError, read_rows
+from ..io.tokenize import encode_rows
 from ..privacy.mechanism import PrivacySpec
 
 ALLOW_SHARED = "allow_shared"  # train.owner_dir: rank 0's files in train.out_dir even with noise on
@@ -89,15 +91,40 @@ def _layers_option(layers) -> tuple[int, int] | None:
 
 
 def train_spec(cfg: DictConfig) -> TrainSpec:
+    """``train.*`` checked into a :class:`TrainSpec`, with the checks that involve other options (privacy, split)."""
     t = OmegaConf.to_container(cfg.train, resolve=True)
     lora = t.get("lora") or {}
     layers = _layers_option(t.get("layers"))
-    den = t.get("denoiser") or {}
-    targets = lora.get("target_modules")
+    targets = _lora_targets(lora.get("target_modules"))
+    spec = _spec(t, lora, layers, targets, _grad_privacy(t.get("grad_privacy")))
+    if spec.export == "auto":
+        spec = replace(spec, export="adapter" if spec.mode == "lora" else "merged")
+    if not spec.out_dir:
+        raise ConfigError("train.out_dir must name the folder for checkpoints and the exported model")
+    noisy = OmegaConf.select(cfg, "privacy.mechanism", default="none") != "none" or spec.grad_privacy.adds_noise
+    _check_owner_files(spec, noisy)
+    if spec.lora_dropout != 0:
+        raise ConfigError(f"train.lora.dropout={spec.lora_dropout}: only 0 is supported (dropout would draw from "
+                          "an unseeded random state: split and unsplit training, and a resumed run, would differ)")
+    if spec.export == "adapter" and spec.mode == "full":
+        raise ConfigError("train.export=adapter needs train.mode=lora (full fine-tuning exports train.export=merged)")
+    _check_denoiser(cfg, spec, noisy)
+    if spec.resume and spec.overwrite:
+        raise ConfigError("train.resume=true and train.overwrite=true contradict each other")
+    return spec
+
+
+def _lora_targets(targets) -> tuple[str, ...] | None:
+    """``train.lora.target_modules``: null (the family's default) or a list of module names."""
     if targets is not None and (not isinstance(targets, (list, tuple)) or not targets
                                 or not all(isinstance(x, str) and x for x in targets)):
         raise ConfigError(f"train.lora.target_modules={targets!r} must be null or a list of module names")
-    gp = dict(t.get("grad_privacy") or {"mechanism": "none"})
+    return None if targets is None else tuple(targets)
+
+
+def _grad_privacy(options: dict | None) -> PrivacySpec:
+    """``train.grad_privacy``: the mechanism on the gradient message, per row (unit sequence, a numeric clip)."""
+    gp = dict(options or {"mechanism": "none"})
     if gp.get("unit", "sequence") != "sequence":
         raise ConfigError("train.grad_privacy.unit must be sequence: a row's gradient message mixes all its tokens")
     gp["unit"] = "sequence"
@@ -110,15 +137,22 @@ def train_spec(cfg: DictConfig) -> TrainSpec:
     if grad_privacy.clip == "auto":
         raise ConfigError("train.grad_privacy.clip must be a number (the L2 norm of one row's gradient of its summed "
                           "token loss); auto applies to activations only")
+    return grad_privacy
+
+
+def _spec(t: dict, lora: dict, layers: tuple[int, int] | None, targets: tuple[str, ...] | None,
+          grad_privacy: PrivacySpec) -> TrainSpec:
+    """Each ``train.*`` option checked on its own, in the order of :class:`TrainSpec`."""
+    den = t.get("denoiser") or {}
     mgn = t.get("max_grad_norm")
-    spec = TrainSpec(
+    return TrainSpec(
         mode=choice("train.mode", t.get("mode", "lora"), MODES),
         layers=layers,
         owner_trainable=as_bool("train.owner_trainable", t.get("owner_trainable", False)),
         lora_r=integer("train.lora.r", lora.get("r", 8), 1),
         lora_alpha=positive("train.lora.alpha", lora.get("alpha", 16)),
         lora_dropout=nonneg("train.lora.dropout", lora.get("dropout", 0.0)),
-        lora_targets=None if targets is None else tuple(targets),
+        lora_targets=targets,
         epochs=integer("train.epochs", t.get("epochs", 1), 1),
         max_steps=integer("train.max_steps", t.get("max_steps"), 1, allow_none=True),
         grad_accum=integer("train.grad_accum", t.get("grad_accum", 4), 1),
@@ -149,11 +183,10 @@ def train_spec(cfg: DictConfig) -> TrainSpec:
         denoiser_alone=as_bool("train.denoiser.alone", den.get("alone", False)),
         denoiser_lr=None if den.get("lr") is None else positive("train.denoiser.lr", den["lr"]),
     )
-    if spec.export == "auto":
-        spec = replace(spec, export="adapter" if spec.mode == "lora" else "merged")
-    if not spec.out_dir:
-        raise ConfigError("train.out_dir must name the folder for checkpoints and the exported model")
-    noisy = OmegaConf.select(cfg, "privacy.mechanism", default="none") != "none" or spec.grad_privacy.adds_noise
+
+
+def _check_owner_files(spec: TrainSpec, noisy: bool) -> None:
+    """With privacy on, rank 0's own files stay out of the folder the workers write (unless allowed)."""
     if noisy and spec.owner_trainable and spec.export == "merged":
         raise ConfigError("train.export=merged with train.owner_trainable=true and a privacy mechanism on: every rank "
                           "writes its shard to train.out_dir, rank 0's layers (trained on the raw rows, not covered by "
@@ -165,15 +198,6 @@ def train_spec(cfg: DictConfig) -> TrainSpec:
                           f"in metrics.jsonl) would go to train.out_dir={spec.out_dir}, which the workers write: set "
                           "train.owner_dir to a folder only rank 0 reads (a node-local or owner-only path), or "
                           f"train.owner_dir={ALLOW_SHARED} to keep them in train.out_dir knowingly")
-    if spec.lora_dropout != 0:
-        raise ConfigError(f"train.lora.dropout={spec.lora_dropout}: only 0 is supported (dropout would draw from "
-                          "an unseeded random state: split and unsplit training, and a resumed run, would differ)")
-    if spec.export == "adapter" and spec.mode == "full":
-        raise ConfigError("train.export=adapter needs train.mode=lora (full fine-tuning exports train.export=merged)")
-    _check_denoiser(cfg, spec, noisy)
-    if spec.resume and spec.overwrite:
-        raise ConfigError("train.resume=true and train.overwrite=true contradict each other")
-    return spec
 
 
 def _check_denoiser(cfg: DictConfig, spec: TrainSpec, noisy: bool) -> None:
