@@ -11,7 +11,8 @@
 #   - fp32 exactness against plain transformers on the same GPU: task=score (nll_sum per row vs a forward
 #     of each row alone), task=generate (greedy tokens vs model.generate(do_sample=False) per row), and
 #     3 training steps (losses equal across world sizes);
-#   - bf16 throughput (score tokens/s, generated tokens/s) next to plain transformers batched the same way;
+#   - bf16 throughput (score tokens/s, generated tokens/s) next to plain transformers batched the same way
+#     (score) and transformers' continuous batching on the same GPU (generate; static generate in the note);
 #   - a one-process MpiTransport self-check (values staged while the producer stream is busy; no
 #     whole-stream synchronize in send).
 # and prints one table. Exit status: 0 all passed (skipped rows allowed), 1 a check failed, 2 the
@@ -197,8 +198,8 @@ for n in $RANKS; do
         train.grad_accum=2 data.batch_size=2 "train.layers=[$K,$LAYERS]" "train.out_dir=$W/out/$name" \
         train.overwrite=true
 done
-step ref-bfloat16 120 "${REF[@]}" reference "$W" --device "$DEVICE" --dtype bfloat16 --batch-size "$BS" \
-    --what score-speed:bench,gen-speed:bench
+step ref-bfloat16 150 "${REF[@]}" reference "$W" --device "$DEVICE" --dtype bfloat16 --batch-size "$BS" \
+    --what score-speed:bench,gen-speed:bench,gen-speed-cb:bench
 # throughput: the smallest and the largest world size first, in case the budget runs out
 set -- $RANKS
 BF16_RANKS="$1"; [ "$#" -gt 1 ] && BF16_RANKS="$1 ${!#}"

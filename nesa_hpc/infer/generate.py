@@ -19,6 +19,7 @@ settings and (sampling) its own generator, never on which rows share its lane.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -184,7 +185,10 @@ class Generation:
         self.capacity, self.prefill_tokens, self.stopper, self.should_stop = capacity, prefill_tokens, stopper, \
             should_stop
         self.lanes = [_Lane(i) for i in range(lanes)]
-        self.waiting: deque[_Row] = deque()
+        # rows read but not started, longest possible generation first (the last rows to finish then start
+        # early, so fewer steps run with lanes half empty at the end); at most two lanes' worth of look-ahead
+        self.waiting: list[_Row] = []
+        self.lookahead = 2 * lanes * capacity
         self.order: deque[_Lane] = deque()  # lanes with a step in flight, oldest first
         self.limit = 2 * lanes
         self.stopped = False
@@ -196,21 +200,20 @@ class Generation:
         return self.capacity - len(lane.rows)
 
     def _admit(self, lane: _Lane) -> list[_Row]:
-        """Waiting rows for ``lane``'s free slots, in arrival order, while their padded prompts stay within
-        ``runtime.prefill_tokens`` (one row always fits)."""
+        """Waiting rows for ``lane``'s free slots, those allowed the most new tokens first, while their padded
+        prompts stay within ``runtime.prefill_tokens`` (one row always fits)."""
         if self.should_stop():  # no row starts any more; rows in flight finish
             self.stopped = self.stopped or bool(self.waiting) or self._read_one()
             return []
+        while len(self.waiting) < self.lookahead and self._read_one():
+            pass
         joins: list[_Row] = []
         longest = 0
-        while len(joins) < self.room(lane):
-            if not self.waiting and not self._read_one():
-                break
-            nxt = self.waiting[0]
-            width = max(longest, int(nxt.batch.lengths[0]))
+        while len(joins) < self.room(lane) and self.waiting:
+            width = max(longest, int(self.waiting[0].batch.lengths[0]))
             if joins and width * (len(joins) + 1) > self.prefill_tokens:
                 break
-            joins.append(self.waiting.popleft())
+            joins.append(self.waiting.pop(0))
             longest = width
         return joins
 
@@ -218,7 +221,9 @@ class Generation:
         row = next(self.rows, None)
         if row is None:
             return False
-        self.waiting.append(row)
+        # after every waiting row allowed as many tokens, so equal rows keep their input order
+        at = bisect.bisect_right([-r.decoding.max_new_tokens for r in self.waiting], -row.decoding.max_new_tokens)
+        self.waiting.insert(at, row)
         return True
 
     def start(self) -> None:

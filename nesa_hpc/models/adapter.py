@@ -141,7 +141,11 @@ class StageCache(DynamicCache):
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (indices, in their new order) in every layer."""
-        for layer in self._filled():
+        layers = self._filled()
+        if layers and len(rows) == len(layers[0].keys) and bool((rows == torch.arange(len(rows),
+                                                                                        device=rows.device)).all()):
+            return  # every row stays where it is
+        for layer in layers:
             layer.keys, layer.values = layer.keys[rows], layer.values[rows]
 
     def keep_last(self, columns: int) -> None:
