@@ -261,11 +261,11 @@ class Generation:
                                                           owner.adapter.new_cache)
         for r in [*lane.rows, *joins]:
             r.releases += 1
+        # a row keeps the stage where NaN/Inf first appeared in its activations; clean rows take the front's mark
+        before = torch.tensor([r.nonfinite_at for r in [*lane.rows, *joins]], dtype=torch.int32)
+        marks = torch.cat([f.nonfinite_at.cpu() for f in (dec_front, join_front) if f is not None]).to(torch.int32)
         msg = GenerationStep(lane.index, kept.to(torch.int32), *self._wire(dec, dec_front, 1),
-                             *self._wire(join, join_front, 0),
-                             torch.tensor([r.nonfinite_at for r in [*lane.rows, *joins]], dtype=torch.int32))
-        marks = torch.cat([f.nonfinite_at.cpu() for f in (dec_front, join_front) if f is not None])
-        msg.nonfinite_at = torch.where(msg.nonfinite_at >= 0, msg.nonfinite_at, marks.to(torch.int32))
+                             *self._wire(join, join_front, 0), torch.where(before >= 0, before, marks))
         lane.sent = _Sent(lane.rows, joins, *(dec[1:3] if dec else (None, None)),
                           *(join[1:3] if join else (None, None)),
                           (dec_front.clean if dec else None, join_front.clean if join else None), kept)

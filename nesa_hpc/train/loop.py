@@ -23,7 +23,7 @@ from ..privacy.denoiser import save_denoiser
 from ..privacy.mechanism import Privacy, PrivacySpec, auto_clip, make_privacy, noise_key, read_key, write_key
 from .checkpoint import checkpoint_root, export, latest_checkpoint, save_rank
 from .options import TrainBatch, TrainSpec, epoch_batches, lr_factor
-from .step import Trainer, TrainLedger, ledger_counts, owner_step
+from .step import Trainer, TrainLedger, owner_step
 
 __all__ = ["TrainPlan", "TrainLoop", "owner_privacy", "save_part"]
 
@@ -145,8 +145,8 @@ class TrainLoop:
         lr = trainer.sched.get_last_lr()[0] if trainer.sched else \
             spec.lr * lr_factor(step, total, spec.warmup_steps, spec.schedule)
         norm = trainer.finish_step()
-        ledger_counts(self.ledger, step + 1, self.plan.steps_per_epoch, spec.grad_accum, self.settings.batch_size,
-                      self.plan.rows, world > 1, trainer.role.grads[-1] and world > 1)
+        self.ledger.count(step + 1, self.plan.steps_per_epoch, spec.grad_accum, self.settings.batch_size,
+                          self.plan.rows, world > 1, trainer.role.grads[-1] and world > 1)
         tokens = int(sum(int(b.mask.sum()) for b in batches))
         self.tokens_run += tokens
         self.step += 1

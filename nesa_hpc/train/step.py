@@ -28,7 +28,7 @@ from ..privacy.mechanism import Privacy
 from .options import TrainBatch, TrainSpec, lr_factor
 
 __all__ = ["DENOISER", "trainable_layers", "make_trainable", "training_epsilon", "TrainLedger", "grad_message",
-           "gradient_flow", "Trainer", "owner_step", "ledger_counts", "loss_sum"]
+           "gradient_flow", "Trainer", "owner_step", "loss_sum"]
 
 
 DENOISER = "denoiser."  # the names of rank 0's denoiser parameters among a trainer's parameters
@@ -80,6 +80,17 @@ class TrainLedger:
     backward_max: int = 0
     forward_total: int = 0
     backward_total: int = 0
+
+    def count(self, steps_done: int, per_epoch: int, accum: int, batch_size: int, rows: int, forward: bool,
+              backward: bool) -> None:
+        """The releases after ``steps_done`` steps: one per row and epoch begun, in each direction used."""
+        full, within = divmod(steps_done, per_epoch)
+        most = full + (1 if within else 0)
+        self.forward_max = most if forward else 0
+        self.backward_max = most if backward else 0
+        done_rows = full * rows + min(rows, within * accum * batch_size)
+        self.forward_total = done_rows if forward else 0
+        self.backward_total = done_rows if backward else 0
 
     def epsilon(self, fwd: Privacy, bwd: Privacy | None, owner_trainable: bool) -> float:
         """Worst-case epsilon of a row at ``privacy.delta``: inf when a direction travels unprotected
@@ -288,17 +299,3 @@ class _OwnerStep:
         t0 = time.perf_counter()
         z.backward(grad.to(device=z.device, dtype=z.dtype))
         self.owner.stats.compute_s += time.perf_counter() - t0
-
-
-def ledger_counts(ledger: TrainLedger, steps_done: int, per_epoch: int, accum: int, batch_size: int, rows: int,
-                   forward: bool, backward: bool) -> None:
-    """Most releases of one row after ``steps_done`` steps: one per epoch begun (in each direction used)."""
-    full, within = divmod(steps_done, per_epoch)
-    most = full + (1 if within else 0)
-    ledger.forward_max = most if forward else 0
-    ledger.backward_max = most if backward else 0
-    done_rows = full * rows + min(rows, within * accum * batch_size)
-    ledger.forward_total = done_rows if forward else 0
-    ledger.backward_total = done_rows if backward else 0
-
-
