@@ -9,9 +9,9 @@ import dataclasses
 import pytest
 import torch
 
+from nesa_hpc.engine.lanes import LaneCache, LanePlan
 from nesa_hpc.engine.messages import MESSAGES, Activations, Kind, TrainForward, decode
 from nesa_hpc.engine.schedule import Action, TrainingRole, check_order, step_order
-from nesa_hpc.engine.stage import lane_step
 from nesa_hpc.engine.transport import decode_header, encode_header
 
 
@@ -96,52 +96,74 @@ def sliding_model(tmp_path_factory, minilm_path):
 
 
 def test_a_lane_gives_every_row_what_it_gets_alone(sliding_model):
-    """Rows join a lane at different steps (left-padded to the lane's timeline), others leave and columns no
-    row uses are dropped; every step's logits equal the model run on that row alone (sliding window 4 <
-    the rows' lengths)."""
+    """Rows join a lane at different steps, one with its prompt in chunks of 4 over several steps, another
+    leaves and columns no row uses are dropped; every picked token's logits equal the model run on that row
+    alone (sliding window 4 < the rows' lengths)."""
     adapter, model = sliding_model
     layers = range(adapter.num_layers)
     g = torch.Generator().manual_seed(0)
-    prompts = {0: torch.randint(5, 500, (7,), generator=g), 1: torch.randint(5, 500, (3,), generator=g),
-               2: torch.randint(5, 500, (9,), generator=g)}
-    seqs = {r: p.tolist() for r, p in prompts.items()}
-    plan = {0: [0], 2: [1, 2], 4: []}  # step -> rows joining; row 0 leaves after step 3
-    cache, rows, mask = None, [], None
+    prompts = {r: torch.randint(5, 500, (n,), generator=g).tolist() for r, n in ((0, 7), (1, 3), (2, 9))}
+    seqs = {r: list(p) for r, p in prompts.items()}
+    starts = {0: [0], 1: [1], 2: [2]}  # step -> rows starting their prompt
+    CHUNK = 4
+    lane = LaneCache()
+    running, mask = [], None          # running rows in cache order, their timeline mask
+    filling, fill_mask, sent = [], None, {}  # rows whose prompt is arriving, their timeline, prompt tokens sent
 
-    def run(part, c):
+    def run(part, cache):
         ids, m, pos = part
-        return adapter.run_layers(layers, adapter.embed(ids, pos), m, pos, c)
+        return adapter.run_layers(layers, adapter.embed(ids, pos), m, pos, cache)
+
+    def trim(m):
+        used = m.any(0).nonzero()
+        return m[:, int(used[0]):]
 
     with torch.inference_mode():
-        for step in range(7):
-            keep = [i for i, r in enumerate(rows) if not (r == 0 and step == 4)]
-            dec = join = None
-            if keep:
-                rows = [rows[i] for i in keep]
-                m = mask[keep]
-                used = m.any(0).nonzero()
-                m = torch.cat([m[:, int(used[0]):], torch.ones(len(keep), 1, dtype=torch.long)], dim=1)
-                ids = torch.tensor([[seqs[r][-1]] for r in rows])
-                pos = torch.tensor([[len(seqs[r]) - 1] for r in rows])
-                dec = (ids, m, pos)
-            joins = plan.get(step, [])
+        for step in range(9):
+            keep = [i for i, r in enumerate(running) if not (r == 0 and step == 5)]  # row 0 leaves at step 5
+            running = [running[i] for i in keep]
+            dec = None
+            if running:
+                m = torch.cat([trim(mask[keep]), torch.ones(len(keep), 1, dtype=torch.long)], dim=1)
+                dec = (torch.tensor([[seqs[r][-1]] for r in running]), m,
+                       torch.tensor([[len(seqs[r]) - 1] for r in running]))
+            joins = filling + starts.get(step, [])
+            join, done = None, torch.zeros(0, dtype=torch.bool)
             if joins:
-                T = max(len(prompts[r]) for r in joins)
-                jm = torch.zeros(len(joins), T, dtype=torch.long)
-                jids = torch.zeros(len(joins), T, dtype=torch.long)
-                for i, r in enumerate(joins):
-                    jm[i, T - len(prompts[r]):] = 1
-                    jids[i, T - len(prompts[r]):] = prompts[r]
-                join = (jids, jm, (jm.cumsum(-1) - 1).clamp(min=0))
-            past = dec[1].shape[1] - 1 if dec else 0
-            cache, d_out, j_out = lane_step(cache, torch.tensor(keep), past, dec, join, run, adapter.new_cache)
-            outs = [o[:, -1] for o in (d_out, j_out) if o is not None]
+                chunks = []
+                for r in joins:
+                    left = len(prompts[r]) - sent.get(r, 0)
+                    chunks.append(left - CHUNK * ((left - 1) // CHUNK) if r not in sent else min(CHUNK, left))
+                W = max(chunks)
+                ids, part, pos = (torch.zeros(len(joins), W, dtype=torch.long) for _ in range(3))
+                for i, (r, c) in enumerate(zip(joins, chunks, strict=True)):
+                    s0 = sent.get(r, 0)
+                    ids[i, W - c:] = torch.tensor(prompts[r][s0:s0 + c])
+                    part[i, W - c:] = 1
+                    pos[i, W - c:] = torch.arange(s0, s0 + c)
+                    sent[r] = s0 + c
+                hist = trim(fill_mask) if filling else torch.zeros(0, 0, dtype=torch.long)
+                hist = torch.cat([hist, hist.new_zeros(len(joins) - len(hist), hist.shape[1])])
+                join = (ids, torch.cat([hist, part], dim=1), pos)
+                done = torch.tensor([sent[r] == len(prompts[r]) for r in joins])
+            plan = LanePlan(torch.tensor(keep, dtype=torch.long), dec[1].shape[1] - 1 if dec else 0,
+                            torch.arange(len(filling)), join[1].shape[1] - join[0].shape[1] if join else 0, done)
+            d_out, j_out = lane.step(plan, dec, join, run, adapter.new_cache)
+            outs = [o[:, -1] for o in (d_out, j_out[done] if j_out is not None else None) if o is not None]
+            picked = running + [r for r, d in zip(joins, done.tolist(), strict=True) if d]
+            masks = [x for x in (dec[1] if dec else None, join[1][done] if join else None) if x is not None and len(x)]
+            if masks:
+                width = max(x.shape[1] for x in masks)
+                mask = torch.cat([torch.nn.functional.pad(x, (width - x.shape[1], 0)) for x in masks])
+            filling = [r for r, d in zip(joins, done.tolist(), strict=True) if not d]
+            fill_mask = join[1][~done] if filling else None
+            running = picked
+            if not picked:
+                continue
             logits = adapter.logits(adapter.norm(torch.cat(outs)))
-            rows = rows + joins
-            masks = [x[1] for x in (dec, join) if x is not None]
-            width = max(x.shape[1] for x in masks)
-            mask = torch.cat([torch.nn.functional.pad(x, (width - x.shape[1], 0)) for x in masks])
-            for i, r in enumerate(rows):
+            for i, r in enumerate(picked):
                 alone = model(torch.tensor([seqs[r]])).logits[0, -1]
                 torch.testing.assert_close(logits[i], alone, rtol=1e-4, atol=1e-4)
                 seqs[r].append(int(alone.argmax()))
+    # row 0 fills over steps 0-1 and leaves at 5; row 1 joins whole at 1; row 2 fills over steps 2-4
+    assert {r: len(seqs[r]) - len(prompts[r]) for r in prompts} == {0: 4, 1: 8, 2: 5}

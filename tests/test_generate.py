@@ -33,6 +33,14 @@ def _cases(n: int, models: dict, data: str) -> list[dict]:
                   "extra": {"runtime.inflight": 2, "data.bucket_window": 0}, "refill": True})
     if n > 1:  # the owner runs tail layers before its head: the last worker returns the whole prompt once
         cases.append({"model": llama, "k": 1, "head": "owner", "data": data, "extra": {"split.owner_tail": 2}})
+        # prompts in chunks of 4 tokens over several steps, beside running rows, through the owner's tail
+        cases.append({"model": llama, "k": 1, "head": "owner", "data": data,
+                      "extra": {"split.owner_tail": 1, "runtime.prefill_tokens": 4}})
+    # prompts in chunks of 3 (rank 0's layers keep a cache of the filling rows) and, with the head on the
+    # last worker, of 5 in one lane
+    cases.append({"model": llama, "k": 2, "head": "owner", "data": data, "extra": {"runtime.prefill_tokens": 3}})
+    cases.append({"model": str(models["gpt2"]), "k": 1, "head": "last", "data": data,
+                  "extra": {"runtime.prefill_tokens": 5, "runtime.inflight": 1}})
     # sampling: must equal the same job at world size 1
     cases.append({"model": llama, "k": 1, "head": "owner", "data": data, "max_new_tokens": 8,
                   "extra": {"task.temperature": 0.8, "task.top_k": 50, "task.top_p": 0.9, "task.seed": 7}})
@@ -61,11 +69,12 @@ def _check(entries: list[dict], n: int) -> None:
         assert e["wire_error"] is None, (label, e["wire_error"])
         assert n == 1 or e["worker_messages"] > 0, label
         max_new = e["case"].get("max_new_tokens", 12)
-        for gen, rel, reason, tokens in zip(e["n_generated"], e["n_releases"], e["finish_reason"],
-                                            e["tokens"].values(), strict=True):
+        chunk = e["case"].get("extra", {}).get("runtime.prefill_tokens", 512)
+        for gen, rel, reason, tokens, prompt in zip(e["n_generated"], e["n_releases"], e["finish_reason"],
+                                                    e["tokens"].values(), e["n_prompt_tokens"], strict=True):
             assert gen == len(tokens) >= 1, label
-            # the prompt is released once, then every decode step that sent the row's new position
-            assert rel == gen, (label, rel, gen)
+            # each chunk of the prompt is one release, then every decode step that sent the row's new position
+            assert rel == gen - 1 + -(-prompt // chunk), (label, rel, gen, prompt)
             assert reason in ("eos", "length"), label
             assert (reason == "eos") == (tokens[-1] in e["eos_token_ids"]), label
             assert reason == "eos" or gen == max_new, label

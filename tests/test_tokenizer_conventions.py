@@ -3,8 +3,8 @@ special token): nesa_hpc must give the ids and stops plain transformers gives.""
 
 from __future__ import annotations
 
+from nesa_hpc.infer.decoding import Decoding, Stopper
 from nesa_hpc.infer.files import chat
-from nesa_hpc.infer.generate import Decoding, _Stopper
 from nesa_hpc.io.batch import make_batches
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
@@ -38,7 +38,7 @@ def test_chat_prompt_has_one_bos_like_apply_chat_template():
 
 def test_stop_string_that_is_a_special_token():
     tok = _gemma_like()
-    stopper = _Stopper(Decoding(10, stop=("<end_of_turn>",), eos_ids=frozenset({1})), tok)
+    stopper = Stopper(Decoding(10, stop=("<end_of_turn>",), eos_ids=frozenset({1})), tok)
     assert stopper.check([8, 9]) == (None, None)
     assert stopper.check([8, 9, 5]) == ("stop", "hi there")  # decode skips <end_of_turn>: matched by id
     assert stopper.check([8, 1]) == ("eos", None)

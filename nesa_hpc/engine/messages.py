@@ -85,30 +85,40 @@ class Output(Message):
 
 @dataclass
 class GenerationStep(Message):
-    """One step of a generation lane (``batch_id``), rank 0 -> 1 -> ... -> last: the rows the lane keeps
-    from its previous step decode one position each, and new rows join with (a chunk of) their prompt.
+    """One step of a generation lane (``batch_id``), rank 0 -> 1 -> ... -> last (see
+    :mod:`nesa_hpc.engine.lanes`): the lane's running rows decode one position each, and joining rows send a
+    chunk of their prompt (rows whose prompt is still arriving first, then rows starting theirs).
 
-    Each stage first keeps the cache rows ``kept`` (indices into the lane's rows after its previous step,
-    in that order), runs ``decode_*`` through its layers with the lane's KV cache, then runs ``join_*``
-    (left-padded prompts, with a fresh cache) and appends those rows to the lane after the kept ones.
-    Either part may have no rows."""
+    Each stage keeps the running rows ``kept`` (indices into the lane's running rows after its previous
+    step, in that order) and runs ``decode_*`` with their KV cache; keeps the filling rows ``filling`` and
+    runs ``join_*`` with theirs; then the joining rows marked in ``join_done`` move to the running rows,
+    after the kept ones. Either part may have no rows."""
 
     kind: ClassVar[Kind] = Kind.GENERATE
     kept: torch.Tensor               # (B_d,) int32
     decode_states: torch.Tensor      # (B_d, 1, H) in runtime.wire_dtype
-    decode_mask: torch.Tensor        # (B_d, past + 1) int8 over the lane's cached positions and this one
+    decode_mask: torch.Tensor        # (B_d, past + 1) int8 over the running rows' cached positions and this one
     decode_positions: torch.Tensor   # (B_d, 1) int32
-    join_states: torch.Tensor        # (B_j, T, H) in runtime.wire_dtype
-    join_mask: torch.Tensor          # (B_j, T) int8
-    join_positions: torch.Tensor     # (B_j, T) int32
+    filling: torch.Tensor            # (B_f,) int32: filling rows kept, the first B_f joining rows
+    join_states: torch.Tensor        # (B_j, W, H) in runtime.wire_dtype: a chunk of each prompt, left-padded
+    join_mask: torch.Tensor          # (B_j, fill_past + W) int8 over the filling rows' cached positions and this chunk
+    join_positions: torch.Tensor     # (B_j, W) int32
+    join_done: torch.Tensor          # (B_j,) int8: 1 = this chunk ends the row's prompt
     nonfinite_at: torch.Tensor       # (B_d + B_j,) int32: decode rows, then joining rows
+
+    def plan(self):
+        """The :class:`~nesa_hpc.engine.lanes.LanePlan` of this step."""
+        from .lanes import LanePlan
+
+        return LanePlan(self.kept.long(), self.decode_mask.shape[1] - 1, self.filling.long(),
+                        self.join_mask.shape[1] - self.join_states.shape[1], self.join_done.bool())
 
 
 @dataclass
 class GenerationOutput(Message):
     """The last worker's answer to a :class:`GenerationStep` of lane ``batch_id``. With ``split.head=owner``
-    the states rank 0's back needs: (B_d, 1, H) for the decode rows, and for the joining rows their last
-    position (B_j, 1, H), or every position (B_j, T, H) when rank 0 runs tail layers; with
+    the states rank 0's back needs: (B_d, 1, H) for the decode rows, and for the joining rows their chunk's
+    last position (B_j, 1, H), or the whole chunk (B_j, W, H) when rank 0 runs tail layers; with
     ``split.head=last`` the next-token logits (B_d, V) and (B_j, V) float32."""
 
     kind: ClassVar[Kind] = Kind.GENERATE_OUT

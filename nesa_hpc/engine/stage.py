@@ -16,11 +16,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..errors import UserError
+from .lanes import LaneCache
 from .messages import (
     Activations,
     Export,
@@ -38,7 +39,7 @@ from .messages import (
 from .schedule import Action, TrainingRole
 
 __all__ = ["Stage", "StageStats", "LocalPipe", "serve", "BatchMemoryError", "NonFiniteError", "memory_guard",
-           "mark_nonfinite", "adapter_dtype", "head_logits", "SavedBytes", "lane_step"]
+           "mark_nonfinite", "adapter_dtype", "head_logits", "SavedBytes"]
 
 
 @dataclass
@@ -115,32 +116,6 @@ class SavedBytes:
             yield total
 
 
-def lane_step(cache, kept: torch.Tensor, past: int, decode: tuple | None, join: tuple | None,
-              run: Callable[[tuple, object], object], new_cache: Callable[[], object]):
-    """One step of a generation lane over one block of layers, the same on every stage and on rank 0's
-    front and tail: keep the cached rows ``kept`` (in that order) and the last ``past`` columns of the
-    lane's timeline (earlier ones belong to no kept row), run the ``decode`` rows with the lane's cache,
-    then the ``join`` rows with a fresh cache, whose rows are appended after the kept ones.
-    ``run(part, cache)`` computes one part. Returns (the lane's cache, decode output, join output); a
-    part that is None has output None."""
-    if cache is not None:
-        if len(kept) == 0:
-            cache = None
-        else:
-            cache.keep_rows(kept)
-            cache.keep_last(past)
-    dec_out = run(decode, cache) if decode is not None else None
-    join_out = None
-    if join is not None:
-        fresh = new_cache()
-        join_out = run(join, fresh)
-        if cache is None:
-            cache = fresh
-        else:
-            cache.add_rows(fresh)
-    return cache, dec_out, join_out
-
-
 class Stage:
     """One rank's layers, its per-micro-batch state and the verbs that answer messages.
 
@@ -166,7 +141,7 @@ class Stage:
         self.handlers = handlers or {}
         self.on_step_end = on_step_end
         self.stats = StageStats()
-        self.lanes: dict[int, object] = {}        # generation lane -> its KV cache over this stage's layers
+        self.lanes: dict[int, LaneCache] = {}     # generation lane -> its KV caches over this stage's layers
         self.saved: dict[int, tuple] = {}         # training micro-batch -> (input, output, bytes)
         self.schedule: deque[Action] = deque()    # this training step's remaining actions
         self.step = -1
@@ -236,29 +211,30 @@ class Stage:
         return [(0, Output(msg.batch_id, out, bad.to(torch.int32)))]
 
     def generate(self, msg: GenerationStep) -> list[tuple[int, Message]]:
-        """One step of a generation lane (:class:`GenerationStep`) with this stage's KV cache of the lane."""
-        kept = msg.kept.to(self.device).long()
-        dec = self._compute(msg.decode_states, msg.decode_mask, msg.decode_positions) if len(kept) else None
+        """One step of a generation lane (:class:`GenerationStep`) with this stage's KV caches of the lane."""
+        n = len(msg.kept)
+        dec = self._compute(msg.decode_states, msg.decode_mask, msg.decode_positions) if n else None
         join = self._compute(msg.join_states, msg.join_mask, msg.join_positions) if len(msg.join_states) else None
+        plan = msg.plan()
+        plan = replace(plan, kept=plan.kept.to(self.device), filling=plan.filling.to(self.device),
+                       done=plan.done.to(self.device))
+
         def run(part, cache):
             return self.adapter.run_layers(self.layers, *part, cache)
 
-        with torch.inference_mode(), self._guard((len(kept) + len(msg.join_states), msg.decode_mask.shape[1])):
-            cache, dec_out, join_out = lane_step(self.lanes.get(msg.batch_id), kept, msg.decode_mask.shape[1] - 1,
-                                                 dec, join, run, self.adapter.new_cache)
-            self.lanes[msg.batch_id] = cache
+        lane = self.lanes.setdefault(msg.batch_id, LaneCache())
+        with torch.inference_mode(), self._guard((n + len(msg.join_states), msg.decode_mask.shape[1])):
+            dec_out, join_out = lane.step(plan, dec, join, run, self.adapter.new_cache)
             bad = msg.nonfinite_at.to(self.device).clone()
-            n = len(kept)
             if dec_out is not None:
                 bad[:n] = mark_nonfinite(dec_out, dec[1][:, -1:], bad[:n], self.mark)
             if join_out is not None:
-                bad[n:] = mark_nonfinite(join_out, join[1], bad[n:], self.mark)
+                bad[n:] = mark_nonfinite(join_out, join[1][:, -join_out.shape[1]:], bad[n:], self.mark)
             dec_out = dec_out if dec_out is not None else msg.decode_states
             join_out = join_out if join_out is not None else msg.join_states
             if not self.is_last:
-                return [(self.nxt, GenerationStep(msg.batch_id, msg.kept, dec_out.to(self.wire), msg.decode_mask,
-                                                  msg.decode_positions, join_out.to(self.wire), msg.join_mask,
-                                                  msg.join_positions, bad))]
+                return [(self.nxt, replace(msg, decode_states=dec_out.to(self.wire), join_states=join_out.to(self.wire),
+                                           nonfinite_at=bad))]
             return [(0, GenerationOutput(msg.batch_id, *self._generation_answer(dec_out, join_out), bad))]
 
     def _generation_answer(self, dec_out: torch.Tensor, join_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

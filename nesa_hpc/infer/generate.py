@@ -23,94 +23,19 @@ import bisect
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from ..engine.lanes import LaneCache, LanePlan
 from ..engine.messages import Free, GenerationOutput, GenerationStep
 from ..engine.owner import Owner
-from ..engine.stage import StageStats, lane_step, memory_guard
+from ..engine.stage import StageStats, memory_guard
 from ..io.batch import Batch
+from .decoding import Decoding, Stopper, eos_token_ids, pick_tokens, row_generator
 
 __all__ = ["Decoding", "GroupResult", "eos_token_ids", "row_generator", "pick_tokens", "run_generate", "Generation"]
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """Decoding settings: greedy when ``temperature == 0``, else sampling (``top_k`` 0 and ``top_p`` 1 = off)."""
-
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-    eos_ids: frozenset[int] = frozenset()
-    ignore_eos: bool = False  # task.ignore_eos: only max_new_tokens and stop strings end a row
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def for_request(self, request) -> Decoding:
-        """These settings with a row's own (an OpenAI batch request's ``max_tokens``, ``temperature``,
-        ``top_p``, ``seed``, ``stop``) in place of the job's."""
-        options = dict(request.options) if request is not None else {}
-        return replace(self, **options) if options else self
-
-
-def eos_token_ids(tokenizer, folder: str | None = None, config=None) -> frozenset[int]:
-    """End-of-sequence ids: the tokenizer's EOS and the model's generation config (or config) EOS ids."""
-    ids: set[int] = set()
-
-    def add(value) -> None:
-        if value is None:
-            return
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            ids.add(int(v))
-
-    add(getattr(tokenizer, "eos_token_id", None))
-    gen = None
-    if folder is not None:
-        from transformers import GenerationConfig
-
-        try:
-            gen = GenerationConfig.from_pretrained(folder)
-        except OSError:  # no generation_config.json: the model config's ids apply
-            gen = None
-    add(gen.eos_token_id if gen is not None else getattr(config, "eos_token_id", None))
-    return frozenset(ids)
-
-
-def row_generator(seed: int, row: int) -> torch.Generator:
-    """The sampling generator of input row ``row``: depends only on (seed, row), so a row draws the same
-    numbers whatever the world size, batching or order of completion."""
-    state = np.random.SeedSequence([int(seed), int(row)]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
-
-
-def pick_tokens(logits: torch.Tensor, decoding: Decoding | list[Decoding],
-                generators: list[torch.Generator | None]) -> torch.Tensor:
-    """Next token per row from (B, V) logits: argmax, or a draw after temperature / top-k / top-p. With one
-    ``Decoding`` per row (rows of an OpenAI batch file), each row is picked with its own settings."""
-    if isinstance(decoding, list):
-        return torch.cat([pick_tokens(logits[i:i + 1], d, [generators[i]]) for i, d in enumerate(decoding)])
-    logits = logits.float()
-    if decoding.greedy:
-        return logits.argmax(-1)
-    x = logits / decoding.temperature
-    if decoding.top_k and decoding.top_k < x.shape[-1]:
-        kth = torch.topk(x, decoding.top_k, dim=-1).values[:, -1:]  # (B, 1)
-        x = x.masked_fill(x < kth, float("-inf"))
-    if decoding.top_p < 1.0:
-        sorted_x, order = torch.sort(x, dim=-1, descending=True)
-        probs = torch.softmax(sorted_x, dim=-1)
-        # drop a token when the tokens ranked before it already hold top_p of the mass (the first always stays)
-        drop = probs.cumsum(-1) - probs > decoding.top_p
-        x = x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(x, dim=-1)
-    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
 
 
 @dataclass
@@ -132,6 +57,7 @@ class _Row:
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     releases: int = 0                     # sends of this row's activations so far
+    sent: int = 0                         # prompt tokens sent so far
     nonfinite_at: int = -1
     reason: str | None = None
     text: str = ""
@@ -141,35 +67,44 @@ class _Row:
         return int(self.batch.rows[0])
 
     @property
+    def prompt_length(self) -> int:
+        return int(self.batch.lengths[0])
+
+    @property
     def position(self) -> int:
         """Position id of the newest token (the next one to send)."""
-        return int(self.batch.lengths[0]) + len(self.tokens) - 1
+        return self.prompt_length + len(self.tokens) - 1
+
+    def chunk(self, size: int) -> int:
+        """Prompt tokens this row sends next, chunks of at most ``size``: what does not divide first, so every
+        later chunk is a whole one."""
+        left = self.prompt_length - self.sent
+        return left - size * ((left - 1) // size) if self.sent == 0 else min(size, left)
 
 
 @dataclass
 class _Sent:
-    """A lane's step in flight: its rows in cache order (decode rows, then joining rows) and what rank 0
-    needs to finish it."""
+    """A lane's step in flight: its rows (decode rows, then joining rows) and what rank 0 needs to finish it."""
 
     decode: list[_Row]
     join: list[_Row]
-    decode_mask: torch.Tensor | None     # (B_d, past + 1)
-    decode_pos: torch.Tensor | None      # (B_d, 1)
-    join_mask: torch.Tensor | None       # (B_j, T)
-    join_pos: torch.Tensor | None        # (B_j, T)
-    clean: tuple                         # (decode, join) clean layer-k states for the denoiser, or None
-    kept: torch.Tensor                   # (B_d,) cached rows kept from the previous step
+    plan: LanePlan
+    decode_part: tuple | None             # (mask (B_d, past + 1), positions (B_d, 1), clean states)
+    join_part: tuple | None               # (mask (B_j, fill_past + W), positions (B_j, W), clean states)
 
 
 @dataclass
 class _Lane:
     index: int
-    rows: list[_Row] = field(default_factory=list)   # in cache order after the last step
-    mask: torch.Tensor | None = None                 # (B, timeline) 1 where a row has a cached position
-    front: object = None                             # rank 0's KV cache of layers [0, k) for this lane
-    tail: object = None                              # and of its tail layers
-    kept: list[int] = field(default_factory=list)    # rows of the last step still running, in cache order
+    rows: list[_Row] = field(default_factory=list)      # running rows, in cache order after the last step
+    mask: torch.Tensor | None = None                    # (B, timeline) 1 where a running row has a cached position
+    filling: list[_Row] = field(default_factory=list)   # rows whose prompt is still arriving, in cache order
+    fill_mask: torch.Tensor | None = None               # (B_f, their timeline)
+    kept: list[int] = field(default_factory=list)       # rows of the last step still running, in cache order
+    front: LaneCache = field(default_factory=LaneCache)  # rank 0's KV caches of layers [0, k) for this lane
+    tail: LaneCache = field(default_factory=LaneCache)   # and of its tail layers
     sent: _Sent | None = None
+    used: bool = False                                  # the stages hold caches of this lane
 
 
 class Generation:
@@ -180,10 +115,9 @@ class Generation:
     one at a time, as (the row's batch of one, [GroupResult], (1,) non-finite mark)."""
 
     def __init__(self, owner: Owner, task, rows: Iterator[_Row], on_result: Callable, lanes: int, capacity: int,
-                 prefill_tokens: int, stopper: _Stopper, should_stop: Callable[[], bool]) -> None:
+                 prefill_tokens: int, stopper: Stopper, should_stop: Callable[[], bool]) -> None:
         self.owner, self.task, self.rows, self.on_result = owner, task, rows, on_result
-        self.capacity, self.prefill_tokens, self.stopper, self.should_stop = capacity, prefill_tokens, stopper, \
-            should_stop
+        self.capacity, self.chunk, self.stopper, self.should_stop = capacity, prefill_tokens, stopper, should_stop
         self.lanes = [_Lane(i) for i in range(lanes)]
         # rows read but not started, longest possible generation first (the last rows to finish then start
         # early, so fewer steps run with lanes half empty at the end); at most two lanes' worth of look-ahead
@@ -197,24 +131,25 @@ class Generation:
 
     # -- scheduling
     def room(self, lane: _Lane) -> int:
-        return self.capacity - len(lane.rows)
+        return self.capacity - len(lane.rows) - len(lane.filling)
 
     def _admit(self, lane: _Lane) -> list[_Row]:
-        """Waiting rows for ``lane``'s free slots, those allowed the most new tokens first, while their padded
-        prompts stay within ``runtime.prefill_tokens`` (one row always fits)."""
+        """The lane's joining rows this step: its filling rows (their next chunk), then waiting rows for its
+        free slots, those allowed the most new tokens first, while the padded chunks stay within
+        ``runtime.prefill_tokens`` (one row always fits)."""
+        joins = list(lane.filling)
         if self.should_stop():  # no row starts any more; rows in flight finish
             self.stopped = self.stopped or bool(self.waiting) or self._read_one()
-            return []
+            return joins
         while len(self.waiting) < self.lookahead and self._read_one():
             pass
-        joins: list[_Row] = []
-        longest = 0
-        while len(joins) < self.room(lane) and self.waiting:
-            width = max(longest, int(self.waiting[0].batch.lengths[0]))
-            if joins and width * (len(joins) + 1) > self.prefill_tokens:
+        width = max((r.chunk(self.chunk) for r in joins), default=0)
+        while self.room(lane) > len(joins) - len(lane.filling) and self.waiting:
+            w = max(width, self.waiting[0].chunk(self.chunk))
+            if joins and w * (len(joins) + 1) > self.chunk:
                 break
             joins.append(self.waiting.pop(0))
-            longest = width
+            width = w
         return joins
 
     def _read_one(self) -> bool:
@@ -235,40 +170,42 @@ class Generation:
 
     # -- a lane's step: out
     def _send(self, lane: _Lane) -> None:
-        """Send ``lane``'s next step (its running rows and any joining rows); a lane left without rows is
+        """Send ``lane``'s next step (its running rows and its joining rows); a lane left without rows is
         freed on every stage."""
         owner, dev = self.owner, self.owner.device
-        kept = torch.tensor(lane.kept, dtype=torch.long)
         joins = self._admit(lane)
         if not lane.rows and not joins:
-            if lane.mask is not None:
+            if lane.used:
                 owner.send(Free(lane.index), limit=self.limit)
-                lane.mask = lane.front = lane.tail = None
-                lane.kept = []
+                self.lanes[lane.index] = _Lane(lane.index)
             return
         t0 = time.perf_counter()
-        with torch.inference_mode(), memory_guard(0, "embedding and layers [0, k)", (len(kept) + len(joins), 1)):
+        with torch.inference_mode(), memory_guard(0, "embedding and layers [0, k)", (len(lane.rows) + len(joins), 1)):
             dec = self._decode_part(lane) if lane.rows else None
-            join = self._join_part(joins) if joins else None
-            past = dec[1].shape[1] - 1 if dec is not None else 0
+            join, done = self._join_part(lane, joins) if joins else (None, torch.zeros(0, dtype=torch.bool))
+            plan = LanePlan(torch.tensor(lane.kept, dtype=torch.long, device=dev),
+                            dec[1].shape[1] - 1 if dec is not None else 0,
+                            torch.arange(len(lane.filling), device=dev),
+                            join[1].shape[1] - join[0].shape[1] if join is not None else 0, done.to(dev))
 
             def run(part, cache):
                 ids, mask, pos, rows, releases, picked = part
-                step_mask = mask[:, -ids.shape[1]:]
-                return owner.front(ids, mask, pos, rows, releases, cache, step_mask, picked)
+                return owner.front(ids, mask, pos, rows, releases, cache, mask[:, -ids.shape[1]:], picked)
 
-            lane.front, dec_front, join_front = lane_step(lane.front, kept.to(dev), past, dec, join, run,
-                                                          owner.adapter.new_cache)
+            dec_front, join_front = lane.front.step(plan, dec, join, run, owner.adapter.new_cache)
+        for r in joins:
+            r.sent += r.chunk(self.chunk)
         for r in [*lane.rows, *joins]:
             r.releases += 1
         # a row keeps the stage where NaN/Inf first appeared in its activations; clean rows take the front's mark
         before = torch.tensor([r.nonfinite_at for r in [*lane.rows, *joins]], dtype=torch.int32)
         marks = torch.cat([f.nonfinite_at.cpu() for f in (dec_front, join_front) if f is not None]).to(torch.int32)
-        msg = GenerationStep(lane.index, kept.to(torch.int32), *self._wire(dec, dec_front, 1),
-                             *self._wire(join, join_front, 0), torch.where(before >= 0, before, marks))
-        lane.sent = _Sent(lane.rows, joins, *(dec[1:3] if dec else (None, None)),
-                          *(join[1:3] if join else (None, None)),
-                          (dec_front.clean if dec else None, join_front.clean if join else None), kept)
+        msg = GenerationStep(lane.index, plan.kept.cpu().to(torch.int32), *self._wire(dec, dec_front, 1),
+                             plan.filling.cpu().to(torch.int32), *self._wire(join, join_front, 1),
+                             done.to(torch.int8), torch.where(before >= 0, before, marks))
+        lane.sent = _Sent(lane.rows, joins, plan, (dec[1], dec[2], dec_front.clean) if dec else None,
+                          (join[1], join[2], join_front.clean) if join else None)
+        lane.used = True
         self.stats.batches += 1
         self.stats.compute_s += time.perf_counter() - t0
         owner.send(msg, limit=self.limit)
@@ -279,28 +216,33 @@ class Generation:
         """The running rows' next position: (ids (B_d, 1), mask (B_d, past + 1), positions (B_d, 1), rows,
         releases, picked)."""
         dev = self.owner.device
-        mask = lane.mask
-        used = mask.any(0).nonzero()
-        mask = mask[:, int(used[0]):] if len(used) else mask  # drop columns no running row uses
+        mask = _trimmed(lane.mask)
         mask = torch.cat([mask, torch.ones(len(mask), 1, dtype=mask.dtype, device=dev)], dim=1)
         ids = torch.tensor([[r.tokens[-1]] for r in lane.rows], dtype=torch.long, device=dev)
         pos = torch.tensor([[r.position] for r in lane.rows], dtype=torch.long, device=dev)
         rows = torch.tensor([r.row for r in lane.rows])
         return ids, mask, pos, rows, [r.releases for r in lane.rows], True
 
-    def _join_part(self, joins: list[_Row]) -> tuple:
-        """Joining rows' prompts, left-padded: (ids (B_j, T), mask, positions, rows, releases, picked)."""
+    def _join_part(self, lane: _Lane, joins: list[_Row]) -> tuple[tuple, torch.Tensor]:
+        """The joining rows' next chunks, left-padded to one width W: ((ids (B_j, W), mask (B_j, fill_past +
+        W), positions (B_j, W), rows, releases, picked), (B_j,) bool: the chunk ends the row's prompt)."""
         dev = self.owner.device
-        T = max(int(r.batch.lengths[0]) for r in joins)
-        ids = torch.zeros(len(joins), T, dtype=torch.long)
-        mask = torch.zeros(len(joins), T, dtype=torch.long)
-        for i, r in enumerate(joins):
-            n = int(r.batch.lengths[0])
-            ids[i, T - n:] = r.batch.ids[0]
-            mask[i, T - n:] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        chunks = [r.chunk(self.chunk) for r in joins]
+        W = max(chunks)
+        ids = torch.zeros(len(joins), W, dtype=torch.long)
+        step = torch.zeros(len(joins), W, dtype=torch.long)
+        pos = torch.zeros(len(joins), W, dtype=torch.long)
+        for i, (r, c) in enumerate(zip(joins, chunks, strict=True)):
+            ids[i, W - c:] = r.batch.ids[0, r.sent:r.sent + c]
+            step[i, W - c:] = 1
+            pos[i, W - c:] = torch.arange(r.sent, r.sent + c)
+        history = _trimmed(lane.fill_mask) if lane.filling else torch.zeros(0, 0, dtype=torch.long, device=dev)
+        # rows starting their prompt have nothing cached in the filling rows' timeline
+        history = torch.cat([history, history.new_zeros(len(joins) - len(history), history.shape[1])])
+        mask = torch.cat([history, step.to(dev)], dim=1)
+        done = torch.tensor([r.sent + c == r.prompt_length for r, c in zip(joins, chunks, strict=True)])
         rows = torch.tensor([r.row for r in joins])
-        return ids.to(dev), mask.to(dev), pos.to(dev), rows, [0] * len(joins), False
+        return (ids.to(dev), mask, pos.to(dev), rows, [r.releases for r in joins], False), done
 
     def _wire(self, part: tuple | None, front, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(states, mask, positions) of one part in their wire dtypes; empty tensors for a part with no rows."""
@@ -313,8 +255,8 @@ class Generation:
 
     # -- a lane's step: back
     def step(self) -> None:
-        """Finish the oldest step in flight: rank 0's back, the head, a token per row; finished rows go to
-        ``on_result``; the lane's next step goes out."""
+        """Finish the oldest step in flight: rank 0's back, the head, a token for every running row and every
+        row whose prompt is done; finished rows go to ``on_result``; the lane's next step goes out."""
         lane = self.order.popleft()
         sent, lane.sent = lane.sent, None
         msg = self.owner.recv(GenerationOutput, lane.index)
@@ -327,40 +269,51 @@ class Generation:
         self._send(lane)
 
     def _logits(self, lane: _Lane, sent: _Sent, msg: GenerationOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B_d + B_j, V) float32 next-token logits on the CPU and the rows' non-finite marks."""
+        """(B, V) float32 next-token logits on the CPU of the rows that pick a token (decode rows, then joining
+        rows whose prompt is done) and the (B_d + B_j,) non-finite marks of every row of the step."""
         owner, dev = self.owner, self.owner.device
         bad = msg.nonfinite_at.to(dev)
+        done = sent.plan.done
         if not owner.head_here:
-            return torch.cat([msg.decode_out, msg.join_out]).float().cpu(), bad.cpu()
+            return torch.cat([msg.decode_out, msg.join_out[done.cpu()]]).float().cpu(), bad.cpu()
         n = len(sent.decode)
-        dec = (msg.decode_out, sent.decode_mask, sent.decode_pos, bad[:n], sent.clean[0]) if n else None
-        join = (msg.join_out, sent.join_mask, sent.join_pos, bad[n:], sent.clean[1]) if sent.join else None
+        dec = (msg.decode_out, *sent.decode_part, bad[:n]) if n else None
+        join = (msg.join_out, *sent.join_part, bad[n:]) if sent.join else None
 
         def run(part, cache):
-            h, mask, pos, marks, clean = part
+            h, mask, pos, clean, marks = part
             T = h.shape[1]
             return owner.back(h.to(dev), mask, pos[:, -T:], marks, cache, mask[:, -T:], clean)
 
         new_cache = owner.adapter.new_cache if len(owner.topo.tail) else lambda: None
-        lane.tail, dec_back, join_back = lane_step(lane.tail, sent.kept.to(dev), sent.decode_mask.shape[1] - 1 if n
-                                                   else 0, dec, join, run, new_cache)
-        parts = [p for p in (dec_back, join_back) if p is not None]
-        h = torch.cat([p[0][:, -1] for p in parts])  # (B, H): each row's newest position
-        logits = self.task.head_stage(owner.adapter, h.unsqueeze(1), None)[0]
-        return logits.float().cpu(), torch.cat([p[1] for p in parts]).cpu()
+        dec_back, join_back = lane.tail.step(sent.plan, dec, join, run, new_cache)
+        h = [dec_back[0][:, -1]] if dec_back is not None else []
+        if join_back is not None:
+            h.append(join_back[0][done, -1])
+        marks = torch.cat([p[1] for p in (dec_back, join_back) if p is not None])
+        logits = self.task.head_stage(owner.adapter, torch.cat(h).unsqueeze(1), None)[0] if sum(map(len, h)) else \
+            torch.zeros(0, owner.adapter.config.vocab_size)
+        return logits.float().cpu(), marks.cpu()
 
     def _pick(self, sent: _Sent, logits: torch.Tensor, bad: torch.Tensor) -> None:
-        """Each row's next token (a row whose logits hold NaN/Inf is marked and still gets one)."""
+        """Each picking row's next token (a row whose logits hold NaN/Inf is marked and still gets one); every
+        row of the step keeps its mark."""
+        done = sent.plan.done.cpu().tolist()
+        for r, mark in zip([*sent.decode, *sent.join], bad.tolist(), strict=True):
+            r.nonfinite_at = mark
+        rows = [*sent.decode, *(r for r, d in zip(sent.join, done, strict=True) if d)]
+        if not rows:
+            return
+        marks = torch.tensor([r.nonfinite_at for r in rows], dtype=torch.int32)
         finite = torch.isfinite(logits).all(-1)  # (B,)
         if not finite.all():
-            bad = torch.where((bad < 0) & ~finite, torch.full_like(bad, self.owner.topo.world_size), bad)
+            marks = torch.where((marks < 0) & ~finite, torch.full_like(marks, self.owner.topo.world_size), marks)
             logits = torch.where(finite.unsqueeze(-1), logits, torch.zeros_like(logits))
-        rows = [*sent.decode, *sent.join]
         decodings = [r.decoding for r in rows]
         shared = decodings[0] if all(d is decodings[0] for d in decodings) else decodings  # one pick for all
         picked = pick_tokens(logits, shared, [r.generator for r in rows]).tolist()
         self.stats.extra["steps"] += 1
-        for r, t, mark in zip(rows, picked, bad.tolist(), strict=True):
+        for r, t, mark in zip(rows, picked, marks.tolist(), strict=True):
             r.nonfinite_at = mark
             r.tokens.append(int(t))
             self.stats.extra["generated"] += 1
@@ -369,67 +322,38 @@ class Generation:
                 r.text = cut if cut is not None else self.stopper.text(r.tokens)
 
     def _update(self, lane: _Lane, sent: _Sent) -> None:
-        """The lane after the step: rows in cache order, its timeline mask; finished rows handed over."""
+        """The lane after the step: its running rows (decode rows, then rows whose prompt is done) and their
+        timeline mask, its filling rows; finished rows handed over."""
         dev = self.owner.device
-        masks = []
-        if sent.decode:
-            masks.append(sent.decode_mask)
-        if sent.join:
-            masks.append(sent.join_mask)
-        width = max(m.shape[1] for m in masks)
-        mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in masks])
-        rows = [*sent.decode, *sent.join]
+        done = sent.plan.done.to(dev)
+        masks = [m for m in (sent.decode_part[0] if sent.decode else None,
+                             sent.join_part[0][done] if sent.join else None) if m is not None and len(m)]
+        rows = [*sent.decode, *(r for r, d in zip(sent.join, done.tolist(), strict=True) if d)]
+        mask = None
+        if masks:  # the running rows' timelines end together: the shorter ones are padded on the left
+            width = max(m.shape[1] for m in masks)
+            mask = torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in masks])
         alive = [i for i, r in enumerate(rows) if r.reason is None]
         for r in rows:
             if r.reason is not None:
                 self._finish(r)
         lane.rows = [rows[i] for i in alive]
-        lane.mask = mask[torch.tensor(alive, dtype=torch.long, device=dev)]
-        lane.kept = alive  # the next step keeps these cached rows, in this order, on every stage
-        self.stats.extra["max_rows"] = max(self.stats.extra["max_rows"], sum(len(x.rows) for x in self.lanes))
+        lane.mask = mask[torch.tensor(alive, dtype=torch.long, device=dev)] if alive else None
+        lane.kept = alive  # the next step keeps these running rows, in this order, on every stage
+        lane.filling = [r for r, d in zip(sent.join, done.tolist(), strict=True) if not d]
+        lane.fill_mask = sent.join_part[0][~done] if lane.filling else None
+        running = sum(len(x.rows) + len(x.filling) for x in self.lanes)
+        self.stats.extra["max_rows"] = max(self.stats.extra["max_rows"], running)
 
     def _finish(self, r: _Row) -> None:
         result = GroupResult([r.tokens], [r.reason], [r.text], np.array([r.releases], dtype=np.int32))
         self.on_result(r.batch, [result], torch.tensor([r.nonfinite_at], dtype=torch.int32))
 
 
-class _Stopper:
-    """Per-row finish checks: EOS ids, ``max_new_tokens``, and stop strings in the decoded continuation."""
-
-    def __init__(self, decoding: Decoding, tokenizer) -> None:
-        self.d = decoding
-        self.tokenizer = tokenizer
-        self._stop_ids: dict[tuple[str, ...], set[int]] = {}
-
-    def stop_ids(self, stop: tuple[str, ...]) -> set[int]:
-        """A stop string that is a whole added token (Gemma's <end_of_turn>) is skipped by decode as a special
-        token, so it never shows in the text: its id is matched instead."""
-        if stop not in self._stop_ids:
-            added = self.tokenizer.get_added_vocab() if self.tokenizer is not None and stop else {}
-            self._stop_ids[stop] = {added[s] for s in stop if s in added}
-        return self._stop_ids[stop]
-
-    def text(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
-
-    def check(self, tokens: list[int], d: Decoding | None = None) -> tuple[str | None, str | None]:
-        """(finish reason or None, the text cut before the first stop string when one matched), under the
-        row's settings ``d`` (default: the job's)."""
-        d = d or self.d
-        if tokens[-1] in d.eos_ids and not d.ignore_eos:
-            return "eos", None
-        if tokens[-1] in self.stop_ids(d.stop):
-            return "stop", self.text(tokens[:-1])
-        if d.stop:
-            text = self.text(tokens)
-            hits = [text.find(s) for s in d.stop if s in text]
-            if hits:
-                return "stop", text[:min(hits)]
-        if len(tokens) >= d.max_new_tokens:
-            return "length", None
-        return None, None
-
-
+def _trimmed(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` without its leading columns that no row uses any more."""
+    used = mask.any(0).nonzero()
+    return mask[:, int(used[0]):] if len(used) else mask
 
 
 def run_generate(owner: Owner, task, batches: Iterable[Batch], on_result: Callable, inflight: int,
@@ -440,7 +364,7 @@ def run_generate(owner: Owner, task, batches: Iterable[Batch], on_result: Callab
     :class:`Generation`). When ``should_stop()`` turns true no further row starts; the rows in flight
     finish, and ``extra["stopped"]`` says whether rows were left."""
     generation = Generation(owner, task, _rows(batches, decoding), on_result, inflight, capacity, prefill_tokens,
-                            _Stopper(decoding, tokenizer), should_stop)
+                            Stopper(decoding, tokenizer), should_stop)
     generation.start()
     while generation.busy():
         generation.step()

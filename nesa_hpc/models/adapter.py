@@ -17,6 +17,7 @@ come from the family's causal-LM ``forward`` (head, logit soft-capping, logit sc
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 import torch
@@ -156,6 +157,21 @@ class StageCache(DynamicCache):
             stored = layer.keys.shape[-2]
             start = stored - min(stored, columns)
             layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+
+    def add_empty_rows(self, n: int) -> None:
+        """Append ``n`` rows that hold nothing yet (zeros in every cached column; their mask hides them)."""
+        for layer in self._filled():
+            pad = layer.keys.new_zeros((n, *layer.keys.shape[1:]))
+            layer.keys = torch.cat([layer.keys, pad])
+            layer.values = torch.cat([layer.values, layer.values.new_zeros((n, *layer.values.shape[1:]))])
+
+    def take_rows(self, rows: torch.Tensor) -> StageCache:
+        """A new cache holding only ``rows`` of this one (same timeline); this one is unchanged."""
+        other = copy.copy(self)
+        other.layers = [copy.copy(layer) for layer in self.layers]
+        for layer in other._filled():
+            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+        return other
 
     def add_rows(self, other: StageCache) -> None:
         """Append ``other``'s rows after this cache's, both padded on the left to the longer timeline."""
