@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_mpi
+from conftest import ROOT, run_mpi, world_share
 
 from nesa_hpc.infer.generate import Decoding, pick_tokens, row_generator
 
@@ -16,7 +16,7 @@ SCRIPT = ROOT / "tests" / "mpi_generate.py"
 NUM_LAYERS = 6  # the tiny models in conftest
 
 
-def _cases(n: int, models: dict, data: str) -> list[dict]:
+def _grid(n: int, models: dict, data: str) -> list[dict]:
     cases = []
     for family, folder in models.items():
         for k in (0, 1, 3, NUM_LAYERS):
@@ -24,6 +24,13 @@ def _cases(n: int, models: dict, data: str) -> list[dict]:
                 continue  # not enough layers left to give every worker one
             for head in ("owner", "last"):
                 cases.append({"model": str(folder), "k": k, "head": head, "data": data, "family": family})
+    return cases
+
+
+def _cases(n: int, models: dict, data: str) -> list[dict]:
+    """Each (model, k, head) of the grid at two world sizes, one of them 3 or 4 ranks (see ``world_share``);
+    the batching and sampling cases below at every world size."""
+    cases = world_share(lambda m: _grid(m, models, data), n, lambda c: c["family"])
     llama = str(models["llama"])
     # one group at a time, batches of 3 (rows finish at different steps inside a group)
     cases.append({"model": llama, "k": 2, "head": "owner", "data": data, "batch_size": 3,
