@@ -30,6 +30,45 @@ def run_mpi(n: int, args: list[str], timeout: float = 300, cwd: Path = ROOT, env
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_jobs(n: int, jobs: list, folder: Path, name: str = "jobs", timeout: float = 600) -> list:
+    """Run ``jobs`` (see tests/run_jobs.py) one after another in one launch on ``n`` ranks; return the report:
+    per job, None or the error that ended it on every rank."""
+    spec, report = folder / f"{name}.json", folder / f"{name}-report.json"
+    spec.write_text(json.dumps(jobs))
+    proc = run_mpi(n, ["-m", "mpi4py", str(ROOT / "tests" / "run_jobs.py"), str(spec), str(report)], timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(report.read_text())
+
+
+WORLD_SIZES = (1, 2, 3, 4)
+
+
+def world_share(cases_at, n: int, group=None) -> list[dict]:
+    """The cases that world size ``n`` runs, when every case need not run at every world size.
+
+    ``cases_at(m)`` lists the cases that world size ``m`` can run (in the order to run them). Each case runs
+    at two world sizes: one of 1 and 2, one of 3 and 4 (where it can), taken in turn along the list, so that
+    every world size still runs every kind of case, each with about half of them. ``group(case)`` names the
+    groups (a model family, say) whose cases take turns among themselves, so that each group too is run at
+    every world size where it has enough cases.
+    """
+    def key(case: dict) -> str:
+        return json.dumps(case, sort_keys=True)
+
+    allowed = {m: {key(c) for c in cases_at(m)} for m in WORLD_SIZES}
+    every = {key(c): c for m in WORLD_SIZES for c in cases_at(m)}
+    turn: dict = {}
+    chosen = set()
+    for k, case in every.items():
+        g = group(case) if group else None
+        i = turn[g] = turn.get(g, -1) + 1
+        for sizes, step in (((1, 2), 1), ((3, 4), 2)):
+            can = [m for m in sizes if k in allowed[m]]
+            if can:
+                chosen.add((can[(i // step) % len(can)], k))
+    return [c for c in cases_at(n) if (n, key(c)) in chosen]
+
+
 def open_released(path: Path, wait: float = 15.0):
     """Open an HDF5 file once no process holds its lock (ranks of an aborted job may take a moment to go)."""
     import time
@@ -103,16 +142,21 @@ def smollm2_path() -> Path:
     return packaged_model_path("smollm2-135m-instruct")
 
 
-@pytest.fixture()
-def texts_file(tmp_path) -> Path:
-    """Rows of very different lengths, so every batch is padded."""
+def write_texts(folder: Path) -> Path:
+    """Rows of very different lengths, so every batch is padded (``folder``/rows.jsonl)."""
     rows = ["short", "a somewhat longer row of plain words to tokenize", "x",
             "the quick brown fox jumps over the lazy dog " * 3, "numbers 1 2 3 4 5 6 7 8 9 10",
             "hello world", "padding matters when rows differ in length a lot", "ok then",
             "one more line of text for the last batch"]
-    path = tmp_path / "rows.jsonl"
+    path = folder / "rows.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
     return path
+
+
+@pytest.fixture()
+def texts_file(tmp_path) -> Path:
+    """Rows of very different lengths, so every batch is padded."""
+    return write_texts(tmp_path)
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from mpi4py import MPI
+from mpi_quiet import quiet_barrier
 
 from nesa_hpc.engine.messages import Kind
 from nesa_hpc.infer.job import run
@@ -106,6 +107,7 @@ def main() -> None:
             errors = comm.gather(error, root=0)
             traffic = comm.gather(records, root=0)
             if rank != 0:
+                quiet_barrier(comm)  # sleep while rank 0 computes the reference
                 continue
             entry = {"case": case, "error": next((e for e in errors if e), None)}
             if entry["error"] is None:
@@ -140,6 +142,7 @@ def main() -> None:
                 entry["wire_error"] = next((e for e in (wire_error(recs, case) for recs in traffic[1:]) if e), None)
                 entry["worker_messages"] = sum(len(recs) for recs in traffic[1:])
             report.append(entry)
+            quiet_barrier(comm)
     if rank == 0:
         Path(report_path).write_text(json.dumps(report, indent=1))
 

@@ -1,9 +1,13 @@
-"""Run several inference jobs one after another inside one MPI launch (start-up is paid once).
+"""Run several inference or training jobs one after another inside one MPI launch (start-up is paid once).
 
     mpiexec -n N python -m mpi4py tests/run_jobs.py jobs.json report.json
 
-``jobs.json`` is a list of override lists for conf/infer.yaml; the report (written by rank 0) holds, per
-job, null or the error every rank raised (errors that end all ranks together, such as a bad option).
+``jobs.json`` is a list of jobs: a list of overrides for conf/infer.yaml (jobs/infer.py), or
+``{"config": "train", "overrides": [...]}`` for conf/train.yaml (jobs/train.py). The report (written by
+rank 0) holds, per job, null or rank 0's error, when every rank raised one (errors that end all ranks
+together, such as a bad option, which jobs/*.py print once, on rank 0, and exit 2; or overrides that Hydra
+refuses to compose, which the entry scripts refuse the same way); a job that failed on some ranks only is
+reported as such.
 """
 
 from __future__ import annotations
@@ -13,11 +17,14 @@ import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from mpi4py import MPI
 
 from nesa_hpc.infer.job import JobError, run
+from nesa_hpc.train.job import run_train
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
+RUN = {"infer": run, "train": run_train}
 
 
 def main() -> None:
@@ -25,12 +32,24 @@ def main() -> None:
     comm = MPI.COMM_WORLD
     report = []
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        for overrides in jobs:
+        for job in jobs:
+            name, overrides = ("infer", job) if isinstance(job, list) else (job["config"], job["overrides"])
+            error = None
             try:
-                run(compose(config_name="infer", overrides=overrides), comm)
-                report.append(None)
-            except JobError as exc:
-                report.append(str(exc))
+                cfg = compose(config_name=name, overrides=overrides)
+            except HydraException as exc:  # the same on every rank
+                error = f"{exc} ({exc.__cause__})" if exc.__cause__ else str(exc)
+            else:
+                try:
+                    RUN[name](cfg, comm)
+                except JobError as exc:
+                    error = str(exc)
+            errors = comm.gather(error, root=0)
+            if comm.Get_rank() == 0:
+                failed = [r for r, e in enumerate(errors) if e is not None]
+                if failed and len(failed) < len(errors):
+                    error = f"only ranks {failed} failed: {errors}"
+                report.append(error)
     if comm.Get_rank() == 0:
         Path(sys.argv[2]).write_text(json.dumps(report, indent=1))
 

@@ -113,6 +113,10 @@ class SlurmCluster:
         log.close()
         self.procs.append(proc)
 
+    def node_idle(self) -> bool:
+        """The node runs nothing and holds no job's processes (a finished job's are gone)."""
+        return self._node_idle()
+
     def _node_idle(self) -> bool:
         for proc in self.procs:
             if proc.poll() is not None:

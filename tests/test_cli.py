@@ -7,7 +7,7 @@ import json
 import h5py
 import numpy as np
 import pytest
-from conftest import ROOT, run_mpi
+from conftest import ROOT, run_jobs, run_mpi, write_texts
 
 INFER = str(ROOT / "jobs" / "infer.py")
 
@@ -64,18 +64,47 @@ def test_embed_job_on_minilm(texts_file, tmp_path):
         assert f.attrs["task"] == "embed" and f.attrs["pooling"] == "mean"
 
 
-@pytest.mark.parametrize("overrides, expected", [
+BAD_CONFIGS = [
     (["split.k=99"], "split.k=99 must be between 0 and the model's num_layers=6"),
     (["split.k=5"], "leaves 1 for the workers"),
     (["split.partition=[1,1]"], "sums to 2 but num_layers=6 - split.k=2 = 4"),
     (["data.batch_size=0"], "data.batch_size=0 must be >= 1"),
     (["data.path=/nonexistent/rows.jsonl"], "no such file: /nonexistent/rows.jsonl"),
     (["model.path=/nonexistent/model"], "no such model folder: /nonexistent/model"),
-])
-def test_bad_config_ends_every_rank_with_one_message(overrides, expected, tiny_models, texts_file, tmp_path):
+]
+
+
+def _bad_config_args(model, data, out, overrides: list[str]) -> list[str]:
+    return [f"model.path={model}", f"data.path={data}", f"output.path={out}", *overrides]
+
+
+@pytest.fixture(scope="module")
+def bad_configs(tiny_models, tmp_path_factory):
+    """The jobs of BAD_CONFIGS one after another in one launch on 3 ranks (tests/run_jobs.py: the config
+    jobs/infer.py composes, run by the same function); per job, the error, when every rank raised one."""
+    work = tmp_path_factory.mktemp("bad-configs")
+    data = write_texts(work)
+    jobs = [["runtime.threads=1", *_bad_config_args(tiny_models["llama"], data, work / f"out{i}.h5", overrides)]
+            for i, (overrides, _) in enumerate(BAD_CONFIGS)]
+    return work, run_jobs(3, jobs, work, timeout=300)
+
+
+@pytest.mark.parametrize("overrides, expected", BAD_CONFIGS)
+def test_bad_config_ends_every_rank_with_one_message(overrides, expected, bad_configs):
+    """Every rank raises the error (JobError), so jobs/infer.py prints it once, on rank 0, and every rank exits
+    with status 2 (test_bad_config_is_printed_once_by_the_entry_script runs one of them through the script)."""
+    work, report = bad_configs
+    i = BAD_CONFIGS.index((overrides, expected))
+    error = report[i]
+    assert error is not None and not error.startswith("only ranks"), error
+    assert expected in error, error
+    assert not (work / f"out{i}.h5").exists()
+
+
+def test_bad_config_is_printed_once_by_the_entry_script(tiny_models, texts_file, tmp_path):
+    overrides, expected = BAD_CONFIGS[0]
     out = tmp_path / "out.h5"
-    args = [f"model.path={tiny_models['llama']}", f"data.path={texts_file}", f"output.path={out}", *overrides]
-    proc = _infer(3, *args, timeout=120)
+    proc = _infer(3, *_bad_config_args(tiny_models["llama"], texts_file, out, overrides), timeout=120)
     assert proc.returncode != 0
     assert expected in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.count("error:") == 1  # reported once, by rank 0

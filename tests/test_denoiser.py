@@ -13,14 +13,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_mpi
+from conftest import ROOT, run_jobs, run_mpi, write_texts
 from hydra import compose, initialize_config_dir
 
 from nesa_hpc.config import ConfigError
 from nesa_hpc.privacy.denoiser import Denoiser, load_denoiser, save_denoiser
 from nesa_hpc.train.options import train_spec
 
-TRAIN = str(ROOT / "jobs" / "train.py")
 RUN_JOBS = str(ROOT / "tests" / "run_jobs.py")
 
 
@@ -229,16 +228,42 @@ def test_bad_denoiser_training_options_are_named(overrides, message):
 NOISE = ("privacy=sigma", "privacy.sigma=0.05", "privacy.clip=2", "privacy.unit=sequence", "privacy.seed=3")
 
 
-def _train(n: int, model, data, out: Path, *extra: str, noise=NOISE):
-    args = [TRAIN, f"model.path={model}", f"data.path={data}", f"train.out_dir={out / 'shared'}",
-            f"train.owner_dir={out / 'owner'}", "runtime.threads=1", "data.batch_size=3", "data.max_length=24",
-            "train.grad_accum=2", "train.max_steps=3", "train.log_every=1", "split.k=1", *noise, "train.lr=5e-3",
-            "train.denoiser.blocks=1", "train.denoiser.width=32", *extra]
-    proc = run_mpi(n, args, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def _train_job(model, data, out: Path, *extra: str, noise=NOISE) -> dict:
+    """A jobs/train.py run for tests/run_jobs.py, its rank 0 files in ``out``/owner."""
+    return {"config": "train", "overrides": [
+        f"model.path={model}", f"data.path={data}", f"train.out_dir={out / 'shared'}",
+        f"train.owner_dir={out / 'owner'}", "runtime.threads=1", "data.batch_size=3", "data.max_length=24",
+        "train.grad_accum=2", "train.max_steps=3", "train.log_every=1", "split.k=1", *noise, "train.lr=5e-3",
+        "train.denoiser.blocks=1", "train.denoiser.width=32", *extra]}
+
+
+def _trained(out: Path):
     summary = json.loads((out / "owner" / "summary.json").read_text())
     losses = [json.loads(line)["loss"] for line in (out / "owner" / "metrics.jsonl").read_text().splitlines()]
     return summary, losses
+
+
+ALONE = ("train.layers=[]", "train.denoiser.alone=true")
+
+
+@pytest.fixture(scope="module")
+def trainings(tiny_models, tmp_path_factory) -> dict:
+    """The trainings of the tests below in two launches (tests/run_jobs.py: the config jobs/train.py composes,
+    run by the same function): at 1 rank, the denoiser alone, with LoRA, and the owner-alone denoiser; at 3
+    ranks, the first two, then the owner-alone denoiser again (refused). Per job: None or the error."""
+    work = tmp_path_factory.mktemp("train-denoiser")
+    data, llama = write_texts(work), tiny_models["llama"]
+    layers = {"denoiser": "[]", "lora+denoiser": "[1,6]"}
+    one = {name: _train_job(llama, data, work / name / "one", f"train.layers={v}") for name, v in layers.items()}
+    one["alone"] = _train_job(llama, data, work / "alone" / "a", *ALONE, noise=())
+    three = {name: _train_job(llama, data, work / name / "three", f"train.layers={v}") for name, v in layers.items()}
+    three["alone on 3"] = {"config": "train", "overrides": [
+        f"model.path={llama}", f"data.path={data}", f"train.out_dir={work / 'alone' / 'b'}",
+        "train.denoiser.blocks=1", *ALONE]}
+    report = {**dict(zip(one, run_jobs(1, list(one.values()), work, "one", timeout=300), strict=True)),
+              **{f"{name} 3": e for name, e in zip(three, run_jobs(3, list(three.values()), work, "three",
+                                                                    timeout=300), strict=True)}}
+    return {"work": work, "report": report}
 
 
 def _weights(folder: Path) -> dict:
@@ -248,11 +273,13 @@ def _weights(folder: Path) -> dict:
 
 
 @pytest.mark.parametrize("layers", ["[]", "[1,6]"], ids=["denoiser", "lora+denoiser"])
-def test_denoiser_training_is_the_same_at_every_world_size(layers, tiny_models, texts_file, tmp_path):
+def test_denoiser_training_is_the_same_at_every_world_size(layers, trainings):
     """A denoiser (alone, or with LoRA on the workers) trained at 1 and 3 ranks: the same losses and weights;
     frozen workers get no gradient message; the saved denoiser records the noise it was trained with."""
-    one = _train(1, tiny_models["llama"], texts_file, tmp_path / "one", f"train.layers={layers}")
-    three = _train(3, tiny_models["llama"], texts_file, tmp_path / "three", f"train.layers={layers}")
+    name = "denoiser" if layers == "[]" else "lora+denoiser"
+    assert trainings["report"][name] is None and trainings["report"][f"{name} 3"] is None, trainings["report"]
+    tmp_path = trainings["work"] / name
+    one, three = _trained(tmp_path / "one"), _trained(tmp_path / "three")
     np.testing.assert_allclose(one[1], three[1], rtol=1e-5)
     a, b = _weights(tmp_path / "one" / "owner" / "denoiser"), _weights(tmp_path / "three" / "owner" / "denoiser")
     assert set(a) == set(b)
@@ -271,10 +298,9 @@ def test_denoiser_training_is_the_same_at_every_world_size(layers, tiny_models, 
         assert summary["exported"] == str(tmp_path / "three" / "shared" / "adapter")
 
 
-def test_owner_alone_training_runs_alone_and_is_refused_on_several_ranks(tiny_models, texts_file, tmp_path):
-    args = ["train.layers=[]", "train.denoiser.alone=true"]
-    summary, losses = _train(1, tiny_models["llama"], texts_file, tmp_path / "a", *args, noise=())
+def test_owner_alone_training_runs_alone_and_is_refused_on_several_ranks(trainings):
+    assert trainings["report"]["alone"] is None, trainings["report"]["alone"]
+    summary, losses = _trained(trainings["work"] / "alone" / "a")
     assert losses[-1] < losses[0] and summary["forward_releases_per_row"] == 0
-    proc = run_mpi(2, [TRAIN, f"model.path={tiny_models['llama']}", f"data.path={texts_file}",
-                       f"train.out_dir={tmp_path / 'b'}", "train.denoiser.blocks=1", *args], timeout=120)
-    assert proc.returncode != 0 and "one process" in proc.stderr
+    refused = trainings["report"]["alone on 3 3"]
+    assert refused is not None and "one process" in refused

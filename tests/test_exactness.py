@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import MPI_SCRIPT, run_mpi
+from conftest import MPI_SCRIPT, run_mpi, world_share
 
 NUM_LAYERS = 6  # the tiny models in conftest
 
@@ -58,7 +58,9 @@ def _assert_exact(entries: list[dict], tol_padded: float, tol_single: float) -> 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_tiny_models_every_split(n, tiny_models, texts_file, tmp_path):
-    entries = _run(n, _cases(n, tiny_models, str(texts_file)), tmp_path)
+    """Each case at two world sizes, one of them 3 or 4 ranks (see ``world_share``)."""
+    cases = world_share(lambda m: _cases(m, tiny_models, str(texts_file)), n, lambda c: c["model"])
+    entries = _run(n, cases, tmp_path)
     _assert_exact(entries, 1e-5, 1e-4)
     if n > 1:
         assert all(e["worker_messages"] > 0 for e in entries)
@@ -113,8 +115,10 @@ def _family_cases(n: int, models: dict, data: str) -> list[dict]:
 def test_every_family_every_split(n, family_models, texts_file, tmp_path):
     """Each family's own transformers code runs the split: masks (sliding windows shorter than the rows,
     per-layer types), rotary embeddings per layer type, embedding scale, soft-capping, ALiBi, learned
-    positions, fused experts all give the unsplit model's numbers."""
-    entries = _run(n, _family_cases(n, family_models, str(texts_file)), tmp_path)
+    positions, fused experts all give the unsplit model's numbers. Each case runs at two world sizes, one of
+    them 3 or 4 ranks (see ``world_share``); every family runs at every world size."""
+    cases = world_share(lambda m: _family_cases(m, family_models, str(texts_file)), n, lambda c: c["family"])
+    entries = _run(n, cases, tmp_path)
     _assert_exact(entries, 1e-5, 1e-4)
     assert {e["case"]["family"] for e in entries} == set(family_models)
     if n > 1:

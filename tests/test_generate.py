@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_mpi
+from conftest import ROOT, run_jobs, run_mpi, world_share
 
 from nesa_hpc.infer.generate import Decoding, pick_tokens, row_generator
 
@@ -16,7 +16,7 @@ SCRIPT = ROOT / "tests" / "mpi_generate.py"
 NUM_LAYERS = 6  # the tiny models in conftest
 
 
-def _cases(n: int, models: dict, data: str) -> list[dict]:
+def _grid(n: int, models: dict, data: str) -> list[dict]:
     cases = []
     for family, folder in models.items():
         for k in (0, 1, 3, NUM_LAYERS):
@@ -24,6 +24,13 @@ def _cases(n: int, models: dict, data: str) -> list[dict]:
                 continue  # not enough layers left to give every worker one
             for head in ("owner", "last"):
                 cases.append({"model": str(folder), "k": k, "head": head, "data": data, "family": family})
+    return cases
+
+
+def _cases(n: int, models: dict, data: str) -> list[dict]:
+    """Each (model, k, head) of the grid at two world sizes, one of them 3 or 4 ranks (see ``world_share``);
+    the batching and sampling cases below at every world size."""
+    cases = world_share(lambda m: _grid(m, models, data), n, lambda c: c["family"])
     llama = str(models["llama"])
     # one group at a time, batches of 3 (rows finish at different steps inside a group)
     cases.append({"model": llama, "k": 2, "head": "owner", "data": data, "batch_size": 3,
@@ -196,15 +203,16 @@ def test_bad_generate_options_name_the_key(overrides, key):
 def test_generate_job_refuses_model_limits(tiny_models, texts_file, tmp_path):
     """Prompt length + new tokens beyond the model's positions, or a chat template the tokenizer lacks:
     every rank exits with an error naming the option, before any work."""
-    infer = str(ROOT / "jobs" / "infer.py")
-    base = [infer, f"model.path={tiny_models['llama']}", "task=generate", f"data.path={texts_file}",
+    base = [f"model.path={tiny_models['llama']}", "task=generate", f"data.path={texts_file}",
             f"output.path={tmp_path / 'out.h5'}", "runtime.threads=1"]
-    proc = run_mpi(2, [*base, "data.max_length=200", "task.max_new_tokens=100"], timeout=120)
-    assert proc.returncode != 0
-    assert "data.max_length=200 + task.max_new_tokens=100 exceeds the model's 256 positions" in proc.stderr
-    proc = run_mpi(2, [*base, "data.max_length=64", "data.chat_template=true"], timeout=120)
-    assert proc.returncode != 0
-    assert "data.chat_template=true but the tokenizer" in proc.stderr
+    # both jobs in one launch (tests/run_jobs.py: the config jobs/infer.py composes, run by the same function);
+    # each ends every rank with the error that jobs/infer.py prints
+    long, chat = run_jobs(2, [[*base, "data.max_length=200", "task.max_new_tokens=100"],
+                              [*base, "data.max_length=64", "data.chat_template=true"]], tmp_path, timeout=300)
+    assert long is not None
+    assert "data.max_length=200 + task.max_new_tokens=100 exceeds the model's 256 positions" in long
+    assert chat is not None
+    assert "data.chat_template=true but the tokenizer" in chat
     assert not (tmp_path / "out.h5").exists()
 
 
@@ -218,11 +226,12 @@ def test_stop_then_resume_equals_uninterrupted(tiny_models, tmp_path):
 
     from nesa_hpc.io.results import read_results
 
+    rows = 240  # stopped after 40 rows, far from the end
     rng = random.Random(3)
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(2, 30)))})
-                            + "\n" for _ in range(400)))
+                            + "\n" for _ in range(rows)))
 
     def args(out):
         return [str(ROOT / "jobs" / "infer.py"), f"model.path={tiny_models['llama']}", "task=generate",
@@ -239,7 +248,7 @@ def test_stop_then_resume_equals_uninterrupted(tiny_models, tmp_path):
     code, stderr = _finish(proc)
     assert code == 75 and "stopped by SIGUSR1" in stderr, stderr[-2000:]
     committed = _committed(out)
-    assert 0 < committed < 400
+    assert 0 < committed < rows
     resumed = run_mpi(3, [*args(out), "output.resume=true"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed after {committed} rows" in resumed.stderr

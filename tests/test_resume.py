@@ -19,15 +19,17 @@ from conftest import ROOT, mpiexec, open_released, run_mpi
 from nesa_hpc.io.results import read_results
 
 INFER = str(ROOT / "jobs" / "infer.py")
-ROWS = 3000
+ROWS = 1000
 
 
 @pytest.fixture(scope="module")
 def long_data(tmp_path_factory):
+    """Rows of 3 to 30 words. The interrupted runs are stopped after 200 rows, far from the end; a run's work is
+    mostly rank 0's head (30522 logits per token), paid again by every full run of this module."""
     rng = random.Random(7)
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
     path = tmp_path_factory.mktemp("resume") / "rows.jsonl"
-    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 60)))})
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 30)))})
                             + "\n" for _ in range(ROWS)))
     return path
 
@@ -193,13 +195,36 @@ def test_os_seeded_noise_keeps_its_key_until_the_job_completes(tiny_models, long
     assert attrs["privacy_seed"] == "os" and np.allclose(got["epsilon_spent"], 50.0, rtol=1e-3)
 
 
+def _catching(proc, ranks: int = 3, wait: float = 60) -> None:
+    """Wait until each of the ``ranks`` ranks catches SIGUSR1 (jobs/infer.py's first line): before that, the
+    signal would end a rank as its default action does, which no job can prevent."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        caught = 0
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "infer.py" in " ".join(child.cmdline()):
+                    status = open(f"/proc/{child.pid}/status").read()
+                    mask = int(status.split("SigCgt:")[1].split()[0], 16)
+                    caught += bool(mask >> (signal.SIGUSR1 - 1) & 1)
+            except (psutil.Error, OSError, IndexError):
+                continue
+        if caught == ranks:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the ranks did not install their signal handlers within {wait} s")
+
+
 @pytest.mark.parametrize("delay", [0.3, 2.5])
 def test_signal_during_start_up_stops_cleanly_then_resumes(delay, tiny_models, long_data, reference, tmp_path):
     """SIGUSR1 to mpiexec while the ranks import, load weights or connect: every rank ends with exit 75
-    (not a crash), nothing is written, and the resumed run equals an uninterrupted one."""
+    (not a crash), nothing is written, and the resumed run equals an uninterrupted one. The signal goes
+    ``delay`` seconds after the launch, and not before every rank catches it (a loaded machine may start
+    the ranks later than that)."""
     out = tmp_path / "out.h5"
     proc = _start(_args(tiny_models["llama"], long_data, out, "output.resume=true"))
     time.sleep(delay)
+    _catching(proc)
     proc.send_signal(signal.SIGUSR1)
     code, text = _finish(proc, timeout=120)
     assert code == 75, text[-3000:]

@@ -150,11 +150,12 @@ def test_time_limit_requeues_until_done_equal_to_uninterrupted(slurm, tiny_model
     requeues itself, and the next allocation resumes, until the data is done; the file equals an
     uninterrupted run. To make at least three allocations certain on a fast machine, the test also sends
     the same batch signal (as the time-limit warning does) once each of the first two allocations has
-    started its ranks; Slurm's own hold of a requeued job (BeginTime, ~2 min) is cut to 20 s by the test."""
+    started its ranks; Slurm's own hold of a requeued job (BeginTime, ~2 min) is cut short by the test once
+    the node is idle again (the last allocation's processes are gone)."""
     words = ["north", "south", "east", "west", "river", "stone", "cloud", "field", "light", "over"]
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"text": " ".join(words[(i * 7 + j) % 10] for j in range(5 + i % 13))}) + "\n"
-                            for i in range(2500)))
+                            for i in range(1000)))
     common = [f"model.path={tiny_models['llama']}", f"data.path={data}", "data.batch_size=8", "runtime.timeout=120"]
     # the uninterrupted reference first: the job's start-up must stay well inside the ~30 s before Slurm's own
     # time-limit signal, so the two do not share the cores
@@ -166,7 +167,7 @@ def test_time_limit_requeues_until_done_equal_to_uninterrupted(slurm, tiny_model
                           f"output.path={tmp_path}/req/out.h5"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert sub.returncode == 0, sub.stderr
     job_id = sub.stdout.strip().split(";")[0]
-    signalled, allocations, offset, deadline, fields, held_since = 0, 0, 0, time.monotonic() + 600, {}, None
+    signalled, allocations, offset, deadline, fields = 0, 0, 0, time.monotonic() + 600, {}
     log_path = tmp_path / "req" / f"out.{job_id}.log"
     while time.monotonic() < deadline:
         fields = _job_fields(slurm, job_id)
@@ -174,8 +175,7 @@ def test_time_limit_requeues_until_done_equal_to_uninterrupted(slurm, tiny_model
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             break
         held = state == "PENDING" and fields.get("Reason") == "BeginTime"
-        held_since = (held_since or time.monotonic()) if held else None
-        if held and time.monotonic() - held_since > 20:  # the last allocation is cleaned up by then
+        if held and slurm.node_idle():  # the last allocation is cleaned up
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, capture_output=True)
         started = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out")).count(" ranks on ")
         log = log_path.read_text() if log_path.exists() else ""

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, mpiexec, run_mpi
+from conftest import ROOT, mpiexec, run_jobs, run_mpi, world_share, write_texts
 
 TRAIN = str(ROOT / "jobs" / "train.py")
 INFER = str(ROOT / "jobs" / "infer.py")
@@ -75,8 +75,10 @@ def _run(n: int, cases: list[dict], tmp_path) -> list[dict]:
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_split_gradients_and_losses_equal_unsplit_training(n, tiny_models, texts_file, pc_file, tmp_path):
-    report = _run(n, _cases(n, tiny_models, str(texts_file), str(pc_file)), tmp_path)
-    assert len(report) == len(_cases(n, tiny_models, str(texts_file), str(pc_file)))
+    """Each case at two world sizes, one of them 3 or 4 ranks (see ``world_share``)."""
+    cases = world_share(lambda m: _cases(m, tiny_models, str(texts_file), str(pc_file)), n)
+    report = _run(n, cases, tmp_path)
+    assert len(report) == len(cases)
     _check_equal(report, n)
 
 
@@ -218,7 +220,7 @@ def test_gradient_message_is_clipped_per_row_and_noised():
     assert torch.equal(grad_message(noisy, nan, one_row, rows[:1], 0, 7.0, 30.0), m7)
 
 
-@pytest.mark.parametrize("override,message", [
+BAD_OPTIONS = [
     ("train.mode=half", "train.mode"),
     ("train.layers=[4,2]", "train.layers"),
     ("train.grad_privacy.mechanism=gaussian", "train.grad_privacy.epsilon"),
@@ -227,29 +229,53 @@ def test_gradient_message_is_clipped_per_row_and_noised():
     ("train.lr=-1", "train.lr"),
     ("train.lora.dropout=0.1", "train.lora.dropout"),
     ("model.adapters=/tmp", "model.adapters"),
-])
-def test_bad_training_options_are_named(override, message, tiny_models, texts_file, tmp_path):
-    proc = run_mpi(2, [TRAIN, f"model.path={tiny_models['llama']}", f"data.path={texts_file}",
-                       f"train.out_dir={tmp_path / 'o'}", *override.split()], timeout=120)
-    assert proc.returncode != 0
-    assert message in proc.stderr, proc.stderr[-2000:]
+]
 
 
-def test_out_dir_is_not_overwritten_by_accident(tiny_models, texts_file, tmp_path):
-    args = [TRAIN, f"model.path={tiny_models['llama']}", f"data.path={texts_file}", f"train.out_dir={tmp_path}",
-            "train.max_steps=1", "runtime.threads=1"]
-    assert run_mpi(2, args, timeout=120).returncode == 0
-    again = run_mpi(2, args, timeout=120)
-    assert again.returncode != 0 and "train.overwrite=true" in again.stderr
+@pytest.fixture(scope="module")
+def refused(tiny_models, tmp_path_factory) -> dict:
+    """The jobs of the tests below that must be refused (and the training that one of them repeats), run one
+    after another in one launch on 2 ranks (tests/run_jobs.py: the configs that jobs/train.py and
+    jobs/infer.py compose, run by the same functions). Per job: None, or the error that ended it on every rank
+    (a JobError: jobs/*.py print it once and exit 2)."""
+    work = tmp_path_factory.mktemp("refused")
+    data = write_texts(work)
+    llama = tiny_models["llama"]
+    jobs = {f"bad {override}": {"config": "train", "overrides": [
+        f"model.path={llama}", f"data.path={data}", f"train.out_dir={work / f'bad{i}'}", *override.split()]}
+        for i, (override, _) in enumerate(BAD_OPTIONS)}
+    once = [f"model.path={llama}", f"data.path={data}", f"train.out_dir={work / 'once'}", "train.max_steps=1",
+            "runtime.threads=1"]
+    jobs["train"] = jobs["train again"] = {"config": "train", "overrides": once}
+    infer = [f"model.path={llama}", f"data.path={data}", f"output.path={work / 'o.h5'}"]
+    (work / "empty").mkdir()
+    jobs["adapters nope"] = [*infer, f"model.adapters={work / 'nope'}"]
+    jobs["adapters empty"] = [*infer, f"model.adapters={work / 'empty'}"]
+    report = run_jobs(2, list(jobs.values()), work, timeout=300)
+    return {"work": work, **dict(zip(jobs, report, strict=True))}
+
+
+@pytest.mark.parametrize("override,message", BAD_OPTIONS)
+def test_bad_training_options_are_named(override, message, refused):
+    error = refused[f"bad {override}"]
+    assert error is not None
+    assert message in error, error
+
+
+def test_out_dir_is_not_overwritten_by_accident(refused):
+    assert refused["train"] is None
+    again = refused["train again"]
+    assert again is not None and "train.overwrite=true" in again
 
 
 @pytest.fixture(scope="module")
 def many_rows(tmp_path_factory):
+    """192 rows: 12 steps an epoch of the runs below (batches of 8, 2 per step), 24 in their 2 epochs."""
     rng = np.random.default_rng(5)
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
     path = tmp_path_factory.mktemp("long") / "rows.jsonl"
     path.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, rng.integers(8, 40)))}) + "\n"
-                            for _ in range(400)))
+                            for _ in range(192)))
     return path
 
 
@@ -266,16 +292,23 @@ def _losses(out) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_models, many_rows, tmp_path_factory):
+    """The run that the interrupted ones below must equal, once resumed."""
+    ref = tmp_path_factory.mktemp("uninterrupted") / "ref"
+    whole = run_mpi(3, _train_args(tiny_models["llama"], many_rows, ref, "privacy.seed=11"), timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    return ref
+
+
 @pytest.mark.parametrize("how", ["sigterm", "kill-worker"])
-def test_stop_or_kill_then_resume_equals_uninterrupted(how, tiny_models, many_rows, tmp_path):
+def test_stop_or_kill_then_resume_equals_uninterrupted(how, tiny_models, many_rows, uninterrupted, tmp_path):
     """OS-seeded noise, a stop (SIGTERM: checkpoint, exit 75) or a killed worker (back to the last periodic
     checkpoint), then train.resume=true: the same losses and the same adapter as an uninterrupted run."""
     import psutil
     from safetensors.torch import load_file
 
-    ref = tmp_path / "ref"
-    whole = run_mpi(3, _train_args(tiny_models["llama"], many_rows, ref, "privacy.seed=11"), timeout=300)
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    ref = uninterrupted
     out = tmp_path / "out"
     args = _train_args(tiny_models["llama"], many_rows, out, "privacy.seed=11")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -352,21 +385,22 @@ def test_exported_adapter_and_merged_model_serve_inference(tiny_models, texts_fi
     from nesa_hpc.io.results import read_results
 
     model = tiny_models["llama"]
-    base = [TRAIN, f"model.path={model}", f"data.path={texts_file}", "runtime.threads=1", "train.max_steps=4",
+    base = [f"model.path={model}", f"data.path={texts_file}", "runtime.threads=1", "train.max_steps=4",
             "train.lr=0.05", "data.batch_size=3", "split.k=1"]
     ad, mg = tmp_path / "ad", tmp_path / "mg"
-    for out, extra in ((ad, []), (mg, ["train.export=merged"])):
-        proc = run_mpi(3, [*base, f"train.out_dir={out}", *extra], timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    # the two trainings, then the three inference jobs, one after another in one launch (tests/run_jobs.py:
+    # the configs that jobs/train.py and jobs/infer.py compose, run by the same functions)
+    jobs: list = [{"config": "train", "overrides": [*base, f"train.out_dir={out}", *extra]}
+                  for out, extra in ((ad, []), (mg, ["train.export=merged"]))]
+    scored = (("adapter", [f"model.path={model}", f"model.adapters={ad / 'adapter'}"]),
+              ("merged", [f"model.path={mg / 'model'}"]), ("base", [f"model.path={model}"]))
+    jobs += [[*extra, f"data.path={texts_file}", f"output.path={tmp_path / f'{name}.h5'}", "runtime.threads=1",
+              "split.k=2"] for name, extra in scored]
+    assert run_jobs(3, jobs, tmp_path, timeout=300) == [None] * len(jobs)
     assert (mg / "model" / "model.safetensors.index.json").is_file()
     results = {}
-    for name, extra in (("adapter", [f"model.path={model}", f"model.adapters={ad / 'adapter'}"]),
-                        ("merged", [f"model.path={mg / 'model'}"]), ("base", [f"model.path={model}"])):
-        h5 = tmp_path / f"{name}.h5"
-        proc = run_mpi(3, [INFER, *extra, f"data.path={texts_file}", f"output.path={h5}", "runtime.threads=1",
-                           "split.k=2"], timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        res = read_results(h5)[0]
+    for name, _ in scored:
+        res = read_results(tmp_path / f"{name}.h5")[0]
         results[name] = dict(zip(res["row"].tolist(), res["nll_mean"].tolist(), strict=True))
     tok = AutoTokenizer.from_pretrained(model)
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
@@ -386,14 +420,11 @@ def test_exported_adapter_and_merged_model_serve_inference(tiny_models, texts_fi
     assert any(abs(results["base"][r] - results["adapter"][r]) > 1e-3 for r in results["adapter"])
 
 
-def test_missing_or_foreign_adapter_folder_is_named(tiny_models, texts_file, tmp_path):
-    base = [INFER, f"model.path={tiny_models['llama']}", f"data.path={texts_file}", f"output.path={tmp_path / 'o.h5'}"]
-    proc = run_mpi(2, [*base, f"model.adapters={tmp_path / 'nope'}"], timeout=120)
-    assert proc.returncode != 0 and "model.adapters" in proc.stderr and "nope" in proc.stderr
-    (tmp_path / "empty").mkdir()
-    proc = run_mpi(2, [*base, f"model.adapters={tmp_path / 'empty'}"], timeout=120)
-    assert proc.returncode != 0 and "adapter_config.json" in proc.stderr
-    assert not (tmp_path / "o.h5").exists()
+def test_missing_or_foreign_adapter_folder_is_named(refused):
+    nope, empty = refused["adapters nope"], refused["adapters empty"]
+    assert nope is not None and "model.adapters" in nope and "nope" in nope
+    assert empty is not None and "adapter_config.json" in empty
+    assert not (refused["work"] / "o.h5").exists()
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
