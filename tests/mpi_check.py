@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from mpi4py import MPI
-from mpi_quiet import quiet_barrier
 
+from nesa_hpc.engine.job import settle
 from nesa_hpc.infer.job import run
 from nesa_hpc.infer.tasks import score_positions
 from nesa_hpc.io.batch import make_batches
@@ -175,7 +175,7 @@ def main() -> None:
             errors = comm.gather(error, root=0)
             traffic = comm.gather(records, root=0)
             if rank != 0:
-                quiet_barrier(comm)  # sleep while rank 0 computes the reference
+                settle(comm)  # sleep while rank 0 computes the reference
                 continue
             entry = {"case": case, "error": next((e for e in errors if e), None)}
             if entry["error"] is None and case.get("privacy_check"):
@@ -199,7 +199,7 @@ def main() -> None:
                                                            for recs in traffic[1:]) if e), None)
                 entry["worker_messages"] = sum(len(recs) for recs in traffic[1:])
             report.append(entry)
-            quiet_barrier(comm)
+            settle(comm)
     if rank == 0:
         Path(report_path).write_text(json.dumps(report, indent=1))
 

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from mpi4py import MPI
-from mpi_quiet import quiet_barrier
 
+from nesa_hpc.engine.job import settle
 from nesa_hpc.engine.messages import Kind
 from nesa_hpc.infer.job import run
 from nesa_hpc.io.read import read_rows
@@ -61,12 +62,11 @@ def wire_error(records: list, case: dict) -> str | None:
     for rec in records:
         if rec["kind"] == int(Kind.GENERATE):
             floats = ("torch.float32", "torch.float16", "torch.bfloat16")
-            kept, dec, dec_mask, dec_pos, join, join_mask, join_pos, marks = rec["dtypes"]
-            if dec not in floats or join not in floats:
-                return f"states of dtype {dec} / {join}, not floating point"
-            if [kept, dec_mask, dec_pos, join_mask, join_pos, marks] != ["torch.int32", "torch.int8", "torch.int32",
-                                                                         "torch.int8", "torch.int32", "torch.int32"]:
-                return f"unexpected tensors {rec['dtypes']}"
+            for name, dtype in rec["dtypes"].items():
+                if name.endswith("_states") and dtype not in floats:
+                    return f"{name} of dtype {dtype}, not floating point"
+                if not name.endswith("_states") and dtype not in ("torch.int8", "torch.int32"):
+                    return f"unexpected tensor {name} of dtype {dtype}"
         elif rec["dtypes"]:
             return f"message of kind {rec['kind']} with tensors {rec['dtypes']}"
         for ints in rec["ints"]:
@@ -96,7 +96,8 @@ def main() -> None:
             records: list = []
 
             def spy(source, msg, records=records):
-                records.append({"kind": int(msg.kind), "dtypes": [str(t.dtype) for t in msg.tensors],
+                named = {f.name: getattr(msg, f.name) for f in fields(msg)[1:]}  # the wire payload, by name
+                records.append({"kind": int(msg.kind), "dtypes": {k: str(t.dtype) for k, t in named.items()},
                                 "ints": [t.tolist() for t in msg.tensors if not t.is_floating_point()]})
 
             error = None
@@ -107,7 +108,7 @@ def main() -> None:
             errors = comm.gather(error, root=0)
             traffic = comm.gather(records, root=0)
             if rank != 0:
-                quiet_barrier(comm)  # sleep while rank 0 computes the reference
+                settle(comm)  # sleep while rank 0 computes the reference
                 continue
             entry = {"case": case, "error": next((e for e in errors if e), None)}
             if entry["error"] is None:
@@ -142,7 +143,7 @@ def main() -> None:
                 entry["wire_error"] = next((e for e in (wire_error(recs, case) for recs in traffic[1:]) if e), None)
                 entry["worker_messages"] = sum(len(recs) for recs in traffic[1:])
             report.append(entry)
-            quiet_barrier(comm)
+            settle(comm)
     if rank == 0:
         Path(report_path).write_text(json.dumps(report, indent=1))
 

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from mpi4py import MPI
-from mpi_quiet import quiet_barrier
 
 from nesa_hpc.config import settings_from_cfg
+from nesa_hpc.engine.job import settle
 from nesa_hpc.engine.topology import make_topology
 from nesa_hpc.models.adapter import make_adapter
 from nesa_hpc.train.job import epoch_batches, load_examples, lr_factor, make_trainable, run_train, train_spec
@@ -113,7 +113,7 @@ def main() -> None:
             all_grads = comm.gather(grads, root=0)
             traffic = comm.gather(received, root=0)
             if rank != 0:
-                quiet_barrier(comm)  # sleep while rank 0 trains the reference
+                settle(comm)  # sleep while rank 0 trains the reference
                 continue
             split_grads = {k: v for part in all_grads for k, v in part.items()}
             metrics = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
@@ -139,7 +139,7 @@ def main() -> None:
             entry["worker_messages"] = sum(len(recs) for recs in traffic[1:])
             entry["summary"] = json.loads((Path(out) / "summary.json").read_text())
             report.append(entry)
-            quiet_barrier(comm)
+            settle(comm)
     if rank == 0:
         Path(report_path).write_text(json.dumps(report, indent=1, default=str))
 

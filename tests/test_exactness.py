@@ -39,7 +39,7 @@ def _run(n: int, cases: list[dict], tmp_path) -> list[dict]:
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(cases))
     report = tmp_path / "report.json"
-    proc = run_mpi(n, [str(MPI_SCRIPT), str(spec), str(report)], timeout=600)
+    proc = run_mpi(n, ["-m", "mpi4py", str(MPI_SCRIPT), str(spec), str(report)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(report.read_text())
 

@@ -60,7 +60,7 @@ def _run(n: int, cases: list[dict], tmp_path, timeout: float = 600) -> list[dict
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(cases))
     report = tmp_path / "report.json"
-    proc = run_mpi(n, [str(SCRIPT), str(spec), str(report)], timeout=timeout)
+    proc = run_mpi(n, ["-m", "mpi4py", str(SCRIPT), str(spec), str(report)], timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(report.read_text())
 

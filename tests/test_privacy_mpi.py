@@ -36,7 +36,7 @@ def reports(tiny_models, tmp_path_factory):
         folder = tmp_path_factory.mktemp(f"p{n}")
         spec = folder / "spec.json"
         spec.write_text(json.dumps(_cases(tiny_models, str(data))))
-        proc = run_mpi(n, [str(MPI_SCRIPT), str(spec), str(folder / "report.json")], timeout=600)
+        proc = run_mpi(n, ["-m", "mpi4py", str(MPI_SCRIPT), str(spec), str(folder / "report.json")], timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         out[n] = json.loads((folder / "report.json").read_text())
     return out

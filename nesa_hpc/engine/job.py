@@ -27,7 +27,7 @@ from .topology import Topology, make_topology
 from .transport import MpiTransport, PeerFailure, TorchTransport, TransportTimeout
 
 __all__ = ["EXIT_STOPPED", "JobError", "USER_ERRORS", "Job", "start_job", "setup_logging", "agree", "all_ok",
-           "stop_requested", "message", "model_folder", "rank_modules", "make_transport", "transport_name",
+           "settle", "stop_requested", "message", "model_folder", "rank_modules", "make_transport", "transport_name",
            "peak_rss_mb", "gather_stats", "share_exit_code", "run_main", "rank_stats", "threads_for",
            "stopped_at_startup", "serve_worker", "log_rank_stats"]
 
@@ -61,6 +61,19 @@ def message(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def settle(comm, most: float = 0.02) -> None:
+    """Wait until every rank of ``comm`` reaches this point, sleeping between polls. MPICH's blocking
+    collectives poll at full speed: ranks waiting in one while another rank computes (reading the data,
+    writing results, the first layers' backward) would take cores from it where ranks share cores. Called
+    before the job's collectives, so that they meet ranks that are all there."""
+    if comm is None or comm.Get_size() == 1:
+        return
+    request, nap = comm.Ibarrier(), 0.0002
+    while not request.Test():
+        time.sleep(nap)
+        nap = min(2 * nap, most)
+
+
 def agree(comm, fn: Callable[[], object], root: int = 0, share: bool = True):
     """Run ``fn`` on ``root``; if it fails, every rank raises the same error. With ``share`` its result
     is broadcast to every rank, else only ``root`` gets it (the others get None)."""
@@ -70,6 +83,7 @@ def agree(comm, fn: Callable[[], object], root: int = 0, share: bool = True):
             result = fn()
         except USER_ERRORS as exc:
             error = message(exc)
+    settle(comm)
     shared, error = comm.bcast((result if share else None, error), root=root)
     if error is not None:
         raise JobError(error)
@@ -83,6 +97,7 @@ def all_ok(comm, fn: Callable[[], object]):
         result = fn()
     except USER_ERRORS as exc:
         error = f"rank {comm.Get_rank()} ({socket.gethostname()}): {message(exc)}"
+    settle(comm)
     errors = [e for e in comm.allgather(error) if e]
     if errors:
         raise JobError(errors[0])
@@ -210,6 +225,7 @@ def start_job(cfg, comm, head_task: str | None = None, costs: Callable[[float], 
         head_cost, layer_costs = costs(head_cost)
     topo = all_ok(comm, lambda: make_topology(adapter.num_layers, settings.k, size, settings.head,
                                               settings.partition, head_cost, settings.owner_tail, layer_costs))
+    settle(comm)
     places = comm.allgather((socket.gethostname(), os.getpid(), describe_device(device)))
     return Job(comm, rank, size, settings, device, local_rank, local_size, folder, adapter, topo,
                [h for h, _, _ in places], places, head_cost)
@@ -230,13 +246,17 @@ def gather_stats(comm, mine: dict | None) -> list[dict]:
     """The workers' figures, gathered on rank 0 (which passes None and gets the list; the others get [])."""
     if comm.Get_size() == 1:
         return []
+    settle(comm)
     gathered = comm.gather(mine, root=0)
     return [s for s in gathered if s is not None] if comm.Get_rank() == 0 else []
 
 
 def share_exit_code(comm, code: int | None) -> int:
     """Rank 0's exit code, on every rank (the last collective of a job)."""
-    return int(comm.bcast(code, root=0)) if comm.Get_size() > 1 else int(code)
+    if comm.Get_size() == 1:
+        return int(code)
+    settle(comm)
+    return int(comm.bcast(code, root=0))
 
 
 def stopped_at_startup(comm, before: str, resume: str) -> dict | None:
@@ -279,6 +299,7 @@ def stop_requested(comm) -> str | None:
     first line), or None. A collective: every rank calls it at the same point of start-up."""
     from . import stopsignal
 
+    settle(comm)
     return next((s for s in comm.allgather(stopsignal.received()) if s), None)
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..engine.job import rank_modules
+from ..engine.job import rank_modules, settle
 from ..errors import ConfigError
 from ..models.lora import base_name, lora_config, merge_lora, peft_name
 from .options import TrainSpec
@@ -76,6 +76,7 @@ def export_adapter(trainer: Trainer, comm, folder: Path, model_folder: str, laye
     from safetensors.torch import save_file
 
     mine = {peft_name(n): p.detach().cpu().contiguous() for n, p in trainer.params if "lora_" in n}
+    settle(comm)
     parts = comm.gather(mine, root=0) if comm is not None else [mine]
     if trainer.rank != 0:
         return
@@ -106,6 +107,7 @@ def export_merged(trainer: Trainer, comm, folder: Path, model_folder: str, modul
     save_file(tensors, str(folder / shard), metadata={"format": "pt"})
     names = {n: shard for n in tensors}
     sizes = sum(t.numel() * t.element_size() for t in tensors.values())
+    settle(comm)
     parts = comm.gather((names, sizes), root=0) if comm is not None else [(names, sizes)]
     if rank != 0:
         return
@@ -125,6 +127,7 @@ def _all_layers(trainer: Trainer) -> list[int]:
     """Every layer any rank trains (gathered), for the adapter's ``layers_to_transform``."""
     pos = _layer_pos(trainer.adapter)
     mine = sorted({int(n.split(".")[pos]) for n, _ in trainer.params if not n.startswith("denoiser.")})
+    settle(trainer.comm)
     gathered = trainer.comm.allgather(mine) if trainer.comm is not None else [mine]
     return sorted({i for part in gathered for i in part})
 

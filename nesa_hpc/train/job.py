@@ -38,6 +38,7 @@ from ..engine.job import (
     rank_modules,
     run_main,
     serve_worker,
+    settle,
     share_exit_code,
     start_job,
     stopped_at_startup,
@@ -164,6 +165,7 @@ def _resume(job, trainer: Trainer, spec: TrainSpec, cfg: DictConfig) -> int:
         return 0
     all_ok(comm, lambda: load_rank(trainer, Path(resume_from)))
     start_step = json.loads((Path(resume_from) / "state.json").read_text())["step"] if job.rank == 0 else 0
+    settle(comm)
     return comm.bcast(start_step, root=0)
 
 

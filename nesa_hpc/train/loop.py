@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..config import ConfigError, Settings
 from ..engine.control import StopFlag
-from ..engine.job import EXIT_STOPPED, gather_stats, rank_stats
+from ..engine.job import EXIT_STOPPED, gather_stats, rank_stats, settle
 from ..engine.messages import Export, Save
 from ..engine.owner import Owner
 from ..engine.stage import NonFiniteError
@@ -72,7 +72,7 @@ def owner_privacy(settings: Settings, spec: TrainSpec, stage: Trainer, tokenizer
 def save_part(trainer: Trainer, spec: TrainSpec, step: int) -> None:
     """This rank's part of the checkpoint of ``step``; returns once every rank has written its part."""
     save_rank(trainer, checkpoint_root(spec) / f"step-{step:08d}")
-    trainer.comm.barrier()
+    settle(trainer.comm)
 
 
 class TrainLoop:

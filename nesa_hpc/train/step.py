@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..engine.job import settle
 from ..engine.messages import Activations, TrainForward, TrainGrad, TrainOutput
 from ..engine.owner import Owner, describe_stage
 from ..engine.schedule import TrainingRole
@@ -177,6 +178,7 @@ class Trainer:
         for n, p in self.params:
             if p.grad is not None:
                 sq[n in apart] += float(p.grad.double().pow(2).sum())
+        settle(self.comm)
         shared = self.comm.allreduce(sq[False]) if self.comm is not None else sq[False]
         norms = {True: math.sqrt(sq[True]), False: math.sqrt(shared)}
         if self.params:

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from ...config import Settings, settings_from_cfg
-from ...engine.job import JobError, agree, all_ok, model_folder, setup_logging
+from ...engine.job import JobError, agree, all_ok, model_folder, settle, setup_logging
 from ...errors import ConfigError
 from ...io.public_text import load_texts
 from ...io.read import sample_path
@@ -54,6 +54,7 @@ def run_audit(cfg: DictConfig, comm=None) -> list[dict] | None:
     rows = _audit_points(adapter, attacks, public, held, grid[rank::size], s, base, alone)
     # the last rank audits the gradient message too (rank 0 writes the files)
     grad_rows = gradient_audit(adapter, public, held, s) if s.grad_levels and rank == size - 1 else []
+    settle(comm)
     grad_rows = comm.bcast(grad_rows, root=size - 1)
     gathered = comm.gather(rows, root=0)
     if rank != 0:
