@@ -43,14 +43,15 @@ def run_jobs(n: int, jobs: list, folder: Path, name: str = "jobs", timeout: floa
 WORLD_SIZES = (1, 2, 3, 4)
 
 
-def world_share(cases_at, n: int, group=None) -> list[dict]:
+def world_share(cases_at, n: int, group=None, once: bool = False) -> list[dict]:
     """The cases that world size ``n`` runs, when every case need not run at every world size.
 
     ``cases_at(m)`` lists the cases that world size ``m`` can run (in the order to run them). Each case runs
     at two world sizes: one of 1 and 2, one of 3 and 4 (where it can), taken in turn along the list, so that
-    every world size still runs every kind of case, each with about half of them. ``group(case)`` names the
-    groups (a model family, say) whose cases take turns among themselves, so that each group too is run at
-    every world size where it has enough cases.
+    every world size still runs every kind of case, each with about half of them. With ``once`` each case
+    runs at one world size, the sizes taken in turn. ``group(case)`` names the groups (a model family, say)
+    whose cases take turns among themselves, so that each group too is run at every world size where it has
+    enough cases.
     """
     def key(case: dict) -> str:
         return json.dumps(case, sort_keys=True)
@@ -61,8 +62,10 @@ def world_share(cases_at, n: int, group=None) -> list[dict]:
     chosen = set()
     for k, case in every.items():
         g = group(case) if group else None
-        i = turn[g] = turn.get(g, -1) + 1
-        for sizes, step in (((1, 2), 1), ((3, 4), 2)):
+        # with ``once`` the n-th group starts its turns n sizes on, so that a kind of case (the same place in
+        # each group's list) runs at every world size across the groups
+        i = turn[g] = turn.get(g, (len(turn) if once else 0) - 1) + 1
+        for sizes, step in ((((1, 2, 3, 4), 1),) if once else (((1, 2), 1), ((3, 4), 2))):
             can = [m for m in sizes if k in allowed[m]]
             if can:
                 chosen.add((can[(i // step) % len(can)], k))

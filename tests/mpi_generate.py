@@ -89,6 +89,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     models: dict[str, tuple] = {}
+    references: dict[str, dict] = {}
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         for n, case in enumerate(cases):
             out = str(Path(report_path).with_name(f"gen{n}.h5"))
@@ -130,8 +131,14 @@ def main() -> None:
                             AutoTokenizer.from_pretrained(case["model"]),
                             AutoModelForCausalLM.from_pretrained(case["model"], dtype=torch.float32).eval())
                     tokenizer, model = models[case["model"]]
-                    ref = greedy_reference(case, tokenizer, model, list(read_rows(case["data"])),
-                                           entry["eos_token_ids"])
+                    # each prompt alone through generate: the same for every split of the same decoding
+                    key = json.dumps([case["model"], case["data"], case.get("max_length", 64),
+                                      case.get("max_new_tokens", 12),
+                                      case.get("extra", {}).get("data.chat_template"), entry["eos_token_ids"]])
+                    if key not in references:
+                        references[key] = greedy_reference(case, tokenizer, model, list(read_rows(case["data"])),
+                                                           entry["eos_token_ids"])
+                    ref = references[key]
                 else:
                     # the same sampling job on rank 0 alone (world size 1)
                     single = str(Path(report_path).with_name(f"gen{n}_single.h5"))

@@ -115,9 +115,11 @@ def _family_cases(n: int, models: dict, data: str) -> list[dict]:
 def test_every_family_every_split(n, family_models, texts_file, tmp_path):
     """Each family's own transformers code runs the split: masks (sliding windows shorter than the rows,
     per-layer types), rotary embeddings per layer type, embedding scale, soft-capping, ALiBi, learned
-    positions, fused experts all give the unsplit model's numbers. Each case runs at two world sizes, one of
-    them 3 or 4 ranks (see ``world_share``); every family runs at every world size."""
-    cases = world_share(lambda m: _family_cases(m, family_models, str(texts_file)), n, lambda c: c["family"])
+    positions, fused experts all give the unsplit model's numbers. Each case runs at one world size, taken
+    in turn (``world_share(once=True)``): every family, and every kind of case (k, head placement, pooling),
+    runs at every world size; the tiny models above run every case at two world sizes."""
+    cases = world_share(lambda m: _family_cases(m, family_models, str(texts_file)), n, lambda c: c["family"],
+                        once=True)
     entries = _run(n, cases, tmp_path)
     _assert_exact(entries, 1e-5, 1e-4)
     assert {e["case"]["family"] for e in entries} == set(family_models)

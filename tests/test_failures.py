@@ -9,14 +9,18 @@ import time
 import h5py
 import pytest
 import torch
-from conftest import ROOT, run_mpi
+from conftest import ROOT, run_jobs, run_mpi, write_texts
 
 INFER = str(ROOT / "jobs" / "infer.py")
 
 
+def _overrides(model, data, out, *extra) -> list[str]:
+    return [f"model.path={model}", f"data.path={data}", f"output.path={out}", "runtime.threads=1", "split.k=1",
+            *extra]
+
+
 def _infer(model, data, out, *extra, n=3):
-    return run_mpi(n, [INFER, f"model.path={model}", f"data.path={data}", f"output.path={out}",
-                       "runtime.threads=1", "split.k=1", *extra], timeout=120)
+    return run_mpi(n, [INFER, *_overrides(model, data, out, *extra)], timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -35,42 +39,8 @@ def nan_model(tiny_models, tmp_path_factory):
     return folder
 
 
-def test_nan_activations_name_the_rows_and_layers(nan_model, texts_file, tmp_path):
-    proc = _infer(nan_model, texts_file, tmp_path / "out.h5")
-    assert proc.returncode != 0
-    assert "NaN/Inf in the activations of rows" in proc.stderr
-    assert "first in rank 1: layers [1, 4)" in proc.stderr
-
-
-def test_nan_activations_flagged(nan_model, texts_file, tmp_path):
-    out = tmp_path / "out.h5"
-    proc = _infer(nan_model, texts_file, out, "runtime.on_nonfinite=flag", "split.head=last")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with h5py.File(out) as f:
-        assert f["nonfinite"][()].all() and len(f["row"]) == 9 and f.attrs["complete"] == True  # noqa: E712
-
-
-def test_clean_rows_are_not_flagged(tiny_models, texts_file, tmp_path):
-    out = tmp_path / "out.h5"
-    assert _infer(tiny_models["gpt2"], texts_file, out, "runtime.on_nonfinite=flag").returncode == 0
-    with h5py.File(out) as f:
-        assert not f["nonfinite"][()].any()
-
-
-def _copy(src, dst):
-    shutil.copytree(src, dst)
-    return dst
-
-
-@pytest.mark.parametrize("damage, expected", [
-    ("truncate", "model.safetensors: cannot read safetensors file"),
-    ("garbage", "model.safetensors: cannot read safetensors file"),
-    ("missing-shard", "names shard files that do not exist"),
-    ("no-weights", "no safetensors checkpoint in"),
-    ("unsupported", "unsupported model architecture BloomForCausalLM"),
-])
-def test_broken_model_folder(damage, expected, tiny_models, texts_file, tmp_path):
-    folder = _copy(tiny_models["llama"], tmp_path / "model")
+def _break(folder, damage: str):
+    """A copy of a model folder with ``damage`` done to it."""
     weights = folder / "model.safetensors"
     if damage == "truncate":
         data = weights.read_bytes()
@@ -88,18 +58,80 @@ def test_broken_model_folder(damage, expected, tiny_models, texts_file, tmp_path
         from transformers import BloomConfig
 
         BloomConfig(vocab_size=100, hidden_size=16, n_layer=2, n_head=2).save_pretrained(folder)
-    out = tmp_path / "out.h5"
-    proc = _infer(folder, texts_file, out)
-    assert proc.returncode != 0
-    assert expected in proc.stderr, proc.stderr[-3000:]
-    assert proc.stderr.count("error:") == 1
+    return folder
+
+
+BROKEN = [
+    ("truncate", "model.safetensors: cannot read safetensors file"),
+    ("garbage", "model.safetensors: cannot read safetensors file"),
+    ("missing-shard", "names shard files that do not exist"),
+    ("no-weights", "no safetensors checkpoint in"),
+    ("unsupported", "unsupported model architecture BloomForCausalLM"),
+]
+
+
+@pytest.fixture(scope="module")
+def failures(nan_model, tiny_models, tmp_path_factory):
+    """The jobs of the tests below, one after another in one launch on 3 ranks (tests/run_jobs.py: the
+    config jobs/infer.py composes, run by the same function): name -> (error or None, output path)."""
+    work = tmp_path_factory.mktemp("failures")
+    texts = write_texts(work)
+    jobs = {"nan": (nan_model, []), "nan-flag": (nan_model, ["runtime.on_nonfinite=flag", "split.head=last"]),
+            "clean-flag": (tiny_models["gpt2"], ["runtime.on_nonfinite=flag"])}
+    jobs |= {damage: (_break(_copy(tiny_models["llama"], work / damage), damage), []) for damage, _ in BROKEN}
+    outs = {name: work / f"{name}.h5" for name in jobs}
+    outs["missing-folder"] = work / "nope" / "out.h5"
+    jobs["missing-folder"] = (tiny_models["gpt2"], [])
+    report = run_jobs(3, [_overrides(model, texts, outs[name], *extra) for name, (model, extra) in jobs.items()],
+                      work)
+    return {name: (error, outs[name]) for name, error in zip(jobs, report, strict=True)}
+
+
+def test_nan_activations_name_the_rows_and_layers(failures):
+    error, _ = failures["nan"]
+    assert error is not None and "NaN/Inf in the activations of rows" in error
+    assert "first in rank 1: layers [1, 4)" in error
+
+
+def test_nan_activations_flagged(failures):
+    error, out = failures["nan-flag"]
+    assert error is None, error
+    with h5py.File(out) as f:
+        assert f["nonfinite"][()].all() and len(f["row"]) == 9 and f.attrs["complete"] == True  # noqa: E712
+
+
+def test_clean_rows_are_not_flagged(failures):
+    error, out = failures["clean-flag"]
+    assert error is None, error
+    with h5py.File(out) as f:
+        assert not f["nonfinite"][()].any()
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage, expected", BROKEN)
+def test_broken_model_folder(damage, expected, failures):
+    error, out = failures[damage]
+    assert error is not None and expected in error, error
     assert not out.exists()
 
 
-def test_output_folder_missing(tiny_models, texts_file, tmp_path):
-    proc = _infer(tiny_models["gpt2"], texts_file, tmp_path / "nope" / "out.h5", n=2)
-    assert proc.returncode != 0
-    assert f"folder {tmp_path / 'nope'} does not exist" in proc.stderr
+def test_broken_model_folder_ends_every_rank_with_one_line(tiny_models, texts_file, tmp_path):
+    """What jobs/infer.py prints of the errors above: one line, exit 2 on every rank."""
+    out = tmp_path / "out.h5"
+    proc = _infer(_break(_copy(tiny_models["llama"], tmp_path / "model"), "garbage"), texts_file, out)
+    assert proc.returncode == 2
+    assert "model.safetensors: cannot read safetensors file" in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_output_folder_missing(failures, tmp_path):
+    error, out = failures["missing-folder"]
+    assert error is not None and f"folder {out.parent} does not exist" in error
 
 
 def _tmpfs(path, options: str):
@@ -150,9 +182,10 @@ def test_disk_full_keeps_committed_rows_and_resumes(small_disk, tiny_models, tmp
     shutil.copy(out, moved)
     with h5py.File(moved) as f:
         assert 0 < f.attrs["next_row"] < 3000 and f.attrs["complete"] == False  # noqa: E712
-    assert _infer(tiny_models["llama"], data, moved, *args, "output.resume=true", n=2).returncode == 0
     full = tmp_path / "full.h5"
-    assert _infer(tiny_models["llama"], data, full, *args, n=2).returncode == 0
+    # the resume, then the uninterrupted run to compare with, in one launch
+    assert run_jobs(2, [_overrides(tiny_models["llama"], data, moved, *args, "output.resume=true"),
+                        _overrides(tiny_models["llama"], data, full, *args)], tmp_path) == [None, None]
     got, attrs = read_results(moved)
     want, _ = read_results(full)
     assert attrs["complete"] == True  # noqa: E712

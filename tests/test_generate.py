@@ -28,9 +28,10 @@ def _grid(n: int, models: dict, data: str) -> list[dict]:
 
 
 def _cases(n: int, models: dict, data: str) -> list[dict]:
-    """Each (model, k, head) of the grid at two world sizes, one of them 3 or 4 ranks (see ``world_share``);
-    the batching and sampling cases below at every world size."""
-    cases = world_share(lambda m: _grid(m, models, data), n, lambda c: c["family"])
+    """Each (model, k, head) of the grid at one world size, taken in turn (``world_share(once=True)``: every
+    k and head placement of each model still runs at several world sizes); the batching, chunking and
+    sampling cases below at every world size."""
+    cases = world_share(lambda m: _grid(m, models, data), n, lambda c: c["family"], once=True)
     llama = str(models["llama"])
     # one group at a time, batches of 3 (rows finish at different steps inside a group)
     cases.append({"model": llama, "k": 2, "head": "owner", "data": data, "batch_size": 3,
@@ -226,7 +227,7 @@ def test_stop_then_resume_equals_uninterrupted(tiny_models, tmp_path):
 
     from nesa_hpc.io.results import read_results
 
-    rows = 240  # stopped after 40 rows, far from the end
+    rows = 160  # stopped after 30 rows, far from the end
     rng = random.Random(3)
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
     data = tmp_path / "prompts.jsonl"
@@ -243,7 +244,7 @@ def test_stop_then_resume_equals_uninterrupted(tiny_models, tmp_path):
     assert run_mpi(3, args(ref)).returncode == 0
     out = tmp_path / "out.h5"
     proc = _start(args(out))
-    _wait_for_progress(proc, 40)
+    _wait_for_progress(proc, 30)
     proc.send_signal(signal.SIGUSR1)
     code, stderr = _finish(proc)
     assert code == 75 and "stopped by SIGUSR1" in stderr, stderr[-2000:]
@@ -308,8 +309,10 @@ def test_every_family_generates_like_transformers(family_models, texts_file, tmp
     on each prompt alone: KV caches split across ranks keep sliding windows and per-layer types right."""
     from families import DECODERS
 
-    cases = [{"model": str(family_models[f]), "k": k, "head": head, "data": str(texts_file), "family": f}
-             for f in DECODERS for k, head in ((1, "owner"), (0, "last"))]
+    # the two splits in turn along the families: each family's KV cache split across ranks once
+    splits = ((1, "owner"), (0, "last"))
+    cases = [{"model": str(family_models[f]), "k": splits[i % 2][0], "head": splits[i % 2][1],
+              "data": str(texts_file), "family": f} for i, f in enumerate(DECODERS)]
     entries = _run(3, cases, tmp_path)
     _check(entries, 3)
     assert {e["case"]["family"] for e in entries} == set(DECODERS)

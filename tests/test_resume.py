@@ -19,12 +19,12 @@ from conftest import ROOT, mpiexec, open_released, run_mpi
 from nesa_hpc.io.results import read_results
 
 INFER = str(ROOT / "jobs" / "infer.py")
-ROWS = 1000
+ROWS = 500
 
 
 @pytest.fixture(scope="module")
 def long_data(tmp_path_factory):
-    """Rows of 3 to 30 words. The interrupted runs are stopped after 200 rows, far from the end; a run's work is
+    """Rows of 3 to 30 words. The interrupted runs are stopped after 100 rows, far from the end; a run's work is
     mostly rank 0's head (30522 logits per token), paid again by every full run of this module."""
     rng = random.Random(7)
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
@@ -54,7 +54,7 @@ def _start(args):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def _wait_for_progress(proc, min_rows: int = 200) -> list[str]:
+def _wait_for_progress(proc, min_rows: int = 100) -> list[str]:
     """Read rank 0's log until it reports ``min_rows`` rows done (so the kill lands mid-run)."""
     lines = []
     deadline = time.monotonic() + 120

@@ -146,7 +146,7 @@ def _job_fields(cluster: SlurmCluster, job_id: str) -> dict[str, str]:
 
 
 def test_time_limit_requeues_until_done_equal_to_uninterrupted(slurm, tiny_models, tmp_path):
-    """A 1-minute time limit with an early USR1 (--signal=B:USR1@50): the job stops cleanly (exit 75),
+    """A 1-minute time limit with an early USR1 (--signal=B:USR1@25): the job stops cleanly (exit 75),
     requeues itself, and the next allocation resumes, until the data is done; the file equals an
     uninterrupted run. To make at least three allocations certain on a fast machine, the test also sends
     the same batch signal (as the time-limit warning does) once each of the first two allocations has
@@ -162,7 +162,7 @@ def test_time_limit_requeues_until_done_equal_to_uninterrupted(slurm, tiny_model
     reference = run_mpi(3, [INFER, *common, "runtime.threads=1", f"output.path={tmp_path}/mpiexec.h5"])
     assert reference.returncode == 0, reference.stderr[-3000:]
     env = {**_env(slurm), "NESA_MAX_REQUEUES": "30"}  # a loaded machine may need more short allocations
-    sub = subprocess.run(["sbatch", "--parsable", "-n", "3", "--time=1", "--signal=B:USR1@50", "--open-mode=append",
+    sub = subprocess.run(["sbatch", "--parsable", "-n", "3", "--time=1", "--signal=B:USR1@25", "--open-mode=append",
                           f"--output={tmp_path}/slurm-%j.out", "slurm/cpu.sbatch", *common,
                           f"output.path={tmp_path}/req/out.h5"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert sub.returncode == 0, sub.stderr
