@@ -63,10 +63,14 @@ def wire_error(records: list, case: dict) -> str | None:
         if rec["kind"] == int(Kind.GENERATE):
             floats = ("torch.float32", "torch.float16", "torch.bfloat16")
             for name, dtype in rec["dtypes"].items():
-                if name.endswith("_states") and dtype not in floats:
-                    return f"{name} of dtype {dtype}, not floating point"
-                if not name.endswith("_states") and dtype not in ("torch.int8", "torch.int32"):
-                    return f"unexpected tensor {name} of dtype {dtype}"
+                if name.endswith("_states"):
+                    if dtype not in floats:
+                        return f"{name} of dtype {dtype}, not floating point"
+                    continue
+                # mask bits and "prompt done" flags in int8; row indices, positions and marks in int32
+                want = "torch.int8" if name.endswith("_mask") or name == "join_done" else "torch.int32"
+                if dtype != want:
+                    return f"{name} of dtype {dtype}, not {want}"
         elif rec["dtypes"]:
             return f"message of kind {rec['kind']} with tensors {rec['dtypes']}"
         for ints in rec["ints"]:
