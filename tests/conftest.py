@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -23,11 +26,114 @@ def mpiexec() -> str:
     return found
 
 
-def run_mpi(n: int, args: list[str], timeout: float = 300, cwd: Path = ROOT, env: dict | None = None):
-    """Launch ``python args...`` on ``n`` ranks; return the CompletedProcess (never hangs past timeout)."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+POOL_SIZE = 4
+# the test drivers whose ``main(argv, comm)`` runs on any communicator (tests/transport_check.py sets up
+# torch.distributed, a process-wide state: it keeps launches of its own)
+POOL_DRIVERS = {str(ROOT / "tests" / f"{name}.py") for name in ("mpi_check", "mpi_generate", "mpi_train", "run_jobs")}
+JOB_SCRIPTS = {str(ROOT / "jobs" / "infer.py"): "infer", str(ROOT / "jobs" / "train.py"): "train"}
+
+
+def _env(extra: dict | None = None) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+
+class Pool:
+    """The session's MPI launch that runs jobs and test drivers one after another (tests/mpi_pool.py): the
+    ranks' start-up is paid once, not once per job. Started on first use, and again after a job that ended
+    it (an MPI abort ends the launch, as it ends a job's own)."""
+
+    def __init__(self):
+        self.proc, self.folder, self.n = None, None, 0
+        self.launches, self.jobs, self.ended_by = 0, 0, []  # for the session's summary line
+
+    def _start(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="nesa-pool-"))
+        self.log = open(self.folder / "pool.log", "w")
+        cmd = [mpiexec(), "-n", str(POOL_SIZE), sys.executable, "-m", "mpi4py", str(ROOT / "tests" / "mpi_pool.py"),
+               str(self.folder)]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.n = 0
+        self.launches += 1
+
+    def run(self, n: int, request: dict, args: list, timeout: float) -> subprocess.CompletedProcess:
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        seen = (self.folder / "pool.log").stat().st_size
+        request = {**request, "world": n}
+        self.jobs += 1
+        tmp = self.folder / f"{self.n}.tmp"
+        tmp.write_text(json.dumps(request))
+        tmp.rename(self.folder / f"{self.n}.json")
+        done, deadline = self.folder / f"{self.n}.out.json", time.monotonic() + timeout
+        while not done.exists():
+            if self.proc.poll() is not None:  # the job ended the launch (an MPI abort)
+                logs = "".join(p.read_text(errors="replace") for p in sorted(self.folder.glob(f"{self.n}.r*.log")))
+                with open(self.folder / "pool.log", errors="replace") as f:
+                    f.seek(seen)
+                    text = logs + f.read()
+                code, self.proc = self.proc.returncode, None
+                self.ended_by.append(os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0])
+                return subprocess.CompletedProcess(args, code, "", text)
+            if time.monotonic() > deadline:
+                self.close()
+                raise subprocess.TimeoutExpired(args, timeout)
+            time.sleep(0.01)
+        self.n += 1
+        result = json.loads(done.read_text())
+        return subprocess.CompletedProcess(args, result["returncode"], "", result["output"])
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                (self.folder / f"{self.n}.tmp").write_text(json.dumps({"stop": True}))
+                (self.folder / f"{self.n}.tmp").rename(self.folder / f"{self.n}.json")
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+        self.log.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+POOL = Pool()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    POOL.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if POOL.launches:
+        terminalreporter.write_line(f"MPI pool: {POOL.jobs} jobs in {POOL.launches} launch{'es' * (POOL.launches > 1)}"
+                                    + (f"; ended by {', '.join(POOL.ended_by)}" if POOL.ended_by else ""))
+
+
+def _pool_request(n: int, args: list[str], cwd: Path) -> dict | None:
+    """What the pool runs for ``python args...``, or None where the job needs a launch of its own."""
+    if n > POOL_SIZE or not args:
+        return None
+    if args[:2] == ["-m", "mpi4py"] and len(args) > 2 and args[2] in POOL_DRIVERS:
+        return {"script": args[2], "argv": args[3:]}
+    if args[0] in JOB_SCRIPTS:
+        return {"job": JOB_SCRIPTS[args[0]], "overrides": args[1:], "cwd": str(cwd)}
+    return None
+
+
+def run_mpi(n: int, args: list[str], timeout: float = 300, cwd: Path = ROOT, env: dict | None = None,
+            own_launch: bool = False):
+    """Run ``python args...`` on ``n`` ranks; return the CompletedProcess (never hangs past timeout). A job
+    (jobs/infer.py, jobs/train.py) or a test driver (``-m mpi4py tests/...``) runs in the session's pool
+    (``Pool``) unless ``own_launch`` or ``env`` asks for a launch of its own: the tests of the entry scripts
+    themselves (Hydra's handling of the command line, the signal handlers, the process environment)."""
+    request = None if own_launch or env else _pool_request(n, [str(a) for a in args], cwd)
+    if request is not None:
+        return POOL.run(n, request, args, timeout)
     cmd = [mpiexec(), "-n", str(n), sys.executable, *args]
-    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env=_env(env), capture_output=True, text=True, timeout=timeout)
 
 
 def run_jobs(n: int, jobs: list, folder: Path, name: str = "jobs", timeout: float = 600) -> list:
@@ -74,7 +180,6 @@ def world_share(cases_at, n: int, group=None, once: bool = False) -> list[dict]:
 
 def open_released(path: Path, wait: float = 15.0):
     """Open an HDF5 file once no process holds its lock (ranks of an aborted job may take a moment to go)."""
-    import time
 
     import h5py
 

@@ -84,10 +84,12 @@ def _tokens(res: dict) -> dict[int, list[int]]:
     return {int(r): [int(t) for t in ids] for r, ids in zip(res["row"], res["generated_ids"], strict=True)}
 
 
-def main() -> None:
-    spec_path, report_path = sys.argv[1], sys.argv[2]
+def main(argv: list[str] | None = None, comm=None) -> None:
+    """Run the spec ``argv[0]`` on every rank of ``comm`` (default ``MPI.COMM_WORLD``); report to ``argv[1]``."""
+    argv = argv or sys.argv[1:]
+    spec_path, report_path = argv[0], argv[1]
     cases = json.loads(Path(spec_path).read_text())
-    comm = MPI.COMM_WORLD
+    comm = comm or MPI.COMM_WORLD
     rank = comm.Get_rank()
     report = []
     from transformers import AutoModelForCausalLM, AutoTokenizer

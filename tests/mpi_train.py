@@ -88,10 +88,12 @@ def reference(cfg, case: dict, world: int) -> tuple[dict, list[float]]:
     return grads, losses
 
 
-def main() -> None:
-    spec_path, report_path = sys.argv[1], sys.argv[2]
+def main(argv: list[str] | None = None, comm=None) -> None:
+    """Run the spec ``argv[0]`` on every rank of ``comm`` (default ``MPI.COMM_WORLD``); report to ``argv[1]``."""
+    argv = argv or sys.argv[1:]
+    spec_path, report_path = argv[0], argv[1]
     cases = json.loads(Path(spec_path).read_text())
-    comm = MPI.COMM_WORLD
+    comm = comm or MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
     report = []
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):

@@ -27,9 +27,11 @@ CONF = str(Path(__file__).resolve().parents[1] / "conf")
 RUN = {"infer": run, "train": run_train}
 
 
-def main() -> None:
-    jobs = json.loads(Path(sys.argv[1]).read_text())
-    comm = MPI.COMM_WORLD
+def main(argv: list[str] | None = None, comm=None) -> None:
+    """Run the spec ``argv[0]`` on every rank of ``comm`` (default ``MPI.COMM_WORLD``); report to ``argv[1]``."""
+    argv = argv or sys.argv[1:]
+    jobs = json.loads(Path(argv[0]).read_text())
+    comm = comm or MPI.COMM_WORLD
     report = []
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         for job in jobs:
@@ -51,7 +53,7 @@ def main() -> None:
                     error = f"only ranks {failed} failed: {errors}"
                 report.append(error)
     if comm.Get_rank() == 0:
-        Path(sys.argv[2]).write_text(json.dumps(report, indent=1))
+        Path(argv[1]).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ from conftest import ROOT, run_jobs, run_mpi, write_texts
 INFER = str(ROOT / "jobs" / "infer.py")
 
 
-def _infer(n, *overrides, timeout=180):
-    return run_mpi(n, [INFER, "runtime.threads=1", *overrides], timeout=timeout)
+def _infer(n, *overrides, timeout=180, own_launch=False):
+    return run_mpi(n, [INFER, "runtime.threads=1", *overrides], timeout=timeout, own_launch=own_launch)
 
 
 def test_score_job_writes_the_documented_schema(tiny_models, texts_file, tmp_path):
@@ -54,7 +54,8 @@ def test_embed_job_on_minilm(texts_file, tmp_path):
     work.mkdir()
     out = work / "emb.h5"
     proc = run_mpi(2, [INFER, "runtime.threads=1", "model=minilm", "task=embed", "task.normalize=true",
-                       "split.head=last", f"data.path={texts_file}", "output.path=emb.h5"], timeout=180, cwd=work)
+                       "split.head=last", f"data.path={texts_file}", "output.path=emb.h5"], timeout=180, cwd=work,
+                   own_launch=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p.name for p in work.iterdir()] == ["emb.h5"]  # no Hydra folders or log files, from any rank
     with h5py.File(out) as f:
@@ -104,7 +105,8 @@ def test_bad_config_ends_every_rank_with_one_message(overrides, expected, bad_co
 def test_bad_config_is_printed_once_by_the_entry_script(tiny_models, texts_file, tmp_path):
     overrides, expected = BAD_CONFIGS[0]
     out = tmp_path / "out.h5"
-    proc = _infer(3, *_bad_config_args(tiny_models["llama"], texts_file, out, overrides), timeout=120)
+    proc = _infer(3, *_bad_config_args(tiny_models["llama"], texts_file, out, overrides), timeout=120,
+                  own_launch=True)
     assert proc.returncode != 0
     assert expected in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.count("error:") == 1  # reported once, by rank 0
@@ -112,7 +114,7 @@ def test_bad_config_is_printed_once_by_the_entry_script(tiny_models, texts_file,
 
 
 def test_unknown_key_is_refused(tmp_path):
-    proc = _infer(2, "data.no_such_key=1", f"output.path={tmp_path / 'x.h5'}", timeout=120)
+    proc = _infer(2, "data.no_such_key=1", f"output.path={tmp_path / 'x.h5'}", timeout=120, own_launch=True)
     assert proc.returncode != 0
     assert "no_such_key" in proc.stderr
 
@@ -123,7 +125,7 @@ def test_bad_row_mid_run_stops_all_ranks_and_keeps_committed_rows(tiny_models, t
     rows.write_text("\n".join(good + ['{"text": "broken', *good]) + "\n")
     out = tmp_path / "out.h5"
     proc = _infer(3, f"model.path={tiny_models['gpt2']}", f"data.path={rows}", f"output.path={out}",
-                  "data.batch_size=4", "data.bucket_window=0", "runtime.inflight=1", timeout=120)
+                  "data.batch_size=4", "data.bucket_window=0", "runtime.inflight=1", timeout=120, own_launch=True)
     assert proc.returncode != 0
     assert f"{rows}:13: malformed JSON" in proc.stderr
     with h5py.File(out) as f:  # still readable: the batches committed before the bad line

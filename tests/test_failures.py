@@ -19,8 +19,8 @@ def _overrides(model, data, out, *extra) -> list[str]:
             *extra]
 
 
-def _infer(model, data, out, *extra, n=3):
-    return run_mpi(n, [INFER, *_overrides(model, data, out, *extra)], timeout=120)
+def _infer(model, data, out, *extra, n=3, own_launch=False):
+    return run_mpi(n, [INFER, *_overrides(model, data, out, *extra)], timeout=120, own_launch=own_launch)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def failures(nan_model, tiny_models, tmp_path_factory):
 
 def test_nan_activations_name_the_rows_and_layers(nan_model, texts_file, tmp_path):
     """Seen mid-run by rank 0 (not at start-up): every rank ends, with the rows and the first stage named."""
-    proc = _infer(nan_model, texts_file, tmp_path / "out.h5")
+    proc = _infer(nan_model, texts_file, tmp_path / "out.h5", own_launch=True)
     assert proc.returncode != 0
     assert "NaN/Inf in the activations of rows" in proc.stderr
     assert "first in rank 1: layers [1, 4)" in proc.stderr
@@ -177,8 +177,8 @@ def test_disk_full_keeps_committed_rows_and_resumes(small_disk, tiny_models, tmp
     data.write_text("".join(json.dumps({"text": "word " * (1 + i % 50)}) + "\n" for i in range(3000)))
     args = ["task=embed", "data.bucket_window=0"]
     out = small_disk / "out.h5"
-    proc = _infer(tiny_models["llama"], data, out, *args, n=2)
-    assert proc.returncode == 2
+    proc = _infer(tiny_models["llama"], data, out, *args, n=2, own_launch=True)
+    assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"output.path {out}: cannot write rows" in proc.stderr and "No space left on device" in proc.stderr
     moved = tmp_path / "moved.h5"
     shutil.copy(out, moved)

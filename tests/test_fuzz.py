@@ -678,7 +678,7 @@ def test_random_bytes_through_the_job(tiny_models, tmp_path):
     data = tmp_path / "noise.jsonl"
     data.write_bytes(bytes(rng.randrange(256) for _ in range(3000)))
     proc = run_mpi(2, [str(ROOT / "jobs" / "infer.py"), f"model.path={tiny_models['gpt2']}", f"data.path={data}",
-                       f"output.path={tmp_path / 'out.h5'}", "runtime.threads=1"], timeout=120)
+                       f"output.path={tmp_path / 'out.h5'}", "runtime.threads=1"], timeout=120, own_launch=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert f"error: {data}:1:" in proc.stderr

@@ -92,7 +92,7 @@ def test_a_failed_job_records_the_rows_it_sent_but_never_committed(tiny_models, 
     proc = run_mpi(2, [str(ROOT / "jobs" / "infer.py"), f"model.path={tiny_models['llama']}", f"data.path={data}",
                        "split.k=1", "privacy=gaussian", "privacy.epsilon=50", "privacy.clip=5.0", "privacy.seed=1",
                        "data.batch_size=2", "data.bucket_window=0", "runtime.inflight=4", f"output.path={out}",
-                       "runtime.threads=1"], timeout=300)
+                       "runtime.threads=1"], timeout=300, own_launch=True)
     assert proc.returncode != 0 and "malformed JSON" in proc.stderr
     with h5py.File(out) as f:
         attrs, committed = dict(f.attrs), len(f["row"])

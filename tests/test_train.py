@@ -364,7 +364,7 @@ def test_os_seeded_training_keeps_its_noise_key_until_done(tiny_models, many_row
     assert (owner / "metrics.jsonl").is_file() and list((out / "checkpoints").glob("step-*/rank-1.safetensors"))
     saved = key.read_bytes()
     key.unlink()
-    refused = run_mpi(2, [*args, "train.resume=true"], timeout=120)
+    refused = run_mpi(2, [*args, "train.resume=true"], timeout=120, own_launch=True)  # rank 0 alone sees it
     assert refused.returncode != 0 and "noise-key" in refused.stderr
     key.write_bytes(saved)
     key.chmod(0o600)  # a key readable by others is refused

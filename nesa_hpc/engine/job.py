@@ -33,6 +33,8 @@ __all__ = ["EXIT_STOPPED", "JobError", "USER_ERRORS", "Job", "start_job", "setup
 
 # Exit status of a job stopped early by SIGTERM/SIGUSR1 (EX_TEMPFAIL: rerun with output.resume=true).
 EXIT_STOPPED = 75
+# Seconds a rank that ends the job with MPI_Abort waits first, so that the launcher forwards its error line.
+ABORT_GRACE_S = 0.5
 
 log = logging.getLogger("nesa_hpc")
 
@@ -303,12 +305,22 @@ def stop_requested(comm) -> str | None:
     return next((s for s in comm.allgather(stopsignal.received()) if s), None)
 
 
-def run_main(cfg, job: Callable[..., dict]) -> None:
-    """The entry-point body of every MPI job: run ``job(cfg, comm)`` on every rank, exit with its
-    ``exit_code``; a user error ends every rank with exit 2 and one line, anything else with a traceback."""
+def _abort(comm, code: int) -> None:
+    """End every rank of the job with ``code``, once this rank's last lines have left: the launcher stops
+    reading a rank's output when it tears the job down, and the error line is the one the user needs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(ABORT_GRACE_S)
+    comm.Abort(code)
+
+
+def run_main(cfg, job: Callable[..., dict], comm=None) -> None:
+    """The entry-point body of every MPI job: run ``job(cfg, comm)`` on every rank of ``comm`` (default
+    ``MPI.COMM_WORLD``), exit with its ``exit_code``; a user error ends every rank with exit 2 and one line,
+    anything else with a traceback."""
     from mpi4py import MPI
 
-    comm = MPI.COMM_WORLD
+    comm = comm or MPI.COMM_WORLD
     try:
         summary = job(cfg, comm)
     except JobError as exc:
@@ -319,12 +331,10 @@ def run_main(cfg, job: Callable[..., dict]) -> None:
     except USER_ERRORS as exc:
         # Seen by one rank only (e.g. a bad row read by rank 0 mid-run): end every rank now.
         logging.getLogger("nesa_hpc").error("error: %s", message(exc))
-        sys.stderr.flush()
-        comm.Abort(2)
+        _abort(comm, 2)
     except BaseException:
         logging.getLogger("nesa_hpc").exception("rank %d failed", comm.Get_rank())
-        sys.stderr.flush()
-        comm.Abort(1)
+        _abort(comm, 1)
     else:
         from . import stopsignal
 
