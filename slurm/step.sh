@@ -8,6 +8,11 @@
 # NESA_MAX_REQUEUES times (default 10; 0 = never), and the next allocation resumes where this one
 # stopped. A preempted job is requeued by Slurm itself (PreemptMode=REQUEUE), as before.
 #
+# The templates call srun without --kill-on-bad-exit: after a stop every rank exits 75, and with that option
+# Slurm kills the ranks still finishing as soon as the first one exits, so the step ends with 137 and is not
+# requeued. A rank that dies is noticed by the others within runtime.timeout, and an MPI abort (a user
+# error seen by one rank) ends the whole step.
+#
 # A signal that reaches a rank before its interpreter has run the entry script's first line would end it
 # the OS's default way (killed by the signal, not exit 75), so a stop signal that arrives while the step
 # is younger than NESA_SIGNAL_GRACE seconds (default 5) is forwarded once the step is that old.

@@ -30,7 +30,7 @@ POOL_SIZE = 4
 # the test drivers whose ``main(argv, comm)`` runs on any communicator (tests/transport_check.py sets up
 # torch.distributed, a process-wide state: it keeps launches of its own)
 POOL_DRIVERS = {str(ROOT / "tests" / f"{name}.py") for name in ("mpi_check", "mpi_generate", "mpi_train", "run_jobs")}
-JOB_SCRIPTS = {str(ROOT / "jobs" / "infer.py"): "infer", str(ROOT / "jobs" / "train.py"): "train"}
+JOB_SCRIPTS = {str(ROOT / "jobs" / f"{name}.py"): name for name in ("infer", "train", "audit")}
 
 
 def _env(extra: dict | None = None) -> dict:
@@ -126,7 +126,7 @@ def _pool_request(n: int, args: list[str], cwd: Path) -> dict | None:
 def run_mpi(n: int, args: list[str], timeout: float = 300, cwd: Path = ROOT, env: dict | None = None,
             own_launch: bool = False):
     """Run ``python args...`` on ``n`` ranks; return the CompletedProcess (never hangs past timeout). A job
-    (jobs/infer.py, jobs/train.py) or a test driver (``-m mpi4py tests/...``) runs in the session's pool
+    (jobs/infer.py, train.py, audit.py) or a test driver (``-m mpi4py tests/...``) runs in the session's pool
     (``Pool``) unless ``own_launch`` or ``env`` asks for a launch of its own: the tests of the entry scripts
     themselves (Hydra's handling of the command line, the signal handlers, the process environment)."""
     request = None if own_launch or env else _pool_request(n, [str(a) for a in args], cwd)

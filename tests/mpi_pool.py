@@ -8,9 +8,9 @@ first ``world`` ranks run it on a communicator of their own, exactly as ``mpiexe
 other ranks sleep meanwhile). A request is either
 
 - ``{"world": n, "script": "tests/mpi_check.py", "argv": [...]}``: a test driver's ``main(argv, comm)``, or
-- ``{"world": n, "job": "infer" | "train", "overrides": [...], "cwd": "..."}``: the job that
-  ``jobs/infer.py`` / ``jobs/train.py`` would run, through the same ``run_main`` (its exit status, the one
-  line of a user error, the abort of every rank on an unexpected failure).
+- ``{"world": n, "job": "infer" | "train" | "audit", "overrides": [...], "cwd": "..."}``: the job that
+  ``jobs/infer.py``, ``jobs/train.py`` or ``jobs/audit.py`` would run, through the same function (its exit
+  status, the one line of a user error, the abort of every rank on an unexpected failure).
 
 Each rank's stdout and stderr during the request go to ``FOLDER/N.rR.log``; rank 0 then writes
 ``FOLDER/N.out.json`` with the exit status and the ranks' output. A failure that ends the job with an MPI
@@ -34,10 +34,14 @@ from mpi4py import MPI
 
 from nesa_hpc.engine.job import run_main, settle
 from nesa_hpc.infer.job import run as run_infer
+from nesa_hpc.privacy.audit.run import main as audit_main
 from nesa_hpc.train.job import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
-JOBS = {"infer": run_infer, "train": run_train}
+# what jobs/infer.py, jobs/train.py and jobs/audit.py run once Hydra has composed their config
+JOBS = {"infer": lambda cfg, comm: run_main(cfg, run_infer, comm),
+        "train": lambda cfg, comm: run_main(cfg, run_train, comm),
+        "audit": audit_main}
 
 
 def _request(folder: Path, n: int) -> dict:
@@ -68,7 +72,7 @@ def _run(request: dict, comm) -> int:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name=request["job"], overrides=request["overrides"])
     try:
-        run_main(cfg, JOBS[request["job"]], comm)
+        JOBS[request["job"]](cfg, comm)
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0

@@ -230,7 +230,6 @@ def test_signal_during_start_up_stops_cleanly_then_resumes(delay, tiny_models, l
     assert code == 75, text[-3000:]
     assert "stopped by SIGUSR1 during start-up" in text and "BAD TERMINATION" not in text, text[-3000:]
     assert not out.exists()
-    proc = _start(_args(tiny_models["llama"], long_data, out, "output.resume=true"))
-    code, text = _finish(proc, timeout=120)
-    assert code == 0, text[-3000:]
+    resumed = run_mpi(3, _args(tiny_models["llama"], long_data, out, "output.resume=true"), timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_identical(out, reference)

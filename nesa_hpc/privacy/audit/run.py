@@ -160,13 +160,14 @@ def _meta(s: AuditSettings, settings: Settings, folder: str, alone: dict, second
             "seconds": seconds, "world_size": size}
 
 
-def main(cfg: DictConfig) -> None:
-    """Entry point body for ``jobs/audit.py``: a bad option ends every rank with one message."""
+def main(cfg: DictConfig, comm=None) -> None:
+    """Entry point body for ``jobs/audit.py`` on every rank of ``comm`` (default ``MPI.COMM_WORLD``): a bad
+    option ends every rank with one message."""
     import sys
 
     from mpi4py import MPI
 
-    comm = MPI.COMM_WORLD
+    comm = comm or MPI.COMM_WORLD
     try:
         run_audit(cfg, comm)
     except JobError as exc:  # seen and reported alike on every rank
