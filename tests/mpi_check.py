@@ -137,7 +137,7 @@ def privacy_report(case: dict, cfg, out: str, traffic: list) -> dict:
         for rec in received:
             b = batches[rec["batch_id"]]
             h = adapter.run_layers(range(case["k"]), adapter.embed(b.ids, b.pos), b.mask, b.pos)
-            expected = privacy.apply(h, b.mask, b.rows)
+            expected = privacy.apply(h, b.mask, b.rows, digests=b.digests())
             diff = max(diff, float((rec["states"] - expected).abs().max()))
             pad = max(pad, float(rec["states"][~b.mask.bool()].abs().max()) if (b.mask == 0).any() else 0.0)
             seen = max(seen, float(expected.abs().max()))

@@ -126,6 +126,57 @@ def test_noise_is_keyed_by_row_not_by_batch():
     assert os1.key != os2.key and len(os1.key) == 32
 
 
+def test_noise_is_keyed_by_the_rows_content():
+    """Issue 28 (c): a row edited between a stopped run and its resume is re-sent with fresh noise, not the
+    noise of its earlier version (Z1 - Z2 would be the exact clean difference). The digest depends on what
+    the row releases (its real tokens, its scored continuation, its request's settings), not on its
+    padding or its batch."""
+    from nesa_hpc.io.batch import Batch, position_ids
+    from nesa_hpc.io.inputs import Request
+
+    def batch(seqs, padding="right", prompt_tokens=None, requests=None):
+        T = max(len(q) for q in seqs)
+        ids = torch.zeros(len(seqs), T, dtype=torch.long)
+        mask = torch.zeros(len(seqs), T, dtype=torch.long)
+        for i, q in enumerate(seqs):
+            sl = slice(T - len(q), T) if padding == "left" else slice(0, len(q))
+            ids[i, sl], mask[i, sl] = torch.tensor(q), 1
+        lengths = mask.sum(1)
+        return Batch(0, torch.arange(len(seqs)), ids, mask, position_ids(mask), lengths,
+                     torch.zeros(len(seqs), dtype=torch.bool), prompt_tokens, requests)
+
+    d = batch([[5, 6, 7], [8, 9], [5, 6, 7, 1]]).digests()
+    assert len(set(d)) == 3 and all(len(x) == 16 for x in d)
+    assert batch([[1, 2, 3, 4, 5], [5, 6, 7]], padding="left").digests()[1] == d[0]  # other padding, other batch
+    assert batch([[5, 6, 7]]).row(0).digests() == batch([[5, 6, 7]]).digests()
+    assert batch([[5, 6, 7]], prompt_tokens=torch.tensor([1])).digests()[0] != d[0]  # where scoring starts
+    hot, cold = (Request(text="x", options=(("temperature", t),)) for t in (0.0, 0.9))
+    assert batch([[5, 6, 7]], requests=[hot]).digests() != batch([[5, 6, 7]], requests=[cold]).digests()
+
+    spec = PrivacySpec("gaussian", unit="token", epsilon=1.0, delta=1e-5, clip=1.0, seed=3)
+    z, mask, rows = torch.zeros(1, 3, 8), torch.ones(1, 3, dtype=torch.long), torch.tensor([4])
+    first = make_privacy(spec, 0).apply(z, mask, rows, digests=[d[0]])
+    assert torch.equal(make_privacy(spec, 0).apply(z, mask, rows, digests=[d[0]]), first)  # a replay: same noise
+    assert not torch.equal(make_privacy(spec, 0).apply(z, mask, rows, digests=[d[2]]), first)  # an edit: fresh
+    assert not torch.equal(make_privacy(spec, 0).apply(z, mask, rows), first)
+
+
+def test_the_owner_keys_every_release_with_the_rows_content():
+    """Every release leaves rank 0 through ``Owner.front``, which takes the rows' digests as a required
+    argument, and the results file records the keying (a file of a version that keyed the noise otherwise
+    is not resumed with other noise)."""
+    import inspect
+
+    from nesa_hpc.engine.owner import Owner
+    from nesa_hpc.infer.files import privacy_key
+
+    digests = inspect.signature(Owner.front).parameters["digests"]
+    assert digests.kind is inspect.Parameter.KEYWORD_ONLY and digests.default is inspect.Parameter.empty
+    noisy = PrivacySpec("gaussian", unit="token", epsilon=1.0, delta=1e-5, clip=1.0)
+    assert privacy_key(noisy)["privacy_noise_keying"] == "row, release, content"
+    assert "privacy_noise_keying" not in privacy_key(PrivacySpec("none"))
+
+
 def test_none_is_the_identity_and_counts_releases():
     p = make_privacy("none")
     z = torch.randn(2, 3, 4)

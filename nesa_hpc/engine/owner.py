@@ -78,10 +78,11 @@ class Owner:
     # -- the front: what leaves rank 0
     def front(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
               releases: int | list[int] = 0, cache=None, step_mask: torch.Tensor | None = None,
-              picked: bool = False) -> Front:
+              picked: bool = False, *, digests: list[bytes]) -> Front:
         """Embed ``ids`` (B, T), run layers [0, k) (with the owner's KV ``cache`` in generation; ``mask``
         then covers the cached positions and ``step_mask`` the new ones), privatise. ``releases``: each row's
-        release index (keys its noise). ``picked``: the ids are tokens rank 0 picked from what came back (a
+        release index, and ``digests`` each row's content (:meth:`nesa_hpc.io.batch.Batch.digests`): with
+        the row they key its noise. ``picked``: the ids are tokens rank 0 picked from what came back (a
         decode step); such a Z is a new release of the row unless :attr:`picks_from_releases_only`."""
         a = self.adapter
         h = a.embed(ids, pos)  # (B, T, H)
@@ -91,7 +92,7 @@ class Owner:
         # marked before the privacy transform, which sends a NaN/Inf as zero (it would slip past the clip)
         bad = mark_nonfinite(h, step_mask, clean, 0)
         counted = not (picked and self.picks_from_releases_only)
-        z = self.privacy.apply(h, step_mask, rows, releases=releases, counted=counted)  # (B, T, H)
+        z = self.privacy.apply(h, step_mask, rows, releases=releases, counted=counted, digests=digests)  # (B, T, H)
         # a transform's final cast can still overflow (fp16 and a large sigma); without one, Z is h, checked above
         bad = bad if z is h else mark_nonfinite(z, step_mask, bad, 0)
         return Front(z, bad, h.detach() if self.denoiser is not None else None)
@@ -186,7 +187,7 @@ def run_stream(owner: Owner, task, batches: Iterable[Batch],
         t0 = time.perf_counter()
         with torch.inference_mode(), memory_guard(0, "embedding and layers [0, k)", tuple(batch.ids.shape)):
             mask, pos = batch.mask.to(dev), batch.pos.to(dev)  # (B, T) each
-            z, bad, clean = owner.front(batch.ids.to(dev), mask, pos, batch.rows)
+            z, bad, clean = owner.front(batch.ids.to(dev), mask, pos, batch.rows, digests=batch.digests())
         stats.compute_s += time.perf_counter() - t0
         stats.batches += 1
         owner.send(Activations.pack(batch.index, z, mask, pos, bad, owner.wire), limit=inflight)

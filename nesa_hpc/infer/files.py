@@ -17,7 +17,15 @@ from ..errors import ConfigError
 from ..io.inputs import RowFields, chat_text, render
 from ..io.read import DataError, RowError, count_rows, read_rows, shard_range
 from ..io.results import ResultWriter
-from ..privacy.mechanism import PrivacySpec, auto_clip, default_key_path, make_privacy, read_key, write_key
+from ..privacy.mechanism import (
+    NOISE_KEYING,
+    PrivacySpec,
+    auto_clip,
+    default_key_path,
+    make_privacy,
+    read_key,
+    write_key,
+)
 
 __all__ = ["privacy_key", "batching_window", "replay_start", "shard_rows", "resume_key", "decoding_attrs",
            "open_results", "check_task", "check_generate", "load_tokenizer", "key_file", "owner_privacy", "spent",
@@ -31,7 +39,8 @@ def privacy_key(spec: PrivacySpec) -> dict:
     return {"privacy_mechanism": spec.mechanism, "privacy_unit": spec.unit, "privacy_epsilon": spec.epsilon,
             "privacy_delta": spec.delta, "privacy_clip": spec.clip, "privacy_clip_percentile": spec.clip_percentile,
             "privacy_calibration_path": spec.calibration_path, "privacy_sigma": spec.sigma,
-            "privacy_seed": "os" if spec.seed is None else spec.seed, "privacy_releases": spec.releases}
+            "privacy_seed": "os" if spec.seed is None else spec.seed, "privacy_releases": spec.releases,
+            **({"privacy_noise_keying": NOISE_KEYING} if spec.adds_noise else {})}
 
 
 def batching_window(settings: Settings) -> int:

@@ -20,6 +20,7 @@ settings and (sampling) its own generator, never on which rows share its lane.
 from __future__ import annotations
 
 import bisect
+import functools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -69,6 +70,12 @@ class _Row:
     @property
     def prompt_length(self) -> int:
         return int(self.batch.lengths[0])
+
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """The row's content (its prompt and request): with the row and the release it keys every release's
+        noise, decode steps included (a row's generation is a function of its prompt and settings)."""
+        return self.batch.digests()[0]
 
     @property
     def position(self) -> int:
@@ -189,8 +196,9 @@ class Generation:
                             join[1].shape[1] - join[0].shape[1] if join is not None else 0, done.to(dev))
 
             def run(part, cache):
-                ids, mask, pos, rows, releases, picked = part
-                return owner.front(ids, mask, pos, rows, releases, cache, mask[:, -ids.shape[1]:], picked)
+                ids, mask, pos, rows, releases, picked, digests = part
+                return owner.front(ids, mask, pos, rows, releases, cache, mask[:, -ids.shape[1]:], picked,
+                                   digests=digests)
 
             dec_front, join_front = lane.front.step(plan, dec, join, run, owner.adapter.new_cache)
         for r in joins:
@@ -214,18 +222,18 @@ class Generation:
 
     def _decode_part(self, lane: _Lane) -> tuple:
         """The running rows' next position: (ids (B_d, 1), mask (B_d, past + 1), positions (B_d, 1), rows,
-        releases, picked)."""
+        releases, picked, digests)."""
         dev = self.owner.device
         mask = _trimmed(lane.mask)
         mask = torch.cat([mask, torch.ones(len(mask), 1, dtype=mask.dtype, device=dev)], dim=1)
         ids = torch.tensor([[r.tokens[-1]] for r in lane.rows], dtype=torch.long, device=dev)
         pos = torch.tensor([[r.position] for r in lane.rows], dtype=torch.long, device=dev)
         rows = torch.tensor([r.row for r in lane.rows])
-        return ids, mask, pos, rows, [r.releases for r in lane.rows], True
+        return ids, mask, pos, rows, [r.releases for r in lane.rows], True, [r.digest for r in lane.rows]
 
     def _join_part(self, lane: _Lane, joins: list[_Row]) -> tuple[tuple, torch.Tensor]:
         """The joining rows' next chunks, left-padded to one width W: ((ids (B_j, W), mask (B_j, fill_past +
-        W), positions (B_j, W), rows, releases, picked), (B_j,) bool: the chunk ends the row's prompt)."""
+        W), positions (B_j, W), rows, releases, picked, digests), (B_j,) bool: the chunk ends the row's prompt)."""
         dev = self.owner.device
         chunks = [r.chunk(self.chunk) for r in joins]
         W = max(chunks)
@@ -242,7 +250,8 @@ class Generation:
         mask = torch.cat([history, step.to(dev)], dim=1)
         done = torch.tensor([r.sent + c == r.prompt_length for r, c in zip(joins, chunks, strict=True)])
         rows = torch.tensor([r.row for r in joins])
-        return (ids.to(dev), mask, pos.to(dev), rows, [r.releases for r in joins], False), done
+        return (ids.to(dev), mask, pos.to(dev), rows, [r.releases for r in joins], False,
+                [r.digest for r in joins]), done
 
     def _wire(self, part: tuple | None, front, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(states, mask, positions) of one part in their wire dtypes; empty tensors for a part with no rows."""

@@ -3,6 +3,7 @@ read ahead of the consumer."""
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -15,7 +16,7 @@ from .inputs import Request
 from .read import DataError, RowError
 from .tokenize import encode_pair, encode_rows
 
-__all__ = ["ON_LONG", "Batch", "make_batches", "pad_batch", "position_ids", "prefetch"]
+__all__ = ["ON_LONG", "Batch", "content_digests", "make_batches", "pad_batch", "position_ids", "prefetch"]
 
 ON_LONG = ("truncate", "skip", "fail")
 
@@ -42,6 +43,14 @@ class Batch:
     def tokens(self) -> int:
         return int(self.lengths.sum())
 
+    def digests(self) -> list[bytes]:
+        """Per row, a digest of what the row is (:func:`content_digests`): its real token ids, where its scored
+        continuation starts, and its request's per-row settings."""
+        tags = [(b"" if self.prompt_tokens is None else b"prompt %d" % int(self.prompt_tokens[i]))
+                + (b"" if self.requests is None or self.requests[i] is None else repr(self.requests[i]).encode())
+                for i in range(self.size)]
+        return content_digests(self.ids, self.mask, tags)
+
     def row(self, i: int) -> Batch:
         """Row ``i`` alone, without its padding: a batch of one."""
         real = self.mask[i].bool()
@@ -50,6 +59,20 @@ class Batch:
                      self.lengths[i:i + 1], self.truncated[i:i + 1],
                      None if self.prompt_tokens is None else self.prompt_tokens[i:i + 1],
                      None if self.requests is None else self.requests[i:i + 1])
+
+
+def content_digests(ids: torch.Tensor, mask: torch.Tensor, tags: list[bytes]) -> list[bytes]:
+    """Per row of ``ids`` (B, T), a 16-byte digest of its real tokens (``mask``) and its ``tags`` (what else
+    decides what the row releases). The privacy transform keys each row's noise with it beside the row's
+    index, so a row whose content changed between a stopped run and its resume gets fresh noise, not the
+    noise of its earlier version (whose difference with the new release would reveal the change)."""
+    out = []
+    for i, tag in enumerate(tags):
+        h = hashlib.blake2b(digest_size=16)
+        h.update(ids[i][mask[i].bool()].cpu().numpy().astype("<i8").tobytes())
+        h.update(b"|" + tag)
+        out.append(h.digest())
+    return out
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ log = logging.getLogger("nesa_hpc")
 
 __all__ = ["Privacy", "PrivacySpec", "Ledger", "make_privacy", "gaussian_sigma", "calibrate_clip", "auto_clip",
            "clip_norms", "unit_norms", "percentile_clip", "MECHANISMS", "UNITS", "PrivacyConfigError", "noise_key",
+           "NOISE_KEYING",
            "key_dir", "default_key_path", "write_key", "read_key"]
 
 MECHANISMS = ("none", "gaussian", "sigma", "dchi")
@@ -173,6 +174,11 @@ def clip_norms(z: torch.Tensor, mask: torch.Tensor, unit: str, clip: float) -> t
     return z * scale
 
 
+# What keys a release's noise beside the job's key (:meth:`Privacy.draw`). Results files and training runs
+# record it, so that a run of a version that keyed the noise otherwise is not resumed with other noise.
+NOISE_KEYING = "row, release, content"
+
+
 def noise_key(seed: int | None) -> bytes:
     return secrets.token_bytes(32) if seed is None else f"nesa_hpc-seed:{int(seed)}".encode()
 
@@ -257,10 +263,13 @@ class Privacy:
         return self.spec.mechanism
 
     def apply(self, z: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None = None,
-              releases: int | list[int] = 0, counted: bool = True) -> torch.Tensor:
+              releases: int | list[int] = 0, counted: bool = True,
+              digests: list[bytes] | None = None) -> torch.Tensor:
         """Transform Z (B, T, H) before it is sent; ``mask`` (B, T) marks real tokens and ``rows`` (B,)
         the input rows. ``releases`` numbers the releases of the same row (generation: decode steps), one
-        for every row or one per row.
+        for every row or one per row. ``digests`` (per row, :meth:`nesa_hpc.io.batch.Batch.digests`): the
+        rows' content, which keys the noise with the row and the release (the jobs always pass them; without
+        them the noise depends on the row's index and release alone).
         ``counted=False``: Z is a function of what the workers already returned, not of the row (a decode
         step at k=0 without a denoiser embeds a token picked from their outputs alone), so the ledger does
         not count it; it still gets fresh noise. Padded positions are sent as zeros, since at k>0 they
@@ -283,14 +292,20 @@ class Privacy:
         m = mask.bool()
         H = z.shape[-1]
         per_row = releases if isinstance(releases, list) else [releases] * len(rows)
-        for i, (r, release) in enumerate(zip(rows.tolist(), per_row, strict=True)):
+        contents = digests if digests is not None else [b""] * len(rows)
+        for i, (r, release, content) in enumerate(zip(rows.tolist(), per_row, contents, strict=True)):
             n = int(m[i].sum())
             if n:
-                noise[i][m[i]] = self.draw(r, int(release), n, H).to(device=z.device)
+                noise[i][m[i]] = self.draw(r, int(release), n, H, content).to(device=z.device)
         return (z + noise).to(dtype)
 
-    def draw(self, row: int, release: int, n: int, H: int) -> torch.Tensor:
-        digest = hashlib.blake2b(self.key + f":{row}:{release}".encode(), digest_size=16).digest()
+    def draw(self, row: int, release: int, n: int, H: int, content: bytes = b"") -> torch.Tensor:
+        """The noise of ``row``'s release ``release`` ((n, H), float64), keyed by the job's key, the row, the
+        release and the row's ``content`` digest: the same row, release and content always get the same
+        noise (a resumed run re-sends a row it had sent without a second release), and anything else gets
+        independent noise."""
+        tail = f":{row}:{release}".encode() + (b":" + content if content else b"")
+        digest = hashlib.blake2b(self.key + tail, digest_size=16).digest()
         rng = np.random.Generator(np.random.PCG64(int.from_bytes(digest, "little")))
         if self.spec.mechanism == "dchi":
             # density ∝ exp(-eps ||x||): a uniform direction times a Gamma(H, 1/eps) radius

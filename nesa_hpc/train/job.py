@@ -51,6 +51,7 @@ from ..infer.tasks import make_task
 from ..models.lora import lora_targets
 from ..models.weights import DTYPES, load_modules
 from ..privacy.denoiser import Denoiser
+from ..privacy.mechanism import NOISE_KEYING
 from .checkpoint import export, latest_checkpoint, load_rank
 from .loop import TrainLoop, TrainPlan, owner_privacy, save_part
 from .options import TrainSpec, epoch_batches, load_examples, lr_factor, train_spec
@@ -68,6 +69,7 @@ def _key_digest(cfg: DictConfig) -> str:
         keep.get("train", {}).pop(key, None)  # none of these changes what is trained
     keep.pop("runtime", None)
     keep.pop("output", None)
+    keep["noise_keying"] = NOISE_KEYING
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..config import ConfigError, Settings, as_bool, choice, integer, nonneg, positive, privacy_spec
 from ..engine.schedule import PIPELINES
 from ..infer.tasks import score_positions
-from ..io.batch import pad_batch, position_ids
+from ..io.batch import content_digests, pad_batch, position_ids
 from ..io.public_text import public_texts
 from ..io.read import DataError, RowError, read_rows
 from ..io.tokenize import encode_rows
@@ -245,6 +245,11 @@ class TrainBatch:
     def weights(self) -> torch.Tensor:
         """(N,) float: for each scored position, 1 when its next token counts in the loss."""
         return self.target[:, 1:][self.scored].float()
+
+    def digests(self) -> list[bytes]:
+        """Per row, a digest of its real tokens and of which of them the loss predicts (they key its noise)."""
+        tags = [self.target[i][self.mask[i].bool()].cpu().numpy().astype("u1").tobytes() for i in range(self.size)]
+        return content_digests(self.ids, self.mask, tags)
 
 
 def load_examples(settings: Settings, spec: TrainSpec, tokenizer) -> list[tuple[int, list[int], list[bool]]]:

@@ -114,13 +114,14 @@ class TrainLedger:
 
 
 def grad_message(privacy: Privacy | None, g: torch.Tensor, row_of: torch.Tensor, rows: torch.Tensor,
-                  release: int, scale: float, public_scale: float | None = None) -> torch.Tensor:
+                  release: int, scale: float, public_scale: float | None = None,
+                  digests: list[bytes] | None = None) -> torch.Tensor:
     """Privatise the gradient message (N, D) whose position n belongs to row ``row_of[n]``: the gradient of
     the summed token loss (``g * scale``) is clipped per row to ``train.grad_privacy.clip``, noise keyed by
-    (row, release) is added, and the result is divided by ``public_scale`` (default ``scale``). The
-    divisor is seen by whoever receives the message (it sets the noise's size), so it must be public:
-    ``scale`` is the step's count of target tokens, which with ``train.loss=completion`` is private, and the
-    caller passes the step's count of scored positions instead (the workers see the masks)."""
+    (row, release, the row's content ``digests``) is added, and the result is divided by ``public_scale``
+    (default ``scale``). The divisor is seen by whoever receives the message (it sets the noise's size), so it
+    must be public: ``scale`` is the step's count of target tokens, which with ``train.loss=completion`` is
+    private, and the caller passes the step's count of scored positions instead (the workers see the masks)."""
     if privacy is None or not privacy.spec.adds_noise:
         return g
     x = torch.nan_to_num(g.double(), nan=0.0, posinf=0.0, neginf=0.0) * scale
@@ -128,10 +129,11 @@ def grad_message(privacy: Privacy | None, g: torch.Tensor, row_of: torch.Tensor,
         sq = torch.zeros(len(rows), dtype=torch.float64, device=x.device).index_add_(0, row_of, x.pow(2).sum(-1))
         factor = torch.clamp(privacy.clip / sq.sqrt().clamp(min=1e-30), max=1.0)
         x = x * factor[row_of].unsqueeze(-1)
-    for i, r in enumerate(rows.tolist()):
+    contents = digests if digests is not None else [b""] * len(rows)
+    for i, (r, content) in enumerate(zip(rows.tolist(), contents, strict=True)):
         at = (row_of == i).nonzero().squeeze(-1)
         if len(at):
-            x[at] += privacy.draw(r, release, len(at), x.shape[-1]).to(device=x.device, dtype=x.dtype)
+            x[at] += privacy.draw(r, release, len(at), x.shape[-1], content).to(device=x.device, dtype=x.dtype)
     return (x / (scale if public_scale is None else public_scale)).to(g.dtype)
 
 
@@ -209,13 +211,13 @@ def _privatised_grad(g: torch.Tensor, b: TrainBatch, mask: torch.Tensor, head_he
     if head_here:
         real = mask.bool()
         row_of = torch.arange(b.size, device=dev).unsqueeze(1).expand_as(real)[real]
-        flat = grad_message(grad_privacy, g[real], row_of, b.rows, release, n_target, n_scored)
+        flat = grad_message(grad_privacy, g[real], row_of, b.rows, release, n_target, n_scored, b.digests())
         out = torch.zeros_like(g)
         out[real] = flat
         return out
     sel = b.scored.to(dev)
     row_of = torch.arange(b.size, device=dev).unsqueeze(1).expand_as(sel)[sel]
-    return grad_message(grad_privacy, g, row_of, b.rows, release, n_target, n_scored)
+    return grad_message(grad_privacy, g, row_of, b.rows, release, n_target, n_scored, b.digests())
 
 
 def owner_step(trainer: Trainer, owner: Owner, batches: list[TrainBatch], grad_privacy: Privacy | None,
@@ -253,7 +255,8 @@ class _OwnerStep:
         t0 = time.perf_counter()
         with torch.set_grad_enabled(self.front_trains), memory_guard(0, "embedding and layers [0, k)", b.ids.shape), \
                 self.trainer.saved_bytes.counting() as counted:
-            z, bad, self.clean[m] = owner.front(b.ids.to(dev), mask, pos, b.rows, releases=self.release)  # (B, T, H)
+            z, bad, self.clean[m] = owner.front(b.ids.to(dev), mask, pos, b.rows, releases=self.release,
+                                                digests=b.digests())  # (B, T, H)
         stats.compute_s += time.perf_counter() - t0
         stats.batches += 1
         if self.front_trains:
