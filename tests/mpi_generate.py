@@ -71,6 +71,9 @@ def wire_error(records: list, case: dict) -> str | None:
                 want = "torch.int8" if name.endswith("_mask") or name == "join_done" else "torch.int32"
                 if dtype != want:
                     return f"{name} of dtype {dtype}, not {want}"
+        elif rec["kind"] == int(Kind.SPLIT):  # row indices in a lane and the lane that takes rows
+            if rec["dtypes"] != {"moved": "torch.int32", "kept": "torch.int32", "to": "int"}:
+                return f"a lane split with fields {rec['dtypes']}"
         elif rec["dtypes"]:
             return f"message of kind {rec['kind']} with tensors {rec['dtypes']}"
         for ints in rec["ints"]:
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None, comm=None) -> None:
 
             def spy(source, msg, records=records):
                 named = {f.name: getattr(msg, f.name) for f in fields(msg)[1:]}  # the wire payload, by name
-                records.append({"kind": int(msg.kind), "dtypes": {k: str(t.dtype) for k, t in named.items()},
+                records.append({"kind": int(msg.kind), "dtypes": {k: str(getattr(t, "dtype", type(t).__name__))
+                                                                     for k, t in named.items()},
                                 "ints": [t.tolist() for t in msg.tensors if not t.is_floating_point()]})
 
             error = None
@@ -128,7 +132,8 @@ def main(argv: list[str] | None = None, comm=None) -> None:
                 entry["finish_reason"] = [x.decode() for x in res["finish_reason"]]
                 entry["generated_text"] = [x.decode() for x in res["generated_text"]]
                 entry["n_prompt_tokens"] = res["n_prompt_tokens"].tolist()
-                keys = ("decoding", "seed", "temperature", "max_new_tokens", "max_groups_in_flight", "generation_steps")
+                keys = ("decoding", "seed", "temperature", "max_new_tokens", "max_groups_in_flight", "generation_steps",
+                        "lane_splits")
                 entry["attrs"] = {k: attrs[k].item() if isinstance(attrs[k], np.generic) else attrs[k] for k in keys}
                 entry["eos_token_ids"] = json.loads(attrs["eos_token_ids"])
                 if float(case.get("extra", {}).get("task.temperature", 0)) == 0:

@@ -44,6 +44,9 @@ def _cases(n: int, models: dict, data: str) -> list[dict]:
         # prompts in chunks of 4 tokens over several steps, beside running rows, through the owner's tail
         cases.append({"model": llama, "k": 1, "head": "owner", "data": data,
                       "extra": {"split.owner_tail": 1, "runtime.prefill_tokens": 4}})
+    # once no row waits, a lane deals its running rows over the idle lanes (rows end with EOS at different steps)
+    cases.append({"model": str(models["gpt2"]), "k": 1, "head": "owner", "data": data, "batch_size": 6,
+                  "extra": {"runtime.inflight": 3, "data.bucket_window": 0}, "spread": True})
     # prompts in chunks of 3 (rank 0's layers keep a cache of the filling rows) and, with the head on the
     # last worker, of 5 in one lane
     cases.append({"model": llama, "k": 2, "head": "owner", "data": data, "extra": {"runtime.prefill_tokens": 3}})
@@ -107,6 +110,8 @@ def test_greedy_equals_transformers_every_split(n, tiny_models, texts_file, tmp_
     fixed = sum(max(lengths[i:i + 2]) for i in range(0, len(lengths), 2))
     assert refill["attrs"]["max_groups_in_flight"] == 2
     assert refill["attrs"]["generation_steps"] < fixed, (refill["attrs"], lengths)
+    (spread,) = [e for e in entries if e["case"].get("spread")]
+    assert spread["attrs"]["lane_splits"] > 0, spread["attrs"]
     # sampling really samples: its tokens differ from greedy decoding of the same model and prompts
     greedy_llama = next(e for e in greedy if e["case"]["model"] == sampled[0]["case"]["model"])
     assert any(t != greedy_llama["tokens"][r][:len(t)] for r, t in sampled[0]["tokens"].items())

@@ -7,6 +7,9 @@ and columns no running row uses any more are dropped. The *filling* rows are row
 chunks (``runtime.prefill_tokens`` at a time); they have a timeline of their own, which every one of them
 advances by the same chunk width each step. When a row's last chunk has run it moves to the running rows.
 A prompt that fits in one chunk starts and finishes filling in the same step.
+
+Once no row waits for a slot, a lane may give some of its running rows to an idle lane
+(:meth:`LaneCache.split`), so that the last rows of a dataset still keep every stage busy.
 """
 
 from __future__ import annotations
@@ -71,6 +74,17 @@ class LaneCache:
             else:
                 self.main.add_rows(moved)
         return dec_out, join_out
+
+    def split(self, moved: torch.Tensor, kept: torch.Tensor) -> LaneCache:
+        """Move the running rows ``moved`` to a new lane's caches (returned) and keep ``kept`` here (indices
+        into the running rows after the last step, each in its new order). The lane has no filling rows."""
+        if self.fill is not None:
+            raise RuntimeError("a lane with rows still filling cannot be split")
+        if self.main is None:  # this block caches nothing (no layers here)
+            return LaneCache()
+        other = LaneCache(main=self.main.take_rows(moved))
+        self.main.keep_rows(kept)
+        return other
 
 
 def _kept(cache, rows: torch.Tensor, past: int):

@@ -19,8 +19,8 @@ from typing import ClassVar
 
 import torch
 
-__all__ = ["Kind", "Message", "Activations", "Output", "GenerationStep", "GenerationOutput", "Free", "Stop", "Save",
-           "Export", "TrainForward", "TrainOutput", "TrainGrad", "decode", "MESSAGES"]
+__all__ = ["Kind", "Message", "Activations", "Output", "GenerationStep", "GenerationOutput", "Free", "Split", "Stop",
+           "Save", "Export", "TrainForward", "TrainOutput", "TrainGrad", "decode", "MESSAGES"]
 
 
 class Kind(IntEnum):
@@ -35,6 +35,7 @@ class Kind(IntEnum):
     TRAIN_BWD = 9
     SAVE = 10
     EXPORT = 11
+    SPLIT = 12
 
 
 @dataclass
@@ -135,6 +136,29 @@ class Free(Message):
 
 
 @dataclass
+class Split(Message):
+    """Generation lane ``batch_id`` gives some of its running rows to the idle lane ``to``: every stage
+    (and rank 0) moves those rows' KV caches there. Rows are indices into the lane's running rows after its
+    previous step; ``moved`` become lane ``to``'s running rows and ``kept`` stay, each in the order given.
+    Only running rows move (the lane has no rows whose prompt is still arriving). Passed along the pipeline.
+    It carries no activations, only row indices."""
+
+    kind: ClassVar[Kind] = Kind.SPLIT
+    moved: torch.Tensor  # (M,) int32
+    kept: torch.Tensor   # (K,) int32
+    to: int
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.moved, self.kept, torch.tensor([self.to], dtype=torch.int32)]
+
+    @classmethod
+    def from_wire(cls, batch_id: int, tensors: list[torch.Tensor]) -> Split:
+        moved, kept, to = tensors
+        return cls(batch_id, moved, kept, int(to[0]))
+
+
+@dataclass
 class Stop(Message):
     """No more work: a worker passes it on and its loop ends."""
 
@@ -204,7 +228,7 @@ class TrainGrad(Message):
 
 
 MESSAGES: dict[int, type[Message]] = {cls.kind: cls for cls in (
-    Activations, Output, GenerationStep, GenerationOutput, Free, Stop, Save, Export, TrainForward, TrainOutput,
+    Activations, Output, GenerationStep, GenerationOutput, Free, Split, Stop, Save, Export, TrainForward, TrainOutput,
     TrainGrad)}
 
 

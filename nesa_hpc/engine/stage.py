@@ -31,6 +31,7 @@ from .messages import (
     Message,
     Output,
     Save,
+    Split,
     Stop,
     TrainForward,
     TrainGrad,
@@ -183,9 +184,12 @@ class Stage:
     # -- the verbs
     def handle(self, msg: Message) -> list[tuple[int, Message]]:
         """Answer one message; returns the messages to send as (destination rank, message)."""
-        if isinstance(msg, (Stop, Save, Export, Free)):  # passed on; Free drops a lane's cache
+        if isinstance(msg, (Stop, Save, Export, Free, Split)):  # passed on; Free drops a lane's cache
             if isinstance(msg, Free):
                 self.lanes.pop(msg.batch_id, None)
+            elif isinstance(msg, Split):  # some of a lane's running rows move to an idle lane
+                self.lanes[msg.to] = self.lanes.setdefault(msg.batch_id, LaneCache()).split(
+                    msg.moved.long().to(self.device), msg.kept.long().to(self.device))
             return [] if self.is_last else [(self.nxt, msg)]
         verb = {Activations: self.forward, GenerationStep: self.generate, TrainForward: self.train_forward,
                 TrainGrad: self.backward}.get(type(msg))

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..engine.lanes import LaneCache, LanePlan
-from ..engine.messages import Free, GenerationOutput, GenerationStep
+from ..engine.messages import Free, GenerationOutput, GenerationStep, Split
 from ..engine.owner import Owner
 from ..engine.stage import StageStats, memory_guard
 from ..io.batch import Batch
@@ -133,8 +133,9 @@ class Generation:
         self.order: deque[_Lane] = deque()  # lanes with a step in flight, oldest first
         self.limit = 2 * lanes
         self.stopped = False
+        self.drained = False  # every row of the input has been read
         self.stats = owner.stats
-        self.stats.extra.update(generated=0, steps=0, max_rows=0, max_lanes=0)
+        self.stats.extra.update(generated=0, steps=0, max_rows=0, max_lanes=0, splits=0)
 
     # -- scheduling
     def room(self, lane: _Lane) -> int:
@@ -162,6 +163,7 @@ class Generation:
     def _read_one(self) -> bool:
         row = next(self.rows, None)
         if row is None:
+            self.drained = True
             return False
         # after every waiting row allowed as many tokens, so equal rows keep their input order
         at = bisect.bisect_right([-r.decoding.max_new_tokens for r in self.waiting], -row.decoding.max_new_tokens)
@@ -275,7 +277,41 @@ class Generation:
         self._pick(sent, logits, bad)
         self._update(lane, sent)
         self.stats.compute_s += time.perf_counter() - t0
+        for other in self._spread(lane):
+            self._send(other)
         self._send(lane)
+
+    def _spread(self, lane: _Lane) -> list[_Lane]:
+        """Once no row waits for a slot, deal ``lane``'s running rows over it and the idle lanes (no rows, no
+        step in flight), those with the most tokens left first, in turn; every stage moves their caches
+        (:class:`~nesa_hpc.engine.messages.Split`). The last rows of the input then still run as several
+        micro-batches that the stages work on side by side, instead of one that they work on in turn.
+        Returns the lanes that took rows."""
+        if lane.filling or len(lane.rows) < 2 or self.waiting or not (self.drained or self.should_stop()):
+            return []
+        idle = [x for x in self.lanes if x is not lane and x.sent is None and not x.rows and not x.filling]
+        idle = idle[:len(lane.rows) - 1]
+        if not idle:
+            return []
+        rows, dev = lane.rows, self.owner.device
+        most_left = sorted(range(len(rows)), key=lambda i: len(rows[i].tokens) - rows[i].decoding.max_new_tokens)
+        groups = [sorted(most_left[p::len(idle) + 1]) for p in range(len(idle) + 1)]
+        at = list(lane.kept)  # the lane's caches hold row i at index at[i]
+        here = list(range(len(rows)))  # rows still in the lane, in cache order
+        for other, group in zip(idle, groups[1:], strict=True):
+            here = [i for i in here if i not in group]
+            moved = torch.tensor([at[i] for i in group], dtype=torch.int32)
+            kept = torch.tensor([at[i] for i in here], dtype=torch.int32)
+            self.owner.send(Split(lane.index, moved, kept, other.index), limit=self.limit)
+            other.front = lane.front.split(moved.long().to(dev), kept.long().to(dev))
+            other.tail = lane.tail.split(moved.long().to(dev), kept.long().to(dev))
+            other.rows, other.kept, other.used = [rows[i] for i in group], list(range(len(group))), True
+            other.mask = lane.mask[torch.tensor(group, device=lane.mask.device)]
+            at = {i: j for j, i in enumerate(here)}
+        lane.rows, lane.kept = [rows[i] for i in here], list(range(len(here)))
+        lane.mask = lane.mask[torch.tensor(here, device=lane.mask.device)]
+        self.stats.extra["splits"] += len(idle)
+        return idle
 
     def _logits(self, lane: _Lane, sent: _Sent, msg: GenerationOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, V) float32 next-token logits on the CPU of the rows that pick a token (decode rows, then joining

@@ -264,7 +264,7 @@ class _OwnerRun:
             summary["generated"] = final["generated_this_run"] = generated
             summary["generated_per_s"] = final["generated_per_s"] = generated / elapsed if elapsed else 0.0
             final.update(max_groups_in_flight=stats.extra["max_lanes"], max_rows_in_flight=stats.extra["max_rows"],
-                         generation_steps=stats.extra["steps"])
+                         generation_steps=stats.extra["steps"], lane_splits=stats.extra["splits"])
         if stopped:
             summary["exit_code"] = EXIT_STOPPED
             final["stopped_by"] = self.stop.signal
