@@ -9,6 +9,7 @@ Writes ``<audit.out_dir>/audit.{h5,csv,json}`` and ``audit_{utility,leakage,fron
 import hydra
 from omegaconf import DictConfig
 
+from nesa_hpc.overrides import check_overrides
 from nesa_hpc.privacy.audit.run import main
 
 
@@ -18,4 +19,5 @@ def audit(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides("audit")  # a bad key or value: one line and exit 2, before Hydra's own handling
     audit()

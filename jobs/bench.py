@@ -20,6 +20,7 @@ import hydra
 from omegaconf import DictConfig
 
 from nesa_hpc.bench import run_bench
+from nesa_hpc.overrides import check_overrides
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
@@ -28,4 +29,5 @@ def bench(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides("bench")  # a bad key or value: one line and exit 2, before Hydra's own handling
     bench()

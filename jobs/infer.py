@@ -16,6 +16,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from nesa_hpc.infer.job import main  # noqa: E402
+from nesa_hpc.overrides import check_overrides  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="infer")
@@ -24,4 +25,5 @@ def infer(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides("infer")  # a bad key or value: one line and exit 2, before Hydra's own handling
     infer()

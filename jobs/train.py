@@ -17,6 +17,7 @@ stopsignal.install()
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from nesa_hpc.overrides import check_overrides  # noqa: E402
 from nesa_hpc.train.job import main  # noqa: E402
 
 
@@ -26,4 +27,5 @@ def train(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides("train")  # a bad key or value: one line and exit 2, before Hydra's own handling
     train()

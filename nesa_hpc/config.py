@@ -156,6 +156,15 @@ def _denoiser_option(split: dict) -> str | None:
     return str(path)
 
 
+def _on_error(data) -> str:
+    """``data.on_error``; null: ``skip`` for an OpenAI batch file (a refused request gets its error line in
+    the output, as OpenAI and vLLM answer it, and the other requests run), else ``fail``."""
+    value = data.get("on_error")
+    if value is None:
+        return "skip" if data.get("format") == "openai_batch" else "fail"
+    return value
+
+
 def settings_from_cfg(cfg: DictConfig) -> Settings:
     """Check every option once and return typed settings; raise :class:`ConfigError` naming the key."""
     try:
@@ -193,7 +202,7 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
         batch_size=integer("data.batch_size", data["batch_size"], 1),
         padding_side=choice("data.padding_side", data.get("padding_side", "right"), ("left", "right")),
         bucket_window=integer("data.bucket_window", data.get("bucket_window", 0), 0),
-        on_error=choice("data.on_error", data.get("on_error", "fail"), ON_ERROR),
+        on_error=choice("data.on_error", _on_error(data), ON_ERROR),
         on_long=choice("data.on_long", data.get("on_long", "truncate"), ON_LONG),
         output_path=str(out["path"]),
         overwrite=as_bool("output.overwrite", out.get("overwrite", False)),

@@ -15,6 +15,7 @@ import math
 import sys
 from pathlib import Path
 
+import strict_json
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None, comm=None) -> None:
                 settle(comm)  # sleep while rank 0 trains the reference
                 continue
             split_grads = {k: v for part in all_grads for k, v in part.items()}
-            metrics = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+            metrics = strict_json.lines((Path(out) / "metrics.jsonl").read_text())
             entry = {"case": case, "split_losses": [m["loss"] for m in metrics]}
             if case.get("reference", True):
                 ref_grads, ref_losses = reference(cfg, case, world)
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None, comm=None) -> None:
             # what workers received: kinds and dtypes only (never token ids: no int64 tensors)
             entry["worker_dtypes"] = sorted({d for recs in traffic[1:] for r in recs for d in r["dtypes"]})
             entry["worker_messages"] = sum(len(recs) for recs in traffic[1:])
-            entry["summary"] = json.loads((Path(out) / "summary.json").read_text())
+            entry["summary"] = strict_json.loads((Path(out) / "summary.json").read_text())
             report.append(entry)
             settle(comm)
     if rank == 0:

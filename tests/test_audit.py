@@ -8,9 +8,11 @@ import math
 
 import h5py
 import pytest
+import strict_json
 import torch
 from conftest import ROOT, run_mpi
 
+from nesa_hpc.io import jsonfile
 from nesa_hpc.privacy.audit.report import COLUMNS
 
 AUDIT = str(ROOT / "jobs" / "audit.py")
@@ -45,7 +47,7 @@ def audit(tiny_models, tmp_path_factory):
                        "audit.inverter_epochs=8", "audit.inverter_dim=64", "audit.grad_epsilons=[1]",
                        f"audit.out_dir={out}", "runtime.threads=1"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, json.loads((out / "audit.json").read_text())["rows"]
+    return out, [_numbers(r) for r in strict_json.loads((out / "audit.json").read_text())["rows"]]
 
 
 def test_audit_writes_table_and_figures(audit):
@@ -59,6 +61,11 @@ def test_audit_writes_table_and_figures(audit):
         assert f.attrs["mechanism"] == "gaussian" and f.attrs["world_size"] == 2
     for name in ("audit_utility.png", "audit_leakage.png", "audit_frontier.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _numbers(row: dict) -> dict:
+    """A row of audit.json with "Infinity" / "NaN" read back as floats."""
+    return {k: jsonfile.number(v) if isinstance(v, str) and v in jsonfile.NONFINITE else v for k, v in row.items()}
 
 
 def test_audit_measures_what_it_should(audit):
@@ -121,7 +128,7 @@ def test_gradient_message_audit_reads_labels_without_noise(audit):
     gradient, head on the last worker, is softmax - one-hot: every label); with eps=1 the tight bound holds
     them near the prior."""
     out, _ = audit
-    grad = json.loads((out / "audit.json").read_text())["gradient"]
+    grad = [_numbers(r) for r in strict_json.loads((out / "audit.json").read_text())["gradient"]]
     by = {(r["head"], r["epsilon"]): r for r in grad}
     assert set(by) == {("owner", math.inf), ("owner", 1.0), ("last", math.inf), ("last", 1.0)}
     assert by[("last", math.inf)]["best_recovery"] == 1.0

@@ -114,9 +114,40 @@ def test_bad_config_is_printed_once_by_the_entry_script(tiny_models, texts_file,
 
 
 def test_unknown_key_is_refused(tmp_path):
-    proc = _infer(2, "data.no_such_key=1", f"output.path={tmp_path / 'x.h5'}", timeout=120, own_launch=True)
-    assert proc.returncode != 0
-    assert "no_such_key" in proc.stderr
+    """Hydra's hint for a typo'd key (+data.pth=...) would run the job on the default data: the entry script
+    refuses both spellings with one line (rank 0's) naming the nearest key, and exit 2."""
+    for typo in ("data.pth=rows.jsonl", "+data.pth=rows.jsonl"):
+        proc = _infer(2, typo, f"output.path={tmp_path / 'x.h5'}", timeout=120, own_launch=True)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.count("error:") == 1 and "data.pth is not a config key (did you mean data.path?)" in \
+            proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize("config, args, message", [
+    ("infer", ["data.pth=x"], "data.pth is not a config key (did you mean data.path?)"),
+    ("infer", ["++data.pth=x"], "data.pth is not a config key"),
+    ("infer", ["task=generat"], "task must be one of ['embed', 'generate', 'score'] (did you mean generate?)"),
+    ("infer", ["task=generate", "task.max_new_tokns=3"], "did you mean task.max_new_tokens?"),
+    ("train", ["train.max_step=3"], "did you mean train.max_steps?"),
+    ("audit", ["audit.epsilon=[1]"], "audit.epsilon is not a config key"),
+    ("infer", ["data.path"], "cannot parse the overrides"),
+])
+def test_bad_overrides_exit_2_with_one_line(config, args, message, capsys):
+    from nesa_hpc.overrides import check_overrides
+
+    with pytest.raises(SystemExit) as stop:
+        check_overrides(config, args)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_good_overrides_pass():
+    from nesa_hpc.overrides import check_overrides
+
+    check_overrides("infer", ["task=generate", "task.max_new_tokens=5", "model=minilm", "split.k=2",
+                              "hydra.run.dir=.", "privacy=gaussian", "privacy.epsilon=3"])
+    check_overrides("infer", ["--cfg", "job"])  # Hydra's own flags: left to Hydra
 
 
 def test_bad_row_mid_run_stops_all_ranks_and_keeps_committed_rows(tiny_models, tmp_path):

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import strict_json
 import torch
 from conftest import ROOT, run_mpi
 
@@ -113,7 +114,8 @@ def test_token_logprobs_continuations_chats_and_openai_round_trip(tiny_models, c
     chats.write_text("".join(json.dumps(r) + "\n" for r in chats_rows))
     requests = [
         {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "m", "messages": [{"role": "user", "content": "tell me a story"}], "max_tokens": 6}},
+         "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "tell me a story"}],
+                  "max_tokens": 6}},
         {"custom_id": "b", "method": "POST", "url": "/v1/completions",
          "body": {"model": "m", "prompt": "once upon a time", "max_tokens": 4, "temperature": 0.9, "top_p": 0.8,
                   "seed": 11}},
@@ -224,27 +226,50 @@ def test_token_logprobs_continuations_chats_and_openai_round_trip(tiny_models, c
     if b3["finish_reason"][3] == b"stop":
         assert "e" not in b3["generated_text"][3].decode()
 
-    # --- export: the OpenAI output file, in input order, one line per request
+    # --- export: the OpenAI output file, in input order, one line per request, read by a parser written for
+    # OpenAI's batch output files (every line has a response with a status code; errors in its body)
     out = tmp_path / "answers.jsonl"
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "export.py"), str(tmp_path / "batch3.h5"), "-o",
                            str(out), "--format", "openai_batch"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    lines = strict_json.lines(out.read_text())
     assert [x["custom_id"] for x in lines] == ["a", "b", "c", "d", "e"]
-    assert lines[2]["response"] is None and "tools" in lines[2]["error"]["message"]
+    parsed = {x["custom_id"]: _openai_parser(x) for x in lines}
+    assert parsed["c"][0] == 400 and "tools" in parsed["c"][1]
     for x, i in zip([lines[0], lines[1], lines[3], lines[4]], range(4), strict=True):
         body = x["response"]["body"]
-        assert x["error"] is None and x["response"]["status_code"] == 200
-        text = b3["generated_text"][i].decode()
-        if x["custom_id"] == "a":
-            assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == text
-        else:
-            assert body["object"] == "text_completion" and body["choices"][0]["text"] == text
-        assert body["usage"] == {"prompt_tokens": int(b3["n_prompt_tokens"][i]),
-                                 "completion_tokens": int(b3["n_generated"][i]),
-                                 "total_tokens": int(b3["n_prompt_tokens"][i] + b3["n_generated"][i])}
+        status, text = parsed[x["custom_id"]]
+        assert status == 200 and x["error"] is None and text == b3["generated_text"][i].decode()
+        assert body["object"] == ("chat.completion" if x["custom_id"] == "a" else "text_completion")
+        assert body["model"] == {"a": "gpt-4o-mini", "b": "m"}.get(x["custom_id"], chat_model.name)
+        usage = body["usage"]
+        assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == \
+            (int(b3["n_prompt_tokens"][i]), int(b3["n_generated"][i]),
+             int(b3["n_prompt_tokens"][i] + b3["n_generated"][i]))
+        assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+        assert usage["completion_tokens_details"]["reasoning_tokens"] == 0
+        assert body["system_fingerprint"].startswith("fp_")
         reason = b3["finish_reason"][i].decode()
         assert body["choices"][0]["finish_reason"] == ("length" if reason == "length" else "stop")
+    # ids: OpenAI's prefixes, unique within the file, the same at the next export, other in another file
+    for key in ("id", "request_id", "body_id"):
+        got = [x["id"] if key == "id" else x["response"]["request_id"] if key == "request_id" else
+               x["response"]["body"].get("id", "") for x in lines]
+        assert len(set(got)) == len(got) or key == "body_id", (key, got)
+    assert all(x["id"].startswith("batch_req_") and x["response"]["request_id"].startswith("req_") for x in lines)
+    again = tmp_path / "again.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "jobs" / "export.py"), str(tmp_path / "batch3.h5"), "-o",
+                    str(again), "--format", "openai_batch"], check=True, capture_output=True, timeout=120)
+    assert again.read_text() == out.read_text()
+    b1_lines = strict_json.lines(_export(tmp_path / "batch1.h5", tmp_path / "b1.jsonl").read_text())
+    assert not {x["id"] for x in b1_lines} & {x["id"] for x in lines}  # two batches' lines join without clashes
+    # --errors: OpenAI's two files, answered requests in one and refused ones in the other
+    ok, bad = tmp_path / "ok.jsonl", tmp_path / "bad.jsonl"
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "export.py"), str(tmp_path / "batch3.h5"), "-o",
+                           str(ok), "--errors", str(bad)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "1 error lines" in proc.stdout, proc.stderr
+    assert strict_json.lines(ok.read_text()) == [x for x in lines if x["custom_id"] != "c"]
+    assert strict_json.lines(bad.read_text()) == [lines[2]]
 
     # --- export: tables equal the HDF5 datasets, in every format
     res, _ = _read(tmp_path / "lp-owner.h5")
@@ -254,7 +279,7 @@ def test_token_logprobs_continuations_chats_and_openai_round_trip(tiny_models, c
                                "-o", str(path)], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         if suffix == "jsonl":
-            table = [json.loads(x) for x in path.read_text().splitlines()]
+            table = strict_json.lines(path.read_text())
         elif suffix == "csv":
             table = list(csv.DictReader(path.open()))
             for t in table:
@@ -332,3 +357,97 @@ def test_encode_pair_is_the_harness_tokenization(smollm2_path):
     whole = tok(long_prompt + " of the story")["input_ids"]
     assert cut and ids == whole[-16:] and tok.decode(ids[n_prompt:]) == " of the story"
     assert encode_pair(tok, "a", " b" * 40, 16) == ([], 40, True)  # the completion alone does not fit
+
+
+def _results_file(path, epsilon: list[float]) -> None:
+    """A complete results file of three rows: its privacy ledger and a per-row float with a NaN."""
+    with h5py.File(path, "w") as f:
+        f["row"] = np.arange(3)
+        f["skipped_row"] = np.zeros(0, dtype=np.int64)
+        f["skipped_reason"] = np.array([], dtype=h5py.string_dtype())
+        f["epsilon_spent"] = np.array(epsilon)
+        f["nll_sum"] = np.array([1.5, np.nan, 2.0])
+        f.attrs["complete"] = True
+
+
+def test_exports_keep_infinity_and_nan_apart_and_json_strict(tmp_path):
+    """ε = ∞ (privacy off) and NaN are different values in every export format: strings "Infinity" and
+    "NaN" in JSONL (strict JSON), inf and nan in CSV, floats in Parquet, whose column types do not depend on
+    the values (a job with privacy and one without concatenate)."""
+    import math
+
+    import pyarrow as pa
+
+    from nesa_hpc.io.export import export
+
+    inf = float("inf")
+    _results_file(tmp_path / "off.h5", [inf, inf, inf])
+    _results_file(tmp_path / "on.h5", [1.0, 2.0, 3.0])
+    export(tmp_path / "off.h5", tmp_path / "off.jsonl")
+    lines = strict_json.lines((tmp_path / "off.jsonl").read_text())
+    assert [x["epsilon_spent"] for x in lines] == ["Infinity"] * 3
+    assert [x["nll_sum"] for x in lines] == [1.5, "NaN", 2.0]
+    export(tmp_path / "off.h5", tmp_path / "off.csv")
+    table = list(csv.DictReader((tmp_path / "off.csv").open()))
+    assert all(float(t["epsilon_spent"]) == inf for t in table) and math.isnan(float(table[1]["nll_sum"]))
+    for name in ("off", "on"):
+        export(tmp_path / f"{name}.h5", tmp_path / f"{name}.parquet")
+    off, on = pq.read_table(tmp_path / "off.parquet"), pq.read_table(tmp_path / "on.parquet")
+    assert off.schema == on.schema and off.schema.field("epsilon_spent").type == pa.float64()
+    both = pa.concat_tables([off, on]).to_pydict()
+    assert both["epsilon_spent"] == [inf] * 3 + [1.0, 2.0, 3.0] and math.isnan(both["nll_sum"][1])
+
+
+def test_json_we_write_is_strict():
+    """Non-finite numbers become strings that a strict parser reads and that tell infinity from NaN."""
+    from nesa_hpc.io import jsonfile
+
+    value = {"a": float("inf"), "b": [float("-inf"), np.float32("nan"), np.float64(2.5)], "c": np.arange(2)}
+    text = jsonfile.dumps(value)
+    assert strict_json.loads(text) == {"a": "Infinity", "b": ["-Infinity", "NaN", 2.5], "c": [0, 1]}
+    assert jsonfile.number("Infinity") == float("inf") and jsonfile.number(3) == 3.0
+    with pytest.raises(ValueError):
+        strict_json.loads(json.dumps(float("nan")))
+
+
+def _openai_parser(line: dict) -> tuple[int, str]:
+    """What a script written for OpenAI's batch output files reads from a line: the status code, then the
+    completion's text, or the error's message."""
+    response = line["response"]
+    body = response["body"]
+    if response["status_code"] != 200:
+        return response["status_code"], body["error"]["message"]
+    choice = body["choices"][0]
+    return 200, choice["message"]["content"] if body["object"] == "chat.completion" else choice["text"]
+
+
+def _export(results, out):
+    from nesa_hpc.io.export import export
+
+    export(results, out, "openai_batch")
+    return out
+
+
+def test_chat_text_parts_join_with_a_newline():
+    from nesa_hpc.io.inputs import RowFields
+
+    line = {"custom_id": "x", "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hello"},
+                                                                {"type": "text", "text": "world"}]}]}}
+    assert RowFields(openai=True, max_new_tokens=8).extract(line, "f:1").messages[0]["content"] == "Hello\nworld"
+
+
+def test_duplicate_custom_ids_are_refused(tmp_path):
+    """A batch's requests need unique custom_ids: a repeated one is a bad row naming both lines (skipped by
+    default for OpenAI batch files, so the first request still runs)."""
+    from nesa_hpc.io.read import DataError, RowError, read_rows
+
+    line = {"url": "/v1/completions", "body": {"prompt": "hi"}}
+    path = tmp_path / "batch.jsonl"
+    path.write_text("".join(json.dumps({"custom_id": c, **line}) + "\n" for c in ("a", "b", "a")))
+    rows = list(read_rows(path, fmt="openai_batch", on_error="skip"))
+    assert [r for r, _ in rows] == [0, 1, 2] and [v.custom_id for _, v in rows[:2]] == ["a", "b"]
+    assert isinstance(rows[2][1], RowError) and "batch.jsonl:3: duplicate custom_id 'a' (first on line 1)" in \
+        rows[2][1].reason
+    with pytest.raises(DataError, match="duplicate custom_id"):
+        list(read_rows(path, fmt="openai_batch", on_error="fail"))

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import strict_json
 import torch
 from conftest import ROOT, mpiexec, run_jobs, run_mpi, world_share, write_texts
 
@@ -290,7 +291,7 @@ def _train_args(model, data, out, *extra):
 
 
 def _losses(out) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [m["loss"] for m in strict_json.lines((out / "metrics.jsonl").read_text())]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ mpiexec, the per-rank time lines and the JSON report."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -17,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config import settings_from_cfg
 from ..engine.job import model_folder
+from ..io import jsonfile
 from ..io.read import read_rows, sample_path
 
 __all__ = ["ROOT", "CEILING", "make_dataset", "setup", "baselines", "num", "share", "print_rank_stats", "write",
@@ -99,20 +99,9 @@ def print_rank_stats(rows: list[dict]) -> None:
     print(flush=True)
 
 
-def _finite(x: object) -> object:
-    """``x`` with every NaN or infinite float replaced by None (strict JSON has neither)."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
-
-
 def write(out_dir: Path, name: str, report: dict) -> dict:
     """Write ``report`` as strict JSON to ``out_dir / name`` and return it."""
-    (out_dir / name).write_text(json.dumps(_finite(report), indent=1, allow_nan=False))
+    (out_dir / name).write_text(jsonfile.dumps(report, indent=1))
     print(f"wrote {out_dir / name}")
     return report
 

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from ..io import jsonfile
 from ..io.batch import make_batches
 from ..io.inputs import RowFields
 from ..io.read import read_rows
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = json.loads((argv if argv is not None else sys.argv[1:])[0])
     result = continuous_generate(spec)
     with open(spec["out"], "w") as fh:
-        json.dump(result, fh)
+        fh.write(jsonfile.dumps(result))
 
 
 if __name__ == "__main__":

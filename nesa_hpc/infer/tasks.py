@@ -184,7 +184,8 @@ class GenerateTask(Task):
         if self.requests:
             reqs = batch.requests or [None] * batch.size
             extra = {"custom_id": np.array([r.custom_id if r else "" for r in reqs], dtype=object),
-                     "endpoint": np.array([r.endpoint if r else "" for r in reqs], dtype=object)}
+                     "endpoint": np.array([r.endpoint if r else "" for r in reqs], dtype=object),
+                     "request_model": np.array([r.model if r else "" for r in reqs], dtype=object)}
         return {**extra, "n_tokens": batch.lengths.numpy().astype(np.int32),
                 "n_prompt_tokens": batch.lengths.numpy().astype(np.int32),
                 "n_generated": np.array([len(t) for t in res.tokens], dtype=np.int32),
@@ -199,7 +200,8 @@ class GenerateTask(Task):
                 "generated_ids": (h5py.vlen_dtype(np.int32), ()), "generated_text": (h5py.string_dtype(), ()),
                 "finish_reason": (h5py.string_dtype(), ()), "n_releases": (np.int32, ())}
         if self.requests:
-            cols.update(custom_id=(h5py.string_dtype(), ()), endpoint=(h5py.string_dtype(), ()))
+            cols.update(custom_id=(h5py.string_dtype(), ()), endpoint=(h5py.string_dtype(), ()),
+                        request_model=(h5py.string_dtype(), ()))
         return cols
 
 

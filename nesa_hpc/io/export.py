@@ -8,6 +8,7 @@ only when complete, so an interrupted export never leaves a partial file under t
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import tempfile
@@ -18,6 +19,7 @@ import h5py
 import numpy as np
 
 from ..errors import UserError
+from . import jsonfile
 
 __all__ = ["ExportError", "EXPORT_FORMATS", "export", "openai_lines", "table_rows"]
 
@@ -46,8 +48,7 @@ def _value(x):
     if isinstance(x, np.ndarray):
         return x.tolist()
     if isinstance(x, np.generic):
-        value = x.item()
-        return None if isinstance(value, float) and not np.isfinite(value) else value
+        return x.item()  # NaN and infinity stay floats: "NaN" / "Infinity" in JSON, nan / inf in CSV
     return x
 
 
@@ -88,47 +89,76 @@ def _custom_ids_of(data_path: str | None, rows: set[int]) -> dict[int, str]:
     return found
 
 
+def _run_id(f: h5py.File) -> str:
+    """The results file's own id (``run_id``, written when the file was created); for a file without one,
+    a digest of its path and resume key."""
+    run = f.attrs.get("run_id")
+    if run is not None:
+        return run.decode() if isinstance(run, bytes) else str(run)
+    key = f.attrs.get("resume_key", "")
+    return hashlib.sha256(f"{Path(f.filename).resolve()}:{key}".encode()).hexdigest()[:32]
+
+
+def _ids(run: str, row: int) -> dict[str, str]:
+    """A row's ids in OpenAI's spelling, unique per results file (a digest of the file's id and the row),
+    the same every time the file is exported."""
+    h = hashlib.sha256(f"{run}:{row}".encode()).hexdigest()
+    return {"line": f"batch_req_{h[:32]}", "request": f"req_{h[32:64]}", "body": h[:29]}
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0,
+                                          "rejected_prediction_tokens": 0}}
+
+
 def openai_lines(f: h5py.File) -> Iterator[dict]:
-    """One OpenAI batch output line per input row of a ``task=generate`` file, in input order: a response
-    for a generated row, an ``error`` for a skipped one."""
+    """One OpenAI batch output line per input row of a ``task=generate`` file, in input order, in the shape
+    OpenAI writes: a response (status 200) for a generated row, a response with status 400 and the error
+    in its body for a skipped one (``error`` stays null: it is for requests that got no HTTP response)."""
     if f.attrs.get("task") != "generate":
         raise ExportError(f"{f.filename}: --format openai_batch needs a task=generate file, not "
                           f"task={f.attrs.get('task')}")
-    model = Path(str(f.attrs.get("model_path", "model"))).name
+    folder_model = Path(str(f.attrs.get("model_path", "model"))).name
+    fingerprint = "fp_" + hashlib.sha256(f"{folder_model}:{f.attrs.get('model_dtype', '')}".encode()).hexdigest()[:10]
     created = int(os.path.getmtime(f.filename))
+    run = _run_id(f)
     chat_default = "/v1/chat/completions" if f.attrs.get("chat_template") in (True, "true") else "/v1/completions"
     has_ids = "custom_id" in f
     columns = ["row", "generated_text", "finish_reason", "n_prompt_tokens", "n_generated"] + \
-        (["custom_id", "endpoint"] if has_ids else [])
+        (["custom_id", "endpoint"] if has_ids else []) + (["request_model"] if "request_model" in f else [])
     skipped = dict(_skipped(f))
     skipped_ids = _custom_ids_of(f.attrs.get("data_path"), set(skipped)) if has_ids else {}
     pending = iter(sorted(skipped.items()))
     nxt = next(pending, None)
 
     def error_line(row: int, reason: str) -> dict:
-        cid = skipped_ids.get(row) if has_ids else str(row)
-        return {"id": f"batch_req_{row}", "custom_id": cid, "response": None,
-                "error": {"code": "invalid_request", "message": reason}}
+        ids = _ids(run, row)
+        error = {"message": reason, "type": "invalid_request_error", "param": None, "code": None}
+        return {"id": ids["line"], "custom_id": skipped_ids.get(row) if has_ids else str(row),
+                "response": {"status_code": 400, "request_id": ids["request"], "body": {"error": error}},
+                "error": None}
 
     for rec in table_rows(f, columns):
         row = rec["row"]
         while nxt is not None and nxt[0] < row:
             yield error_line(*nxt)
             nxt = next(pending, None)
+        ids = _ids(run, row)
         endpoint = rec.get("endpoint") or chat_default
         finish = _FINISH.get(rec["finish_reason"], rec["finish_reason"])
         if endpoint == "/v1/chat/completions":
-            choice = {"index": 0, "message": {"role": "assistant", "content": rec["generated_text"]},
+            choice = {"index": 0, "message": {"role": "assistant", "content": rec["generated_text"], "refusal": None},
                       "logprobs": None, "finish_reason": finish}
-            body = {"id": f"chatcmpl-{row}", "object": "chat.completion"}
+            body = {"id": f"chatcmpl-{ids['body']}", "object": "chat.completion"}
         else:
             choice = {"text": rec["generated_text"], "index": 0, "logprobs": None, "finish_reason": finish}
-            body = {"id": f"cmpl-{row}", "object": "text_completion"}
-        body.update(created=created, model=model, choices=[choice],
-                    usage={"prompt_tokens": rec["n_prompt_tokens"], "completion_tokens": rec["n_generated"],
-                           "total_tokens": rec["n_prompt_tokens"] + rec["n_generated"]})
-        yield {"id": f"batch_req_{row}", "custom_id": rec["custom_id"] if has_ids else str(row),
-               "response": {"status_code": 200, "request_id": f"req_{row}", "body": body}, "error": None}
+            body = {"id": f"cmpl-{ids['body']}", "object": "text_completion"}
+        body.update(created=created, model=rec.get("request_model") or folder_model, choices=[choice],
+                    usage=_usage(rec["n_prompt_tokens"], rec["n_generated"]), system_fingerprint=fingerprint)
+        yield {"id": ids["line"], "custom_id": rec["custom_id"] if has_ids else str(row),
+               "response": {"status_code": 200, "request_id": ids["request"], "body": body}, "error": None}
     while nxt is not None:
         yield error_line(*nxt)
         nxt = next(pending, None)
@@ -149,7 +179,7 @@ def _format_of(output: Path, fmt: str | None) -> str:
 def _write_jsonl(items: Iterator[dict], fh) -> int:
     n = 0
     for item in items:
-        fh.write(json.dumps(item, ensure_ascii=False) + "\n")
+        fh.write(jsonfile.dumps(item, ensure_ascii=False) + "\n")
         n += 1
     return n
 
@@ -159,7 +189,7 @@ def _write_csv(items: Iterator[dict], columns: list[str], fh) -> int:
     writer.writerow(columns)
     n = 0
     for item in items:
-        writer.writerow([json.dumps(v) if isinstance(v, list) else ("" if v is None else v)
+        writer.writerow([jsonfile.dumps(v) if isinstance(v, list) else ("" if v is None else v)
                          for v in (item[c] for c in columns)])
         n += 1
     return n
@@ -206,17 +236,22 @@ def _arrow_type(ds: h5py.Dataset):
 
 
 def export(results: str | Path, output: str | Path, fmt: str | None = None, columns: list[str] | None = None,
-           overwrite: bool = False, allow_incomplete: bool = False) -> dict:
-    """Write ``results`` (an HDF5 results file) to ``output`` as ``fmt`` (default: from the extension).
-    Returns {"format", "rows" (lines or table rows written), "output"}."""
+           overwrite: bool = False, allow_incomplete: bool = False, errors: str | Path | None = None) -> dict:
+    """Write ``results`` (an HDF5 results file) to ``output`` as ``fmt`` (default: from the extension); with
+    ``errors`` (``openai_batch`` only) the lines of refused requests go there instead, as OpenAI splits a
+    batch's output and error files. Returns {"format", "rows" (lines or table rows written), "output",
+    "errors" (lines written to ``errors``)}."""
     results, output = Path(results), Path(output)
-    fmt = _format_of(output, fmt)
+    fmt = _format_of(output, "openai_batch" if errors is not None and fmt is None else fmt)
+    if errors is not None and fmt != "openai_batch":
+        raise ExportError(f"--errors {errors}: only --format openai_batch writes an error file")
     if not results.is_file():
         raise ExportError(f"{results}: no such results file")
-    if output.exists() and not overwrite:
-        raise ExportError(f"{output} already exists; pass --overwrite to replace it")
-    if not output.parent.is_dir():
-        raise ExportError(f"{output}: folder {output.parent} does not exist")
+    for path in (output, *([Path(errors)] if errors is not None else [])):
+        if path.exists() and not overwrite:
+            raise ExportError(f"{path} already exists; pass --overwrite to replace it")
+        if not path.parent.is_dir():
+            raise ExportError(f"{path}: folder {path.parent} does not exist")
     try:
         f = h5py.File(results, "r")
     except OSError as exc:
@@ -235,21 +270,45 @@ def export(results: str | Path, output: str | Path, fmt: str | None = None, colu
             columns = ["row"] + [c for c in columns if c != "row"]
         else:
             columns = available
-        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent)
-        os.close(fd)
+        tmp, tmp_errors = _part(output), _part(Path(errors)) if errors is not None else None
+        n_errors = 0
         try:
             if fmt == "parquet":
                 n = _write_parquet(f, columns, tmp)
             else:
                 with open(tmp, "w", encoding="utf-8", newline="") as fh:
-                    if fmt == "openai_batch":
+                    if fmt == "openai_batch" and tmp_errors is not None:
+                        with open(tmp_errors, "w", encoding="utf-8") as fe:
+                            n, n_errors = _write_split(openai_lines(f), fh, fe)
+                    elif fmt == "openai_batch":
                         n = _write_jsonl(openai_lines(f), fh)
                     elif fmt == "jsonl":
                         n = _write_jsonl(table_rows(f, columns), fh)
                     else:
                         n = _write_csv(table_rows(f, columns), columns, fh)
+            if tmp_errors is not None:
+                os.replace(tmp_errors, errors)
             os.replace(tmp, output)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            for part in (tmp, tmp_errors):
+                if part is not None:
+                    Path(part).unlink(missing_ok=True)
             raise
-    return {"format": fmt, "rows": n, "output": str(output)}
+    return {"format": fmt, "rows": n, "output": str(output), "errors": n_errors}
+
+
+def _part(path: Path) -> str:
+    """A temporary file beside ``path``, renamed into place once the export is complete."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    return tmp
+
+
+def _write_split(lines: Iterator[dict], out, err) -> tuple[int, int]:
+    """OpenAI batch lines: answered requests to ``out``, refused ones (status other than 200) to ``err``."""
+    n = n_err = 0
+    for line in lines:
+        ok = line["response"] is not None and line["response"]["status_code"] == 200
+        (out if ok else err).write(jsonfile.dumps(line, ensure_ascii=False) + "\n")
+        n, n_err = n + ok, n_err + (not ok)
+    return n, n_err

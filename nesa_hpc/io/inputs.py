@@ -22,7 +22,7 @@ OPENAI_OPTIONS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_
 # body keys accepted when they ask for nothing beyond one plain completion
 _NEUTRAL = {"n": 1, "stream": False, "logprobs": False, "echo": False, "best_of": 1, "presence_penalty": 0,
             "frequency_penalty": 0, "parallel_tool_calls": None, "stream_options": None}
-_IGNORED = ("model", "user", "metadata", "store", "service_tier")  # about the service, not the output
+_IGNORED = ("user", "metadata", "store", "service_tier")  # about the service, not the output
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class Request:
     completion: str | None = None                # ... and the continuation whose tokens are scored
     custom_id: str | None = None               # data.format=openai_batch: the request's id ...
     endpoint: str | None = None                # ... its url (/v1/chat/completions or /v1/completions) ...
-    options: tuple[tuple[str, object], ...] = ()  # ... and its decoding settings (task option, value)
+    options: tuple[tuple[str, object], ...] = ()  # ... its decoding settings (task option, value) ...
+    model: str = ""                              # ... and body.model (echoed in the exported response)
 
     @property
     def is_pair(self) -> bool:
@@ -72,7 +73,7 @@ def _messages(value: object, name: str, where: str) -> tuple[dict, ...]:
                     kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                     raise ValueError(f"{where}: {at}.content holds a {kind!r} part; only text parts are supported")
                 parts.append(decode_string(part.get("text"), f"{at}.content.text", where))
-            content = "".join(parts)
+            content = "\n".join(parts)  # as vLLM's chat parsing joins a message's text parts
         out.append({"role": decode_string(m["role"], f"{at}.role", where),
                     "content": decode_string(content, f"{at}.content", where)})
     return tuple(out)
@@ -144,7 +145,7 @@ class RowFields:
             raise ValueError(f"{where}: 'body' must be a JSON object")
         endpoint = OPENAI_URLS[url]
         text_key = "messages" if endpoint == "chat" else "prompt"
-        unknown = sorted(set(body) - {text_key, *OPENAI_OPTIONS, *_NEUTRAL, *_IGNORED})
+        unknown = sorted(set(body) - {text_key, "model", *OPENAI_OPTIONS, *_NEUTRAL, *_IGNORED})
         if unknown:
             raise ValueError(f"{where}: body key(s) {unknown} are not supported (supported: {text_key}, "
                              f"{', '.join(sorted(OPENAI_OPTIONS))}; ignored: {', '.join(_IGNORED)})")
@@ -168,8 +169,11 @@ class RowFields:
         for key, option in OPENAI_OPTIONS.items():
             if body.get(key) is not None:
                 options[option] = _option(option, body[key], f"{where}: body.{key}", self.max_new_tokens)
+        model = body.get("model") or ""
+        if not isinstance(model, str):
+            raise ValueError(f"{where}: body.model must be a string, got {type(model).__name__}")
         return Request(text=text, messages=messages, custom_id=custom_id, endpoint=url,
-                       options=tuple(sorted(options.items())))
+                       options=tuple(sorted(options.items())), model=model)
 
 
 def _option(option: str, value: object, where: str, max_new: int | None) -> object:

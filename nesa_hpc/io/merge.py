@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 
 from ..errors import UserError
+from . import jsonfile
 from .results import check_output_path
 
 __all__ = ["MergeError", "merge_shards", "SHARD_KEYS"]
@@ -118,7 +119,7 @@ def merge_shards(paths: list[str | Path], output: str | Path, overwrite: bool = 
     """
     if not paths:
         raise MergeError("no shard files given")
-    output = check_output_path(output, overwrite)
+    output = check_output_path(output, overwrite, "output", "--overwrite")
     shards = [_read_shard(Path(p)) for p in paths]
     _check(shards)
     shards.sort(key=lambda s: s["shard"])
@@ -141,11 +142,12 @@ def merge_shards(paths: list[str | Path], output: str | Path, overwrite: bool = 
             stats = [dict(r, shard=s["shard"]) for s in shards for r in _json(s["attrs"].get("rank_stats", "[]"))]
             rows = [len(s["rows"]) for s in shards]
             waste = sum(float(s["attrs"].get("padding_waste", 0.0)) * n for s, n in zip(shards, rows, strict=True))
-            attrs.update(totals, resume_key=json.dumps(key), next_row=shards[-1]["stop"], complete=True,
-                         merged_from=json.dumps([str(s["path"]) for s in shards]),
+            attrs.update(totals, resume_key=jsonfile.dumps(key), next_row=shards[-1]["stop"], complete=True,
+                         merged_from=jsonfile.dumps([str(s["path"]) for s in shards]),
                          seconds=sum(float(s["attrs"].get("seconds", 0.0)) for s in shards),
-                         shard_seconds=json.dumps([float(s["attrs"].get("seconds", 0.0)) for s in shards]),
-                         rank_stats=json.dumps(stats), peak_rss_mb=json.dumps([r["peak_rss_mb"] for r in stats]),
+                         shard_seconds=jsonfile.dumps([float(s["attrs"].get("seconds", 0.0)) for s in shards]),
+                         rank_stats=jsonfile.dumps(stats),
+                         peak_rss_mb=jsonfile.dumps([r["peak_rss_mb"] for r in stats]),
                          padding_waste=waste / max(1, sum(rows)))
             for k, v in attrs.items():
                 out.attrs[k] = v

@@ -90,6 +90,7 @@ def read_rows(path: str | Path, fmt: str = "auto", text_field: str = "text", on_
 
 
 def _read_lines(path: Path, fmt: str, fields: RowFields) -> Iterator[tuple[int, str | Request | RowError]]:
+    first: dict[str, int] = {}  # OpenAI batch: custom_id -> its first line (ids must be unique in a batch)
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
@@ -116,9 +117,15 @@ def _read_lines(path: Path, fmt: str, fields: RowFields) -> Iterator[tuple[int, 
                 yield lineno - 1, RowError(f"{path}:{lineno}: unusable JSON ({exc})")
                 continue
             try:
-                yield lineno - 1, fields.extract(obj, f"{path}:{lineno}")
+                row = fields.extract(obj, f"{path}:{lineno}")
             except ValueError as exc:
                 yield lineno - 1, RowError(str(exc))
+                continue
+            cid = row.custom_id if isinstance(row, Request) else None
+            if cid is not None and first.setdefault(cid, lineno) != lineno:
+                row = RowError(f"{path}:{lineno}: duplicate custom_id {cid!r} (first on line {first[cid]}): each "
+                               "request of a batch needs its own")
+            yield lineno - 1, row
 
 
 def _read_csv(path: Path, fields: RowFields) -> Iterator[tuple[int, str | Request | RowError]]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from ..errors import UserError
+from . import jsonfile
 
 __all__ = ["ResultWriter", "InOrder", "OutputExistsError", "ResumeMismatch", "ResultWriteError", "read_results"]
 
@@ -22,16 +24,18 @@ class OutputExistsError(FileExistsError):
     pass
 
 
-def check_output_path(path: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing file unless ``overwrite``; check the folder is writable. Nothing is written."""
+def check_output_path(path: str | Path, overwrite: bool, name: str = "output.path",
+                      replace: str = "output.overwrite=true") -> Path:
+    """Refuse an existing file unless ``overwrite``; check the folder is writable. Nothing is written.
+    ``name`` and ``replace`` are how the caller's user names the path and the switch that replaces it."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise OutputExistsError(f"output.path {path} already exists; pass output.overwrite=true to replace it")
+        raise OutputExistsError(f"{name} {path} already exists; pass {replace} to replace it")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise FileNotFoundError(f"output.path {path}: folder {parent} does not exist")
+        raise FileNotFoundError(f"{name} {path}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
-        raise PermissionError(f"output.path {path}: folder {parent} is not writable")
+        raise PermissionError(f"{name} {path}: folder {parent} is not writable")
     return path
 
 
@@ -73,6 +77,7 @@ class ResultWriter:
                                      chunks=(chunk_rows, *shape))
         for key, value in attrs.items():
             self.file.attrs[key] = _attr(value)
+        self.file.attrs["run_id"] = uuid.uuid4().hex  # this file's own id (kept on resume): export ids use it
         self.file.attrs["complete"] = False
         self.file.attrs["next_row"] = first_row
         self.rows = self.skipped = 0
@@ -218,7 +223,7 @@ def _attr(value):
     if value is None:
         return "null"
     if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value)
+        return jsonfile.dumps(value)
     return value
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..io import jsonfile
 
 __all__ = ["Denoiser", "save_denoiser", "load_denoiser", "owner_denoiser", "FILE", "META"]
 
@@ -91,7 +92,7 @@ def save_denoiser(denoiser: Denoiser, folder: Path, model_config, trained: dict)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     save_file({n: p.detach().cpu().contiguous() for n, p in denoiser.state_dict().items()}, str(folder / FILE))
     meta = {**denoiser.meta(), "model": _model_facts(model_config), "trained": trained}
-    (folder / META).write_text(json.dumps(meta, indent=2, default=str))
+    (folder / META).write_text(jsonfile.dumps(meta, indent=2, default=str))
     return folder
 
 

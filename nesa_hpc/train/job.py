@@ -48,6 +48,7 @@ from ..engine.owner import Owner
 from ..engine.schedule import TrainingRole
 from ..engine.stage import LocalPipe, Stage
 from ..infer.tasks import make_task
+from ..io import jsonfile
 from ..models.lora import lora_targets
 from ..models.weights import DTYPES, load_modules
 from ..privacy.denoiser import Denoiser
@@ -265,7 +266,7 @@ def _prepare_out_dir(spec: TrainSpec, cfg: DictConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not Path(spec.owner_dir).exists():
         Path(spec.owner_dir).mkdir(parents=True, mode=0o700)  # rank 0's own files
-    (out / "train.json").write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True),
+    (out / "train.json").write_text(jsonfile.dumps({"config": OmegaConf.to_container(cfg, resolve=True),
                                                 "key": _key_digest(cfg)}, indent=2, default=str))
 
 

@@ -19,6 +19,7 @@ from ..engine.job import EXIT_STOPPED, gather_stats, rank_stats, settle
 from ..engine.messages import Export, Save
 from ..engine.owner import Owner
 from ..engine.stage import NonFiniteError
+from ..io import jsonfile
 from ..privacy.denoiser import save_denoiser
 from ..privacy.mechanism import Privacy, PrivacySpec, auto_clip, make_privacy, noise_key, read_key, write_key
 from .checkpoint import checkpoint_root, export, latest_checkpoint, save_rank
@@ -160,7 +161,7 @@ class TrainLoop:
         rate = self.tokens_run / max(now - self.t_start, 1e-9)
         eps = self.epsilon()
         with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps({"step": self.step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": norm,
+            fh.write(jsonfile.dumps({"step": self.step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": norm,
                                  "target_tokens": n_target, "tokens": tokens, "tokens_per_s": rate,
                                  "epsilon_spent": eps}) + "\n")
         total = self.plan.total_steps
@@ -181,7 +182,7 @@ class TrainLoop:
         folder.mkdir(parents=True, exist_ok=True)  # rank 0's own part may have gone to train.owner_dir
         state = {"step": step, "ledger": self.ledger.__dict__}
         tmp = folder / "state.json.tmp"
-        tmp.write_text(json.dumps(state, indent=2))
+        tmp.write_text(jsonfile.dumps(state, indent=2))
         os.replace(tmp, folder / "state.json")
         done = sorted(p for p in checkpoint_root(spec).glob("step-*") if (p / "state.json").is_file())
         for old in done[:-spec.keep_checkpoints]:
@@ -220,7 +221,7 @@ class TrainLoop:
                         "privacy guarantee (written to train.owner_dir; share it only as you would the data)",
                         exported)
         summary["rank_stats"] = self._rank_stats(elapsed)
-        (self.own / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        (self.own / "summary.json").write_text(jsonfile.dumps(summary, indent=2, default=str))
         (self.own / "noise-key").unlink(missing_ok=True)
         log.info("done: %d steps in %.1f s (%.0f tokens/s), final loss %.4f, epsilon spent %s%s", self.step, elapsed,
                  summary["tokens_per_s"], summary["final_loss"] if self.losses else float("nan"),

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
+from ...io import jsonfile
 from .gradient import GRAD_COLUMNS
 
 __all__ = ["COLUMNS", "write", "plot"]
@@ -36,7 +36,8 @@ def write(out: Path, table: list[dict], meta: dict, grad_rows: list[dict] = ()) 
         w.writeheader()
         for r in table:
             w.writerow({c: r[c] for c in COLUMNS})
-    (out / "audit.json").write_text(json.dumps({"meta": meta, "rows": table, "gradient": list(grad_rows)}, indent=1))
+    report = {"meta": meta, "rows": table, "gradient": list(grad_rows)}
+    (out / "audit.json").write_text(jsonfile.dumps(report, indent=1))
     with h5py.File(out / "audit.h5", "w") as f:
         for c in COLUMNS:
             values = [r[c] for r in table]
