@@ -48,6 +48,7 @@ class Settings:
     on_long: str
     output_path: str
     overwrite: bool
+    allow_shared: bool
     resume: bool
     threads: int | None
     inflight: int | None
@@ -206,6 +207,7 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
         on_long=choice("data.on_long", data.get("on_long", "truncate"), ON_LONG),
         output_path=str(out["path"]),
         overwrite=as_bool("output.overwrite", out.get("overwrite", False)),
+        allow_shared=as_bool("output.allow_shared", out.get("allow_shared", False)),
         resume=as_bool("output.resume", out.get("resume", False)),
         threads=integer("runtime.threads", rt.get("threads"), 1, allow_none=True),
         inflight=integer("runtime.inflight", rt.get("inflight"), 1, allow_none=True),

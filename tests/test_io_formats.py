@@ -451,3 +451,19 @@ def test_duplicate_custom_ids_are_refused(tmp_path):
         rows[2][1].reason
     with pytest.raises(DataError, match="duplicate custom_id"):
         list(read_rows(path, fmt="openai_batch", on_error="fail"))
+
+
+def test_an_incomplete_leftover_is_named_as_such(tmp_path):
+    """A run that failed on its first row leaves an incomplete file: the rerun's refusal says so."""
+    from nesa_hpc.io.results import OutputExistsError, check_output_path
+
+    _results_file(tmp_path / "done.h5", [1.0, 2.0, 3.0])
+    with pytest.raises(OutputExistsError) as done:
+        check_output_path(tmp_path / "done.h5", overwrite=False)
+    assert "an incomplete results file" not in str(done.value)
+    with h5py.File(tmp_path / "left.h5", "w") as f:
+        f["row"] = np.zeros(0, dtype=np.int64)
+        f.attrs["complete"] = False
+    with pytest.raises(OutputExistsError, match=r"an incomplete results file: its run stopped or failed and "
+                                                r"committed no row\); pass output.overwrite=true"):
+        check_output_path(tmp_path / "left.h5", overwrite=False)

@@ -335,3 +335,81 @@ def test_training_with_noise_refuses_to_keep_owner_files_in_the_shared_folder(ow
                                                       "train.owner_trainable=true", "train.export=merged"])
     with pytest.raises(ConfigError, match="not covered by the guarantee"):
         train_spec(cfg)
+
+
+def test_a_nan_in_rank0s_clean_states_is_not_marked_on_the_wire():
+    """Side door (a): rank 0 marks NaN/Inf in its clean layer-k states for itself (``Front.own``); what leaves
+    with Z are the marks of Z alone (the transform sends a non-finite value as zero), so a data-dependent
+    overflow before the noise is not revealed to the workers. Without a transform Z is the clean state, and
+    the marks are the same."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nesa_hpc.engine.owner import Owner
+    from nesa_hpc.engine.topology import make_topology
+    from nesa_hpc.models.adapter import make_adapter
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    adapter = make_adapter(model)
+    topo = make_topology(4, 1, 2)
+    ids = torch.randint(0, 64, (3, 5))
+    mask, pos, rows = torch.ones(3, 5, dtype=torch.long), torch.arange(5).expand(3, 5), torch.arange(3)
+    noisy = make_privacy(PrivacySpec("gaussian", unit="sequence", epsilon=4.0, delta=1e-5, clip=1.0, seed=1), k=1)
+    with torch.inference_mode():
+        front = Owner(topo, adapter, noisy, None).front(ids, mask, pos, rows, digests=[b"r"] * 3)
+        plain = Owner(topo, adapter, make_privacy("none"), None).front(ids, mask, pos, rows, digests=[b"r"] * 3)
+    assert front.own.tolist() == [0, 0, 0] and torch.isfinite(front.z).all()
+    assert front.nonfinite_at.tolist() == [-1, -1, -1]
+    assert plain.own.tolist() == plain.nonfinite_at.tolist() == [0, 0, 0]
+
+
+def test_owner_files_stay_off_file_systems_the_workers_mount(tmp_path, monkeypatch):
+    """Side doors (e) and (f): with noise on and a worker on another host, a results file on a network file
+    system is refused unless output.allow_shared, and so is the noise key's default folder there; a key
+    folder or key path the user chose is taken as it is; one host, or no noise, checks nothing."""
+    from dataclasses import replace
+
+    from nesa_hpc.config import ConfigError
+    from nesa_hpc.infer.files import check_owner_paths
+    from nesa_hpc.io.fs import network_fs
+
+    shared, local = tmp_path / "shared", tmp_path / "local"
+    shared.mkdir()
+    local.mkdir()
+    mounts = f"/dev/sda1 / ext4 rw 0 0\nserver:/export {shared} nfs4 rw 0 0\n"
+    assert network_fs(shared / "out.h5", mounts) == "nfs4" and network_fs(local / "out.h5", mounts) is None
+    monkeypatch.delenv("NESA_HPC_KEYS", raising=False)
+    monkeypatch.setenv("NESA_HPC_CACHE", str(local))
+    noisy = PrivacySpec("gaussian", unit="sequence", epsilon=4.0, delta=1e-5, clip=1.0)
+    settings = _settings(privacy=noisy, output_path=str(shared / "out.h5"))
+    two_hosts = ["owner-node", "worker-node"]
+    with pytest.raises(ConfigError, match=r"is on a nfs4 file system, which the workers' nodes \(worker-node\)"):
+        check_owner_paths(settings, two_hosts, mounts)
+    check_owner_paths(replace(settings, allow_shared=True), two_hosts, mounts)
+    check_owner_paths(settings, ["owner-node", "owner-node"], mounts)  # every rank on rank 0's host
+    check_owner_paths(replace(settings, privacy=PrivacySpec("none")), two_hosts, mounts)
+    # the default key folder on the shared file system
+    monkeypatch.setenv("NESA_HPC_CACHE", str(shared))
+    at_home = replace(settings, output_path=str(local / "out.h5"))
+    with pytest.raises(ConfigError, match="the noise key .* would be kept in .* set privacy.key_path"):
+        check_owner_paths(at_home, two_hosts, mounts)
+    check_owner_paths(replace(at_home, privacy=replace(noisy, key_path=str(local / "k"))), two_hosts, mounts)
+    check_owner_paths(replace(at_home, privacy=replace(noisy, seed=3)), two_hosts, mounts)  # no key kept
+    monkeypatch.setenv("NESA_HPC_KEYS", str(shared / "keys"))  # a folder the user chose
+    check_owner_paths(at_home, two_hosts, mounts)
+
+
+def _settings(**changes):
+    from dataclasses import replace
+
+    from hydra import compose, initialize_config_dir
+
+    from nesa_hpc.config import settings_from_cfg
+    from nesa_hpc.overrides import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        settings = settings_from_cfg(compose(config_name="infer"))
+    return replace(settings, **changes)

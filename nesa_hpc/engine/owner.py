@@ -31,13 +31,16 @@ log = logging.getLogger("nesa_hpc")
 
 
 class Front(NamedTuple):
-    """What :meth:`Owner.front` makes: Z (B, T, H), the only activations that leave rank 0; its (B,) int32
-    non-finite marks; and, when rank 0 has a denoiser, the clean layer-k states it reads in :meth:`Owner.back`
-    (else None)."""
+    """What :meth:`Owner.front` makes: Z (B, T, H), the only activations that leave rank 0; the (B,) int32
+    non-finite marks of Z itself (what goes on the wire with it); when rank 0 has a denoiser, the clean
+    layer-k states it reads in :meth:`Owner.back` (else None); and ``own``, the marks of rank 0's clean
+    states, which stay on rank 0 (where an fp16 overflow before the noise depends on the data, so its mark
+    must not leave with Z)."""
 
     z: torch.Tensor
     nonfinite_at: torch.Tensor
     clean: torch.Tensor | None
+    own: torch.Tensor
 
 
 class Owner:
@@ -89,13 +92,14 @@ class Owner:
         h = a.run_layers(range(0, self.topo.k), h, mask, pos, cache)
         step_mask = mask if step_mask is None else step_mask
         clean = torch.full((ids.shape[0],), -1, dtype=torch.int32, device=h.device)
-        # marked before the privacy transform, which sends a NaN/Inf as zero (it would slip past the clip)
-        bad = mark_nonfinite(h, step_mask, clean, 0)
+        # marked before the privacy transform, which sends a NaN/Inf as zero (it would slip past the clip);
+        # this mark is rank 0's own: only the marks of Z, computed on Z, travel with it
+        own = mark_nonfinite(h, step_mask, clean, 0)
         counted = not (picked and self.picks_from_releases_only)
         z = self.privacy.apply(h, step_mask, rows, releases=releases, counted=counted, digests=digests)  # (B, T, H)
-        # a transform's final cast can still overflow (fp16 and a large sigma); without one, Z is h, checked above
-        bad = bad if z is h else mark_nonfinite(z, step_mask, bad, 0)
-        return Front(z, bad, h.detach() if self.denoiser is not None else None)
+        # a transform's final cast can still overflow (fp16 and a large sigma); without one, Z is h
+        sent = own if z is h else mark_nonfinite(z, step_mask, clean, 0)
+        return Front(z, sent, h.detach() if self.denoiser is not None else None, own)
 
     # -- the back: what rank 0 does with what comes back
     def back(self, h: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, bad: torch.Tensor, cache=None,
@@ -163,13 +167,14 @@ def run_stream(owner: Owner, task, batches: Iterable[Batch],
     (-1 = clean). When ``should_stop()`` turns true no new batch starts; those in flight are finished, and
     ``extra["stopped"]`` is set if any batch was left."""
     stats, dev, adapter = owner.stats, owner.device, owner.adapter
-    outstanding: deque[tuple[Batch, torch.Tensor | None]] = deque()
+    outstanding: deque[tuple[Batch, torch.Tensor | None, torch.Tensor]] = deque()
 
     def collect() -> None:
-        batch, clean = outstanding.popleft()
+        batch, clean, own = outstanding.popleft()
         msg = owner.recv(Output, batch.index)  # (B, T, H) states, or the head's outputs
         t0 = time.perf_counter()
         out, bad = msg.output.to(dev, non_blocking=True), msg.nonfinite_at.to(dev)
+        bad = torch.where(own >= 0, own, bad)  # rank 0's own marks come first (they never left it)
         with torch.inference_mode(), memory_guard(0, "the head", tuple(batch.ids.shape)):
             if owner.head_here:
                 mask, pos = batch.mask.to(dev), batch.pos.to(dev)
@@ -187,11 +192,11 @@ def run_stream(owner: Owner, task, batches: Iterable[Batch],
         t0 = time.perf_counter()
         with torch.inference_mode(), memory_guard(0, "embedding and layers [0, k)", tuple(batch.ids.shape)):
             mask, pos = batch.mask.to(dev), batch.pos.to(dev)  # (B, T) each
-            z, bad, clean = owner.front(batch.ids.to(dev), mask, pos, batch.rows, digests=batch.digests())
+            z, bad, clean, own = owner.front(batch.ids.to(dev), mask, pos, batch.rows, digests=batch.digests())
         stats.compute_s += time.perf_counter() - t0
         stats.batches += 1
         owner.send(Activations.pack(batch.index, z, mask, pos, bad, owner.wire), limit=inflight)
-        outstanding.append((batch, clean))
+        outstanding.append((batch, clean, own))
         while len(outstanding) >= inflight:
             collect()
     while outstanding:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from omegaconf import OmegaConf
 from .. import __version__
 from ..config import Settings
 from ..errors import ConfigError
+from ..io.fs import network_fs
 from ..io.inputs import RowFields, chat_text, render
 from ..io.read import DataError, RowError, count_rows, read_rows, shard_range
 from ..io.results import ResultWriter
@@ -173,6 +175,31 @@ def check_generate(settings: Settings, adapter, folder: str, tokenizer) -> None:
                           f"exceeds the model's {limit} positions; lower one of them")
     if settings.chat_template and not tokenizer.chat_template:
         raise ConfigError(f"data.chat_template=true but the tokenizer in {folder} has no chat template")
+
+
+def check_owner_paths(settings: Settings, hosts: list[str], mounts: str | None = None) -> None:
+    """With a privacy mechanism on and workers on other hosts than rank 0, rank 0's own files stay off file
+    systems the workers' nodes may mount (:func:`~nesa_hpc.io.fs.network_fs`): the results of the private
+    rows (unless ``output.allow_shared``), and the OS noise key in its default folder (``privacy.key_path``
+    or ``$NESA_HPC_KEYS`` chosen by the user are taken as they are)."""
+    spec = settings.privacy
+    away = sorted({h for h in hosts[1:] if h != hosts[0]}) if hosts else []
+    if not spec.adds_noise or not away:
+        return
+    nodes = ", ".join(away[:4]) + (" ..." if len(away) > 4 else "")
+    fs = network_fs(settings.output_path, mounts)
+    if fs and not settings.allow_shared:
+        raise ConfigError(f"output.path {settings.output_path} is on a {fs} file system, which the workers' nodes "
+                          f"({nodes}) may mount, and a privacy mechanism is on: the results of the private rows "
+                          "belong where only rank 0 reads. Point output.path at a node-local or owner-only "
+                          "folder, or pass output.allow_shared=true to keep them there knowingly")
+    if spec.seed is None and not spec.key_path and not os.environ.get("NESA_HPC_KEYS"):
+        folder = default_key_path(settings.output_path).parent
+        fs = network_fs(folder, mounts)
+        if fs:
+            raise ConfigError(f"the noise key (it rebuilds the noise) would be kept in {folder}, on a {fs} file "
+                              f"system that the workers' nodes ({nodes}) may mount: set privacy.key_path to a "
+                              "node-local path only you read (or $NESA_HPC_KEYS to such a folder)")
 
 
 def key_file(settings: Settings) -> Path:

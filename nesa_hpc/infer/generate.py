@@ -207,12 +207,15 @@ class Generation:
             r.sent += r.chunk(self.chunk)
         for r in [*lane.rows, *joins]:
             r.releases += 1
-        # a row keeps the stage where NaN/Inf first appeared in its activations; clean rows take the front's mark
-        before = torch.tensor([r.nonfinite_at for r in [*lane.rows, *joins]], dtype=torch.int32)
-        marks = torch.cat([f.nonfinite_at.cpu() for f in (dec_front, join_front) if f is not None]).to(torch.int32)
+        # a row keeps the stage where NaN/Inf first appeared in its activations (rank 0's own marks of its clean
+        # states stay here); the message carries the marks of this step's Z only
+        fronts = [f for f in (dec_front, join_front) if f is not None]
+        for r, own in zip([*lane.rows, *joins], torch.cat([f.own.cpu() for f in fronts]).tolist(), strict=True):
+            r.nonfinite_at = r.nonfinite_at if r.nonfinite_at >= 0 else own
+        marks = torch.cat([f.nonfinite_at.cpu() for f in fronts]).to(torch.int32)
         msg = GenerationStep(lane.index, plan.kept.cpu().to(torch.int32), *self._wire(dec, dec_front, 1),
                              plan.filling.cpu().to(torch.int32), *self._wire(join, join_front, 1),
-                             done.to(torch.int8), torch.where(before >= 0, before, marks))
+                             done.to(torch.int8), marks)
         lane.sent = _Sent(lane.rows, joins, plan, (dec[1], dec[2], dec_front.clean) if dec else None,
                           (join[1], join[2], join_front.clean) if join else None)
         lane.used = True
@@ -345,7 +348,7 @@ class Generation:
         row of the step keeps its mark."""
         done = sent.plan.done.cpu().tolist()
         for r, mark in zip([*sent.decode, *sent.join], bad.tolist(), strict=True):
-            r.nonfinite_at = mark
+            r.nonfinite_at = r.nonfinite_at if r.nonfinite_at >= 0 else mark
         rows = [*sent.decode, *(r for r, d in zip(sent.join, done, strict=True) if d)]
         if not rows:
             return

@@ -37,6 +37,7 @@ from ..privacy.denoiser import owner_denoiser
 from .files import (
     chat,
     check_generate,
+    check_owner_paths,
     check_task,
     key_file,
     load_tokenizer,
@@ -141,6 +142,7 @@ def _plan(cfg: DictConfig, job) -> _Plan:
     job.log_layout("model", job.head_cost)
     # with data.num_shards > 1, rank 0 counts the input rows to find this shard's block
     rows = agree(comm, lambda: shard_rows(settings, data_path), share=False)
+    agree(comm, lambda: check_owner_paths(settings, job.hosts))
     # rank 0 opens (or reopens, to resume) the results file before any rank loads weights
     writer = agree(comm, lambda: open_results(cfg, settings, topo, adapter, task, folder, data_path, rows, eos),
                    share=False)

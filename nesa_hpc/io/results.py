@@ -30,13 +30,30 @@ def check_output_path(path: str | Path, overwrite: bool, name: str = "output.pat
     ``name`` and ``replace`` are how the caller's user names the path and the switch that replaces it."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise OutputExistsError(f"{name} {path} already exists; pass {replace} to replace it")
+        raise OutputExistsError(f"{name} {path} already exists{leftover(path)}; pass {replace} to replace it")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise FileNotFoundError(f"{name} {path}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"{name} {path}: folder {parent} is not writable")
     return path
+
+
+def leftover(path: Path | h5py.File) -> str:
+    """What a user should know of an existing results file (a path, or the file open) before replacing or
+    resuming it: whether it is the incomplete leftover of a run that stopped or failed, and how many rows it
+    holds ("" if it is complete or not a results file)."""
+    if isinstance(path, h5py.File):
+        if "row" not in path or path.attrs.get("complete", True):
+            return ""
+        rows = len(path["row"])
+        what = "committed no row" if rows == 0 else f"committed {rows} rows"
+        return f" (an incomplete results file: its run stopped or failed and {what})"
+    try:
+        with h5py.File(path, "r") as f:
+            return leftover(f)
+    except OSError:
+        return ""
 
 
 class ResultWriteError(UserError):
@@ -99,8 +116,9 @@ class ResultWriter:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             if diff:
                 parts = ", ".join(f"{k}: file has {old.get(k)!r}, this run {new.get(k)!r}" for k in diff)
-                raise ResumeMismatch(f"output.path {self.path} was written with a different configuration "
-                                     f"({parts}); resume with the same settings or pass output.overwrite=true")
+                raise ResumeMismatch(f"output.path {self.path}{leftover(self.file)} was written with a different "
+                                     f"configuration ({parts}); resume with the same settings or pass "
+                                     "output.overwrite=true")
             missing = [n for n in {**self.columns, **_SKIPPED} if n not in self.file]
             if missing or "next_row" not in self.file.attrs:
                 raise ResumeMismatch(f"output.path {self.path} is not a nesa_hpc result file of this task "

@@ -245,6 +245,7 @@ class _OwnerStep:
         self.sends_grad = trainer.role.grads[-1]  # the last stage back-propagates: it gets the gradient
         self.saved: dict[int, tuple[torch.Tensor, int]] = {}  # micro-batch -> (Z, bytes saved for its backward)
         self.clean: dict[int, torch.Tensor | None] = {}  # micro-batch -> clean layer-k states (denoiser)
+        self.own: dict[int, torch.Tensor] = {}  # micro-batch -> marks of rank 0's clean states (kept here)
         self.loss_sum = 0.0
 
     def forward(self, m: int) -> None:
@@ -255,8 +256,8 @@ class _OwnerStep:
         t0 = time.perf_counter()
         with torch.set_grad_enabled(self.front_trains), memory_guard(0, "embedding and layers [0, k)", b.ids.shape), \
                 self.trainer.saved_bytes.counting() as counted:
-            z, bad, self.clean[m] = owner.front(b.ids.to(dev), mask, pos, b.rows, releases=self.release,
-                                                digests=b.digests())  # (B, T, H)
+            z, bad, self.clean[m], self.own[m] = owner.front(b.ids.to(dev), mask, pos, b.rows,
+                                                             releases=self.release, digests=b.digests())  # (B, T, H)
         stats.compute_s += time.perf_counter() - t0
         stats.batches += 1
         if self.front_trains:
@@ -272,6 +273,8 @@ class _OwnerStep:
         msg = owner.recv(TrainOutput, m, strict=False)  # final states (B, T, H), or logits (N, V) with head=last
         t0 = time.perf_counter()
         x, bad = msg.output.to(dev, non_blocking=True), msg.nonfinite_at.to(dev)
+        own = self.own.pop(m)
+        bad = torch.where(own >= 0, own, bad)  # rank 0's own marks (of its clean states) never left it
         if (bad >= 0).any():
             stage = int(bad[bad >= 0].min())
             raise NonFiniteError(f"train: NaN/Inf in the activations of rows {b.rows[bad.cpu() >= 0].tolist()} at "
