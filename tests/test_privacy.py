@@ -11,6 +11,7 @@ import torch
 from scipy.stats import norm
 
 from nesa_hpc.privacy.mechanism import (
+    NOISE_KEYING,
     Ledger,
     PrivacyConfigError,
     PrivacySpec,
@@ -173,7 +174,8 @@ def test_the_owner_keys_every_release_with_the_rows_content():
     digests = inspect.signature(Owner.front).parameters["digests"]
     assert digests.kind is inspect.Parameter.KEYWORD_ONLY and digests.default is inspect.Parameter.empty
     noisy = PrivacySpec("gaussian", unit="token", epsilon=1.0, delta=1e-5, clip=1.0)
-    assert privacy_key(noisy)["privacy_noise_keying"] == "row, release, content"
+    assert privacy_key(noisy)["privacy_noise_keying"] == NOISE_KEYING
+    assert NOISE_KEYING.startswith("ChaCha20 keyed by (key, row, release, content)")
     assert "privacy_noise_keying" not in privacy_key(PrivacySpec("none"))
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from randomgen import ChaCha
 
 from ..errors import UserError
 
@@ -176,7 +177,7 @@ def clip_norms(z: torch.Tensor, mask: torch.Tensor, unit: str, clip: float) -> t
 
 # What keys a release's noise beside the job's key (:meth:`Privacy.draw`). Results files and training runs
 # record it, so that a run of a version that keyed the noise otherwise is not resumed with other noise.
-NOISE_KEYING = "row, release, content"
+NOISE_KEYING = "ChaCha20 keyed by (key, row, release, content), one stream per position"
 
 
 def noise_key(seed: int | None) -> bytes:
@@ -303,17 +304,21 @@ class Privacy:
         """The noise of ``row``'s release ``release`` ((n, H), float64), keyed by the job's key, the row, the
         release and the row's ``content`` digest: the same row, release and content always get the same
         noise (a resumed run re-sends a row it had sent without a second release), and anything else gets
-        independent noise."""
+        independent noise. The bits come from ChaCha20 (a cryptographic stream: no output reveals its key
+        or any other output), each position from a stream of its own (counter ``position << 64``), so the
+        noise at known positions (a chat template's tokens) says nothing about the rest."""
         tail = f":{row}:{release}".encode() + (b":" + content if content else b"")
-        digest = hashlib.blake2b(self.key + tail, digest_size=16).digest()
-        rng = np.random.Generator(np.random.PCG64(int.from_bytes(digest, "little")))
-        if self.spec.mechanism == "dchi":
-            # density ∝ exp(-eps ||x||): a uniform direction times a Gamma(H, 1/eps) radius
-            direction = rng.standard_normal((n, H))
-            direction /= np.linalg.norm(direction, axis=-1, keepdims=True)
-            radius = rng.gamma(shape=H, scale=1.0 / self.spec.epsilon, size=(n, 1))
-            return torch.from_numpy(direction * radius)
-        return torch.from_numpy(rng.standard_normal((n, H)) * self.sigma)
+        key = int.from_bytes(hashlib.blake2b(self.key + tail, digest_size=32).digest(), "little")
+        out = np.empty((n, H))
+        for p in range(n):
+            rng = np.random.Generator(ChaCha(key=key, counter=p << 64, rounds=20))
+            if self.spec.mechanism == "dchi":
+                # density ∝ exp(-eps ||x||): a uniform direction times a Gamma(H, 1/eps) radius
+                direction = rng.standard_normal(H)
+                out[p] = direction / np.linalg.norm(direction) * rng.gamma(shape=H, scale=1.0 / self.spec.epsilon)
+            else:
+                out[p] = rng.standard_normal(H) * self.sigma
+        return torch.from_numpy(out)
 
     def guarantee(self) -> str:
         """The claim, in words. Seeded noise is known to whoever knows the seed (and repeats across jobs that
