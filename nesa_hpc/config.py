@@ -26,8 +26,9 @@ TRANSPORTS = ("mpi", "torch")
 @dataclass(frozen=True)
 class Settings:
     task: str
-    pooling: str
-    normalize: bool
+    pooling: str | None          # task=embed: null until the model folder fills it in (models/sentence.py)
+    normalize: bool | None
+    max_seq_length: int | None
     model_path: str | None
     model_packaged: str
     model_dtype: str
@@ -80,6 +81,9 @@ class Settings:
     completion_field: str | None = None
     token_logprobs: bool = False
     top_logprobs: int = 0
+
+
+POOLINGS = ("mean", "cls", "last")
 
 
 def choice(name: str, value: Any, allowed) -> Any:
@@ -183,8 +187,9 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
         raise ConfigError("output.path must name the HDF5 results file")
     return Settings(
         task=choice("task.name", task["name"], TASKS),
-        pooling=choice("task.pooling", task.get("pooling", "mean"), ("mean", "last")),
-        normalize=as_bool("task.normalize", task.get("normalize", False)),
+        pooling=None if task.get("pooling") is None else choice("task.pooling", task["pooling"], POOLINGS),
+        normalize=None if task.get("normalize") is None else as_bool("task.normalize", task["normalize"]),
+        max_seq_length=integer("task.max_seq_length", task.get("max_seq_length"), 1, allow_none=True),
         model_path=model.get("path"),
         model_packaged=choice("model.packaged", model.get("packaged"), PACKAGED_MODELS),
         model_adapters=None if model.get("adapters") is None else str(model["adapters"]),

@@ -36,6 +36,7 @@ def overrides(case: dict, out: str) -> list[str]:
           f"output.path={out}", "output.overwrite=true", "runtime.threads=1"]
     if case["task"] == "embed":
         ov.append(f"task.pooling={case.get('pooling', 'mean')}")
+        ov.append("task.normalize=false")  # the reference pools without normalising
     ov += [f"{key}={value}" for key, value in case.get("extra", {}).items()]
     return ov
 

@@ -49,20 +49,26 @@ def test_score_job_writes_the_documented_schema(tiny_models, texts_file, tmp_pat
     assert out.read_bytes() == before
 
 
-def test_embed_job_on_minilm(texts_file, tmp_path):
+def test_embed_job_on_minilm(texts_file, minilm_path, tmp_path):
+    """model=minilm task=embed with no embedding option equals SentenceTransformer.encode on the packaged
+    folder: mean pooling, normalised (its modules.json), rows cut at its max_seq_length (256)."""
+    from sentence_transformers import SentenceTransformer
+
     work = tmp_path / "work"
     work.mkdir()
     out = work / "emb.h5"
-    proc = run_mpi(2, [INFER, "runtime.threads=1", "model=minilm", "task=embed", "task.normalize=true",
-                       "split.head=last", f"data.path={texts_file}", "output.path=emb.h5"], timeout=180, cwd=work,
-                   own_launch=True)
+    proc = run_mpi(2, [INFER, "runtime.threads=1", "model=minilm", "task=embed", "split.head=last",
+                       f"data.path={texts_file}", "output.path=emb.h5"], timeout=180, cwd=work, own_launch=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p.name for p in work.iterdir()] == ["emb.h5"]  # no Hydra folders or log files, from any rank
     with h5py.File(out) as f:
         emb = f["embedding"][()]
         assert emb.shape == (9, 384) and emb.dtype == np.float32
-        np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
-        assert f.attrs["task"] == "embed" and f.attrs["pooling"] == "mean"
+        assert f.attrs["task"] == "embed" and f.attrs["pooling"] == "mean" and f.attrs["normalize"] == True  # noqa: E712
+    texts = [json.loads(line)["text"] for line in texts_file.read_text().splitlines()]
+    st = SentenceTransformer(str(minilm_path), device="cpu")
+    assert st.max_seq_length == 256
+    np.testing.assert_allclose(emb, st.encode(texts, convert_to_numpy=True), atol=1e-6, rtol=0)
 
 
 BAD_CONFIGS = [

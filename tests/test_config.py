@@ -47,7 +47,7 @@ def test_defaults(hydra_ctx):
     assert (s.transport, s.cuda_aware_mpi) == ("mpi", None)
     assert s.timeout == 300.0 and isinstance(s.timeout, float)
     assert s.log_every == 10.0
-    assert s.pooling == "mean" and s.normalize is False
+    assert s.pooling is None and s.normalize is None and s.max_seq_length is None  # from the folder (task=embed)
 
 
 def test_every_group_has_the_expected_options():
@@ -73,12 +73,23 @@ def test_every_option_composes_and_validates(hydra_ctx, group):
         settings_from_cfg(cfg)
 
 
-def test_model_minilm(hydra_ctx):
+def test_model_minilm(hydra_ctx, minilm_path):
+    """Left null, the embedding options come from the folder's sentence-transformers files; options win."""
+    from dataclasses import replace
+
+    from nesa_hpc.models.sentence import embed_settings, sentence_settings
+
     s = settings_from_cfg(_compose("model=minilm", "task=embed"))
     assert s.model_packaged == "all-minilm-l6-v2"
     assert s.task == "embed"
-    assert s.pooling == "mean"
-    assert s.normalize is False
+    assert (s.pooling, s.normalize, s.max_seq_length) == (None, None, None)
+    assert sentence_settings(minilm_path) == {"pooling": "mean", "normalize": True, "max_seq_length": 256,
+                                              "other_modules": []}
+    filled = embed_settings(s, minilm_path)
+    assert (filled.pooling, filled.normalize, filled.max_seq_length, filled.max_length) == ("mean", True, 256, 256)
+    mine = embed_settings(replace(s, pooling="cls", normalize=False, max_seq_length=1000), minilm_path)
+    assert (mine.pooling, mine.normalize, mine.max_length) == ("cls", False, 512)
+    assert embed_settings(replace(s, task="score"), minilm_path) == replace(s, task="score")
 
 
 def test_task_embed_options(hydra_ctx):

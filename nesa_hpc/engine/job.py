@@ -21,6 +21,7 @@ import torch
 
 from ..config import Settings, settings_from_cfg
 from ..errors import UserError
+from ..models.sentence import embed_settings
 from ..models.weights import build_adapter, packaged_model_path
 from .placement import describe_device, launcher_local_rank, node_local_rank, pick_device
 from .topology import Topology, make_topology
@@ -219,6 +220,7 @@ def start_job(cfg, comm, head_task: str | None = None, costs: Callable[[float], 
     if hint is not None and hint != local_rank and device.type == "cuda":
         log.warning("the launcher says node-local rank %d, MPI says %d: using %s", hint, local_rank, device)
     folder = agree(comm, lambda: model_folder(settings))
+    settings = agree(comm, lambda: embed_settings(settings, folder))  # sentence-transformers' own defaults
     adapter = all_ok(comm, lambda: build_adapter(folder))
     head_task = head_task or settings.task
     head_cost = adapter.head_cost(head_task) if settings.head_cost is None else settings.head_cost

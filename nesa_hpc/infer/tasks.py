@@ -138,8 +138,8 @@ class EmbedTask(Task):
     name = "embed"
 
     def __init__(self, pooling: str = "mean", normalize: bool = False) -> None:
-        if pooling not in ("mean", "last"):
-            raise ConfigError(f"task.pooling={pooling!r} must be 'mean' or 'last'")
+        if pooling not in ("mean", "cls", "last"):
+            raise ConfigError(f"task.pooling={pooling!r} must be 'mean', 'cls' or 'last'")
         self.pooling = pooling
         self.normalize = normalize
 
@@ -148,6 +148,8 @@ class EmbedTask(Task):
         m = mask.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
         if self.pooling == "mean":
             pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        elif self.pooling == "cls":  # the first real token (a BERT [CLS]), whichever side the padding is on
+            pooled = h[torch.arange(h.shape[0]), mask.argmax(-1)]
         else:
             T = mask.shape[1]
             last = T - 1 - mask.flip(-1).argmax(-1)  # index of the last real token
