@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 
@@ -61,6 +62,16 @@ def _resolved(manager, model) -> dict:
             "allow_block_sharing": c.allow_block_sharing}
 
 
+def _blocks_that_fit(config, page: int, share: float = 0.25) -> int:
+    """KV cache blocks (fp32) that fit in ``share`` of the memory available now: every row of a large
+    workload at once would not fit (transformers then refuses to start)."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_block = config.num_hidden_layers * 2 * heads * head_dim * page * 4
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(16, int(share * available // per_block))
+
+
 def continuous_generate(spec: dict) -> dict:
     """Greedy continuous batching of every request of ``spec["data"]`` in one process: each row's tokens (cut
     after the first EOS and at its max tokens), seconds from the first request to the last result, and the
@@ -78,7 +89,8 @@ def continuous_generate(spec: dict) -> dict:
     eos = sorted(eos_token_ids(tokenizer, folder, model.config))
     requests = load_requests(spec["data"], tokenizer, int(spec["max_length"]))
     page = ContinuousBatchingConfig().page_size
-    blocks = spec.get("num_blocks") or sum(math.ceil((len(ids) + cap) / page) for _, ids, cap in requests) + 2
+    blocks = spec.get("num_blocks") or min(sum(math.ceil((len(ids) + cap) / page) for _, ids, cap in requests) + 2,
+                                           _blocks_that_fit(model.config, page))
     cb_config = ContinuousBatchingConfig(num_blocks=blocks, max_batch_tokens=spec.get("max_batch_tokens"))
     gen_config = GenerationConfig(do_sample=False, max_new_tokens=max(c for *_, c in requests), eos_token_id=eos,
                                   pad_token_id=eos[0] if eos else 0)
