@@ -78,7 +78,10 @@ def test_audit_measures_what_it_should(audit):
     # eps = 1e6 is nearly no noise; eps = 1 swamps the activations
     assert weak0["nn_recovery"] >= 0.9
     assert strong0["nn_recovery"] <= 0.3 and strong0["noise_to_signal"] > 5
-    assert strong0["perplexity_ratio"] > weak0["perplexity_ratio"] and strong0["cosine"] < weak0["cosine"]
+    # strong noise moves the outputs further from the clean ones (on this tiny random model the perplexity
+    # itself may go either way)
+    assert abs(math.log(strong0["perplexity_ratio"])) > abs(math.log(weak0["perplexity_ratio"]))
+    assert strong0["cosine"] < weak0["cosine"]
     for key in ("nn_recovery", "head_recovery", "probe_recovery"):
         assert strong0[key] <= clean0[key] + 1e-9, key
     # the bound e^eps * p_prior + delta, next to the floor
