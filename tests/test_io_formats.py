@@ -467,3 +467,20 @@ def test_an_incomplete_leftover_is_named_as_such(tmp_path):
     with pytest.raises(OutputExistsError, match=r"an incomplete results file: its run stopped or failed and "
                                                 r"committed no row\); pass output.overwrite=true"):
         check_output_path(tmp_path / "left.h5", overwrite=False)
+
+
+def test_parquet_keeps_the_results_files_attributes(tmp_path):
+    """An exported Parquet table carries the results file's attributes (its provenance: model, task,
+    settings, ledger, widths) as JSON in the schema's metadata; an empty table keeps the datasets' types."""
+    from nesa_hpc.io.export import export
+
+    _results_file(tmp_path / "r.h5", [1.0, 2.0, 3.0])
+    with h5py.File(tmp_path / "r.h5", "a") as f:
+        f.attrs.update(model_path="/models/smollm2", top_logprobs=3, rank_stats=json.dumps([{"rank": 0}]),
+                       privacy_epsilon_spent=float("inf"))
+    export(tmp_path / "r.h5", tmp_path / "r.parquet")
+    table = pq.read_table(tmp_path / "r.parquet")
+    attrs = strict_json.loads(table.schema.metadata[b"nesa_hpc.attrs"])
+    assert attrs["model_path"] == "/models/smollm2" and attrs["top_logprobs"] == 3 and attrs["complete"] is True
+    assert attrs["rank_stats"] == [{"rank": 0}] and attrs["privacy_epsilon_spent"] == "Infinity"
+    assert table.num_rows == 3

@@ -196,30 +196,39 @@ def _write_csv(items: Iterator[dict], columns: list[str], fh) -> int:
 
 
 def _write_parquet(f: h5py.File, columns: list[str], path: str) -> int:
+    """The table with a schema taken from the datasets' types (not from the values, so the tables of two
+    jobs concatenate) and the results file's attributes as JSON in the schema's metadata
+    (``nesa_hpc.attrs``: model, task, settings, privacy ledger, widths such as ``top_logprobs``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    writer, n = None, 0
-    try:
+    schema = pa.schema([(c, _arrow_type(f[c])) for c in columns], metadata={"nesa_hpc.attrs": _attrs_json(f)})
+    n = 0
+    with pq.ParquetWriter(path, schema) as writer:
         batch: dict[str, list] = {c: [] for c in columns}
         for item in table_rows(f, columns):
             for c in columns:
                 batch[c].append(item[c])
             n += 1
             if len(batch["row"]) == CHUNK:
-                table = pa.table(batch)
-                writer = writer or pq.ParquetWriter(path, table.schema)
-                writer.write_table(table.cast(writer.schema))
+                writer.write_table(pa.table(batch, schema=schema))
                 batch = {c: [] for c in columns}
-        if batch["row"] or writer is None:
-            table = pa.table(batch) if batch["row"] else \
-                pa.table({c: pa.array([], type=_arrow_type(f[c])) for c in columns})
-            writer = writer or pq.ParquetWriter(path, table.schema)
-            writer.write_table(table.cast(writer.schema))
-    finally:
-        if writer is not None:
-            writer.close()
+        writer.write_table(pa.table(batch, schema=schema))
     return n
+
+
+def _attrs_json(f: h5py.File) -> str:
+    """The results file's attributes as one strict-JSON object (JSON-valued attributes parsed)."""
+    out = {}
+    for key, value in f.attrs.items():
+        value = _value(value) if isinstance(value, (bytes, np.generic, np.ndarray)) else value
+        if isinstance(value, str) and value[:1] in "[{":
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        out[key] = value
+    return jsonfile.dumps(out)
 
 
 def _arrow_type(ds: h5py.Dataset):
