@@ -81,6 +81,7 @@ class Settings:
     completion_field: str | None = None
     token_logprobs: bool = False
     top_logprobs: int = 0
+    id_field: str | None = None  # data.id_field: each row's own id, kept in the results (dataset `id`)
 
 
 POOLINGS = ("mean", "cls", "last")
@@ -256,8 +257,12 @@ def _row_options(task: dict, data: dict) -> dict:
     if fmt == "openai_batch" and name != "generate":
         raise ConfigError(f"data.format=openai_batch reads chat and completion requests: it needs task=generate, "
                           f"not task={name}")
+    id_field = _field("data.id_field", data.get("id_field"))
+    if id_field is not None and fmt in ("text", "openai_batch"):
+        raise ConfigError(f"data.id_field needs rows with fields (jsonl, csv, parquet), not data.format={fmt}"
+                          + (" (an OpenAI batch line's custom_id is its id)" if fmt == "openai_batch" else ""))
     opts = {"messages_field": _field("data.messages_field", data.get("messages_field", "messages")),
-            "prompt_field": prompt, "completion_field": completion}
+            "prompt_field": prompt, "completion_field": completion, "id_field": id_field}
     if name == "score":
         opts["token_logprobs"] = as_bool("task.token_logprobs", task.get("token_logprobs", False))
         opts["top_logprobs"] = integer("task.top_logprobs", task.get("top_logprobs", 0), 0)

@@ -127,6 +127,12 @@ def test_token_logprobs_continuations_chats_and_openai_round_trip(tiny_models, c
     ]
     batch = tmp_path / "batch.jsonl"
     batch.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    ids_rows = [{"uid": "a-1", "text": "first row"}, {"uid": 7, "text": "the second row"}, {"text": "no id here"},
+                {"uid": "z", "messages": [{"role": "user", "content": "hi"}]}]
+    with_ids = tmp_path / "ids.jsonl"
+    with_ids.write_text("".join(json.dumps(r) + "\n" for r in ids_rows))
+    ids_csv = tmp_path / "ids.csv"
+    ids_csv.write_text("text,uid\nfirst row,a-1\nthe second row,7\n")
 
     def job(out, *extra, data=texts):
         return [f"model.path={chat_model}", f"data.path={data}", f"output.path={tmp_path / out}",
@@ -142,6 +148,8 @@ def test_token_logprobs_continuations_chats_and_openai_round_trip(tiny_models, c
         job("chats-gen.h5", "task=generate", "task.max_new_tokens=5", "split.k=1", data=chats),
         job("batch3.h5", "task=generate", "data.format=openai_batch", "data.on_error=skip", "split.k=1",
             "task.max_new_tokens=3", data=batch),
+        job("ids.h5", "task=score", "split.k=1", "data.id_field=uid", "data.on_error=skip", data=with_ids),
+        job("ids-csv.h5", "task=score", "split.k=1", "data.id_field=uid", data=ids_csv),
     ]
     assert _run_jobs(3, jobs3, tmp_path, "n3") == [None] * len(jobs3)
     jobs1 = [job("batch1.h5", "task=generate", "data.format=openai_batch", "data.on_error=skip", "split.k=0",
@@ -270,6 +278,18 @@ def test_token_logprobs_continuations_chats_and_openai_round_trip(tiny_models, c
     assert proc.returncode == 0 and "1 error lines" in proc.stdout, proc.stderr
     assert strict_json.lines(ok.read_text()) == [x for x in lines if x["custom_id"] != "c"]
     assert strict_json.lines(bad.read_text()) == [lines[2]]
+
+    # --- data.id_field: each row's id kept beside its row (JSONL, CSV), in every export; a row without one
+    # is a bad row
+    res, attrs = _read(tmp_path / "ids.h5")
+    assert res["row"].tolist() == [0, 1, 3] and [x.decode() for x in res["id"]] == ["a-1", "7", "z"]
+    assert res["skipped_row"].tolist() == [2] and b"'uid' (data.id_field)" in res["skipped_reason"][0]
+    assert attrs["id_field"] == "uid"
+    res_csv, _ = _read(tmp_path / "ids-csv.h5")
+    assert [x.decode() for x in res_csv["id"]] == ["a-1", "7"]
+    np.testing.assert_allclose(res_csv["nll_sum"], res["nll_sum"][:2], rtol=1e-6)  # the id changes no score
+    table = strict_json.lines(_export_table(tmp_path / "ids.h5", tmp_path / "ids-table.jsonl").read_text())
+    assert [(t["row"], t["id"]) for t in table] == [(0, "a-1"), (1, "7"), (3, "z")]
 
     # --- export: tables equal the HDF5 datasets, in every format
     res, _ = _read(tmp_path / "lp-owner.h5")
@@ -484,3 +504,10 @@ def test_parquet_keeps_the_results_files_attributes(tmp_path):
     assert attrs["model_path"] == "/models/smollm2" and attrs["top_logprobs"] == 3 and attrs["complete"] is True
     assert attrs["rank_stats"] == [{"rank": 0}] and attrs["privacy_epsilon_spent"] == "Infinity"
     assert table.num_rows == 3
+
+
+def _export_table(results, out):
+    from nesa_hpc.io.export import export
+
+    export(results, out)
+    return out

@@ -9,6 +9,7 @@ import logging
 import os
 from pathlib import Path
 
+import h5py
 import numpy as np
 from omegaconf import OmegaConf
 
@@ -101,7 +102,7 @@ def row_attrs(settings: Settings) -> dict:
     return {k: getattr(settings, k) for k in _ROW_OPTIONS if getattr(settings, k) != defaults[k]}
 
 
-_ROW_OPTIONS = ("messages_field", "prompt_field", "completion_field", "token_logprobs", "top_logprobs")
+_ROW_OPTIONS = ("messages_field", "prompt_field", "completion_field", "token_logprobs", "top_logprobs", "id_field")
 
 
 def decoding_attrs(settings: Settings) -> dict:
@@ -139,6 +140,8 @@ def open_results(cfg, settings: Settings, topo, adapter, task, folder: str, data
         attrs.update(decoding_attrs(settings), decoding="greedy" if settings.temperature == 0 else "sample",
                      padding_side="left", eos_token_ids=sorted(eos_ids))
     columns = {**task.columns(adapter.output_size), "epsilon_spent": (np.float64, ())}
+    if settings.id_field:
+        columns["id"] = (h5py.string_dtype(), ())
     writer = ResultWriter(settings.output_path, columns, attrs, settings.overwrite, resume=settings.resume,
                           first_row=rows.start if rows is not None else 0)
     if writer.resumed_rows:
@@ -260,7 +263,7 @@ def row_fields(settings: Settings, adapter=None) -> RowFields:
     positions = position_limit(adapter.config) if adapter is not None else None
     limit = positions - settings.max_length if positions else None
     return RowFields(settings.text_field, settings.messages_field, settings.prompt_field, settings.completion_field,
-                     openai=settings.data_format == "openai_batch", max_new_tokens=limit)
+                     openai=settings.data_format == "openai_batch", max_new_tokens=limit, id_field=settings.id_field)
 
 
 def rows_from(data_path: str, settings: Settings, first: int, rows: range | None, tokenizer=None, adapter=None):

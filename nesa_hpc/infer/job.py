@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig
 
 from ..engine.control import Progress, SkipLog, StopFlag
@@ -203,6 +204,9 @@ class _OwnerRun:
         released = [owner.privacy.releases.pop(r, 0) for r in batch.rows.tolist()]
         cols.update(row=batch.rows.numpy(), truncated=batch.truncated.numpy(), nonfinite=bad.numpy() >= 0,
                     epsilon_spent=self.ledger.per_row(released))
+        if self.settings.id_field:
+            requests = batch.requests or [None] * batch.size
+            cols["id"] = np.array([r.row_id if r is not None else "" for r in requests], dtype=object)
         done["releases"] = max(done["releases"], max(released, default=0))
         self.ordered.add(cols)
         done["rows"] += batch.size

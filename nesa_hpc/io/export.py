@@ -127,7 +127,8 @@ def openai_lines(f: h5py.File) -> Iterator[dict]:
     chat_default = "/v1/chat/completions" if f.attrs.get("chat_template") in (True, "true") else "/v1/completions"
     has_ids = "custom_id" in f
     columns = ["row", "generated_text", "finish_reason", "n_prompt_tokens", "n_generated"] + \
-        (["custom_id", "endpoint"] if has_ids else []) + (["request_model"] if "request_model" in f else [])
+        (["custom_id", "endpoint"] if has_ids else []) + (["request_model"] if "request_model" in f else []) + \
+        (["id"] if "id" in f and not has_ids else [])
     skipped = dict(_skipped(f))
     skipped_ids = _custom_ids_of(f.attrs.get("data_path"), set(skipped)) if has_ids else {}
     pending = iter(sorted(skipped.items()))
@@ -157,7 +158,7 @@ def openai_lines(f: h5py.File) -> Iterator[dict]:
             body = {"id": f"cmpl-{ids['body']}", "object": "text_completion"}
         body.update(created=created, model=rec.get("request_model") or folder_model, choices=[choice],
                     usage=_usage(rec["n_prompt_tokens"], rec["n_generated"]), system_fingerprint=fingerprint)
-        yield {"id": ids["line"], "custom_id": rec["custom_id"] if has_ids else str(row),
+        yield {"id": ids["line"], "custom_id": rec["custom_id"] if has_ids else rec.get("id") or str(row),
                "response": {"status_code": 200, "request_id": ids["request"], "body": body}, "error": None}
     while nxt is not None:
         yield error_line(*nxt)

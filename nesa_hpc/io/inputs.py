@@ -38,6 +38,7 @@ class Request:
     endpoint: str | None = None                # ... its url (/v1/chat/completions or /v1/completions) ...
     options: tuple[tuple[str, object], ...] = ()  # ... its decoding settings (task option, value) ...
     model: str = ""                              # ... and body.model (echoed in the exported response)
+    row_id: str | None = None                    # data.id_field: the row's own id, kept in the results
 
     @property
     def is_pair(self) -> bool:
@@ -90,6 +91,7 @@ class RowFields:
     completion_field: str | None = None
     openai: bool = False
     max_new_tokens: int | None = None  # openai: the most a row may ask for (the model's positions allow)
+    id_field: str | None = None        # data.id_field: a field holding the row's id (a string or an integer)
 
     @property
     def pairs(self) -> bool:
@@ -97,9 +99,10 @@ class RowFields:
 
     def columns(self) -> list[str]:
         """The columns to read from a table (CSV, Parquet)."""
+        ids = [self.id_field] if self.id_field else []
         if self.pairs:
-            return [self.prompt_field, self.completion_field]
-        return [self.text_field] + ([self.messages_field] if self.messages_field else [])
+            return [self.prompt_field, self.completion_field, *ids]
+        return [self.text_field] + ([self.messages_field] if self.messages_field else []) + ids
 
     def describe(self) -> str:
         if self.pairs:
@@ -108,9 +111,20 @@ class RowFields:
         return f"{self.text_field!r} (data.text_field){extra}"
 
     def extract(self, obj: object, where: str) -> str | Request:
-        """The row held by ``obj`` (a record); raises ValueError with a message naming ``where`` and the field."""
+        """The row held by ``obj`` (a record); raises ValueError with a message naming ``where`` and the field.
+        With ``id_field`` the row comes as a :class:`Request` carrying its id."""
         if not isinstance(obj, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        row = self._row(obj, where)
+        if not self.id_field or self.openai:
+            return row
+        rid = obj.get(self.id_field)
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
+            raise ValueError(f"{where}: field {self.id_field!r} (data.id_field) must be a non-empty string or an "
+                             f"integer, got {rid!r}")
+        return replace(row, row_id=str(rid)) if isinstance(row, Request) else Request(text=row, row_id=str(rid))
+
+    def _row(self, obj: dict, where: str) -> str | Request:
         if self.openai:
             return self._openai(obj, where)
         if self.pairs:

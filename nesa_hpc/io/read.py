@@ -75,6 +75,9 @@ def read_rows(path: str | Path, fmt: str = "auto", text_field: str = "text", on_
         raise DataError(f"data.path: no such file: {path}")
     fmt = detect_format(path, fmt)
     fields = fields or RowFields(text_field, messages_field=None)
+    if fmt == "text" and fields.id_field:
+        raise DataError(f"{path}: data.id_field={fields.id_field!r} needs rows with fields (jsonl, csv, parquet), "
+                        "not plain text lines")
     if fmt == "openai_batch" and not fields.openai:
         fields = RowFields(openai=True)
     if fmt == "parquet":
@@ -131,7 +134,8 @@ def _read_lines(path: Path, fmt: str, fields: RowFields) -> Iterator[tuple[int, 
 def _read_csv(path: Path, fields: RowFields) -> Iterator[tuple[int, str | Request | RowError]]:
     if fields.openai:
         raise DataError(f"{path}: data.format=openai_batch reads JSONL request lines, not CSV")
-    wanted = fields.columns() if fields.pairs else [fields.text_field]  # a CSV cell holds text, not messages
+    wanted = fields.columns() if fields.pairs else [fields.text_field, *([fields.id_field] if fields.id_field else [])]
+    # a CSV cell holds text, not messages
     with open(path, encoding="utf-8-sig", newline="") as text:  # -sig: tolerate a byte-order mark
         reader = csv.DictReader(text)
         try:
@@ -143,8 +147,11 @@ def _read_csv(path: Path, fields: RowFields) -> Iterator[tuple[int, str | Reques
                 missing = [name for name in wanted if rec.get(name) is None]
                 if missing:
                     yield i, RowError(f"{path}: row {i} (line {reader.line_num}): missing value for {missing[0]!r}")
-                elif fields.pairs:
-                    yield i, fields.extract(rec, f"{path}: row {i} (line {reader.line_num})")
+                elif fields.pairs or fields.id_field:
+                    try:
+                        yield i, fields.extract(rec, f"{path}: row {i} (line {reader.line_num})")
+                    except ValueError as exc:
+                        yield i, RowError(str(exc))
                 else:
                     yield i, rec[fields.text_field]
         except UnicodeDecodeError as exc:
