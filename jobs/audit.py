@@ -10,11 +10,12 @@ import hydra
 from omegaconf import DictConfig
 
 from nesa_hpc.overrides import check_overrides
-from nesa_hpc.privacy.audit.run import main
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="audit")
 def audit(cfg: DictConfig) -> None:
+    from nesa_hpc.privacy.audit.run import main  # torch and transformers load only after the overrides are checked
+
     main(cfg)
 
 

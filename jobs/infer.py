@@ -15,12 +15,13 @@ stopsignal.install()
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from nesa_hpc.infer.job import main  # noqa: E402
 from nesa_hpc.overrides import check_overrides  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="infer")
 def infer(cfg: DictConfig) -> None:
+    from nesa_hpc.infer.job import main  # torch and transformers load only after the overrides are checked
+
     main(cfg)
 
 

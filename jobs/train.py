@@ -18,11 +18,12 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from nesa_hpc.overrides import check_overrides  # noqa: E402
-from nesa_hpc.train.job import main  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def train(cfg: DictConfig) -> None:
+    from nesa_hpc.train.job import main  # torch and transformers load only after the overrides are checked
+
     main(cfg)
 
 
