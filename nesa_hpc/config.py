@@ -254,9 +254,9 @@ def _row_options(task: dict, data: dict) -> dict:
         raise ConfigError(f"data.completion_field scores a continuation: it needs task=score, not task={name}")
     if completion is not None and fmt == "text":
         raise ConfigError("data.completion_field needs rows with fields (jsonl, csv, parquet), not data.format=text")
-    if fmt == "openai_batch" and name != "generate":
-        raise ConfigError(f"data.format=openai_batch reads chat and completion requests: it needs task=generate, "
-                          f"not task={name}")
+    if fmt == "openai_batch" and name not in ("generate", "embed"):
+        raise ConfigError(f"data.format=openai_batch reads chat and completion requests (task=generate) or "
+                          f"embedding requests (task=embed), not task={name}")
     id_field = _field("data.id_field", data.get("id_field"))
     if id_field is not None and fmt in ("text", "openai_batch"):
         raise ConfigError(f"data.id_field needs rows with fields (jsonl, csv, parquet), not data.format={fmt}"

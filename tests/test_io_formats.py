@@ -127,6 +127,17 @@ def test_token_logprobs_continuations_chats_and_openai_round_trip(tiny_models, c
     ]
     batch = tmp_path / "batch.jsonl"
     batch.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    emb = {"method": "POST", "url": "/v1/embeddings"}
+    emb_requests = [
+        {"custom_id": "e1", **emb, "body": {"model": "text-embedding-3-small", "input": "hello world"}},
+        {"custom_id": "e2", **emb, "body": {"input": ["one input in a list"], "encoding_format": "float"}},
+        {"custom_id": "e3", **emb, "body": {"input": ["two", "inputs"]}},
+        {"custom_id": "e4", **emb, "body": {"input": "x", "encoding_format": "base64"}},
+        {"custom_id": "e5", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": [{"role": "user", "content": "hi"}]}},
+    ]
+    emb_batch = tmp_path / "emb_batch.jsonl"
+    emb_batch.write_text("".join(json.dumps(r) + "\n" for r in emb_requests))
     ids_rows = [{"uid": "a-1", "text": "first row"}, {"uid": 7, "text": "the second row"}, {"text": "no id here"},
                 {"uid": "z", "messages": [{"role": "user", "content": "hi"}]}]
     with_ids = tmp_path / "ids.jsonl"
@@ -149,6 +160,7 @@ def test_token_logprobs_continuations_chats_and_openai_round_trip(tiny_models, c
         job("batch3.h5", "task=generate", "data.format=openai_batch", "data.on_error=skip", "split.k=1",
             "task.max_new_tokens=3", data=batch),
         job("ids.h5", "task=score", "split.k=1", "data.id_field=uid", "data.on_error=skip", data=with_ids),
+        job("emb-batch.h5", "task=embed", "data.format=openai_batch", "split.k=1", data=emb_batch),
         job("ids-csv.h5", "task=score", "split.k=1", "data.id_field=uid", data=ids_csv),
     ]
     assert _run_jobs(3, jobs3, tmp_path, "n3") == [None] * len(jobs3)
@@ -278,6 +290,23 @@ def test_token_logprobs_continuations_chats_and_openai_round_trip(tiny_models, c
     assert proc.returncode == 0 and "1 error lines" in proc.stdout, proc.stderr
     assert strict_json.lines(ok.read_text()) == [x for x in lines if x["custom_id"] != "c"]
     assert strict_json.lines(bad.read_text()) == [lines[2]]
+
+    # --- /v1/embeddings requests (task=embed): answered in OpenAI's embeddings shape, the refused ones on their line
+    eb, _ = _read(tmp_path / "emb-batch.h5")
+    assert [x.decode() for x in eb["custom_id"]] == ["e1", "e2"] and eb["skipped_row"].tolist() == [2, 3, 4]
+    lines = strict_json.lines(_export(tmp_path / "emb-batch.h5", tmp_path / "emb-out.jsonl").read_text())
+    assert [x["custom_id"] for x in lines] == ["e1", "e2", "e3", "e4", "e5"]
+    for x, i in ((lines[0], 0), (lines[1], 1)):
+        body = x["response"]["body"]
+        assert x["response"]["status_code"] == 200 and body["object"] == "list"
+        assert body["data"][0]["object"] == "embedding" and body["data"][0]["index"] == 0
+        np.testing.assert_allclose(body["data"][0]["embedding"], eb["embedding"][i], rtol=1e-6)
+        assert body["usage"] == {"prompt_tokens": int(eb["n_tokens"][i]), "total_tokens": int(eb["n_tokens"][i])}
+    assert lines[0]["response"]["body"]["model"] == "text-embedding-3-small"
+    assert lines[1]["response"]["body"]["model"] == chat_model.name
+    why = [x["response"]["body"]["error"]["message"] for x in lines[2:]]
+    assert all(x["response"]["status_code"] == 400 for x in lines[2:])
+    assert "2 inputs" in why[0] and "encoding_format='base64'" in why[1] and "needs task=generate" in why[2]
 
     # --- data.id_field: each row's id kept beside its row (JSONL, CSV), in every export; a row without one
     # is a bad row

@@ -137,11 +137,12 @@ class EmbedTask(Task):
 
     name = "embed"
 
-    def __init__(self, pooling: str = "mean", normalize: bool = False) -> None:
+    def __init__(self, pooling: str = "mean", normalize: bool = False, requests: bool = False) -> None:
         if pooling not in ("mean", "cls", "last"):
             raise ConfigError(f"task.pooling={pooling!r} must be 'mean', 'cls' or 'last'")
         self.pooling = pooling
         self.normalize = normalize
+        self.requests = requests  # /v1/embeddings batch lines: keep each row's custom_id, url and model
 
     def head_stage(self, adapter, h, mask):
         h = adapter.norm(h).float()  # (B, T, H)
@@ -159,10 +160,12 @@ class EmbedTask(Task):
         return [pooled]  # (B, H)
 
     def finish(self, adapter, batch, outputs):
-        return {"n_tokens": batch.lengths.numpy().astype(np.int32), "embedding": outputs[0].float().cpu().numpy()}
+        extra = request_columns(batch) if self.requests else {}
+        return {**extra, "n_tokens": batch.lengths.numpy().astype(np.int32),
+                "embedding": outputs[0].float().cpu().numpy()}
 
     def columns(self, hidden_size):
-        return {"embedding": (np.float32, (hidden_size,))}
+        return {"embedding": (np.float32, (hidden_size,)), **(request_dtypes() if self.requests else {})}
 
 
 class GenerateTask(Task):
@@ -182,12 +185,7 @@ class GenerateTask(Task):
         ids = np.empty(batch.size, dtype=object)
         for i, t in enumerate(res.tokens):
             ids[i] = np.asarray(t, dtype=np.int32)
-        extra = {}
-        if self.requests:
-            reqs = batch.requests or [None] * batch.size
-            extra = {"custom_id": np.array([r.custom_id if r else "" for r in reqs], dtype=object),
-                     "endpoint": np.array([r.endpoint if r else "" for r in reqs], dtype=object),
-                     "request_model": np.array([r.model if r else "" for r in reqs], dtype=object)}
+        extra = request_columns(batch) if self.requests else {}
         return {**extra, "n_tokens": batch.lengths.numpy().astype(np.int32),
                 "n_prompt_tokens": batch.lengths.numpy().astype(np.int32),
                 "n_generated": np.array([len(t) for t in res.tokens], dtype=np.int32),
@@ -202,9 +200,23 @@ class GenerateTask(Task):
                 "generated_ids": (h5py.vlen_dtype(np.int32), ()), "generated_text": (h5py.string_dtype(), ()),
                 "finish_reason": (h5py.string_dtype(), ()), "n_releases": (np.int32, ())}
         if self.requests:
-            cols.update(custom_id=(h5py.string_dtype(), ()), endpoint=(h5py.string_dtype(), ()),
-                        request_model=(h5py.string_dtype(), ()))
+            cols.update(request_dtypes())
         return cols
+
+
+def request_dtypes() -> dict:
+    """The datasets of an OpenAI batch request: its ``custom_id``, ``endpoint`` (url) and ``body.model``."""
+    import h5py
+
+    return {name: (h5py.string_dtype(), ()) for name in ("custom_id", "endpoint", "request_model")}
+
+
+def request_columns(batch) -> dict:
+    """Per row of ``batch``: its request's ``custom_id``, ``endpoint`` and ``body.model`` ("" for none)."""
+    reqs = batch.requests or [None] * batch.size
+    return {"custom_id": np.array([r.custom_id if r else "" for r in reqs], dtype=object),
+            "endpoint": np.array([r.endpoint if r else "" for r in reqs], dtype=object),
+            "request_model": np.array([r.model if r else "" for r in reqs], dtype=object)}
 
 
 def make_task(name: str, head_on_owner: bool, pooling: str = "mean", normalize: bool = False,
@@ -216,7 +228,7 @@ def make_task(name: str, head_on_owner: bool, pooling: str = "mean", normalize: 
         return ScoreTask(head_on_owner, settings.token_logprobs, settings.top_logprobs,
                          settings.completion_field is not None)
     if name == "embed":
-        return EmbedTask(pooling, normalize)
+        return EmbedTask(pooling, normalize, settings is not None and settings.data_format == "openai_batch")
     if name == "generate":
         return GenerateTask(settings is not None and settings.data_format == "openai_batch")
     raise ConfigError(f"task={name!r} is not one of {TASKS}")

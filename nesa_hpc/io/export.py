@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -113,20 +114,52 @@ def _usage(prompt: int, completion: int) -> dict:
                                           "rejected_prediction_tokens": 0}}
 
 
+@dataclass(frozen=True)
+class _Facts:
+    """What every line of one file's OpenAI export shares."""
+
+    run: str           # the results file's own id
+    model: str         # the model folder's name (for requests without body.model)
+    created: int
+    fingerprint: str
+    chat_default: str  # the endpoint of rows that came without one
+
+
+def _response_body(rec: dict, ids: dict, facts: _Facts, embed: bool) -> dict:
+    """The body of a 200 response: an embeddings list, a chat completion or a text completion."""
+    model = rec.get("request_model") or facts.model
+    if embed:
+        return {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": rec["embedding"]}],
+                "model": model, "usage": {"prompt_tokens": rec["n_tokens"], "total_tokens": rec["n_tokens"]}}
+    finish = _FINISH.get(rec["finish_reason"], rec["finish_reason"])
+    if (rec.get("endpoint") or facts.chat_default) == "/v1/chat/completions":
+        choice = {"index": 0, "message": {"role": "assistant", "content": rec["generated_text"], "refusal": None},
+                  "logprobs": None, "finish_reason": finish}
+        body = {"id": f"chatcmpl-{ids['body']}", "object": "chat.completion"}
+    else:
+        choice = {"text": rec["generated_text"], "index": 0, "logprobs": None, "finish_reason": finish}
+        body = {"id": f"cmpl-{ids['body']}", "object": "text_completion"}
+    body.update(created=facts.created, model=model, choices=[choice],
+                usage=_usage(rec["n_prompt_tokens"], rec["n_generated"]), system_fingerprint=facts.fingerprint)
+    return body
+
+
 def openai_lines(f: h5py.File) -> Iterator[dict]:
-    """One OpenAI batch output line per input row of a ``task=generate`` file, in input order, in the shape
-    OpenAI writes: a response (status 200) for a generated row, a response with status 400 and the error
-    in its body for a skipped one (``error`` stays null: it is for requests that got no HTTP response)."""
-    if f.attrs.get("task") != "generate":
-        raise ExportError(f"{f.filename}: --format openai_batch needs a task=generate file, not "
-                          f"task={f.attrs.get('task')}")
+    """One OpenAI batch output line per input row of a ``task=generate`` or ``task=embed`` file, in input
+    order, in the shape OpenAI writes: a response (status 200) for an answered row, a response with status
+    400 and the error in its body for a skipped one (``error`` stays null: it is for requests that got no
+    HTTP response)."""
+    task = f.attrs.get("task")
+    if task not in ("generate", "embed"):
+        raise ExportError(f"{f.filename}: --format openai_batch needs a task=generate or task=embed file, not "
+                          f"task={task}")
     folder_model = Path(str(f.attrs.get("model_path", "model"))).name
-    fingerprint = "fp_" + hashlib.sha256(f"{folder_model}:{f.attrs.get('model_dtype', '')}".encode()).hexdigest()[:10]
-    created = int(os.path.getmtime(f.filename))
-    run = _run_id(f)
-    chat_default = "/v1/chat/completions" if f.attrs.get("chat_template") in (True, "true") else "/v1/completions"
-    has_ids = "custom_id" in f
-    columns = ["row", "generated_text", "finish_reason", "n_prompt_tokens", "n_generated"] + \
+    facts = _Facts(_run_id(f), folder_model, int(os.path.getmtime(f.filename)),
+                   "fp_" + hashlib.sha256(f"{folder_model}:{f.attrs.get('model_dtype', '')}".encode()).hexdigest()[:10],
+                   "/v1/chat/completions" if f.attrs.get("chat_template") in (True, "true") else "/v1/completions")
+    has_ids, embed = "custom_id" in f, task == "embed"
+    columns = (["row", "embedding", "n_tokens"] if embed else
+               ["row", "generated_text", "finish_reason", "n_prompt_tokens", "n_generated"]) + \
         (["custom_id", "endpoint"] if has_ids else []) + (["request_model"] if "request_model" in f else []) + \
         (["id"] if "id" in f and not has_ids else [])
     skipped = dict(_skipped(f))
@@ -135,7 +168,7 @@ def openai_lines(f: h5py.File) -> Iterator[dict]:
     nxt = next(pending, None)
 
     def error_line(row: int, reason: str) -> dict:
-        ids = _ids(run, row)
+        ids = _ids(facts.run, row)
         error = {"message": reason, "type": "invalid_request_error", "param": None, "code": None}
         return {"id": ids["line"], "custom_id": skipped_ids.get(row) if has_ids else str(row),
                 "response": {"status_code": 400, "request_id": ids["request"], "body": {"error": error}},
@@ -146,20 +179,10 @@ def openai_lines(f: h5py.File) -> Iterator[dict]:
         while nxt is not None and nxt[0] < row:
             yield error_line(*nxt)
             nxt = next(pending, None)
-        ids = _ids(run, row)
-        endpoint = rec.get("endpoint") or chat_default
-        finish = _FINISH.get(rec["finish_reason"], rec["finish_reason"])
-        if endpoint == "/v1/chat/completions":
-            choice = {"index": 0, "message": {"role": "assistant", "content": rec["generated_text"], "refusal": None},
-                      "logprobs": None, "finish_reason": finish}
-            body = {"id": f"chatcmpl-{ids['body']}", "object": "chat.completion"}
-        else:
-            choice = {"text": rec["generated_text"], "index": 0, "logprobs": None, "finish_reason": finish}
-            body = {"id": f"cmpl-{ids['body']}", "object": "text_completion"}
-        body.update(created=created, model=rec.get("request_model") or folder_model, choices=[choice],
-                    usage=_usage(rec["n_prompt_tokens"], rec["n_generated"]), system_fingerprint=fingerprint)
+        ids = _ids(facts.run, row)
         yield {"id": ids["line"], "custom_id": rec["custom_id"] if has_ids else rec.get("id") or str(row),
-               "response": {"status_code": 200, "request_id": ids["request"], "body": body}, "error": None}
+               "response": {"status_code": 200, "request_id": ids["request"],
+                            "body": _response_body(rec, ids, facts, embed)}, "error": None}
     while nxt is not None:
         yield error_line(*nxt)
         nxt = next(pending, None)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 
 __all__ = ["Request", "RowFields", "render", "OPENAI_URLS", "OPENAI_OPTIONS", "decode_string"]
 
-# the two endpoints whose request bodies ``data.format=openai_batch`` reads
-OPENAI_URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+# the endpoints whose request bodies ``data.format=openai_batch`` reads (embeddings: task=embed; else generate)
+OPENAI_URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings"}
 # body keys that set a row's decoding, and the task option each one overrides
 OPENAI_OPTIONS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
                   "temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop"}
@@ -92,6 +92,7 @@ class RowFields:
     openai: bool = False
     max_new_tokens: int | None = None  # openai: the most a row may ask for (the model's positions allow)
     id_field: str | None = None        # data.id_field: a field holding the row's id (a string or an integer)
+    embed: bool = False                # openai: task=embed reads /v1/embeddings requests (and only those)
 
     @property
     def pairs(self) -> bool:
@@ -158,6 +159,11 @@ class RowFields:
         if not isinstance(body, dict):
             raise ValueError(f"{where}: 'body' must be a JSON object")
         endpoint = OPENAI_URLS[url]
+        if (endpoint == "embeddings") != self.embed:
+            raise ValueError(f"{where}: url {url} needs task={'generate' if self.embed else 'embed'}; this job "
+                             f"runs task={'embed' if self.embed else 'generate'}")
+        if endpoint == "embeddings":
+            return _embedding_request(body, custom_id, url, where)
         text_key = "messages" if endpoint == "chat" else "prompt"
         unknown = sorted(set(body) - {text_key, "model", *OPENAI_OPTIONS, *_NEUTRAL, *_IGNORED})
         if unknown:
@@ -188,6 +194,28 @@ class RowFields:
             raise ValueError(f"{where}: body.model must be a string, got {type(model).__name__}")
         return Request(text=text, messages=messages, custom_id=custom_id, endpoint=url,
                        options=tuple(sorted(options.items())), model=model)
+
+
+def _embedding_request(body: dict, custom_id: str, url: str, where: str) -> Request:
+    """A ``/v1/embeddings`` body: one input text (a list of one is one input), ``encoding_format`` float."""
+    unknown = sorted(set(body) - {"input", "model", "encoding_format", *_IGNORED})
+    if unknown:
+        raise ValueError(f"{where}: body key(s) {unknown} are not supported for embeddings (supported: input, model, "
+                         f"encoding_format=float; ignored: {', '.join(_IGNORED)})")
+    if body.get("encoding_format", "float") not in ("float", None):
+        raise ValueError(f"{where}: body encoding_format={body['encoding_format']!r} is not supported (only 'float')")
+    text = body.get("input")
+    if isinstance(text, list) and len(text) == 1:
+        text = text[0]  # a list of one input is one input; more would be several requests
+    if isinstance(text, list):
+        raise ValueError(f"{where}: body.input holds {len(text)} inputs; write one request line per input")
+    text = decode_string(text, "body.input", where)
+    if not text:
+        raise ValueError(f"{where}: body.input is empty")
+    model = body.get("model") or ""
+    if not isinstance(model, str):
+        raise ValueError(f"{where}: body.model must be a string, got {type(model).__name__}")
+    return Request(text=text, custom_id=custom_id, endpoint=url, model=model)
 
 
 def _option(option: str, value: object, where: str, max_new: int | None) -> object:
