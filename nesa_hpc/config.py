@@ -266,6 +266,12 @@ def _row_options(task: dict, data: dict) -> dict:
     if name == "score":
         opts["token_logprobs"] = as_bool("task.token_logprobs", task.get("token_logprobs", False))
         opts["top_logprobs"] = integer("task.top_logprobs", task.get("top_logprobs", 0), 0)
+    if name == "generate":  # each generated token's log-probability, and the N most likely alternatives
+        top = integer("task.top_logprobs", task.get("top_logprobs", 0), 0)
+        if top > 20:
+            raise ConfigError(f"task.top_logprobs={top} must be at most 20 (as OpenAI's top_logprobs)")
+        opts["token_logprobs"] = as_bool("task.logprobs", task.get("logprobs", False)) or top > 0
+        opts["top_logprobs"] = top
     return opts
 
 

@@ -127,6 +127,18 @@ def test_token_logprobs_continuations_chats_and_openai_round_trip(tiny_models, c
     ]
     batch = tmp_path / "batch.jsonl"
     batch.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    chat_lp = {"method": "POST", "url": "/v1/chat/completions"}
+    lp_requests = [
+        {"custom_id": "c2", **chat_lp, "body": {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                                              "top_logprobs": 2, "max_tokens": 4}},
+        {"custom_id": "p1", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "once upon", "logprobs": 1, "max_tokens": 4}},
+        {"custom_id": "none", "method": "POST", "url": "/v1/completions", "body": {"prompt": "the end"}},
+        {"custom_id": "many", **chat_lp, "body": {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                                                "top_logprobs": 5}},
+    ]
+    lp_batch = tmp_path / "lp_batch.jsonl"
+    lp_batch.write_text("".join(json.dumps(r) + "\n" for r in lp_requests))
     emb = {"method": "POST", "url": "/v1/embeddings"}
     emb_requests = [
         {"custom_id": "e1", **emb, "body": {"model": "text-embedding-3-small", "input": "hello world"}},
@@ -161,6 +173,9 @@ def test_token_logprobs_continuations_chats_and_openai_round_trip(tiny_models, c
             "task.max_new_tokens=3", data=batch),
         job("ids.h5", "task=score", "split.k=1", "data.id_field=uid", "data.on_error=skip", data=with_ids),
         job("emb-batch.h5", "task=embed", "data.format=openai_batch", "split.k=1", data=emb_batch),
+        job("chats-lp.h5", "task=generate", "task.max_new_tokens=5", "split.k=1", "task.top_logprobs=2", data=chats),
+        job("batch-lp.h5", "task=generate", "data.format=openai_batch", "split.k=2", "task.logprobs=true",
+            "task.top_logprobs=2", "task.max_new_tokens=3", data=lp_batch),
         job("ids-csv.h5", "task=score", "split.k=1", "data.id_field=uid", data=ids_csv),
     ]
     assert _run_jobs(3, jobs3, tmp_path, "n3") == [None] * len(jobs3)
@@ -227,6 +242,34 @@ def test_token_logprobs_continuations_chats_and_openai_round_trip(tiny_models, c
         ids = tok(text)["input_ids"]
         assert res["n_prompt_tokens"][i] == len(ids)
         assert res["generated_ids"][i].tolist() == _greedy(model, ids, 5, eos), r
+
+    # --- generated tokens' log-probabilities: the model's log-softmax at each step, the top-2 most likely first
+    lp, lp_attrs = _read(tmp_path / "chats-lp.h5")
+    assert lp_attrs["token_logprobs"] == True and lp_attrs["top_logprobs"] == 2  # noqa: E712
+    for i, r in enumerate(lp["row"]):
+        row = chats_rows[r]
+        text = row.get("text") or tok.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+        ids, gen = tok(text)["input_ids"], lp["generated_ids"][i].tolist()
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids + gen])).logits[0, len(ids) - 1:-1].float(), -1)
+        want = logp[torch.arange(len(gen)), torch.tensor(gen)]
+        np.testing.assert_allclose(lp["generated_logprobs"][i], want.numpy(), atol=1e-4)
+        top_ids = lp["generated_top_logprob_ids"][i].reshape(-1, 2)
+        assert top_ids[:, 0].tolist() == gen  # greedy: the picked token is the most likely
+        np.testing.assert_allclose(lp["generated_top_logprobs"][i].reshape(-1, 2), logp.topk(2).values, atol=1e-4)
+    lines = {x["custom_id"]: x for x in
+             strict_json.lines(_export(tmp_path / "batch-lp.h5", tmp_path / "batch-lp.jsonl").read_text())}
+    blp, _ = _read(tmp_path / "batch-lp.h5")
+    c2 = lines["c2"]["response"]["body"]["choices"][0]["logprobs"]
+    assert len(c2["content"]) == int(blp["n_generated"][0]) and c2["refusal"] is None
+    np.testing.assert_allclose([c["logprob"] for c in c2["content"]], blp["generated_logprobs"][0], atol=1e-6)
+    assert all(len(c["top_logprobs"]) == 2 and c["bytes"] == list(c["token"].encode()) for c in c2["content"])
+    p1 = lines["p1"]["response"]["body"]["choices"][0]["logprobs"]
+    assert len(p1["tokens"]) == len(p1["token_logprobs"]) == len(p1["text_offset"]) == int(blp["n_generated"][1])
+    assert all(len(alt) <= 1 for alt in p1["top_logprobs"]) and p1["text_offset"][0] == 0
+    assert lines["none"]["response"]["body"]["choices"][0]["logprobs"] is None
+    assert lines["many"]["response"]["status_code"] == 400
+    assert "task.top_logprobs=5" in lines["many"]["response"]["body"]["error"]["message"]
 
     # --- OpenAI batch: per-row settings, the same tokens at 1 and 3 ranks, greedy rows equal generate
     b3, a3 = _read(tmp_path / "batch3.h5")

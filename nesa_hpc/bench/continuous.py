@@ -8,9 +8,9 @@ every request at once) and ``out``, where the result JSON is written."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import sys
 import time
 
@@ -62,14 +62,21 @@ def _resolved(manager, model) -> dict:
             "allow_block_sharing": c.allow_block_sharing}
 
 
-def _blocks_that_fit(config, page: int, share: float = 0.25) -> int:
-    """KV cache blocks (fp32) that fit in ``share`` of the memory available now: every row of a large
-    workload at once would not fit (transformers then refuses to start)."""
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_block = config.num_hidden_layers * 2 * heads * head_dim * page * 4
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return max(16, int(share * available // per_block))
+def _manager(model, stack: contextlib.ExitStack, gen_config, blocks: int, max_batch_tokens):
+    """transformers' continuous-batching manager with ``blocks`` KV cache blocks, or with half as many, and so
+    on, while transformers finds that they do not fit in the memory available (every row of a large
+    workload at once would not)."""
+    from transformers import ContinuousBatchingConfig
+
+    while True:
+        config = ContinuousBatchingConfig(num_blocks=blocks, max_batch_tokens=max_batch_tokens)
+        try:
+            return stack.enter_context(model.continuous_batching_context_manager(
+                generation_config=gen_config, continuous_batching_config=config, block=True))
+        except MemoryError:
+            if blocks <= 16:
+                raise
+            blocks //= 2
 
 
 def continuous_generate(spec: dict) -> dict:
@@ -89,15 +96,13 @@ def continuous_generate(spec: dict) -> dict:
     eos = sorted(eos_token_ids(tokenizer, folder, model.config))
     requests = load_requests(spec["data"], tokenizer, int(spec["max_length"]))
     page = ContinuousBatchingConfig().page_size
-    blocks = spec.get("num_blocks") or min(sum(math.ceil((len(ids) + cap) / page) for _, ids, cap in requests) + 2,
-                                           _blocks_that_fit(model.config, page))
-    cb_config = ContinuousBatchingConfig(num_blocks=blocks, max_batch_tokens=spec.get("max_batch_tokens"))
+    blocks = spec.get("num_blocks") or sum(math.ceil((len(ids) + cap) / page) for _, ids, cap in requests) + 2
     gen_config = GenerationConfig(do_sample=False, max_new_tokens=max(c for *_, c in requests), eos_token_id=eos,
                                   pad_token_id=eos[0] if eos else 0)
     clock = _timed(model)
     results = {}
-    with torch.inference_mode(), model.continuous_batching_context_manager(
-            generation_config=gen_config, continuous_batching_config=cb_config, block=True) as manager:
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        manager = _manager(model, stack, gen_config, blocks, spec.get("max_batch_tokens"))
         settings = _resolved(manager, model)
         clock.update(seconds=0.0, calls=0)
         start = time.perf_counter()

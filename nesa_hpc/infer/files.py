@@ -262,9 +262,11 @@ def row_fields(settings: Settings, adapter=None) -> RowFields:
     """What a row of ``data.path`` holds, from the ``data.*`` options."""
     positions = position_limit(adapter.config) if adapter is not None else None
     limit = positions - settings.max_length if positions else None
+    kept = settings.top_logprobs if settings.task == "generate" and settings.token_logprobs else None
     return RowFields(settings.text_field, settings.messages_field, settings.prompt_field, settings.completion_field,
                      openai=settings.data_format == "openai_batch", max_new_tokens=limit, id_field=settings.id_field,
-                     embed=settings.task == "embed")
+                     embed=settings.task == "embed",
+                     logprobs=kept)
 
 
 def rows_from(data_path: str, settings: Settings, first: int, rows: range | None, tokenizer=None, adapter=None):

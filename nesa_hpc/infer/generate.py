@@ -47,6 +47,9 @@ class GroupResult:
     reasons: list[str]
     texts: list[str]
     releases: np.ndarray  # (B,) int32: privacy releases of each row's activations
+    logprobs: list[list[float]] | None = None     # task.logprobs: each generated token's log-probability
+    top_ids: list[list[int]] | None = None        # task.top_logprobs=N: N ids per generated token, most likely first
+    top_logprobs: list[list[float]] | None = None  # and their log-probabilities
 
 
 @dataclass
@@ -62,6 +65,9 @@ class _Row:
     nonfinite_at: int = -1
     reason: str | None = None
     text: str = ""
+    logprobs: list[float] = field(default_factory=list)   # task.logprobs: of each picked token
+    top_ids: list[int] = field(default_factory=list)      # task.top_logprobs=N: N per picked token
+    top_logprobs: list[float] = field(default_factory=list)
 
     @property
     def row(self) -> int:
@@ -360,6 +366,8 @@ class Generation:
         decodings = [r.decoding for r in rows]
         shared = decodings[0] if all(d is decodings[0] for d in decodings) else decodings  # one pick for all
         picked = pick_tokens(logits, shared, [r.generator for r in rows]).tolist()
+        if getattr(self.task, "logprobs", False):
+            _keep_logprobs(rows, logits, picked, self.task.top_logprobs)
         self.stats.extra["steps"] += 1
         for r, t, mark in zip(rows, picked, marks.tolist(), strict=True):
             r.nonfinite_at = mark
@@ -394,8 +402,23 @@ class Generation:
         self.stats.extra["max_rows"] = max(self.stats.extra["max_rows"], running)
 
     def _finish(self, r: _Row) -> None:
-        result = GroupResult([r.tokens], [r.reason], [r.text], np.array([r.releases], dtype=np.int32))
+        result = GroupResult([r.tokens], [r.reason], [r.text], np.array([r.releases], dtype=np.int32),
+                             [r.logprobs], [r.top_ids], [r.top_logprobs])
         self.on_result(r.batch, [result], torch.tensor([r.nonfinite_at], dtype=torch.int32))
+
+
+def _keep_logprobs(rows: list[_Row], logits: torch.Tensor, picked: list[int], top: int) -> None:
+    """Each row's picked token's log-probability under the model (the log-softmax of its logits, before
+    temperature, top-k or top-p), and with ``top`` the ``top`` most likely tokens and theirs."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+    chosen = logp.gather(1, torch.tensor(picked, dtype=torch.long).unsqueeze(1)).squeeze(1).tolist()
+    if top:
+        vals, ids = logp.topk(top, dim=-1)
+    for i, r in enumerate(rows):
+        r.logprobs.append(chosen[i])
+        if top:
+            r.top_ids.extend(ids[i].tolist())
+            r.top_logprobs.extend(vals[i].tolist())
 
 
 def _trimmed(mask: torch.Tensor) -> torch.Tensor:

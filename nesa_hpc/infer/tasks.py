@@ -177,8 +177,10 @@ class GenerateTask(Task):
     def head_stage(self, adapter, h, mask):
         return [adapter.logits(adapter.norm(h[:, -1])).float()]  # (B, V) logits of the last position
 
-    def __init__(self, requests: bool = False) -> None:
+    def __init__(self, requests: bool = False, logprobs: bool = False, top_logprobs: int = 0) -> None:
         self.requests = requests  # OpenAI batch lines: keep each row's custom_id and endpoint
+        self.logprobs = logprobs or top_logprobs > 0  # task.logprobs: each generated token's log-probability
+        self.top_logprobs = top_logprobs              # task.top_logprobs: the N most likely at each step
 
     def finish(self, adapter, batch, outputs):
         (res,) = outputs  # a nesa_hpc.infer.generate.GroupResult
@@ -186,6 +188,15 @@ class GenerateTask(Task):
         for i, t in enumerate(res.tokens):
             ids[i] = np.asarray(t, dtype=np.int32)
         extra = request_columns(batch) if self.requests else {}
+        if self.logprobs:
+            extra["generated_logprobs"] = _ragged(res.logprobs, np.float32)
+            if self.requests:  # what each request asked: -1 none, else the alternatives per token
+                reqs = batch.requests or [None] * batch.size
+                extra["request_logprobs"] = np.array([-1 if r is None or r.logprobs is None else r.logprobs
+                                                      for r in reqs], dtype=np.int32)
+        if self.top_logprobs:
+            extra.update(generated_top_logprob_ids=_ragged(res.top_ids, np.int32),
+                         generated_top_logprobs=_ragged(res.top_logprobs, np.float32))
         return {**extra, "n_tokens": batch.lengths.numpy().astype(np.int32),
                 "n_prompt_tokens": batch.lengths.numpy().astype(np.int32),
                 "n_generated": np.array([len(t) for t in res.tokens], dtype=np.int32),
@@ -201,7 +212,22 @@ class GenerateTask(Task):
                 "finish_reason": (h5py.string_dtype(), ()), "n_releases": (np.int32, ())}
         if self.requests:
             cols.update(request_dtypes())
+        if self.logprobs:
+            cols["generated_logprobs"] = (h5py.vlen_dtype(np.float32), ())
+            if self.requests:
+                cols["request_logprobs"] = (np.int32, ())
+        if self.top_logprobs:
+            cols.update(generated_top_logprob_ids=(h5py.vlen_dtype(np.int32), ()),
+                        generated_top_logprobs=(h5py.vlen_dtype(np.float32), ()))
         return cols
+
+
+def _ragged(rows: list[list], dtype) -> np.ndarray:
+    """Per row a 1-D array (an HDF5 variable-length value)."""
+    out = np.empty(len(rows), dtype=object)
+    for i, values in enumerate(rows):
+        out[i] = np.asarray(values, dtype=dtype)
+    return out
 
 
 def request_dtypes() -> dict:
@@ -230,5 +256,7 @@ def make_task(name: str, head_on_owner: bool, pooling: str = "mean", normalize: 
     if name == "embed":
         return EmbedTask(pooling, normalize, settings is not None and settings.data_format == "openai_batch")
     if name == "generate":
-        return GenerateTask(settings is not None and settings.data_format == "openai_batch")
+        if settings is None:
+            return GenerateTask()
+        return GenerateTask(settings.data_format == "openai_batch", settings.token_logprobs, settings.top_logprobs)
     raise ConfigError(f"task={name!r} is not one of {TASKS}")

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import h5py
@@ -123,6 +123,8 @@ class _Facts:
     created: int
     fingerprint: str
     chat_default: str  # the endpoint of rows that came without one
+    top: int = -1      # alternatives per token the file keeps (-1: no log-probabilities)
+    tokens: object = None  # the model's tokenizer, to spell the tokens of log-probabilities
 
 
 def _response_body(rec: dict, ids: dict, facts: _Facts, embed: bool) -> dict:
@@ -132,16 +134,54 @@ def _response_body(rec: dict, ids: dict, facts: _Facts, embed: bool) -> dict:
         return {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": rec["embedding"]}],
                 "model": model, "usage": {"prompt_tokens": rec["n_tokens"], "total_tokens": rec["n_tokens"]}}
     finish = _FINISH.get(rec["finish_reason"], rec["finish_reason"])
-    if (rec.get("endpoint") or facts.chat_default) == "/v1/chat/completions":
+    chat = (rec.get("endpoint") or facts.chat_default) == "/v1/chat/completions"
+    logprobs = _logprobs(rec, facts, chat)
+    if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": rec["generated_text"], "refusal": None},
-                  "logprobs": None, "finish_reason": finish}
+                  "logprobs": logprobs, "finish_reason": finish}
         body = {"id": f"chatcmpl-{ids['body']}", "object": "chat.completion"}
     else:
-        choice = {"text": rec["generated_text"], "index": 0, "logprobs": None, "finish_reason": finish}
+        choice = {"text": rec["generated_text"], "index": 0, "logprobs": logprobs, "finish_reason": finish}
         body = {"id": f"cmpl-{ids['body']}", "object": "text_completion"}
     body.update(created=facts.created, model=model, choices=[choice],
                 usage=_usage(rec["n_prompt_tokens"], rec["n_generated"]), system_fingerprint=facts.fingerprint)
     return body
+
+
+def _logprobs(rec: dict, facts: _Facts, chat: bool) -> dict | None:
+    """``choices[0].logprobs`` in OpenAI's shape for the alternatives the request asked (all the file keeps
+    for a file not read from requests; null when none): chat's ``{"content": [{token, logprob, bytes,
+    top_logprobs}], "refusal"}``, or the completions' ``{tokens, token_logprobs, top_logprobs,
+    text_offset}`` (offsets from the start of the generated text)."""
+    n = rec.get("request_logprobs", facts.top)
+    if facts.top < 0 or n is None or n < 0:
+        return None
+    spell = [facts.tokens.decode([t]) for t in rec["generated_ids"]]
+    top_ids = np.reshape(rec.get("generated_top_logprob_ids") or [], (len(spell), -1))[:, :n] if n else None
+    top_lps = np.reshape(rec.get("generated_top_logprobs") or [], (len(spell), -1))[:, :n] if n else None
+    alternatives = [[(facts.tokens.decode([int(t)]), float(v)) for t, v in zip(top_ids[i], top_lps[i], strict=True)]
+                    if n else [] for i in range(len(spell))]
+    if chat:
+        return {"content": [{"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8")),
+                             "top_logprobs": [{"token": a, "logprob": v, "bytes": list(a.encode("utf-8"))}
+                                              for a, v in alts]}
+                            for tok, lp, alts in zip(spell, rec["generated_logprobs"], alternatives, strict=True)],
+                "refusal": None}
+    offsets = np.cumsum([0] + [len(t) for t in spell[:-1]]).tolist() if spell else []
+    return {"tokens": spell, "token_logprobs": rec["generated_logprobs"],
+            "top_logprobs": [dict(alts) for alts in alternatives] if n else None, "text_offset": offsets}
+
+
+def _tokenizer(f: h5py.File):
+    """The tokenizer of the file's model (``model_path``), to spell tokens in an export."""
+    from transformers import AutoTokenizer
+
+    path = f.attrs.get("model_path")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{f.filename}: the log-probabilities' tokens need the model's tokenizer at model_path "
+                          f"{path} ({exc})") from None
 
 
 def openai_lines(f: h5py.File) -> Iterator[dict]:
@@ -157,11 +197,15 @@ def openai_lines(f: h5py.File) -> Iterator[dict]:
     facts = _Facts(_run_id(f), folder_model, int(os.path.getmtime(f.filename)),
                    "fp_" + hashlib.sha256(f"{folder_model}:{f.attrs.get('model_dtype', '')}".encode()).hexdigest()[:10],
                    "/v1/chat/completions" if f.attrs.get("chat_template") in (True, "true") else "/v1/completions")
+    if "generated_logprobs" in f:
+        facts = replace(facts, top=int(f.attrs.get("top_logprobs", 0)), tokens=_tokenizer(f))
     has_ids, embed = "custom_id" in f, task == "embed"
     columns = (["row", "embedding", "n_tokens"] if embed else
                ["row", "generated_text", "finish_reason", "n_prompt_tokens", "n_generated"]) + \
         (["custom_id", "endpoint"] if has_ids else []) + (["request_model"] if "request_model" in f else []) + \
-        (["id"] if "id" in f and not has_ids else [])
+        (["id"] if "id" in f and not has_ids else []) + \
+        [c for c in ("generated_ids", "generated_logprobs", "generated_top_logprob_ids", "generated_top_logprobs",
+                     "request_logprobs") if c in f and not embed]
     skipped = dict(_skipped(f))
     skipped_ids = _custom_ids_of(f.attrs.get("data_path"), set(skipped)) if has_ids else {}
     pending = iter(sorted(skipped.items()))

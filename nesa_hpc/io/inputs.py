@@ -20,7 +20,7 @@ OPENAI_URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
 OPENAI_OPTIONS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
                   "temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop"}
 # body keys accepted when they ask for nothing beyond one plain completion
-_NEUTRAL = {"n": 1, "stream": False, "logprobs": False, "echo": False, "best_of": 1, "presence_penalty": 0,
+_NEUTRAL = {"n": 1, "stream": False, "echo": False, "best_of": 1, "presence_penalty": 0,
             "frequency_penalty": 0, "parallel_tool_calls": None, "stream_options": None}
 _IGNORED = ("user", "metadata", "store", "service_tier")  # about the service, not the output
 
@@ -39,6 +39,7 @@ class Request:
     options: tuple[tuple[str, object], ...] = ()  # ... its decoding settings (task option, value) ...
     model: str = ""                              # ... and body.model (echoed in the exported response)
     row_id: str | None = None                    # data.id_field: the row's own id, kept in the results
+    logprobs: int | None = None                  # body.logprobs: alternatives asked per token (0: the token's own)
 
     @property
     def is_pair(self) -> bool:
@@ -93,6 +94,7 @@ class RowFields:
     max_new_tokens: int | None = None  # openai: the most a row may ask for (the model's positions allow)
     id_field: str | None = None        # data.id_field: a field holding the row's id (a string or an integer)
     embed: bool = False                # openai: task=embed reads /v1/embeddings requests (and only those)
+    logprobs: int | None = None        # openai: alternatives the job keeps per token (task.top_logprobs), None: none
 
     @property
     def pairs(self) -> bool:
@@ -165,7 +167,8 @@ class RowFields:
         if endpoint == "embeddings":
             return _embedding_request(body, custom_id, url, where)
         text_key = "messages" if endpoint == "chat" else "prompt"
-        unknown = sorted(set(body) - {text_key, "model", *OPENAI_OPTIONS, *_NEUTRAL, *_IGNORED})
+        unknown = sorted(set(body) - {text_key, "model", "logprobs", "top_logprobs", *OPENAI_OPTIONS, *_NEUTRAL,
+                                      *_IGNORED})
         if unknown:
             raise ValueError(f"{where}: body key(s) {unknown} are not supported (supported: {text_key}, "
                              f"{', '.join(sorted(OPENAI_OPTIONS))}; ignored: {', '.join(_IGNORED)})")
@@ -193,7 +196,33 @@ class RowFields:
         if not isinstance(model, str):
             raise ValueError(f"{where}: body.model must be a string, got {type(model).__name__}")
         return Request(text=text, messages=messages, custom_id=custom_id, endpoint=url,
-                       options=tuple(sorted(options.items())), model=model)
+                       options=tuple(sorted(options.items())), model=model,
+                       logprobs=self._logprobs(body, endpoint, where))
+
+    def _logprobs(self, body: dict, endpoint: str, where: str) -> int | None:
+        """The alternatives a request asks per generated token (None: no log-probabilities): chat's
+        ``logprobs`` (true/false) with ``top_logprobs`` (0–20), or the legacy completions' ``logprobs`` (0–5).
+        The job must keep at least as many (``task.logprobs``, ``task.top_logprobs``)."""
+        value, top = body.get("logprobs"), body.get("top_logprobs")
+        if endpoint == "chat":
+            bad_top = top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20)
+            if value not in (None, True, False) or bad_top:
+                raise ValueError(f"{where}: body.logprobs must be true or false and body.top_logprobs an integer "
+                                 "from 0 to 20")
+            if top and not value:
+                raise ValueError(f"{where}: body.top_logprobs needs body.logprobs=true")
+            asked = (top or 0) if value else None
+        else:
+            if top is not None:
+                raise ValueError(f"{where}: body.top_logprobs is for chat completions; a completion asks with "
+                                 "body.logprobs=N")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 5):
+                raise ValueError(f"{where}: body.logprobs={value!r} must be an integer from 0 to 5 (or null)")
+            asked = value
+        if asked is not None and (self.logprobs is None or asked > self.logprobs):
+            raise ValueError(f"{where}: the request asks for log-probabilities with {asked} alternatives; run the job "
+                             f"with task.logprobs=true" + (f" task.top_logprobs={asked}" if asked else ""))
+        return asked
 
 
 def _embedding_request(body: dict, custom_id: str, url: str, where: str) -> Request:
