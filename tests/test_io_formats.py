@@ -416,7 +416,8 @@ def test_openai_request_lines_are_checked_row_by_row():
     assert fields.extract(ok, "f:1").custom_id == "x"
     bad = [
         ({"url": "/v1/completions", "body": {"prompt": "p"}}, "custom_id"),
-        ({**ok, "url": "/v1/embeddings"}, "url '/v1/embeddings' is not supported"),
+        ({**ok, "url": "/v1/embeddings"}, "url /v1/embeddings needs task=embed"),
+        ({**ok, "url": "/v1/files"}, "url '/v1/files' is not supported"),
         ({**ok, "body": {**ok["body"], "n": 2}}, "n=2 is not supported"),
         ({**ok, "body": {**ok["body"], "max_tokens": 1000}}, "exceeds the model's positions"),
         ({**ok, "body": {**ok["body"], "temperature": -1}}, "temperature=-1"),
