@@ -66,7 +66,7 @@ def validate(config_name: str, args: list[str], conf: Path = CONF) -> None:
     chosen, others = [], []
     for arg, o in zip(args, parsed, strict=True):
         key = o.key_or_group
-        if key == "hydra" or key.startswith("hydra.") or o.is_delete():
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")) or o.is_delete():
             continue
         if key in groups and not o.is_add() and not o.is_force_add():
             options = sorted(p.stem for p in (conf / key).glob("*.yaml"))

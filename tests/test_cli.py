@@ -152,7 +152,7 @@ def test_good_overrides_pass():
     from nesa_hpc.overrides import check_overrides
 
     check_overrides("infer", ["task=generate", "task.max_new_tokens=5", "model=minilm", "split.k=2",
-                              "hydra.run.dir=.", "privacy=gaussian", "privacy.epsilon=3"])
+                              "hydra.run.dir=.", "hydra/job_logging=none", "privacy=gaussian", "privacy.epsilon=3"])
     check_overrides("infer", ["--cfg", "job"])  # Hydra's own flags: left to Hydra
 
 
