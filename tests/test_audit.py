@@ -103,6 +103,9 @@ def test_audit_measures_what_it_should(audit):
     # k > 0: sequence unit, no nearest-neighbour attack, sigma from the clip calibrated on public text
     clean2, strong2 = by[(2, math.inf)], by[(2, 1)]
     assert clean2["unit"] == "sequence" and math.isnan(clean2["nn_recovery"])
+    # one scale for both units: a row's epsilon composes its tokens' at k=0 and is the row's own at k > 0
+    assert strong0["epsilon_row"] > 2 * strong0["epsilon"] and strong2["epsilon_row"] == strong2["epsilon"] == 1
+    assert clean0["epsilon_row"] == math.inf
     assert strong2["sigma"] > 0 and strong2["clip"] > 0
     assert strong2["probe_recovery"] <= clean2["probe_recovery"] + 1e-9
     # the sequence inverter learns from public rows: without noise it recovers tokens well above the floor

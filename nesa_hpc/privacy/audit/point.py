@@ -27,7 +27,7 @@ def measure_point(adapter, attacks: Attacks, public: Corpus, held: Corpus, k: in
     clip = clean["clip"]
     if level is None:
         eval_z, public_z = held.at(adapter, k), public.at(adapter, k)
-        row.update(epsilon=math.inf, sigma=0.0, clip=clip)
+        row.update(epsilon=math.inf, epsilon_row=math.inf, sigma=0.0, clip=clip)
     else:
         if s.mechanism == "gaussian":
             spec = PrivacySpec("gaussian", unit=unit, epsilon=level, delta=s.delta, clip="auto", seed=s.seed)
@@ -42,6 +42,10 @@ def measure_point(adapter, attacks: Attacks, public: Corpus, held: Corpus, k: in
             public_z = [on_public.apply(z, b.mask, b.rows) for b, z in zip(public.batches, public.at(adapter, k),
                                                                            strict=True)]
         row.update(epsilon=level if s.mechanism == "gaussian" else math.nan, sigma=on_eval.sigma, clip=clip)
+        # ε for a whole row (of the held-out rows' mean length): at k=0 each of its tokens is a release
+        tokens = round(len(held.ids) / sum(b.size for b in held.batches))
+        row["epsilon_row"] = math.nan if s.mechanism != "gaussian" else \
+            on_eval.ledger().epsilon(tokens) if unit == "token" else level
     nll, count, pooled = finish(adapter, held, eval_z, k)
     row["perplexity"] = math.exp(nll / count) if count else math.nan
     row["perplexity_ratio"] = row["perplexity"] / clean["perplexity"] if count else math.nan

@@ -13,8 +13,8 @@ from .gradient import GRAD_COLUMNS
 
 __all__ = ["COLUMNS", "write", "plot"]
 
-COLUMNS = ("k", "mechanism", "unit", "epsilon", "delta", "sigma", "clip", "noise_to_signal", "perplexity",
-           "perplexity_ratio", "cosine", "nn_recovery", "map_recovery", "head_recovery", "probe_recovery",
+COLUMNS = ("k", "mechanism", "unit", "epsilon", "epsilon_row", "delta", "sigma", "clip", "noise_to_signal",
+           "perplexity", "perplexity_ratio", "cosine", "nn_recovery", "map_recovery", "head_recovery", "probe_recovery",
            "inverter_recovery", "best_recovery", "floor", "p_prior", "bound", "bound_gdp", "eval_tokens",
            "public_tokens", "unigram_perplexity", "owner_alone_perplexity")
 
