@@ -42,10 +42,7 @@ def measure_point(adapter, attacks: Attacks, public: Corpus, held: Corpus, k: in
             public_z = [on_public.apply(z, b.mask, b.rows) for b, z in zip(public.batches, public.at(adapter, k),
                                                                            strict=True)]
         row.update(epsilon=level if s.mechanism == "gaussian" else math.nan, sigma=on_eval.sigma, clip=clip)
-        # ε for a whole row (of the held-out rows' mean length): at k=0 each of its tokens is a release
-        tokens = round(len(held.ids) / sum(b.size for b in held.batches))
-        row["epsilon_row"] = math.nan if s.mechanism != "gaussian" else \
-            on_eval.ledger().epsilon(tokens) if unit == "token" else level
+        row["epsilon_row"] = _row_epsilon(on_eval, held, unit, level, s) if s.mechanism == "gaussian" else math.nan
     nll, count, pooled = finish(adapter, held, eval_z, k)
     row["perplexity"] = math.exp(nll / count) if count else math.nan
     row["perplexity_ratio"] = row["perplexity"] / clean["perplexity"] if count else math.nan
@@ -76,3 +73,14 @@ def measure_point(adapter, attacks: Attacks, public: Corpus, held: Corpus, k: in
     row["eval_tokens"], row["public_tokens"] = len(ids), len(public.ids)
     return row
 
+
+def _row_epsilon(privacy, held: Corpus, unit: str, level: float, s: AuditSettings) -> float:
+    """ε of a whole row (of the held-out rows' mean length n) at ``audit.delta``: at k=0 (token unit) its n
+    token releases compose, and n Gaussian releases of noise multiplier m are one of multiplier m / √n
+    (exact); at k > 0 the row is the unit."""
+    if unit != "token":
+        return level
+    from dp_accounting import get_epsilon_gaussian
+
+    tokens = round(len(held.ids) / sum(b.size for b in held.batches))
+    return float(get_epsilon_gaussian(privacy.ledger().noise_multiplier / math.sqrt(tokens), s.delta))
