@@ -13,6 +13,7 @@ from .errors import ConfigError
 from .infer.tasks import TASKS
 from .io.batch import ON_LONG
 from .io.read import FORMATS, ON_ERROR
+from .io.tokenize import CONVENTIONS
 from .models.weights import DTYPES, PACKAGED_MODELS
 from .privacy.mechanism import MECHANISMS, UNITS, PrivacyConfigError, PrivacySpec
 
@@ -81,6 +82,7 @@ class Settings:
     completion_field: str | None = None
     token_logprobs: bool = False
     top_logprobs: int = 0
+    convention: str = "hf"  # task.convention (task=score): "hf" or "lm_eval", how rows are tokenized and scored
     id_field: str | None = None  # data.id_field: each row's own id, kept in the results (dataset `id`)
 
 
@@ -266,6 +268,7 @@ def _row_options(task: dict, data: dict) -> dict:
     if name == "score":
         opts["token_logprobs"] = as_bool("task.token_logprobs", task.get("token_logprobs", False))
         opts["top_logprobs"] = integer("task.top_logprobs", task.get("top_logprobs", 0), 0)
+        opts["convention"] = choice("task.convention", task.get("convention", "hf"), CONVENTIONS)
     if name == "generate":  # each generated token's log-probability, and the N most likely alternatives
         top = integer("task.top_logprobs", task.get("top_logprobs", 0), 0)
         if top > 20:

@@ -102,7 +102,8 @@ def row_attrs(settings: Settings) -> dict:
     return {k: getattr(settings, k) for k in _ROW_OPTIONS if getattr(settings, k) != defaults[k]}
 
 
-_ROW_OPTIONS = ("messages_field", "prompt_field", "completion_field", "token_logprobs", "top_logprobs", "id_field")
+_ROW_OPTIONS = ("messages_field", "prompt_field", "completion_field", "token_logprobs", "top_logprobs", "id_field",
+                "convention")
 
 
 def decoding_attrs(settings: Settings) -> dict:

@@ -239,7 +239,7 @@ class _OwnerRun:
         padding = "left" if self.generate else settings.padding_side
         return prefetch(make_batches(todo, plan.tokenizer, settings.batch_size, settings.max_length, padding,
                                      str(plan.data_path), settings.bucket_window, settings.on_error,
-                                     settings.on_long, self.skips.add))
+                                     settings.on_long, self.skips.add, settings.convention))
 
     def _drive(self, batches):
         settings, owner = self.settings, self.owner

@@ -252,7 +252,7 @@ def make_task(name: str, head_on_owner: bool, pooling: str = "mean", normalize: 
         if settings is None:
             return ScoreTask(head_on_owner)
         return ScoreTask(head_on_owner, settings.token_logprobs, settings.top_logprobs,
-                         settings.completion_field is not None)
+                         settings.completion_field is not None or settings.convention == "lm_eval")
     if name == "embed":
         return EmbedTask(pooling, normalize, settings is not None and settings.data_format == "openai_batch")
     if name == "generate":

@@ -14,7 +14,7 @@ import torch
 
 from .inputs import Request
 from .read import DataError, RowError
-from .tokenize import encode_pair, encode_rows
+from .tokenize import CONVENTIONS, LmEval, encode_pair, encode_rows
 
 __all__ = ["ON_LONG", "Batch", "content_digests", "make_batches", "pad_batch", "position_ids", "prefetch"]
 
@@ -95,7 +95,7 @@ def pad_batch(seqs: list[list[int]], pad_id: int, padding_side: str) -> tuple[to
 def make_batches(rows: Iterable[tuple[int, str | RowError]], tokenizer, batch_size: int, max_length: int,
                  padding_side: str = "right", source: str = "data", bucket_window: int = 0,
                  on_error: str = "fail", on_long: str = "truncate",
-                 on_skip: Callable[[int, str], None] | None = None) -> Iterator[Batch]:
+                 on_skip: Callable[[int, str], None] | None = None, convention: str = "hf") -> Iterator[Batch]:
     """Tokenize ``rows`` with :func:`encode_rows` (the tokenizer's defaults and its own truncation to
     ``max_length``, special tokens kept), and pad.
 
@@ -107,13 +107,19 @@ def make_batches(rows: Iterable[tuple[int, str | RowError]], tokenizer, batch_si
     ``on_error="skip"``; else they raise), and rows longer than ``max_length`` with ``on_long="skip"``
     (``"truncate"`` keeps what ``tokenizer(text, truncation=True, max_length=max_length)`` keeps and flags the
     row; ``"fail"`` raises).
+
+    ``convention="lm_eval"`` (``task.convention``) tokenizes and marks the scored tokens as
+    lm-evaluation-harness's HF model does (:class:`~nesa_hpc.io.tokenize.LmEval`): every row then has
+    ``prompt_tokens`` (1, the prefix token, for a text row).
     """
     if padding_side not in ("left", "right"):
         raise DataError(f"data.padding_side={padding_side!r} must be 'left' or 'right'")
     if on_long not in ON_LONG:
         raise DataError(f"data.on_long={on_long!r} must be one of {ON_LONG}")
+    if convention not in CONVENTIONS:
+        raise DataError(f"task.convention={convention!r} must be one of {CONVENTIONS}")
     window = max(bucket_window, batch_size) if bucket_window > 0 else batch_size
-    rules = _Rows(tokenizer, max_length, source, on_error, on_long, on_skip)
+    rules = _Rows(tokenizer, max_length, source, on_error, on_long, on_skip, convention)
     pad_id = _pad_id(tokenizer)
     index = 0
     for chunk in _chunks(rows, window):
@@ -142,9 +148,16 @@ class _Rows:
     order; a row that cannot be used raises :class:`DataError` or goes to ``on_skip``."""
 
     def __init__(self, tokenizer, max_length: int, source: str, on_error: str, on_long: str,
-                 on_skip: Callable[[int, str], None] | None) -> None:
+                 on_skip: Callable[[int, str], None] | None, convention: str = "hf") -> None:
         self.tokenizer, self.max_length, self.source = tokenizer, max_length, source
         self.on_error, self.on_long, self.on_skip = on_error, on_long, on_skip
+        if convention == "lm_eval":
+            try:
+                self.lm_eval = LmEval(tokenizer)
+            except ValueError as exc:
+                raise DataError(str(exc)) from None
+        else:
+            self.lm_eval = None
 
     def items(self, chunk: list[tuple[int, str | Request | RowError]]) -> tuple[list[_Item], bool]:
         """The window's usable rows, and whether it held prompt/completion pairs."""
@@ -152,7 +165,7 @@ class _Rows:
         items = self._texts(texts) + self._pairs(pairs)
         if pairs:
             items.sort(key=lambda it: it.row)  # input order, as for plain rows
-        return items, bool(pairs)
+        return items, bool(pairs) or self.lm_eval is not None
 
     def _sort_out(self, chunk: list[tuple[int, str | Request | RowError]]
                   ) -> tuple[list[tuple[int, str, Request | None]], list[tuple[int, Request]]]:
@@ -174,7 +187,12 @@ class _Rows:
 
     def _texts(self, texts: list[tuple[int, str, Request | None]]) -> list[_Item]:
         """Text rows tokenized by :func:`encode_rows`; a row without tokens or too long (not truncated) goes."""
-        encoded = encode_rows(self.tokenizer, [t for _, t, _ in texts], self.max_length) if texts else []
+        if not texts:
+            return []
+        if self.lm_eval is not None:  # the prefix token, then the text: scored from its first token
+            encoded = self.lm_eval.texts([t for _, t, _ in texts], self.max_length)
+        else:
+            encoded = encode_rows(self.tokenizer, [t for _, t, _ in texts], self.max_length)
         items = []
         for (row, _, request), (ids, truncated, count, exact) in zip(texts, encoded, strict=True):
             if count == 0:
@@ -183,7 +201,7 @@ class _Rows:
                 self._too_long(row, f"{self.source}: row {row}: {'' if exact else 'at least '}{count} tokens, "
                                     f"longer than data.max_length={self.max_length} (data.on_long={self.on_long})")
             else:
-                items.append(_Item(row, ids, truncated, 0, request))
+                items.append(_Item(row, ids, truncated, 0 if self.lm_eval is None else 1, request))
         return items
 
     def _pairs(self, pairs: list[tuple[int, Request]]) -> list[_Item]:
@@ -191,8 +209,11 @@ class _Rows:
         items = []
         for row, request in pairs:
             try:
-                ids, n_prompt, truncated = encode_pair(self.tokenizer, request.prompt, request.completion,
-                                                       self.max_length)
+                if self.lm_eval is not None:
+                    ids, n_prompt, truncated = self.lm_eval.pair(request.prompt, request.completion, self.max_length)
+                else:
+                    ids, n_prompt, truncated = encode_pair(self.tokenizer, request.prompt, request.completion,
+                                                           self.max_length)
             except ValueError as exc:  # its message is the reason: raised from None
                 reason = f"{self.source}: row {row}: {exc}"
                 if self.on_error == "fail":

@@ -8,7 +8,11 @@ import logging
 from collections.abc import Sequence
 from typing import NamedTuple
 
-__all__ = ["Encoded", "encode_rows", "encode_pair"]
+__all__ = ["Encoded", "encode_rows", "encode_pair", "LmEval", "CONVENTIONS"]
+
+# task.convention: "hf" tokenizes as the tokenizer does by default and scores every token after the first (what
+# ``model(ids, labels=ids)`` computes); "lm_eval" follows lm-evaluation-harness's HF model (see LmEval)
+CONVENTIONS = ("hf", "lm_eval")
 
 log = logging.getLogger("nesa_hpc")
 
@@ -192,12 +196,89 @@ def encode_pair(tokenizer, prompt: str, completion: str, max_length: int) -> tup
         raise ValueError("the prompt has no tokens: the first completion token would have no context")
     if n_prompt >= len(whole):
         raise ValueError("the completion has no tokens")
-    if len(whole) <= max_length:
-        return whole, n_prompt, False
-    n_completion = len(whole) - n_prompt
+    return _fit(whole, n_prompt, max_length)
+
+
+def _fit(ids: list[int], n_prompt: int, max_length: int) -> tuple[list[int], int, bool]:
+    """A prompt's and a continuation's ``ids`` in at most ``max_length`` tokens: the last ones (prompt tokens cut
+    from the left); ([], the continuation's token count, True) when not even one prompt token fits."""
+    if len(ids) <= max_length:
+        return ids, n_prompt, False
+    n_completion = len(ids) - n_prompt
     if n_completion > max_length - 1:
         return [], n_completion, True
-    return whole[-max_length:], max_length - n_completion, True
+    return ids[-max_length:], max_length - n_completion, True
+
+
+class LmEval:
+    """The rules of lm-evaluation-harness's HF model (``lm_eval/models/huggingface.py`` and
+    ``lm_eval/api/model.py``, v0.4.10 and later) for ``loglikelihood`` and ``loglikelihood_rolling``:
+
+    - a text is tokenized with the tokenizer's defaults (a BOS first where the tokenizer adds one), without
+      special tokens when it already starts with the prefix token's text;
+    - the prefix token is the tokenizer's BOS, else its EOS;
+    - a text row is scored as the first window of ``loglikelihood_rolling``: the prefix token, then the text's
+      tokens, every one of them predicted (a BOS the tokenizer adds is predicted after the prefix, as there);
+    - a prompt/continuation pair moves the prompt's trailing spaces to the continuation and is the prompt's
+      own tokens followed by the continuation's (the tokens of ``prompt + continuation`` after as many as the
+      prompt has); an empty prompt is the prefix token, the continuation tokenized without special tokens
+      (unless it already starts with the prefix token, which then serves as the context).
+
+    The harness's ``max_length`` L is the model's input; a row here holds its last token too, so
+    ``data.max_length`` = L + 1 gives the same windows and truncation."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if prefix is None:
+            raise ValueError("task.convention=lm_eval needs a tokenizer with a BOS or an EOS token (the prefix "
+                             "token lm-eval puts before a text)")
+        self.prefix = prefix
+        self.prefix_text = tokenizer.decode(prefix)
+        self.appended = _appended_special_tokens(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        """lm-eval's ``tok_encode``: the tokenizer's defaults, no special tokens if ``text`` starts with the
+        prefix token's text."""
+        kw = {"add_special_tokens": False} if text.startswith(self.prefix_text) else {}
+        return list(self.tokenizer(text, **kw)["input_ids"])
+
+    def texts(self, texts: Sequence[str], max_length: int) -> list[Encoded]:
+        """Each text as the first window of ``loglikelihood_rolling``: the prefix token and the text's first
+        ``max_length - 1`` tokens (``truncated`` when it has more; ``n_tokens`` counts the prefix)."""
+        out: list[Encoded | None] = [None] * len(texts)
+        for plain in (False, True):  # texts with and without the tokenizer's special tokens
+            index = [i for i, t in enumerate(texts) if t.startswith(self.prefix_text) == plain]
+            if not index:
+                continue
+            part = [texts[i] for i in index]
+            if self.appended:  # truncation would keep the appended tokens: tokenize whole, then cut
+                whole = [self.encode(t) for t in part]
+                encoded = [Encoded(ids[:max_length - 1], len(ids) > max_length - 1, len(ids), True) for ids in whole]
+            else:
+                encoded = encode_rows(self.tokenizer, part, max_length - 1, add_special_tokens=not plain)
+            for i, e in zip(index, encoded, strict=True):
+                out[i] = Encoded([self.prefix, *e.ids], e.truncated, e.n_tokens + 1, e.exact) if e.n_tokens else e
+        return out
+
+    def pair(self, prompt: str, completion: str, max_length: int) -> tuple[list[int], int, bool]:
+        """A ``loglikelihood`` request as (ids, prompt tokens, truncated), truncated as :func:`encode_pair`."""
+        if prompt == "":
+            cont = list(self.tokenizer(completion, add_special_tokens=False)["input_ids"])
+            if not cont:
+                raise ValueError("the completion has no tokens")
+            ctx, cont = ([self.prefix], cont) if cont[0] != self.prefix else (cont[:1], cont[1:])
+        else:
+            spaces = len(prompt) - len(prompt.rstrip())
+            if spaces:
+                prompt, completion = prompt[:-spaces], prompt[-spaces:] + completion
+            ctx = self.encode(prompt)
+            cont = self.encode(prompt + completion)[len(ctx):]
+        if not ctx:
+            raise ValueError("the prompt has no tokens: the first completion token would have no context")
+        if not cont:
+            raise ValueError("the completion has no tokens")
+        return _fit(ctx + cont, len(ctx), max_length)
 
 
 def _appended_special_tokens(tokenizer) -> int:
