@@ -22,7 +22,10 @@ from nesa_hpc.overrides import check_overrides  # noqa: E402
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def train(cfg: DictConfig) -> None:
-    from nesa_hpc.train.job import main  # torch and transformers load only after the overrides are checked
+    from nesa_hpc.preflight import check_paths
+
+    check_paths(cfg, "train")  # rank 0's files and the model folder, before torch and transformers load
+    from nesa_hpc.train.job import main  # torch and transformers load only after these checks
 
     main(cfg)
 

@@ -169,3 +169,49 @@ def test_bad_row_mid_run_stops_all_ranks_and_keeps_committed_rows(tiny_models, t
         assert f.attrs["complete"] == False  # noqa: E712
         assert f["row"][()].tolist() == list(range(len(f["row"])))
         assert len(f["row"]) >= 4
+
+
+def test_path_problems_are_found_before_start_up(tmp_path):
+    """Rank 0's files and the model folder, read from the composed config alone (nothing but MPI and h5py
+    loaded): the job's own words for each refusal."""
+    from omegaconf import OmegaConf
+
+    from nesa_hpc.preflight import path_problems
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "a"}\n')
+    existing = tmp_path / "old.h5"
+    existing.write_bytes(b"")
+
+    def problems(rank=0, name="infer", **parts):
+        cfg = {"model": {"path": None}, "data": {"path": str(rows)},
+               "output": {"path": str(tmp_path / "new.h5"), "overwrite": False, "resume": False},
+               "train": {"out_dir": str(tmp_path / "run"), "resume": False, "overwrite": False}}
+        for key, value in parts.items():
+            cfg[key].update(value)
+        return path_problems(OmegaConf.create(cfg), name, rank)
+
+    assert problems() == [] and problems(data={"path": None}) == []
+    assert problems(data={"path": str(tmp_path / "no.jsonl")}) == [f"data.path: no such file: {tmp_path / 'no.jsonl'}"]
+    assert problems(data={"path": str(tmp_path)}) == [f"data.path: no such file: {tmp_path} (a folder)"]
+    assert problems(rank=1, data={"path": str(tmp_path / "no.jsonl")}) == []  # only rank 0 holds the data
+    assert "already exists; pass output.overwrite=true" in problems(output={"path": str(existing)})[0]
+    assert problems(output={"path": str(existing), "overwrite": True}) == []
+    assert problems(output={"path": str(existing), "resume": True}) == []
+    assert "folder" in problems(output={"path": str(tmp_path / "no" / "x.h5")})[0]
+    missing = f"model.path: no such model folder: {tmp_path / 'm'}"
+    assert problems(rank=3, model={"path": str(tmp_path / "m")}) == [missing]
+    (tmp_path / "run").mkdir()
+    assert "holds no training run" in problems(name="train", train={"resume": True})[0]
+    (tmp_path / "run" / "train.json").write_text("{}")
+    assert "already holds a training run" in problems(name="train")[0]
+    assert problems(name="train", train={"resume": True}) == []
+
+
+def test_a_missing_input_ends_the_job_before_start_up(tmp_path):
+    """jobs/infer.py: exit 2 with rank 0's one line, before any rank loads torch (no layer map is printed)."""
+    proc = _infer(2, f"data.path={tmp_path / 'missing.jsonl'}", f"output.path={tmp_path / 'x.h5'}", timeout=60,
+                  own_launch=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("error:") == 1 and "data.path: no such file" in proc.stderr, proc.stderr[-2000:]
+    assert "layers [" not in proc.stderr and not (tmp_path / "x.h5").exists()
