@@ -67,8 +67,9 @@ def wire_error(records: list, case: dict) -> str | None:
                     if dtype not in floats:
                         return f"{name} of dtype {dtype}, not floating point"
                     continue
-                # mask bits and "prompt done" flags in int8; row indices, positions and marks in int32
-                want = "torch.int8" if name.endswith("_mask") or name == "join_done" else "torch.int32"
+                # mask bits and "prompt done" / "every position" flags in int8; row indices, positions and marks
+                # in int32
+                want = "torch.int8" if name.endswith("_mask") or name in ("join_done", "join_whole") else "torch.int32"
                 if dtype != want:
                     return f"{name} of dtype {dtype}, not {want}"
         elif rec["kind"] == int(Kind.SPLIT):  # row indices in a lane and the lane that takes rows

@@ -136,6 +136,11 @@ def test_token_logprobs_continuations_chats_and_openai_round_trip(tiny_models, c
         {"custom_id": "none", "method": "POST", "url": "/v1/completions", "body": {"prompt": "the end"}},
         {"custom_id": "many", **chat_lp, "body": {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
                                                 "top_logprobs": 5}},
+        # lm-eval's OpenAI completions backend scores a continuation so: echo, logprobs, one token
+        {"custom_id": "echo", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "the quick brown fox jumps", "echo": True, "logprobs": 2, "max_tokens": 1}},
+        {"custom_id": "echo-text", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": "hello there", "echo": True, "max_tokens": 2}},
     ]
     lp_batch = tmp_path / "lp_batch.jsonl"
     lp_batch.write_text("".join(json.dumps(r) + "\n" for r in lp_requests))
@@ -176,6 +181,8 @@ def test_token_logprobs_continuations_chats_and_openai_round_trip(tiny_models, c
         job("chats-lp.h5", "task=generate", "task.max_new_tokens=5", "split.k=1", "task.top_logprobs=2", data=chats),
         job("batch-lp.h5", "task=generate", "data.format=openai_batch", "split.k=2", "task.logprobs=true",
             "task.top_logprobs=2", "task.max_new_tokens=3", data=lp_batch),
+        job("batch-lp-chunks.h5", "task=generate", "data.format=openai_batch", "split.k=0", "task.logprobs=true",
+            "task.top_logprobs=2", "task.max_new_tokens=3", "runtime.prefill_tokens=2", data=lp_batch),
         job("ids-csv.h5", "task=score", "split.k=1", "data.id_field=uid", data=ids_csv),
     ]
     assert _run_jobs(3, jobs3, tmp_path, "n3") == [None] * len(jobs3)
@@ -270,6 +277,32 @@ def test_token_logprobs_continuations_chats_and_openai_round_trip(tiny_models, c
     assert lines["none"]["response"]["body"]["choices"][0]["logprobs"] is None
     assert lines["many"]["response"]["status_code"] == 400
     assert "task.top_logprobs=5" in lines["many"]["response"]["body"]["error"]["message"]
+    # echo: the prompt's tokens and log-probabilities (the first null) before the generated ones
+    at = {c.decode(): i for i, c in enumerate(blp["custom_id"])}
+    prompt_ids = tok("the quick brown fox jumps")["input_ids"]
+    e = at["echo"]
+    assert blp["prompt_ids"][e].tolist() == prompt_ids and blp["echo_prompt"][e] == b"the quick brown fox jumps"
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt_ids])).logits[0].float(), -1)[:-1]
+    np.testing.assert_allclose(blp["prompt_logprobs"][e], logp.gather(1, torch.tensor(prompt_ids[1:]).unsqueeze(1))
+                               .squeeze(1).numpy(), atol=1e-4)
+    np.testing.assert_allclose(blp["prompt_top_logprobs"][e].reshape(-1, 2), logp.topk(2).values.numpy(), atol=1e-4)
+    echo = lines["echo"]["response"]["body"]["choices"][0]
+    assert echo["text"] == "the quick brown fox jumps" + blp["generated_text"][e].decode()
+    lp = echo["logprobs"]
+    n_prompt = len(prompt_ids)
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == n_prompt + 1
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["tokens"][:n_prompt] == [tok.decode([t]) for t in prompt_ids]
+    # what lm-eval reads of it: the continuation's log-probabilities (context: the first token) and is_greedy
+    np.testing.assert_allclose(lp["token_logprobs"][1:-1], blp["prompt_logprobs"][e], atol=1e-6)
+    assert all(len(t) == 2 for t in lp["top_logprobs"][1:])
+    plain = lines["echo-text"]["response"]["body"]["choices"][0]
+    assert plain["text"] == "hello there" + blp["generated_text"][at["echo-text"]].decode()
+    assert plain["logprobs"] is None and len(blp["prompt_logprobs"][at["echo-text"]]) == 0
+    chunks, _ = _read(tmp_path / "batch-lp-chunks.h5")  # the prompt in chunks of 2 tokens, every layer on workers
+    np.testing.assert_allclose(chunks["prompt_logprobs"][e], blp["prompt_logprobs"][e], atol=1e-5)
+    np.testing.assert_allclose(chunks["prompt_top_logprobs"][e], blp["prompt_top_logprobs"][e], atol=1e-5)
 
     # --- OpenAI batch: per-row settings, the same tokens at 1 and 3 ranks, greedy rows equal generate
     b3, a3 = _read(tmp_path / "batch3.h5")
@@ -425,10 +458,16 @@ def test_openai_request_lines_are_checked_row_by_row():
         ({**ok, "body": {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}}, "'image_url' part"),
         ({**ok, "body": {"messages": []}}, "non-empty list"),
         ({"custom_id": "y", "url": "/v1/completions", "body": {"prompt": ["a", "b"]}}, "must be a string"),
+        ({"custom_id": "y", "url": "/v1/completions", "body": {"prompt": "a", "echo": "yes"}}, "echo='yes'"),
+        ({**ok, "body": {**ok["body"], "echo": True}}, "echo=True is not supported"),  # not a chat option
     ]
     for obj, message in bad:
         with pytest.raises(ValueError, match=message):
             fields.extract(obj, "f:1")
+    echo = {"custom_id": "e", "url": "/v1/completions", "body": {"prompt": "a b", "echo": True, "logprobs": 1}}
+    assert RowFields(openai=True, logprobs=1).extract(echo, "f:1").echo
+    with pytest.raises(ValueError, match="split.head=owner"):  # the prompt is scored where the head runs
+        RowFields(openai=True, logprobs=1, prompt_logprobs=False).extract(echo, "f:1")
 
 
 def test_encode_pair_is_the_harness_tokenization(smollm2_path):

@@ -137,19 +137,31 @@ def test_interrupt_then_resume_equals_uninterrupted(how, tiny_models, long_data,
 
 
 def test_resume_refuses_other_settings_and_keeps_the_file(tiny_models, long_data, reference, tmp_path):
-    out = tmp_path / "out.h5"
-    proc = _start(_args(tiny_models["llama"], long_data, out, "runtime.log_every=0.05"))
+    """Other settings, or the same input path holding other rows: refused, the file untouched."""
+    out, data = tmp_path / "out.h5", tmp_path / "rows.jsonl"
+    original = long_data.read_text()
+    data.write_text(original)
+    proc = _start(_args(tiny_models["llama"], data, out, "runtime.log_every=0.05"))
     _wait_for_progress(proc)
     proc.send_signal(signal.SIGTERM)
     _finish(proc)
     before = out.read_bytes()
-    bad = run_mpi(2, [*_args(tiny_models["llama"], long_data, out, "data.max_length=16"), "output.resume=true"])
+    bad = run_mpi(2, [*_args(tiny_models["llama"], data, out, "data.max_length=16"), "output.resume=true"])
     assert bad.returncode != 0
     assert "different configuration" in bad.stderr and "max_length: file has 512, this run 16" in bad.stderr
     assert out.read_bytes() == before
+    # a committed row edited in the input (row 3): its results would no longer be its results
+    lines = original.splitlines(keepends=True)
+    lines[3] = json.dumps({"text": "an edited row"}) + "\n"
+    data.write_text("".join(lines))
+    edited = run_mpi(2, [*_args(tiny_models["llama"], data, out), "output.resume=true"])
+    assert edited.returncode == 2 and "row 3 of data.path" in edited.stderr, edited.stderr[-3000:]
+    assert out.read_bytes() == before
+    data.write_text(original)
     # a different world size is fine: the rows do not depend on it
-    ok = run_mpi(2, [*_args(tiny_models["llama"], long_data, out), "output.resume=true"])
+    ok = run_mpi(2, [*_args(tiny_models["llama"], data, out), "output.resume=true"])
     assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "committed rows match data.path" in ok.stderr
     _assert_identical(out, reference)
 
 

@@ -106,6 +106,8 @@ class GenerationStep(Message):
     join_positions: torch.Tensor     # (B_j, W) int32
     join_done: torch.Tensor          # (B_j,) int8: 1 = this chunk ends the row's prompt
     nonfinite_at: torch.Tensor       # (B_d + B_j,) int32: decode rows, then joining rows
+    join_whole: torch.Tensor         # (1,) int8: 1 = the last stage returns every joining position's states, not
+                                     # the last one's (rank 0 scores an echoed request's prompt)
 
     def plan(self):
         """The :class:`~nesa_hpc.engine.lanes.LanePlan` of this step."""

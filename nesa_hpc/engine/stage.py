@@ -239,16 +239,20 @@ class Stage:
             if not self.is_last:
                 return [(self.nxt, replace(msg, decode_states=dec_out.to(self.wire), join_states=join_out.to(self.wire),
                                            nonfinite_at=bad))]
-            return [(0, GenerationOutput(msg.batch_id, *self._generation_answer(dec_out, join_out), bad))]
+            whole = bool(msg.join_whole.any())
+            return [(0, GenerationOutput(msg.batch_id, *self._generation_answer(dec_out, join_out, whole), bad))]
 
-    def _generation_answer(self, dec_out: torch.Tensor, join_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _generation_answer(self, dec_out: torch.Tensor, join_out: torch.Tensor,
+                           whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """What the last stage returns: next-token logits where it holds the head; else the last position's
-        states, or every joining position when rank 0's tail layers need the whole prompt."""
+        states, or every joining position when rank 0's tail layers need the whole prompt or rank 0 scores
+        the prompt (``whole``)."""
         if self.head is not None:
             vocab = self.adapter.config.vocab_size
             return tuple(self.head.head_stage(self.adapter, x, None)[0] if len(x) else
                          torch.zeros(0, vocab, device=x.device) for x in (dec_out, join_out))
-        return dec_out[:, -1:].to(self.wire), (join_out if self.tail_on_owner else join_out[:, -1:]).to(self.wire)
+        every = self.tail_on_owner or whole
+        return dec_out[:, -1:].to(self.wire), (join_out if every else join_out[:, -1:]).to(self.wire)
 
     def train_forward(self, msg: TrainForward) -> list[tuple[int, Message]]:
         """Training forward of one micro-batch; the first of a step sets this step's schedule."""

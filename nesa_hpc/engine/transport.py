@@ -37,7 +37,7 @@ from .messages import Message, decode
 __all__ = ["Transport", "MpiTransport", "TorchTransport", "TransportTimeout", "PeerFailure", "encode_header",
            "decode_header", "HEADER_LEN", "WIRE_DTYPES", "mpi_cuda_aware", "rendezvous_address"]
 
-HEADER_LEN = 64
+HEADER_LEN = 80  # int64s: kind, batch_id, count, then 12 tensor slots
 _MAX_DIMS = 4
 _SLOT = 2 + _MAX_DIMS  # dtype code, ndim, dims
 MAX_TENSORS = (HEADER_LEN - 3) // _SLOT
@@ -335,7 +335,7 @@ class TorchTransport(Transport):
 
     The process group spans ``comm``'s ranks. Rank 0 starts the rendezvous store on a free port and
     broadcasts its address over MPI, so no ``MASTER_ADDR``/``MASTER_PORT`` is needed (``MASTER_ADDR``,
-    when set, overrides the address). Messages are a 64 x int64 header followed by one uint8 buffer per
+    when set, overrides the address). Messages are an 80 x int64 header followed by one uint8 buffer per
     tensor, posted in order (NCCL and gloo match point-to-point operations between two ranks in order).
     Received tensors land on ``device``.
     """

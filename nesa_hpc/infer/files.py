@@ -116,7 +116,7 @@ def decoding_attrs(settings: Settings) -> dict:
 
 
 def open_results(cfg, settings: Settings, topo, adapter, task, folder: str, data_path: str,
-                 rows: range | None, eos_ids: frozenset[int] = frozenset()) -> ResultWriter:
+                 rows: range | None, eos_ids: frozenset[int] = frozenset(), verify=None) -> ResultWriter:
     if not Path(data_path).is_file():
         raise DataError(f"data.path: no such file: {data_path}")
     attrs = {
@@ -144,7 +144,7 @@ def open_results(cfg, settings: Settings, topo, adapter, task, folder: str, data
     if settings.id_field:
         columns["id"] = (h5py.string_dtype(), ())
     writer = ResultWriter(settings.output_path, columns, attrs, settings.overwrite, resume=settings.resume,
-                          first_row=rows.start if rows is not None else 0)
+                          first_row=rows.start if rows is not None else 0, verify=verify)
     if writer.resumed_rows:
         log.info("resuming %s after %d committed rows", settings.output_path, writer.resumed_rows)
     return writer
@@ -267,7 +267,7 @@ def row_fields(settings: Settings, adapter=None) -> RowFields:
     return RowFields(settings.text_field, settings.messages_field, settings.prompt_field, settings.completion_field,
                      openai=settings.data_format == "openai_batch", max_new_tokens=limit, id_field=settings.id_field,
                      embed=settings.task == "embed",
-                     logprobs=kept)
+                     logprobs=kept, prompt_logprobs=settings.head == "owner")
 
 
 def rows_from(data_path: str, settings: Settings, first: int, rows: range | None, tokenizer=None, adapter=None):

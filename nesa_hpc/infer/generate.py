@@ -50,6 +50,10 @@ class GroupResult:
     logprobs: list[list[float]] | None = None     # task.logprobs: each generated token's log-probability
     top_ids: list[list[int]] | None = None        # task.top_logprobs=N: N ids per generated token, most likely first
     top_logprobs: list[list[float]] | None = None  # and their log-probabilities
+    # an echoed /v1/completions request with logprobs: each prompt token's after the first, and the N most likely
+    prompt_logprobs: list[list[float]] | None = None
+    prompt_top_ids: list[list[int]] | None = None
+    prompt_top_logprobs: list[list[float]] | None = None
 
 
 @dataclass
@@ -68,6 +72,9 @@ class _Row:
     logprobs: list[float] = field(default_factory=list)   # task.logprobs: of each picked token
     top_ids: list[int] = field(default_factory=list)      # task.top_logprobs=N: N per picked token
     top_logprobs: list[float] = field(default_factory=list)
+    prompt_logprobs: list[float] = field(default_factory=list)  # an echoed request's prompt tokens (after the first)
+    prompt_top_ids: list[int] = field(default_factory=list)
+    prompt_top_logprobs: list[float] = field(default_factory=list)
 
     @property
     def row(self) -> int:
@@ -82,6 +89,12 @@ class _Row:
         """The row's content (its prompt and request): with the row and the release it keys every release's
         noise, decode steps included (a row's generation is a function of its prompt and settings)."""
         return self.batch.digests()[0]
+
+    @property
+    def scores_prompt(self) -> bool:
+        """An echoed ``/v1/completions`` request with logprobs: its prompt's tokens are scored too."""
+        request = self.batch.requests[0] if self.batch.requests is not None else None
+        return request is not None and request.echo and request.logprobs is not None
 
     @property
     def position(self) -> int:
@@ -104,6 +117,7 @@ class _Sent:
     plan: LanePlan
     decode_part: tuple | None             # (mask (B_d, past + 1), positions (B_d, 1), clean states)
     join_part: tuple | None               # (mask (B_j, fill_past + W), positions (B_j, W), clean states)
+    starts: list[int] = field(default_factory=list)  # each joining row's first prompt position in this step
 
 
 @dataclass
@@ -209,6 +223,7 @@ class Generation:
                                    digests=digests)
 
             dec_front, join_front = lane.front.step(plan, dec, join, run, owner.adapter.new_cache)
+        starts = [r.sent for r in joins]
         for r in joins:
             r.sent += r.chunk(self.chunk)
         for r in [*lane.rows, *joins]:
@@ -221,9 +236,10 @@ class Generation:
         marks = torch.cat([f.nonfinite_at.cpu() for f in fronts]).to(torch.int32)
         msg = GenerationStep(lane.index, plan.kept.cpu().to(torch.int32), *self._wire(dec, dec_front, 1),
                              plan.filling.cpu().to(torch.int32), *self._wire(join, join_front, 1),
-                             done.to(torch.int8), marks)
+                             done.to(torch.int8), marks,
+                             torch.tensor([int(any(r.scores_prompt for r in joins))], dtype=torch.int8))
         lane.sent = _Sent(lane.rows, joins, plan, (dec[1], dec[2], dec_front.clean) if dec else None,
-                          (join[1], join[2], join_front.clean) if join else None)
+                          (join[1], join[2], join_front.clean) if join else None, starts)
         lane.used = True
         self.stats.batches += 1
         self.stats.compute_s += time.perf_counter() - t0
@@ -344,10 +360,29 @@ class Generation:
         h = [dec_back[0][:, -1]] if dec_back is not None else []
         if join_back is not None:
             h.append(join_back[0][done, -1])
+            if any(r.scores_prompt for r in sent.join):
+                self._score_prompts(sent, join_back[0])
         marks = torch.cat([p[1] for p in (dec_back, join_back) if p is not None])
         logits = self.task.head_stage(owner.adapter, torch.cat(h).unsqueeze(1), None)[0] if sum(map(len, h)) else \
             torch.zeros(0, owner.adapter.config.vocab_size)
         return logits.float().cpu(), marks.cpu()
+
+    def _score_prompts(self, sent: _Sent, h: torch.Tensor) -> None:
+        """The log-probabilities of the prompt tokens that this step's chunk of an echoed request predicts
+        (position p predicts token p + 1), from the final states ``h`` (B_j, W, H) of the joining rows."""
+        adapter, top, W = self.owner.adapter, self.task.top_logprobs, h.shape[1]
+        for i, (r, start) in enumerate(zip(sent.join, sent.starts, strict=True)):
+            c = r.sent - start  # the chunk's tokens, in the last c columns
+            n = min(c, r.prompt_length - 1 - start)
+            if not r.scores_prompt or n <= 0:
+                continue
+            logp = torch.log_softmax(adapter.logits(adapter.norm(h[i, W - c:W - c + n])).float(), dim=-1).cpu()
+            targets = r.batch.ids[0, start + 1:start + 1 + n]
+            r.prompt_logprobs.extend(logp.gather(1, targets.unsqueeze(1)).squeeze(1).tolist())
+            if top:
+                vals, ids = logp.topk(top, dim=-1)
+                r.prompt_top_ids.extend(ids.reshape(-1).tolist())
+                r.prompt_top_logprobs.extend(vals.reshape(-1).tolist())
 
     def _pick(self, sent: _Sent, logits: torch.Tensor, bad: torch.Tensor) -> None:
         """Each picking row's next token (a row whose logits hold NaN/Inf is marked and still gets one); every
@@ -403,7 +438,8 @@ class Generation:
 
     def _finish(self, r: _Row) -> None:
         result = GroupResult([r.tokens], [r.reason], [r.text], np.array([r.releases], dtype=np.int32),
-                             [r.logprobs], [r.top_ids], [r.top_logprobs])
+                             [r.logprobs], [r.top_ids], [r.top_logprobs], [r.prompt_logprobs], [r.prompt_top_ids],
+                             [r.prompt_top_logprobs])
         self.on_result(r.batch, [result], torch.tensor([r.nonfinite_at], dtype=torch.int32))
 
 

@@ -3,14 +3,17 @@ to the results file, and ``main``, the entry-point body of every MPI job."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
 
+from ..config import Settings
 from ..engine.control import Progress, SkipLog, StopFlag
 from ..engine.job import (
     EXIT_STOPPED,
@@ -29,8 +32,8 @@ from ..engine.job import (
 )
 from ..engine.owner import Owner, check_finite, run_stream
 from ..engine.stage import LocalPipe, Stage
-from ..io.batch import make_batches, prefetch
-from ..io.read import sample_path
+from ..io.batch import Batch, make_batches, prefetch
+from ..io.read import DataError, sample_path
 from ..io.results import InOrder, ResultWriter
 from ..models.lora import check_adapter_use
 from ..models.weights import DTYPES, load_modules
@@ -115,6 +118,35 @@ def run(cfg: DictConfig, comm=None, on_recv=None) -> dict:
     return summary
 
 
+def row_batches(settings: Settings, tokenizer, data_path: str, todo, on_skip) -> Iterator[Batch]:
+    """The micro-batches of the rows ``todo`` ((row, text or request) in input order), as the job batches them."""
+    generate = settings.task == "generate"
+    if generate and settings.chat_template:
+        todo = ((r, chat(tokenizer, t)) for r, t in todo)
+    # generation pads on the left, so that every prompt ends at the last column
+    padding = "left" if generate else settings.padding_side
+    return make_batches(todo, tokenizer, settings.batch_size, settings.max_length, padding, str(data_path),
+                        settings.bucket_window, settings.on_error, settings.on_long, on_skip, settings.convention)
+
+
+def check_resumed_rows(settings: Settings, stored: dict[int, bytes], data_path: str, rows: range | None,
+                       tokenizer, adapter) -> None:
+    """A results file being resumed against ``data.path`` as it is now: every committed row (``stored``: row
+    -> its ``row_digest``) must still read and tokenize as it did, else the resumed file would mix the results
+    of two inputs. Rank 0 reads and tokenizes the committed rows again (no model runs); DataError names the
+    first changed row."""
+    end, start, t0 = max(stored) + 1, rows.start if rows is not None else 0, time.perf_counter()
+    todo = itertools.takewhile(lambda item: item[0] < end, rows_from(data_path, settings, start, rows, tokenizer,
+                                                                     adapter))
+    for batch in row_batches(settings, tokenizer, data_path, todo, lambda row, why: None):
+        for row, digest in zip(batch.rows.tolist(), batch.digests(), strict=True):
+            if stored.get(row, digest) != digest:
+                raise DataError(f"output.resume=true: row {row} of data.path {data_path} is not the row the results "
+                                f"file {settings.output_path} holds (its tokens or request changed since): resume "
+                                "needs the same input; write a new file for the new input")
+    log.info("resume: the %d committed rows match data.path (%.1f s)", len(stored), time.perf_counter() - t0)
+
+
 @dataclass
 class _Plan:
     """What an inference job works on, agreed by every rank before any weight is loaded; the tokenizer, EOS
@@ -145,8 +177,9 @@ def _plan(cfg: DictConfig, job) -> _Plan:
     rows = agree(comm, lambda: shard_rows(settings, data_path), share=False)
     agree(comm, lambda: check_owner_paths(settings, job.hosts))
     # rank 0 opens (or reopens, to resume) the results file before any rank loads weights
-    writer = agree(comm, lambda: open_results(cfg, settings, topo, adapter, task, folder, data_path, rows, eos),
-                   share=False)
+    writer = agree(comm, lambda: open_results(
+        cfg, settings, topo, adapter, task, folder, data_path, rows, eos,
+        verify=lambda stored: check_resumed_rows(settings, stored, data_path, rows, tokenizer, adapter)), share=False)
     return _Plan(task, data_path, tokenizer, eos, rows, writer)
 
 
@@ -203,7 +236,8 @@ class _OwnerRun:
         bad = check_finite(cols, bad, batch, owner.topo, self.settings.on_nonfinite)
         released = [owner.privacy.releases.pop(r, 0) for r in batch.rows.tolist()]
         cols.update(row=batch.rows.numpy(), truncated=batch.truncated.numpy(), nonfinite=bad.numpy() >= 0,
-                    epsilon_spent=self.ledger.per_row(released))
+                    epsilon_spent=self.ledger.per_row(released),
+                    row_digest=np.frombuffer(b"".join(batch.digests()), dtype=np.uint8).reshape(-1, 16))
         if self.settings.id_field:
             requests = batch.requests or [None] * batch.size
             cols["id"] = np.array([r.row_id if r is not None else "" for r in requests], dtype=object)
@@ -233,13 +267,7 @@ class _OwnerRun:
     def _batches(self):
         settings, plan = self.settings, self.plan
         todo = rows_from(plan.data_path, settings, self.replay_from, plan.rows, plan.tokenizer, self.owner.adapter)
-        if self.generate and settings.chat_template:
-            todo = ((r, chat(plan.tokenizer, t)) for r, t in todo)
-        # generation pads on the left, so that every prompt ends at the last column
-        padding = "left" if self.generate else settings.padding_side
-        return prefetch(make_batches(todo, plan.tokenizer, settings.batch_size, settings.max_length, padding,
-                                     str(plan.data_path), settings.bucket_window, settings.on_error,
-                                     settings.on_long, self.skips.add, settings.convention))
+        return prefetch(row_batches(settings, plan.tokenizer, plan.data_path, todo, self.skips.add))
 
     def _drive(self, batches):
         settings, owner = self.settings, self.owner

@@ -194,6 +194,17 @@ class GenerateTask(Task):
                 reqs = batch.requests or [None] * batch.size
                 extra["request_logprobs"] = np.array([-1 if r is None or r.logprobs is None else r.logprobs
                                                       for r in reqs], dtype=np.int32)
+                # an echoed request's prompt: its token ids and, from the second on, their log-probabilities
+                scored = [r is not None and r.echo and r.logprobs is not None for r in reqs]
+                extra["prompt_ids"] = _ragged([batch.ids[i][batch.mask[i].bool()].tolist() if s else []
+                                               for i, s in enumerate(scored)], np.int32)
+                extra["prompt_logprobs"] = _ragged(res.prompt_logprobs, np.float32)
+                if self.top_logprobs:
+                    extra.update(prompt_top_logprob_ids=_ragged(res.prompt_top_ids, np.int32),
+                                 prompt_top_logprobs=_ragged(res.prompt_top_logprobs, np.float32))
+        if self.requests:
+            reqs = batch.requests or [None] * batch.size
+            extra["echo_prompt"] = np.array([r.text if r is not None and r.echo else "" for r in reqs], dtype=object)
         if self.top_logprobs:
             extra.update(generated_top_logprob_ids=_ragged(res.top_ids, np.int32),
                          generated_top_logprobs=_ragged(res.top_logprobs, np.float32))
@@ -211,11 +222,15 @@ class GenerateTask(Task):
                 "generated_ids": (h5py.vlen_dtype(np.int32), ()), "generated_text": (h5py.string_dtype(), ()),
                 "finish_reason": (h5py.string_dtype(), ()), "n_releases": (np.int32, ())}
         if self.requests:
-            cols.update(request_dtypes())
+            cols.update(request_dtypes(), echo_prompt=(h5py.string_dtype(), ()))
         if self.logprobs:
             cols["generated_logprobs"] = (h5py.vlen_dtype(np.float32), ())
             if self.requests:
-                cols["request_logprobs"] = (np.int32, ())
+                cols.update(request_logprobs=(np.int32, ()), prompt_ids=(h5py.vlen_dtype(np.int32), ()),
+                            prompt_logprobs=(h5py.vlen_dtype(np.float32), ()))
+                if self.top_logprobs:
+                    cols.update(prompt_top_logprob_ids=(h5py.vlen_dtype(np.int32), ()),
+                                prompt_top_logprobs=(h5py.vlen_dtype(np.float32), ()))
         if self.top_logprobs:
             cols.update(generated_top_logprob_ids=(h5py.vlen_dtype(np.int32), ()),
                         generated_top_logprobs=(h5py.vlen_dtype(np.float32), ()))

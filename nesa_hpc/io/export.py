@@ -141,7 +141,8 @@ def _response_body(rec: dict, ids: dict, facts: _Facts, embed: bool) -> dict:
                   "logprobs": logprobs, "finish_reason": finish}
         body = {"id": f"chatcmpl-{ids['body']}", "object": "chat.completion"}
     else:
-        choice = {"text": rec["generated_text"], "index": 0, "logprobs": logprobs, "finish_reason": finish}
+        choice = {"text": (rec.get("echo_prompt") or "") + rec["generated_text"], "index": 0, "logprobs": logprobs,
+                  "finish_reason": finish}
         body = {"id": f"cmpl-{ids['body']}", "object": "text_completion"}
     body.update(created=facts.created, model=model, choices=[choice],
                 usage=_usage(rec["n_prompt_tokens"], rec["n_generated"]), system_fingerprint=facts.fingerprint)
@@ -167,9 +168,20 @@ def _logprobs(rec: dict, facts: _Facts, chat: bool) -> dict | None:
                                               for a, v in alts]}
                             for tok, lp, alts in zip(spell, rec["generated_logprobs"], alternatives, strict=True)],
                 "refusal": None}
+    token_logprobs, tops = list(rec["generated_logprobs"]), [dict(alts) for alts in alternatives]
+    prompt = rec.get("prompt_ids") or []
+    if prompt:  # echo: the prompt's tokens first, the first of them without a log-probability (null)
+        spelled = [facts.tokens.decode([int(t)]) for t in prompt]
+        k = len(prompt) - 1
+        p_ids = np.reshape(rec.get("prompt_top_logprob_ids") or [], (k, -1))[:, :n] if n else None
+        p_lps = np.reshape(rec.get("prompt_top_logprobs") or [], (k, -1))[:, :n] if n else None
+        spell = spelled + spell
+        token_logprobs = [None, *rec["prompt_logprobs"]] + token_logprobs
+        tops = [None, *({facts.tokens.decode([int(t)]): float(v) for t, v in zip(p_ids[i], p_lps[i], strict=True)}
+                        if n else {} for i in range(k))] + tops
     offsets = np.cumsum([0] + [len(t) for t in spell[:-1]]).tolist() if spell else []
-    return {"tokens": spell, "token_logprobs": rec["generated_logprobs"],
-            "top_logprobs": [dict(alts) for alts in alternatives] if n else None, "text_offset": offsets}
+    return {"tokens": spell, "token_logprobs": token_logprobs, "top_logprobs": tops if n else None,
+            "text_offset": offsets}
 
 
 def _tokenizer(f: h5py.File):
@@ -205,7 +217,8 @@ def openai_lines(f: h5py.File) -> Iterator[dict]:
         (["custom_id", "endpoint"] if has_ids else []) + (["request_model"] if "request_model" in f else []) + \
         (["id"] if "id" in f and not has_ids else []) + \
         [c for c in ("generated_ids", "generated_logprobs", "generated_top_logprob_ids", "generated_top_logprobs",
-                     "request_logprobs") if c in f and not embed]
+                     "request_logprobs", "echo_prompt", "prompt_ids", "prompt_logprobs", "prompt_top_logprob_ids",
+                     "prompt_top_logprobs") if c in f and not embed]
     skipped = dict(_skipped(f))
     skipped_ids = _custom_ids_of(f.attrs.get("data_path"), set(skipped)) if has_ids else {}
     pending = iter(sorted(skipped.items()))
@@ -346,7 +359,7 @@ def export(results: str | Path, output: str | Path, fmt: str | None = None, colu
                 raise ExportError(f"--columns {unknown} are not per-row datasets of {results}; it has {available}")
             columns = ["row"] + [c for c in columns if c != "row"]
         else:
-            columns = available
+            columns = [c for c in available if c != "row_digest"]  # bookkeeping of resume (--columns names it)
         tmp, tmp_errors = _part(output), _part(Path(errors)) if errors is not None else None
         n_errors = 0
         try:

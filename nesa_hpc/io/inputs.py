@@ -40,6 +40,7 @@ class Request:
     model: str = ""                              # ... and body.model (echoed in the exported response)
     row_id: str | None = None                    # data.id_field: the row's own id, kept in the results
     logprobs: int | None = None                  # body.logprobs: alternatives asked per token (0: the token's own)
+    echo: bool = False                           # /v1/completions body.echo: the prompt (and its logprobs) first
 
     @property
     def is_pair(self) -> bool:
@@ -95,6 +96,7 @@ class RowFields:
     id_field: str | None = None        # data.id_field: a field holding the row's id (a string or an integer)
     embed: bool = False                # openai: task=embed reads /v1/embeddings requests (and only those)
     logprobs: int | None = None        # openai: alternatives the job keeps per token (task.top_logprobs), None: none
+    prompt_logprobs: bool = True       # openai: the head runs on rank 0, which can score an echoed prompt
 
     @property
     def pairs(self) -> bool:
@@ -172,7 +174,12 @@ class RowFields:
         if unknown:
             raise ValueError(f"{where}: body key(s) {unknown} are not supported (supported: {text_key}, "
                              f"{', '.join(sorted(OPENAI_OPTIONS))}; ignored: {', '.join(_IGNORED)})")
+        echo = body.get("echo") if endpoint == "completions" else None
+        if echo not in (None, True, False):
+            raise ValueError(f"{where}: body.echo={echo!r} must be true or false")
         for key, neutral in _NEUTRAL.items():
+            if key == "echo" and endpoint == "completions":
+                continue
             if key in body and body[key] not in (neutral, None):
                 raise ValueError(f"{where}: body {key}={body[key]!r} is not supported (only {neutral!r})")
         if text_key not in body:
@@ -195,9 +202,12 @@ class RowFields:
         model = body.get("model") or ""
         if not isinstance(model, str):
             raise ValueError(f"{where}: body.model must be a string, got {type(model).__name__}")
+        logprobs = self._logprobs(body, endpoint, where)
+        if echo and logprobs is not None and not self.prompt_logprobs:
+            raise ValueError(f"{where}: body.echo with body.logprobs scores the prompt where the head runs: run the "
+                             "job with split.head=owner")
         return Request(text=text, messages=messages, custom_id=custom_id, endpoint=url,
-                       options=tuple(sorted(options.items())), model=model,
-                       logprobs=self._logprobs(body, endpoint, where))
+                       options=tuple(sorted(options.items())), model=model, logprobs=logprobs, echo=bool(echo))
 
     def _logprobs(self, body: dict, endpoint: str, where: str) -> int | None:
         """The alternatives a request asks per generated token (None: no log-probabilities): chat's
