@@ -140,7 +140,10 @@ def open_results(cfg, settings: Settings, topo, adapter, task, folder: str, data
     if settings.task == "generate":
         attrs.update(decoding_attrs(settings), decoding="greedy" if settings.temperature == 0 else "sample",
                      padding_side="left", eos_token_ids=sorted(eos_ids))
-    columns = {**task.columns(adapter.output_size), "epsilon_spent": (np.float64, ())}
+    # row_digest: the row's content digest (Batch.digests: its tokens and request), which a resume checks the
+    # input against
+    columns = {**task.columns(adapter.output_size), "epsilon_spent": (np.float64, ()),
+               "row_digest": (np.uint8, (16,))}
     if settings.id_field:
         columns["id"] = (h5py.string_dtype(), ())
     writer = ResultWriter(settings.output_path, columns, attrs, settings.overwrite, resume=settings.resume,

@@ -17,9 +17,7 @@ from . import jsonfile
 __all__ = ["ResultWriter", "InOrder", "OutputExistsError", "ResumeMismatch", "ResultWriteError", "read_results"]
 
 _COMMON = {"row": (np.int64, ()), "n_tokens": (np.int32, ()), "truncated": (np.bool_, ()),
-           "nonfinite": (np.bool_, ()),
-           # the row's content digest (Batch.digests: its tokens and request): a resume checks the input against it
-           "row_digest": (np.uint8, (16,))}
+           "nonfinite": (np.bool_, ())}
 _SKIPPED = {"skipped_row": (np.int64, ()), "skipped_reason": (h5py.string_dtype(), ())}
 
 
@@ -83,7 +81,7 @@ class ResultWriter:
                  overwrite: bool = False, resume: bool = False, first_row: int = 0,
                  verify: Callable[[dict[int, bytes]], None] | None = None) -> None:
         self.columns = {**_COMMON, **columns}
-        self.verify = verify  # on resume: called with the committed rows' digests, before the file is changed
+        self.verify = verify  # on resume: called with the committed rows' `row_digest`, before the file is changed
         self.path = Path(path)
         self.reopened = bool(resume and self.path.exists())
         if self.reopened:
@@ -135,7 +133,7 @@ class ResultWriter:
                 raise ResumeMismatch(f"output.path {self.path}: its `row` dataset is not in input order")
             # a kill between a commit's writes and its `next_row` update leaves rows past next_row: drop them
             n = int(np.searchsorted(rows, next_row))
-            if self.verify is not None and n:
+            if self.verify is not None and n and "row_digest" in self.file:
                 self.verify(dict(zip(rows[:n].tolist(), map(bytes, self.file["row_digest"][:n]), strict=True)))
             for name in self.columns:
                 self.file[name].resize(n, axis=0)
