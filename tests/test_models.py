@@ -71,3 +71,45 @@ def test_the_kv_cache_of_a_block_is_sized_from_the_block(mixtral):
     assert cache.get_mask_sizes(1, 0)[0] == cache.layers[3].get_mask_sizes(1)[0]
     cache.active = range(0, 1)
     assert cache.get_seq_length() == 5
+
+
+def test_loading_casts_as_it_reads(tmp_path, monkeypatch):
+    """A worker's layers loaded in bfloat16 from a float32 checkpoint never hold its share in float32: the
+    tensors the loader holds at once (read and placed, counted while alive) stay within the share in bfloat16
+    plus one tensor's float32 block, where reading the whole block first would hold the share in float32.
+    (Resident memory is measured on a 1.2B model by scripts/memory_bound.py: docs/scaling.md.)"""
+    import weakref
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nesa_hpc.models import weights
+
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(config)
+    reference.save_pretrained(tmp_path)  # float32
+    live, peak = {}, [0]
+
+    def track(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage().data_ptr()
+        if key not in live:
+            live[key] = t.untyped_storage().nbytes()
+            weakref.finalize(t, live.pop, key, None)
+            peak[0] = max(peak[0], sum(live.values()))
+        return t
+
+    read, assign = weights._TensorReader.read, weights._assign
+    monkeypatch.setattr(weights._TensorReader, "read", lambda self, *a: track(read(self, *a)))
+    monkeypatch.setattr(weights, "_assign", lambda model, full, t: assign(model, full, track(t)))
+    adapter = weights.build_adapter(tmp_path)
+    layers = [adapter.layer_module(i) for i in range(4)]
+    weights.load_modules(adapter, tmp_path, layers, "bfloat16")
+    share = sum(p.numel() * 2 for m in layers for p in adapter.model.get_submodule(m).parameters())
+    biggest = max(p.numel() * 4 for m in layers for p in adapter.model.get_submodule(m).parameters())
+    assert peak[0] <= share + biggest, (peak[0], share)  # reading the block first: 2 x share in float32 alone
+    for m in layers:  # and the values are the checkpoint's, cast
+        for name, p in adapter.model.get_submodule(m).named_parameters():
+            assert p.dtype == torch.bfloat16
+            assert torch.equal(p, reference.get_submodule(m).get_parameter(name).detach().to(torch.bfloat16))

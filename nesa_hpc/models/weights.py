@@ -183,6 +183,11 @@ def load_modules(adapter: Adapter, folder: str | Path, modules: list[str], dtype
 
     Checkpoint tensors are matched to parameters, and converted where the family stores them differently
     (mixture-of-experts weights are fused when loaded), by transformers' own conversion for the family.
+    One module at a time (a layer, the embeddings, the head), and each floating-point tensor is cast to
+    ``dtype`` as it is read (a few MiB of the checkpoint's dtype at a time): a rank's weights never exist in
+    the checkpoint's dtype as well, so its peak is its share at ``dtype`` plus what one module's conversion
+    needs. (transformers' conversions move and concatenate tensors, exactly, so casting before them is
+    casting after them.)
     """
     folder = Path(folder)
     if dtype not in DTYPES:
@@ -191,15 +196,22 @@ def load_modules(adapter: Adapter, folder: str | Path, modules: list[str], dtype
     modules = list(dict.fromkeys(modules))
     files = checkpoint_index(folder)
     targets, mapping = _targets(model, files)
-    wanted = {f"{m}.{p}" for m in modules for p, _ in model.get_submodule(m).named_parameters()}
-    keys = [k for k, name in targets.items() if name in wanted]
     readers = _Readers(files)
     try:
-        partial = {k: readers.read(k) for k in keys}
-        if partial:
-            _convert_and_load(model, partial, mapping, folder)
-        del partial
-        _place_parameters(adapter, folder, wanted, targets, readers, DTYPES[dtype], device)
+        placed: set[str] = set()
+        for m in modules:
+            # a parameter two modules share (tied) is placed once
+            wanted = {f"{m}.{p}" for p, _ in model.get_submodule(m).named_parameters()} - placed
+            partial = {k: readers.read(k, DTYPES[dtype]) for k, name in targets.items() if name in wanted}
+            for full in wanted:  # the skeleton in ``dtype`` too: the conversion casts to the parameter's dtype
+                p = model.get_parameter(full)
+                if p.device.type == "meta" and p.is_floating_point() and p.dtype != DTYPES[dtype]:
+                    _assign(model, full, torch.empty(p.shape, dtype=DTYPES[dtype], device="meta"))
+            if partial:
+                _convert_and_load(model, partial, mapping, folder)
+            del partial
+            _place_parameters(adapter, folder, wanted, targets, readers, DTYPES[dtype], device)
+            placed |= wanted
     finally:
         readers.close()
     _place_buffers(model, modules, DTYPES[dtype], device)
@@ -213,11 +225,11 @@ class _Readers:
         self.files = files
         self.open: dict[Path, _TensorReader] = {}
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         path = self.files[key]
         if path not in self.open:
             self.open[path] = _TensorReader(path)
-        return self.open[path].read(key)
+        return self.open[path].read(key, dtype)
 
     def close(self) -> None:
         for reader in self.open.values():
@@ -278,6 +290,9 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
               "BOOL": torch.bool}
 
 
+_CAST_BLOCK = 8 << 20  # bytes of the checkpoint's dtype read at a time when a tensor is cast as it is read
+
+
 class _TensorReader:
     """Reads single tensors from a safetensors file with plain positional reads.
 
@@ -298,7 +313,8 @@ class _TensorReader:
         except (OSError, ValueError, struct.error) as exc:
             raise ModelError(f"{path}: not a readable safetensors file ({exc})") from None
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, cast: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor ``name``; a floating-point one in ``cast`` (when given), converted a block at a time."""
         info = self.header.get(name)
         if info is None:
             raise ModelError(f"{self.path}: tensor {name!r} is missing")
@@ -306,15 +322,30 @@ class _TensorReader:
         dtype = _ST_DTYPES.get(info["dtype"])
         if dtype is None:
             raise ModelError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        out = torch.empty(info["shape"], dtype=dtype)
-        buf = out.view(torch.uint8).reshape(-1).numpy()
-        if buf.nbytes != stop - start:
-            raise ModelError(f"{self.path}: tensor {name!r} is corrupt (shape {info['shape']} needs {buf.nbytes} "
-                             f"bytes, the header gives {stop - start})")
+        n = 1
+        for d in info["shape"]:
+            n *= d
+        if n * dtype.itemsize != stop - start:
+            raise ModelError(f"{self.path}: tensor {name!r} is corrupt (shape {info['shape']} needs "
+                             f"{n * dtype.itemsize} bytes, the header gives {stop - start})")
         self.fh.seek(self.base + start)
+        if cast is None or cast == dtype or not dtype.is_floating_point:
+            out = torch.empty(info["shape"], dtype=dtype)
+            self._fill(name, out.view(torch.uint8).reshape(-1).numpy())
+            return out
+        out = torch.empty(info["shape"], dtype=cast)
+        flat = out.view(-1)
+        block = max(1, _CAST_BLOCK // dtype.itemsize)
+        staging = torch.empty(min(n, block), dtype=dtype)
+        for i in range(0, n, block):
+            part = staging[:min(block, n - i)]
+            self._fill(name, part.view(torch.uint8).numpy())
+            flat[i:i + len(part)] = part.to(cast)
+        return out
+
+    def _fill(self, name: str, buf) -> None:
         if self.fh.readinto(memoryview(buf)) != buf.nbytes:
             raise ModelError(f"{self.path}: tensor {name!r} is truncated (file shorter than its header says)")
-        return out
 
     def close(self) -> None:
         self.fh.close()
