@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -35,11 +36,21 @@ def two_hosts():
     except subprocess.CalledProcessError as exc:
         pytest.skip(f"network namespaces are not available here: {exc.stderr.decode().strip()}")
     try:
+        for ns in NS:  # no IPv6 duplicate address detection: the links' addresses are usable at once
+            for conf in ("all", "default"):
+                subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv6.conf.{conf}.accept_dad=0"],
+                               capture_output=True)
         _ip("link", "add", "nesa-v0", "netns", NS[0], "type", "veth", "peer", "name", "nesa-v1", "netns", NS[1])
         for i, ns in enumerate(NS):
             _ip("-n", ns, "addr", "add", f"{ADDR[i]}/24", "dev", f"nesa-v{i}")
             _ip("-n", ns, "link", "set", f"nesa-v{i}", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
+        # MPI binds its sockets during MPI_Init, under a second after the job starts: wait until no address
+        # is still tentative (a bind to one fails, and libfabric's tcp provider retries it forever)
+        deadline = time.monotonic() + 20
+        while any("tentative" in subprocess.run(["ip", "-n", ns, "addr"], capture_output=True, text=True).stdout
+                  for ns in NS) and time.monotonic() < deadline:
+            time.sleep(0.2)
         yield
     finally:
         for ns in NS:
@@ -69,12 +80,17 @@ def test_cut_link_ends_the_job_within_the_deadline(two_hosts, tiny_models, tmp_p
            f"output.path={out}", "runtime.threads=1", f"runtime.timeout={TIMEOUT}", "runtime.log_every=0.2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     lines = []
-    for line in proc.stderr:
-        lines.append(line)
-        if "progress:" in line and int(line.split("progress:")[1].split("/")[0]) >= 500:
-            break
-    else:
-        pytest.fail("the run ended before the cut:\n" + "".join(lines[-20:]))
+    watchdog = threading.Timer(180, proc.kill)  # a job that never gets going must not hang the suite
+    watchdog.start()
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "progress:" in line and int(line.split("progress:")[1].split("/")[0]) >= 500:
+                break
+        else:
+            pytest.fail("the run ended before the cut:\n" + "".join(lines[-20:]))
+    finally:
+        watchdog.cancel()
     before = _tx_bytes()
     assert before > 100_000, "no traffic crossed the simulated link"
     _ip("-n", NS[1], "link", "set", "nesa-v1", "down")
