@@ -26,6 +26,11 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
+def _link_ready(ns: str, dev: str) -> bool:
+    out = subprocess.run(["ip", "-n", ns, "addr", "show", "dev", dev], capture_output=True, text=True).stdout
+    return "LOWER_UP" in out and "state UP" in out and "tentative" not in out
+
+
 @pytest.fixture()
 def two_hosts():
     if os.geteuid() != 0 or not shutil.which("ip"):
@@ -45,11 +50,11 @@ def two_hosts():
             _ip("-n", ns, "addr", "add", f"{ADDR[i]}/24", "dev", f"nesa-v{i}")
             _ip("-n", ns, "link", "set", f"nesa-v{i}", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
-        # MPI binds its sockets during MPI_Init, under a second after the job starts: wait until no address
-        # is still tentative (a bind to one fails, and libfabric's tcp provider retries it forever)
-        deadline = time.monotonic() + 20
-        while any("tentative" in subprocess.run(["ip", "-n", ns, "addr"], capture_output=True, text=True).stdout
-                  for ns in NS) and time.monotonic() < deadline:
+        # MPI picks its address during MPI_Init, under a second after the job starts: wait until both ends
+        # of the link are up and running and no address is tentative (else libfabric's tcp provider finds no
+        # usable interface, advertises 127.0.0.1, and the ranks of the other host retry it forever)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(_link_ready(ns, f"nesa-v{i}") for i, ns in enumerate(NS)):
             time.sleep(0.2)
         yield
     finally:
