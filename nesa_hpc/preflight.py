@@ -14,10 +14,11 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["check_paths", "path_problems"]
+__all__ = ["check_paths", "path_problems", "data_problem", "model_problem", "check_train_out"]
 
 
-def _data(data_path) -> str | None:
+def data_problem(data_path) -> str | None:
+    """What is wrong with ``data.path`` (None: nothing; a null path is the built-in sample)."""
     if data_path is None:
         return None  # the built-in sample rows
     path = Path(str(data_path))
@@ -43,21 +44,32 @@ def _output(output) -> str | None:
     return None
 
 
+def check_train_out(out: str | Path, resume: bool, overwrite: bool) -> None:
+    """``train.out_dir`` against ``train.resume`` / ``train.overwrite``: FileNotFoundError when resuming a
+    folder without a run, FileExistsError when a run is there and neither is set."""
+    has_state = (Path(out) / "train.json").is_file()
+    if resume:
+        if not has_state:
+            raise FileNotFoundError(f"train.resume=true: {out} holds no training run (no train.json)")
+        return
+    if has_state and not overwrite:
+        raise FileExistsError(f"train.out_dir={out} already holds a training run; resume it with train.resume=true "
+                              "or replace it with train.overwrite=true")
+
+
 def _train_out(train) -> str | None:
-    out = train.get("out_dir")
-    if not out:
+    out, resume, overwrite = train.get("out_dir"), train.get("resume", False), train.get("overwrite", False)
+    if not out or (resume and overwrite):  # the job names the contradiction
         return None
-    has_state = (Path(str(out)) / "train.json").is_file()
-    if train.get("resume", False) is True and not train.get("overwrite", False):
-        return None if has_state else f"train.resume=true: {out} holds no training run (no train.json)"
-    if has_state and train.get("overwrite", False) is not True:
-        return (f"train.out_dir={out} already holds a training run; resume it with train.resume=true or replace "
-                "it with train.overwrite=true")
+    try:
+        check_train_out(str(out), resume is True, overwrite is True)
+    except OSError as exc:
+        return str(exc)
     return None
 
 
-def _model(model) -> str | None:
-    path = model.get("path")
+def model_problem(path) -> str | None:
+    """What is wrong with ``model.path`` (None: nothing; a null path is the packaged model)."""
     if path and not Path(str(path)).expanduser().is_dir():
         return f"model.path: no such model folder: {Path(str(path)).expanduser()}"
     return None
@@ -65,9 +77,9 @@ def _model(model) -> str | None:
 
 def path_problems(cfg, config_name: str, rank: int) -> list[str]:
     """What rank ``rank`` finds wrong with the paths of ``cfg`` (a composed ``infer`` or ``train`` config)."""
-    found = [_model(cfg.get("model") or {})]
+    found = [model_problem((cfg.get("model") or {}).get("path"))]
     if rank == 0:
-        found.append(_data((cfg.get("data") or {}).get("path")))
+        found.append(data_problem((cfg.get("data") or {}).get("path")))
         if config_name == "train":
             found.append(_train_out(cfg.get("train") or {}))
         else:

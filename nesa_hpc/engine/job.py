@@ -23,6 +23,7 @@ from ..config import Settings, settings_from_cfg
 from ..errors import UserError
 from ..models.sentence import embed_settings
 from ..models.weights import build_adapter, packaged_model_path
+from ..preflight import model_problem
 from .placement import describe_device, launcher_local_rank, node_local_rank, pick_device
 from .topology import Topology, make_topology
 from .transport import MpiTransport, PeerFailure, TorchTransport, TransportTimeout
@@ -118,10 +119,10 @@ def threads_for(settings: Settings, local_size: int) -> int:
 def model_folder(settings: Settings) -> str:
     """``model.path`` (checked), or the packaged model's folder."""
     if settings.model_path:
-        folder = Path(settings.model_path).expanduser()
-        if not folder.is_dir():
-            raise FileNotFoundError(f"model.path: no such model folder: {folder}")
-        return str(folder.resolve())
+        problem = model_problem(settings.model_path)
+        if problem:
+            raise FileNotFoundError(problem)
+        return str(Path(settings.model_path).expanduser().resolve())
     return str(packaged_model_path(settings.model_packaged))
 
 

@@ -20,6 +20,7 @@ from ..io.fs import network_fs
 from ..io.inputs import RowFields, chat_text, render
 from ..io.read import DataError, RowError, count_rows, read_rows, shard_range
 from ..io.results import ResultWriter
+from ..preflight import data_problem
 from ..privacy.mechanism import (
     NOISE_KEYING,
     PrivacySpec,
@@ -117,8 +118,9 @@ def decoding_attrs(settings: Settings) -> dict:
 
 def open_results(cfg, settings: Settings, topo, adapter, task, folder: str, data_path: str,
                  rows: range | None, eos_ids: frozenset[int] = frozenset(), verify=None) -> ResultWriter:
-    if not Path(data_path).is_file():
-        raise DataError(f"data.path: no such file: {data_path}")
+    problem = data_problem(data_path)
+    if problem:
+        raise DataError(problem)
     attrs = {
         "task": settings.task, "model_path": folder, "model_adapters": settings.model_adapters or "none",
         "num_layers": topo.num_layers, "split_k": topo.k,

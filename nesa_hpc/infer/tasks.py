@@ -188,10 +188,10 @@ class GenerateTask(Task):
         for i, t in enumerate(res.tokens):
             ids[i] = np.asarray(t, dtype=np.int32)
         extra = request_columns(batch) if self.requests else {}
+        reqs = batch.requests or [None] * batch.size
         if self.logprobs:
             extra["generated_logprobs"] = _ragged(res.logprobs, np.float32)
             if self.requests:  # what each request asked: -1 none, else the alternatives per token
-                reqs = batch.requests or [None] * batch.size
                 extra["request_logprobs"] = np.array([-1 if r is None or r.logprobs is None else r.logprobs
                                                       for r in reqs], dtype=np.int32)
                 # an echoed request's prompt: its token ids and, from the second on, their log-probabilities
@@ -203,7 +203,6 @@ class GenerateTask(Task):
                     extra.update(prompt_top_logprob_ids=_ragged(res.prompt_top_ids, np.int32),
                                  prompt_top_logprobs=_ragged(res.prompt_top_logprobs, np.float32))
         if self.requests:
-            reqs = batch.requests or [None] * batch.size
             extra["echo_prompt"] = np.array([r.text if r is not None and r.echo else "" for r in reqs], dtype=object)
         if self.top_logprobs:
             extra.update(generated_top_logprob_ids=_ragged(res.top_ids, np.int32),

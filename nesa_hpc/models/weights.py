@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -322,9 +323,7 @@ class _TensorReader:
         dtype = _ST_DTYPES.get(info["dtype"])
         if dtype is None:
             raise ModelError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        n = 1
-        for d in info["shape"]:
-            n *= d
+        n = math.prod(info["shape"])
         if n * dtype.itemsize != stop - start:
             raise ModelError(f"{self.path}: tensor {name!r} is corrupt (shape {info['shape']} needs "
                              f"{n * dtype.itemsize} bytes, the header gives {stop - start})")

@@ -51,6 +51,7 @@ from ..infer.tasks import make_task
 from ..io import jsonfile
 from ..models.lora import lora_targets
 from ..models.weights import DTYPES, load_modules
+from ..preflight import check_train_out
 from ..privacy.denoiser import Denoiser
 from ..privacy.mechanism import NOISE_KEYING
 from .checkpoint import export, latest_checkpoint, load_rank
@@ -249,14 +250,9 @@ def _check_model(adapter, settings: Settings, spec: TrainSpec) -> None:
 
 def _prepare_out_dir(spec: TrainSpec, cfg: DictConfig) -> None:
     out = Path(spec.out_dir)
-    has_state = (out / "train.json").is_file()
+    check_train_out(out, spec.resume, spec.overwrite)
     if spec.resume:
-        if not has_state:
-            raise FileNotFoundError(f"train.resume=true: {out} holds no training run (no train.json)")
         return
-    if has_state and not spec.overwrite:
-        raise FileExistsError(f"train.out_dir={out} already holds a training run; resume it with train.resume=true "
-                              "or replace it with train.overwrite=true")
     if spec.overwrite:
         for folder in {out, Path(spec.owner_dir)}:
             for name in ("checkpoints", "adapter", "model", "denoiser"):
