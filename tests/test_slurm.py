@@ -1,13 +1,19 @@
-"""The sbatch templates on a real one-node Slurm started by the tests (see slurm_cluster.py).
+"""The sbatch templates on a real Slurm of four simulated hosts (scripts/sim_cluster.py: a network namespace,
+hostname and slurmd each, MPI over TCP between them), started once for the module.
 
-One module fixture submits every job at once (`sbatch --wait` each, in parallel: the cluster has 8 CPU
-slots) and runs the same job under `mpiexec`; the tests then compare the files array by array.
+One fixture submits the jobs that spread over three hosts (score and generate through slurm/multi-node.sbatch
+and slurm/cpu.sbatch, training through slurm/train.sbatch), an array job and a job with a bad option, all at
+once (`sbatch --wait` each), and runs the same jobs under one host's `mpiexec`; the tests compare the files.
+Then the faults: the time limit's signal on a multi-host job (requeue and resume, several times), and a host
+that dies mid-run (the others notice within runtime.timeout, Slurm requeues the job onto the hosts left, the
+resume completes). Both end with a file equal to an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -15,30 +21,34 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_mpi
-from slurm_cluster import SlurmCluster, SlurmUnavailable
+from conftest import ROOT, run_jobs, run_mpi
 
 from nesa_hpc.io.results import read_results
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from sim_cluster import ClusterUnavailable, SimCluster  # noqa: E402
 
 INFER = str(ROOT / "jobs" / "infer.py")
 MERGE = str(ROOT / "jobs" / "merge.py")
 ROWS = 40
+HOSTS3 = ["-N", "3", "--ntasks-per-node=1", "--cpus-per-task=1"]
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+def cluster(tmp_path_factory):
+    sim = SimCluster(tmp_path_factory.mktemp("cluster"), hosts=4, cpus=2)
     try:
-        cluster.start()
-    except SlurmUnavailable as exc:
-        pytest.skip(f"no Slurm: {exc}")
-    yield cluster
-    cluster.stop()
+        sim.start()
+    except ClusterUnavailable as exc:
+        pytest.skip(f"no simulated Slurm cluster: {exc}")
+    yield sim
+    sim.stop()
 
 
-def _env(cluster: SlurmCluster) -> dict[str, str]:
+def _env(cluster: SimCluster) -> dict[str, str]:
     """The job runs in the environment sbatch is called from: this Python's venv first on PATH (so the
-    template's `python` is this interpreter), this checkout on PYTHONPATH."""
+    template's `python` is this interpreter), this checkout on PYTHONPATH, MPICH over TCP between hosts."""
     bin_dir = str(Path(sys.executable).parent)
     path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
     pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
@@ -46,42 +56,54 @@ def _env(cluster: SlurmCluster) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1"}
 
 
-def _data(folder: Path) -> Path:
-    words = ["north", "south", "east", "west", "river", "stone", "cloud"]
-    rows = [" ".join(words[(i * 3 + j) % len(words)] for j in range(1 + i % 11)) for i in range(ROWS)]
-    path = folder / "rows.jsonl"
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+def _texts(path: Path, n: int, seed: int = 0) -> Path:
+    words = ["north", "south", "east", "west", "river", "stone", "cloud", "field", "light", "over"]
+    path.write_text("".join(json.dumps({"text": " ".join(words[(i * 7 + j + seed) % 10]
+                                                         for j in range(1 + (i * 3 + seed) % 13))}) + "\n"
+                            for i in range(n)))
     return path
 
 
 @pytest.fixture(scope="module")
-def jobs(slurm, tiny_models, tmp_path_factory):
+def jobs(cluster, tiny_models, tmp_path_factory):
     work = tmp_path_factory.mktemp("jobs")
-    data = _data(work)
+    data = _texts(work / "rows.jsonl", ROWS)
     common = [f"model.path={tiny_models['llama']}", f"data.path={data}", "data.batch_size=4",
               "data.bucket_window=8", "runtime.timeout=120"]
-    env = _env(slurm)
+    generate = [*common, "task=generate", "task.max_new_tokens=6", "data.max_length=64"]
+    train = [f"model.path={tiny_models['llama']}", f"data.path={data}", "data.batch_size=4", "train.max_steps=3",
+             "train.lr=0.05", "split.k=1", "runtime.timeout=120"]
+    env = _env(cluster)
 
     def submit(*args: str) -> subprocess.Popen:
-        return subprocess.Popen(["sbatch", "--wait", f"--output={work}/slurm-%A_%a.out", *args], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(cluster.client(["sbatch", "--wait", f"--output={work}/slurm-%A_%a.out", *args]),
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     procs = {
-        "cpu": submit("-n", "3", "slurm/cpu.sbatch", *common, f"output.path={work}/cpu/out.h5"),
+        # runtime.device=cpu given on the command line: the CPU run of the multi-node template
+        "multi": submit(*HOSTS3, "slurm/multi-node.sbatch", *common, "runtime.device=cpu",
+                        f"output.path={work}/multi/out.h5"),
+        "generate": submit(*HOSTS3, "slurm/multi-node.sbatch", *generate, f"output.path={work}/gen/out.h5"),
+        "cpu": submit(*HOSTS3, "slurm/cpu.sbatch", *common, f"output.path={work}/cpu/out.h5"),
+        "train": submit(*HOSTS3, "slurm/train.sbatch", *train, f"train.out_dir={work}/train/run"),
         "array": submit("--array=0-1", "-n", "2", "slurm/array.sbatch", *common, f"output.path={work}/arr/out.h5"),
         "bad": submit("-n", "2", "slurm/cpu.sbatch", *common, "data.batch_size=0", f"output.path={work}/bad/out.h5"),
     }
-    reference = run_mpi(3, [INFER, *common, "runtime.threads=1", f"output.path={work}/mpiexec.h5"])
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    # the same jobs on one host, in one launch of three ranks
+    report = run_jobs(3, [[*common, "runtime.threads=1", f"output.path={work}/ref_score.h5"],
+                          [*generate, "runtime.threads=1", f"output.path={work}/ref_generate.h5"],
+                          {"config": "train", "overrides": [*train, "runtime.threads=1",
+                                                            f"train.out_dir={work}/ref_train"]}], work, timeout=300)
+    assert report == [None, None, None], report
     done = {}
     for name, proc in procs.items():
         try:
-            out, _ = proc.communicate(timeout=300)
+            out, _ = proc.communicate(timeout=400)
         except subprocess.TimeoutExpired:
             proc.kill()
-            raise AssertionError(f"sbatch --wait ({name}) did not return within 300 s: {slurm.logs()}") from None
+            raise AssertionError(f"sbatch --wait ({name}) did not return within 400 s: {cluster.logs()}") from None
         done[name] = (proc.returncode, out)
-    return {"work": work, "done": done, "reference": read_results(work / "mpiexec.h5")[0]}
+    return {"work": work, "done": done}
 
 
 def _log_text(folder: Path) -> str:
@@ -91,21 +113,51 @@ def _log_text(folder: Path) -> str:
 def _assert_same(got: dict, reference: dict) -> None:
     assert set(got) == set(reference)
     for name, values in reference.items():
-        assert np.array_equal(got[name], values, equal_nan=values.dtype.kind == "f"), name
+        if values.dtype == object:  # variable-length rows (generated tokens, their log-probabilities)
+            assert len(got[name]) == len(values), name
+            assert all(np.array_equal(g, v, equal_nan=np.asarray(v).dtype.kind == "f")
+                       for g, v in zip(got[name], values, strict=True)), name
+        else:
+            assert np.array_equal(got[name], values, equal_nan=values.dtype.kind == "f"), name
 
 
-def test_cpu_template_equals_mpiexec(jobs):
-    code, out = jobs["done"]["cpu"]
-    folder = jobs["work"] / "cpu"
-    assert code == 0, out + _log_text(folder)
-    logs = list(folder.glob("out.*.log"))
+def _layout_hosts(text: str) -> dict[int, str]:
+    """Rank -> host, from the last layout the job printed ("rank 1 (worker): ... [h2 pid 123, cpu]")."""
+    return {int(r): h for r, h in re.findall(r"rank (\d+) \((?:owner|worker)\):[^\n]*\[(\S+) pid", text)}
+
+
+@pytest.mark.parametrize("name,folder", [("multi", "multi"), ("cpu", "cpu"), ("generate", "gen")])
+def test_templates_across_three_hosts_equal_one_host(jobs, name, folder):
+    """Score (multi-node and cpu templates) and generation (multi-node) on three hosts, one rank each: the
+    results file equals the one-host `mpiexec` run array by array (same partition: bit-identical)."""
+    code, out = jobs["done"][name]
+    work = jobs["work"] / folder
+    assert code == 0, out + _log_text(work)
+    logs = list(work.glob("out.*.log"))
     assert len(logs) == 1  # next to the results, named after the job
     text = logs[0].read_text()
-    assert "world size 3" in text
-    assert text.count("(worker)") == 2 and "done: 40 rows" in text
-    got, attrs = read_results(folder / "out.h5")
+    assert "world size 3" in text and "done: 40 rows" in text
+    assert sorted(_layout_hosts(text).values()) == ["h1", "h2", "h3"]  # one rank on each of three hosts
+    got, attrs = read_results(work / "out.h5")
     assert attrs["complete"] == True and attrs["world_size"] == 3  # noqa: E712
-    _assert_same(got, jobs["reference"])
+    ref = "ref_generate.h5" if name == "generate" else "ref_score.h5"
+    _assert_same(got, read_results(jobs["work"] / ref)[0])
+
+
+def test_training_across_three_hosts_equals_one_host(jobs):
+    code, out = jobs["done"]["train"]
+    work = jobs["work"] / "train"
+    assert code == 0, out + _log_text(jobs["work"])
+    text = "".join(p.read_text() for p in work.glob("run.*.log"))
+    assert sorted(set(re.findall(r"\[(h\d) pid", text))) == ["h1", "h2", "h3"], text[-2000:]
+
+    def steps(folder: Path) -> list[dict]:
+        return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    got, want = steps(work / "run"), steps(jobs["work"] / "ref_train")
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want, strict=True):
+        assert g["loss"] == w["loss"] and g["grad_norm"] == w["grad_norm"], (g, w)
 
 
 def test_array_then_merge_equals_unsharded(jobs, tmp_path):
@@ -127,7 +179,7 @@ def test_array_then_merge_equals_unsharded(jobs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "merged 2 shards: 40 rows" in proc.stdout
     got, attrs = read_results(merged)
-    _assert_same(got, jobs["reference"])
+    _assert_same(got, read_results(jobs["work"] / "ref_score.h5")[0])
     assert attrs["complete"] == True and attrs["rows"] == ROWS and attrs["next_row"] == ROWS  # noqa: E712
 
 
@@ -139,48 +191,66 @@ def test_failed_job_exits_nonzero_with_the_reason_in_the_log(jobs):
     assert not (jobs["work"] / "bad" / "out.h5").exists()
 
 
-def _job_fields(cluster: SlurmCluster, job_id: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", job_id], env={**os.environ, **cluster.env},
-                         capture_output=True, text=True).stdout
+# -- faults across hosts ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def long_run(tiny_models, tmp_path_factory):
+    """1000 rows and their uninterrupted one-host run, shared by the fault tests."""
+    work = tmp_path_factory.mktemp("long")
+    data = _texts(work / "rows.jsonl", 1000, seed=3)
+    common = [f"model.path={tiny_models['llama']}", f"data.path={data}", "data.batch_size=8"]
+    reference = run_mpi(3, [INFER, *common, "runtime.threads=1", f"output.path={work}/mpiexec.h5"])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    return {"common": common, "reference": read_results(work / "mpiexec.h5")[0]}
+
+
+def _job_fields(cluster: SimCluster, job_id: str) -> dict[str, str]:
+    out = cluster.run(["scontrol", "show", "job", job_id]).stdout
     return dict(w.split("=", 1) for w in out.split() if "=" in w)
 
 
-def test_time_limit_requeues_until_done_equal_to_uninterrupted(slurm, tiny_models, tmp_path):
-    """A 1-minute time limit with an early USR1 (--signal=B:USR1@25): the job stops cleanly (exit 75),
-    requeues itself, and the next allocation resumes, until the data is done; the file equals an
-    uninterrupted run. To make at least three allocations certain on a fast machine, the test also sends
-    the same batch signal (as the time-limit warning does) once each of the first two allocations has
-    started its ranks; Slurm's own hold of a requeued job (BeginTime, ~2 min) is cut short by the test once
-    the node has been idle for 3 s (the last allocation's processes are gone)."""
-    words = ["north", "south", "east", "west", "river", "stone", "cloud", "field", "light", "over"]
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps({"text": " ".join(words[(i * 7 + j) % 10] for j in range(5 + i % 13))}) + "\n"
-                            for i in range(1000)))
-    common = [f"model.path={tiny_models['llama']}", f"data.path={data}", "data.batch_size=8", "runtime.timeout=120"]
-    # the uninterrupted reference first: the job's start-up must stay well inside the ~30 s before Slurm's own
-    # time-limit signal, so the two do not share the cores
-    reference = run_mpi(3, [INFER, *common, "runtime.threads=1", f"output.path={tmp_path}/mpiexec.h5"])
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    env = {**_env(slurm), "NESA_MAX_REQUEUES": "30"}  # a loaded machine may need more short allocations
-    sub = subprocess.run(["sbatch", "--parsable", "-n", "3", "--time=1", "--signal=B:USR1@25", "--open-mode=append",
-                          f"--output={tmp_path}/slurm-%j.out", "slurm/cpu.sbatch", *common,
-                          f"output.path={tmp_path}/req/out.h5"], cwd=ROOT, env=env, capture_output=True, text=True)
+class _Requeues:
+    """Follows a job; releases Slurm's hold of a requeued job (BeginTime, ~2 min) once the hosts it may use
+    have been idle for 3 s (slurmd refuses to launch a job id it killed moments ago)."""
+
+    def __init__(self, cluster: SimCluster, job_id: str, usable: set[str]) -> None:
+        self.cluster, self.job_id, self.usable, self.idle_since = cluster, job_id, usable, None
+
+    def poll(self) -> dict[str, str]:
+        fields = _job_fields(self.cluster, self.job_id)
+        held = fields.get("JobState") == "PENDING" and fields.get("Reason") == "BeginTime"
+        free = held and self.usable <= self.cluster.idle_hosts()
+        self.idle_since = (self.idle_since or time.monotonic()) if free else None
+        if self.idle_since and time.monotonic() - self.idle_since > 3:
+            self.cluster.run(["scontrol", "update", f"JobId={self.job_id}", "StartTime=now"])
+            self.idle_since = None
+        return fields
+
+
+def _submit(cluster: SimCluster, args: list[str], env: dict) -> str:
+    sub = subprocess.run(cluster.client(["sbatch", "--parsable", *args]), cwd=ROOT, env=env, capture_output=True,
+                         text=True)
     assert sub.returncode == 0, sub.stderr
-    job_id = sub.stdout.strip().split(";")[0]
-    signalled, allocations, offset, deadline, fields, idle_since = 0, 0, 0, time.monotonic() + 600, {}, None
+    return sub.stdout.strip().split(";")[0]
+
+
+def test_time_limit_requeues_across_hosts_until_done(cluster, long_run, tmp_path):
+    """A multi-host job with a 1-minute time limit and an early USR1 (--signal=B:USR1@25): it stops cleanly
+    (exit 75), requeues itself, and the next allocation (wherever Slurm puts it) resumes, until the data is
+    done; the file equals an uninterrupted run. To make at least three allocations certain on a fast machine,
+    the test also sends the same batch signal once each of the first two allocations has started its ranks."""
+    env = {**_env(cluster), "NESA_MAX_REQUEUES": "30"}  # a loaded machine may need more short allocations
+    job_id = _submit(cluster, [*HOSTS3, "--time=1", "--signal=B:USR1@25", "--open-mode=append",
+                               f"--output={tmp_path}/slurm-%j.out", "slurm/multi-node.sbatch", *long_run["common"],
+                               "runtime.timeout=120", f"output.path={tmp_path}/req/out.h5"], env)
+    follow = _Requeues(cluster, job_id, set(cluster.hosts))
+    signalled, allocations, offset, deadline, fields = 0, 0, 0, time.monotonic() + 600, {}
     log_path = tmp_path / "req" / f"out.{job_id}.log"
     while time.monotonic() < deadline:
-        fields = _job_fields(slurm, job_id)
+        fields = follow.poll()
         state, restarts = fields.get("JobState"), int(fields.get("Restarts", 0))
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+        if state in FINAL:
             break
-        held = state == "PENDING" and fields.get("Reason") == "BeginTime"
-        idle_since = (idle_since or time.monotonic()) if held and slurm.node_idle() else None
-        # the last allocation is cleaned up: the node has been idle for a while (slurmd refuses to launch a
-        # job id it killed moments ago: "Job ... already killed, do not launch batch job")
-        if idle_since and time.monotonic() - idle_since > 3:
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env, capture_output=True)
-            idle_since = None
         started = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out")).count(" ranks on ")
         log = log_path.read_text() if log_path.exists() else ""
         if started > allocations:  # a new allocation: its ranks' lines start here in the appended log
@@ -188,15 +258,70 @@ def test_time_limit_requeues_until_done_equal_to_uninterrupted(slurm, tiny_model
         # once this allocation's ranks are up (the layout is printed), stop it as the time limit would
         if state == "RUNNING" and restarts < 2 and signalled <= restarts and "(worker)" in log[offset:]:
             time.sleep(1)
-            subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=env, capture_output=True)
+            cluster.run(["scancel", "--batch", "--signal=USR1", job_id], env=env)
             signalled = restarts + 1
         time.sleep(0.5)
-    assert fields.get("JobState") == "COMPLETED", (fields, slurm.logs())
+    assert fields.get("JobState") == "COMPLETED", (fields, cluster.logs())
     assert int(fields["Restarts"]) >= 2, fields  # at least three allocations
     out = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
     assert out.count("requeued (") >= 2, out
-    log = (tmp_path / "req" / f"out.{job_id}.log").read_text()
+    log = log_path.read_text()
     assert log.count("stopped by SIGUSR1") >= 2, log[-3000:]
+    assert len(set(re.findall(r"\[(h\d) pid", log))) >= 3
     got, attrs = read_results(tmp_path / "req" / "out.h5")
     assert attrs["complete"] == True  # noqa: E712
-    _assert_same(got, read_results(tmp_path / "mpiexec.h5")[0])
+    _assert_same(got, long_run["reference"])
+
+
+def test_dead_host_ends_the_job_then_slurm_requeues_it_onto_the_hosts_left(cluster, long_run, tmp_path):
+    """Mid-run, the host of rank 1 dies (its slurmd, step daemon and rank are killed at once). The ranks left
+    end within runtime.timeout naming rank 1 and its host; Slurm marks the host down (SlurmdTimeout) and
+    requeues the job (--requeue, NODE_FAIL); the next allocation runs on the three hosts left and resumes after
+    the last committed row: the file equals an uninterrupted run, no row lost or written twice."""
+    timeout = 10
+    env = _env(cluster)
+    job_id = _submit(cluster, [*HOSTS3, f"--output={tmp_path}/slurm-%j.out", "slurm/multi-node.sbatch",
+                               *long_run["common"], f"runtime.timeout={timeout}", "runtime.log_every=0.2",
+                               f"output.path={tmp_path}/out.h5"], env)
+    log_path = tmp_path / f"out.{job_id}.log"
+    deadline = time.monotonic() + 300
+    while True:  # until 100 rows are done
+        text = log_path.read_text() if log_path.exists() else ""
+        done = [int(n) for n in re.findall(r"progress: (\d+)/", text)]
+        if done and done[-1] >= 100:
+            break
+        assert "done: 1000 rows" not in text, "the run ended before the host died"
+        assert time.monotonic() < deadline, text[-3000:] + cluster.logs()
+        time.sleep(0.2)
+    victim = _layout_hosts(text)[1]
+    seen = len(text)
+    cluster.kill_host(victim)
+    killed = time.monotonic()
+    try:
+        noticed = None
+        follow = _Requeues(cluster, job_id, set(cluster.hosts) - {victim})
+        fields, deadline = {}, time.monotonic() + 400
+        while time.monotonic() < deadline:
+            text = log_path.read_text()
+            if noticed is None and re.search(rf"rank \d+ on {victim}", text[seen:]):
+                noticed = time.monotonic() - killed
+            fields = follow.poll()
+            if fields.get("JobState") in FINAL:
+                break
+            time.sleep(0.5)
+        assert fields.get("JobState") == "COMPLETED", (fields, text[-3000:], cluster.logs())
+        assert int(fields["Restarts"]) >= 1, fields
+        lost = re.search(rf"rank \d+: no progress for {timeout} s while [^\n]*rank 1 on {victim}|"
+                         rf"rank \d+: [^\n]*rank 1 on {victim} failed", text[seen:])
+        assert lost, text[seen:][-3000:]
+        assert noticed is not None and noticed < timeout + 10, noticed
+        last_layout = text[text.rindex("resuming"):] if "resuming" in text else ""
+        assert last_layout and "done: 1000 rows" in text[text.rindex("resuming"):], text[-3000:]
+        hosts_after = _layout_hosts(text[text.rindex("world size 3"):])
+        assert victim not in hosts_after.values() and len(set(hosts_after.values())) == 3, hosts_after
+        got, attrs = read_results(tmp_path / "out.h5")
+        assert attrs["complete"] == True  # noqa: E712
+        _assert_same(got, long_run["reference"])
+    finally:  # the host comes back for whatever runs next
+        cluster.start_host(victim)
+        cluster.run(["scontrol", "update", f"NodeName={victim}", "State=RESUME"])
