@@ -46,7 +46,8 @@ def which(name: str) -> str | None:
 
 def _conf(folder: Path, hosts: list[str], addrs: list[str], ctl_addr: str, cpus: int) -> str:
     d = folder
-    nodes = "\n".join(f"NodeName={h} NodeAddr={a} CPUs={cpus} RealMemory=4000" for h, a in zip(hosts, addrs))
+    nodes = "\n".join(f"NodeName={h} NodeAddr={a} CPUs={cpus} RealMemory=4000"
+                      for h, a in zip(hosts, addrs, strict=True))
     return f"""\
 ClusterName=nesasim
 FirstJobId={random.randrange(10_000, 2_000_000)}

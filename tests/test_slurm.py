@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -213,13 +214,17 @@ class _Requeues:
     """Follows a job; releases Slurm's hold of a requeued job (BeginTime, ~2 min) once the hosts it may use
     have been idle for 3 s (slurmd refuses to launch a job id it killed moments ago)."""
 
-    def __init__(self, cluster: SimCluster, job_id: str, usable: set[str]) -> None:
-        self.cluster, self.job_id, self.usable, self.idle_since = cluster, job_id, usable, None
+    def __init__(self, cluster: SimCluster, job_id: str, dead: str | None = None) -> None:
+        self.cluster, self.job_id, self.dead, self.idle_since = cluster, job_id, dead, None
 
     def poll(self) -> dict[str, str]:
         fields = _job_fields(self.cluster, self.job_id)
         held = fields.get("JobState") == "PENDING" and fields.get("Reason") == "BeginTime"
-        free = held and self.usable <= self.cluster.idle_hosts()
+        states = self.cluster.node_states()
+        usable = {h for h, s in states.items() if h != self.dead and s == "idle"}
+        # a dead host is released only once Slurm knows (not responding: "*", or down)
+        known = self.dead is None or states.get(self.dead, "").endswith("*") or "down" in states.get(self.dead, "")
+        free = held and known and len(usable) >= 3
         self.idle_since = (self.idle_since or time.monotonic()) if free else None
         if self.idle_since and time.monotonic() - self.idle_since > 3:
             self.cluster.run(["scontrol", "update", f"JobId={self.job_id}", "StartTime=now"])
@@ -243,7 +248,7 @@ def test_time_limit_requeues_across_hosts_until_done(cluster, long_run, tmp_path
     job_id = _submit(cluster, [*HOSTS3, "--time=1", "--signal=B:USR1@25", "--open-mode=append",
                                f"--output={tmp_path}/slurm-%j.out", "slurm/multi-node.sbatch", *long_run["common"],
                                "runtime.timeout=120", f"output.path={tmp_path}/req/out.h5"], env)
-    follow = _Requeues(cluster, job_id, set(cluster.hosts))
+    follow = _Requeues(cluster, job_id)
     signalled, allocations, offset, deadline, fields = 0, 0, 0, time.monotonic() + 600, {}
     log_path = tmp_path / "req" / f"out.{job_id}.log"
     while time.monotonic() < deadline:
@@ -280,9 +285,9 @@ def test_dead_host_ends_the_job_then_slurm_requeues_it_onto_the_hosts_left(clust
     the last committed row: the file equals an uninterrupted run, no row lost or written twice."""
     timeout = 10
     env = _env(cluster)
-    job_id = _submit(cluster, [*HOSTS3, f"--output={tmp_path}/slurm-%j.out", "slurm/multi-node.sbatch",
-                               *long_run["common"], f"runtime.timeout={timeout}", "runtime.log_every=0.2",
-                               f"output.path={tmp_path}/out.h5"], env)
+    job_id = _submit(cluster, [*HOSTS3, "--open-mode=append", f"--output={tmp_path}/slurm-%j.out",
+                               "slurm/multi-node.sbatch", *long_run["common"], f"runtime.timeout={timeout}",
+                               "runtime.log_every=0.2", f"output.path={tmp_path}/out.h5"], env)
     log_path = tmp_path / f"out.{job_id}.log"
     deadline = time.monotonic() + 300
     while True:  # until 100 rows are done
@@ -299,7 +304,7 @@ def test_dead_host_ends_the_job_then_slurm_requeues_it_onto_the_hosts_left(clust
     killed = time.monotonic()
     try:
         noticed = None
-        follow = _Requeues(cluster, job_id, set(cluster.hosts) - {victim})
+        follow = _Requeues(cluster, job_id, dead=victim)
         fields, deadline = {}, time.monotonic() + 400
         while time.monotonic() < deadline:
             text = log_path.read_text()
@@ -315,8 +320,7 @@ def test_dead_host_ends_the_job_then_slurm_requeues_it_onto_the_hosts_left(clust
                          rf"rank \d+: [^\n]*rank 1 on {victim} failed", text[seen:])
         assert lost, text[seen:][-3000:]
         assert noticed is not None and noticed < timeout + 10, noticed
-        last_layout = text[text.rindex("resuming"):] if "resuming" in text else ""
-        assert last_layout and "done: 1000 rows" in text[text.rindex("resuming"):], text[-3000:]
+        assert "resuming" in text and "the file holds 1000" in text[text.rindex("resuming"):], text[-3000:]
         hosts_after = _layout_hosts(text[text.rindex("world size 3"):])
         assert victim not in hosts_after.values() and len(set(hosts_after.values())) == 3, hosts_after
         got, attrs = read_results(tmp_path / "out.h5")
@@ -325,3 +329,45 @@ def test_dead_host_ends_the_job_then_slurm_requeues_it_onto_the_hosts_left(clust
     finally:  # the host comes back for whatever runs next
         cluster.start_host(victim)
         cluster.run(["scontrol", "update", f"NodeName={victim}", "State=RESUME"])
+
+
+def test_hung_rank_ends_the_step_and_the_job_requeues_itself(cluster, long_run, tmp_path):
+    """Mid-run, rank 1 stops answering while its host stays up (SIGSTOP: its connections stay open, so MPI
+    notices nothing, as with a cut link). The ranks left end the step within runtime.timeout with the lost-rank
+    line, slurm/step.sh requeues the job (Slurm sees no failed node here), and the resume completes."""
+    timeout = 5
+    env = _env(cluster)
+    job_id = _submit(cluster, [*HOSTS3, "--open-mode=append", f"--output={tmp_path}/slurm-%j.out",
+                               "slurm/multi-node.sbatch", *long_run["common"], f"runtime.timeout={timeout}",
+                               "runtime.log_every=0.2", f"output.path={tmp_path}/out.h5"], env)
+    log_path = tmp_path / f"out.{job_id}.log"
+    deadline = time.monotonic() + 300
+    while True:
+        text = log_path.read_text() if log_path.exists() else ""
+        done = [int(n) for n in re.findall(r"progress: (\d+)/", text)]
+        if done and done[-1] >= 100:
+            break
+        assert "done: 1000 rows" not in text, "the run ended before the rank hung"
+        assert time.monotonic() < deadline, text[-3000:] + cluster.logs()
+        time.sleep(0.2)
+    host, pid = re.findall(r"rank 1 \(worker\):[^\n]*\[(\S+) pid (\d+)", text)[-1]
+    seen = len(text)
+    os.kill(int(pid), signal.SIGSTOP)
+    stopped, noticed = time.monotonic(), None
+    follow, fields, deadline = _Requeues(cluster, job_id), {}, time.monotonic() + 300
+    while time.monotonic() < deadline:
+        text = log_path.read_text()
+        if noticed is None and "a rank was lost; the job can resume" in text[seen:]:
+            noticed = time.monotonic() - stopped
+        fields = follow.poll()
+        if fields.get("JobState") in FINAL:
+            break
+        time.sleep(0.3)
+    assert fields.get("JobState") == "COMPLETED", (fields, text[-3000:], cluster.logs())
+    assert noticed is not None and noticed < timeout + 10, noticed
+    assert re.search(rf"rank \d+: no progress for {timeout} s while [^\n]*rank 1 on {host}", text[seen:]), text[seen:]
+    out = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert "nesa_hpc: a rank was lost; requeued (1 of at most" in out, out
+    got, attrs = read_results(tmp_path / "out.h5")
+    assert attrs["complete"] == True  # noqa: E712
+    _assert_same(got, long_run["reference"])

@@ -28,13 +28,18 @@ from .placement import describe_device, launcher_local_rank, node_local_rank, pi
 from .topology import Topology, make_topology
 from .transport import MpiTransport, PeerFailure, TorchTransport, TransportTimeout
 
-__all__ = ["EXIT_STOPPED", "JobError", "USER_ERRORS", "Job", "start_job", "setup_logging", "agree", "all_ok",
-           "settle", "stop_requested", "message", "model_folder", "rank_modules", "make_transport", "transport_name",
-           "peak_rss_mb", "gather_stats", "share_exit_code", "run_main", "rank_stats", "threads_for",
+__all__ = ["EXIT_STOPPED", "EXIT_LOST_RANK", "JobError", "USER_ERRORS", "Job", "start_job", "setup_logging", "agree",
+           "all_ok", "settle", "stop_requested", "message", "model_folder", "rank_modules", "make_transport",
+           "transport_name", "peak_rss_mb", "gather_stats", "share_exit_code", "run_main", "rank_stats", "threads_for",
            "stopped_at_startup", "serve_worker", "log_rank_stats"]
 
 # Exit status of a job stopped early by SIGTERM/SIGUSR1 (EX_TEMPFAIL: rerun with output.resume=true).
 EXIT_STOPPED = 75
+# Exit status of a job that lost a rank (dead, hung or cut off: no progress within runtime.timeout, or MPI
+# reported the peer gone). The committed rows are kept and the job can resume on other hosts; the line
+# LOST_RANK_LINE tells slurm/step.sh to requeue it (an MPI abort's own status does not reach srun).
+EXIT_LOST_RANK = 76
+LOST_RANK_LINE = "a rank was lost; the job can resume (exit 76)"
 # Seconds a rank that ends the job with MPI_Abort waits first, so that the launcher forwards its error line.
 ABORT_GRACE_S = 0.5
 
@@ -331,6 +336,9 @@ def run_main(cfg, job: Callable[..., dict], comm=None) -> None:
             logging.getLogger("nesa_hpc").error("error: %s", exc)
         sys.stderr.flush()
         sys.exit(2)
+    except (TransportTimeout, PeerFailure) as exc:
+        logging.getLogger("nesa_hpc").error("error: %s; %s", message(exc), LOST_RANK_LINE)
+        _abort(comm, EXIT_LOST_RANK)
     except USER_ERRORS as exc:
         # Seen by one rank only (e.g. a bad row read by rank 0 mid-run): end every rank now.
         logging.getLogger("nesa_hpc").error("error: %s", message(exc))
