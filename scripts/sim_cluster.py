@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -79,6 +80,14 @@ MessageTimeout=5
 {nodes}
 PartitionName=debug Nodes={",".join(hosts)} Default=YES MaxTime=INFINITE State=UP
 """
+
+
+def _bits_per_s(rate: str) -> int:
+    """tc's rate syntax (10gbit, 100mbit, 512kbit, 1000000bit) in bits per second."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kmg]?)bit", rate.lower())
+    if not m:
+        raise ValueError(f"link rate {rate!r}: expected a number and kbit, mbit, gbit or bit (tc syntax)")
+    return int(float(m.group(1)) * {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[m.group(2)])
 
 
 class SimCluster:
@@ -244,13 +253,16 @@ class SimCluster:
         self._ip("-n", self.ctl, "link", "set", host, "up" if up else "down")
 
     def shape(self, host: str, rate: str | None) -> None:
-        """Limit the host's bridge port (traffic towards the host) to `rate` (tc syntax: 1gbit, 100mbit);
-        None removes the limit. This kernel has no netem: delay cannot be added here."""
-        subprocess.run([which("tc") or "tc", "-n", self.ctl, "qdisc", "del", "dev", host, "root"],
-                       capture_output=True)
-        if rate:
-            subprocess.run([which("tc") or "tc", "-n", self.ctl, "qdisc", "add", "dev", host, "root", "tbf",
-                            "rate", rate, "burst", "1mb", "latency", "100ms"], check=True, capture_output=True)
+        """Limit the host's link to `rate` (tc syntax: 1gbit, 100mbit) in both directions: a token bucket on
+        the bridge port (towards the host) and on the host's own interface (from it); None removes the limit.
+        This kernel has no netem: delay cannot be added here."""
+        tc = which("tc") or "tc"
+        burst = max(16_000, _bits_per_s(rate) // 800) if rate else 0  # 10 ms at the rate, at least 16 kB
+        for ns, dev in ((self.ctl, host), (self.netns[host], "eth0")):
+            subprocess.run([tc, "-n", ns, "qdisc", "del", "dev", dev, "root"], capture_output=True)
+            if rate:
+                subprocess.run([tc, "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst",
+                                str(burst), "latency", "100ms"], check=True, capture_output=True)
 
     def logs(self, tail: int = 600) -> str:
         parts = []

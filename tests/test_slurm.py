@@ -32,6 +32,7 @@ from sim_cluster import ClusterUnavailable, SimCluster  # noqa: E402
 INFER = str(ROOT / "jobs" / "infer.py")
 MERGE = str(ROOT / "jobs" / "merge.py")
 ROWS = 40
+LONG = 3000
 HOSTS3 = ["-N", "3", "--ntasks-per-node=1", "--cpus-per-task=1"]
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
@@ -196,9 +197,10 @@ def test_failed_job_exits_nonzero_with_the_reason_in_the_log(jobs):
 
 @pytest.fixture(scope="module")
 def long_run(tiny_models, tmp_path_factory):
-    """1000 rows and their uninterrupted one-host run, shared by the fault tests."""
+    """LONG rows and their uninterrupted one-host run, shared by the fault tests (the tiny model scores them in
+    a few seconds: long enough to outlast the stop signal's 5 s grace after a step starts, slurm/step.sh)."""
     work = tmp_path_factory.mktemp("long")
-    data = _texts(work / "rows.jsonl", 1000, seed=3)
+    data = _texts(work / "rows.jsonl", LONG, seed=3)
     common = [f"model.path={tiny_models['llama']}", f"data.path={data}", "data.batch_size=8"]
     reference = run_mpi(3, [INFER, *common, "runtime.threads=1", f"output.path={work}/mpiexec.h5"])
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -295,7 +297,7 @@ def test_dead_host_ends_the_job_then_slurm_requeues_it_onto_the_hosts_left(clust
         done = [int(n) for n in re.findall(r"progress: (\d+)/", text)]
         if done and done[-1] >= 100:
             break
-        assert "done: 1000 rows" not in text, "the run ended before the host died"
+        assert f"done: {LONG} rows" not in text, "the run ended before the host died"
         assert time.monotonic() < deadline, text[-3000:] + cluster.logs()
         time.sleep(0.2)
     victim = _layout_hosts(text)[1]
@@ -320,7 +322,7 @@ def test_dead_host_ends_the_job_then_slurm_requeues_it_onto_the_hosts_left(clust
                          rf"rank \d+: [^\n]*rank 1 on {victim} failed", text[seen:])
         assert lost, text[seen:][-3000:]
         assert noticed is not None and noticed < timeout + 10, noticed
-        assert "resuming" in text and "the file holds 1000" in text[text.rindex("resuming"):], text[-3000:]
+        assert "resuming" in text and f"the file holds {LONG}" in text[text.rindex("resuming"):], text[-3000:]
         hosts_after = _layout_hosts(text[text.rindex("world size 3"):])
         assert victim not in hosts_after.values() and len(set(hosts_after.values())) == 3, hosts_after
         got, attrs = read_results(tmp_path / "out.h5")
@@ -347,7 +349,7 @@ def test_hung_rank_ends_the_step_and_the_job_requeues_itself(cluster, long_run, 
         done = [int(n) for n in re.findall(r"progress: (\d+)/", text)]
         if done and done[-1] >= 100:
             break
-        assert "done: 1000 rows" not in text, "the run ended before the rank hung"
+        assert f"done: {LONG} rows" not in text, "the run ended before the rank hung"
         assert time.monotonic() < deadline, text[-3000:] + cluster.logs()
         time.sleep(0.2)
     host, pid = re.findall(r"rank 1 \(worker\):[^\n]*\[(\S+) pid (\d+)", text)[-1]
