@@ -86,6 +86,7 @@ def jobs(cluster, tiny_models, tmp_path_factory):
         "multi": submit(*HOSTS3, "slurm/multi-node.sbatch", *common, "runtime.device=cpu",
                         f"output.path={work}/multi/out.h5"),
         "generate": submit(*HOSTS3, "slurm/multi-node.sbatch", *generate, f"output.path={work}/gen/out.h5"),
+        "embed": submit(*HOSTS3, "slurm/multi-node.sbatch", *common, "task=embed", f"output.path={work}/emb/out.h5"),
         "cpu": submit(*HOSTS3, "slurm/cpu.sbatch", *common, f"output.path={work}/cpu/out.h5"),
         "train": submit(*HOSTS3, "slurm/train.sbatch", *train, f"train.out_dir={work}/train/run"),
         "array": submit("--array=0-1", "-n", "2", "slurm/array.sbatch", *common, f"output.path={work}/arr/out.h5"),
@@ -94,9 +95,10 @@ def jobs(cluster, tiny_models, tmp_path_factory):
     # the same jobs on one host, in one launch of three ranks
     report = run_jobs(3, [[*common, "runtime.threads=1", f"output.path={work}/ref_score.h5"],
                           [*generate, "runtime.threads=1", f"output.path={work}/ref_generate.h5"],
+                          [*common, "task=embed", "runtime.threads=1", f"output.path={work}/ref_embed.h5"],
                           {"config": "train", "overrides": [*train, "runtime.threads=1",
                                                             f"train.out_dir={work}/ref_train"]}], work, timeout=300)
-    assert report == [None, None, None], report
+    assert report == [None] * 4, report
     done = {}
     for name, proc in procs.items():
         try:
@@ -128,9 +130,10 @@ def _layout_hosts(text: str) -> dict[int, str]:
     return {int(r): h for r, h in re.findall(r"rank (\d+) \((?:owner|worker)\):[^\n]*\[(\S+) pid", text)}
 
 
-@pytest.mark.parametrize("name,folder", [("multi", "multi"), ("cpu", "cpu"), ("generate", "gen")])
-def test_templates_across_three_hosts_equal_one_host(jobs, name, folder):
-    """Score (multi-node and cpu templates) and generation (multi-node) on three hosts, one rank each: the
+@pytest.mark.parametrize("name,folder,ref", [("multi", "multi", "score"), ("cpu", "cpu", "score"),
+                                             ("generate", "gen", "generate"), ("embed", "emb", "embed")])
+def test_templates_across_three_hosts_equal_one_host(jobs, name, folder, ref):
+    """Score (multi-node and cpu templates), generation and embedding (multi-node) on three hosts, one rank each: the
     results file equals the one-host `mpiexec` run array by array (same partition: bit-identical)."""
     code, out = jobs["done"][name]
     work = jobs["work"] / folder
@@ -142,8 +145,7 @@ def test_templates_across_three_hosts_equal_one_host(jobs, name, folder):
     assert sorted(_layout_hosts(text).values()) == ["h1", "h2", "h3"]  # one rank on each of three hosts
     got, attrs = read_results(work / "out.h5")
     assert attrs["complete"] == True and attrs["world_size"] == 3  # noqa: E712
-    ref = "ref_generate.h5" if name == "generate" else "ref_score.h5"
-    _assert_same(got, read_results(jobs["work"] / ref)[0])
+    _assert_same(got, read_results(jobs["work"] / f"ref_{ref}.h5")[0])
 
 
 def test_training_across_three_hosts_equals_one_host(jobs):
