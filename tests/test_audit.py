@@ -100,6 +100,14 @@ def test_audit_measures_what_it_should(audit):
         assert r["best_recovery"] == max(found)
     assert clean0["map_recovery"] == clean0["nn_recovery"] == 1.0 and weak0["map_recovery"] >= 0.9
     assert math.isnan(by[(2, 1)]["map_recovery"])
+    # the attacker with context: the DP adversary's reference (told the true prefix), kept out of best_recovery;
+    # its bound averages Phi(Phi^-1(kappa_i) + mu) over tokens, kappa_i the LM's top probability given the prefix
+    assert clean0["oracle_context_recovery"] == 1.0 and weak0["oracle_context_recovery"] >= 0.9
+    assert 0 <= strong0["oracle_context_recovery"] <= 1 and math.isnan(by[(2, 1)]["oracle_context_recovery"])
+    for r in rows:
+        assert 0 < r["p_context"] <= 1 and r["p_context"] == rows[0]["p_context"]
+        assert r["bound_gdp_context"] == 1.0 if r["sigma"] == 0 else 0 < r["bound_gdp_context"] <= 1
+
     # k > 0: sequence unit, no nearest-neighbour attack, sigma from the clip calibrated on public text
     clean2, strong2 = by[(2, math.inf)], by[(2, 1)]
     assert clean2["unit"] == "sequence" and math.isnan(clean2["nn_recovery"])
@@ -110,6 +118,48 @@ def test_audit_measures_what_it_should(audit):
     assert strong2["probe_recovery"] <= clean2["probe_recovery"] + 1e-9
     # the sequence inverter learns from public rows: without noise it recovers tokens well above the floor
     assert clean0["inverter_recovery"] > 2 * clean0["floor"]
+
+
+def test_context_bound_and_prior():
+    """mean_i Phi(Phi^-1(kappa_i) + mu): the unigram bound when every kappa_i is p_prior, 1 where a token is
+    certain; the context prior is the model's own next-token distribution given the true prefix."""
+    import numpy as np
+
+    from nesa_hpc.privacy.audit.bounds import gdp_bound, gdp_bound_context
+
+    assert gdp_bound_context(np.full(7, 0.06), 0.8) == pytest.approx(gdp_bound(0.06, 0.8))
+    assert gdp_bound_context([1.0, 0.06], 0.8) == pytest.approx((1 + gdp_bound(0.06, 0.8)) / 2)
+    assert gdp_bound_context([0.4], 0.5) > gdp_bound_context([0.06], 0.5)
+
+
+def test_context_prior_is_the_model_given_the_prefix(tiny_models):
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nesa_hpc.models.weights import build_adapter, load_modules
+    from nesa_hpc.privacy.audit.corpus import Corpus, context_log_prior
+
+    folder = str(tiny_models["llama"])
+    adapter = build_adapter(folder)
+    load_modules(adapter, folder, [*adapter.embed_modules, *adapter.stage_modules, *adapter.head_modules,
+                                   *(adapter.layer_module(i) for i in range(adapter.num_layers))], "float32")
+    tok = AutoTokenizer.from_pretrained(folder)
+    texts = ["the quick brown fox", "a longer row of plain words here"]
+    corpus = Corpus(texts, tok, SimpleNamespace(batch_size=16, max_length=64), first_row=0)
+    unigram = torch.log_softmax(torch.randn(adapter.config.vocab_size), -1)
+    got = context_log_prior(adapter, corpus, unigram)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    at = 0
+    for b in corpus.batches:
+        for r in range(len(b.ids)):
+            n = int(b.mask[r].sum())
+            with torch.no_grad():
+                want = torch.log_softmax(hf(b.ids[r:r + 1, :n]).logits[0].float(), -1)
+            assert torch.equal(got[at], unigram)  # a row's first token: the unigram
+            assert torch.allclose(got[at + 1:at + n], want[:-1], atol=1e-4)
+            at += n
+    assert at == len(got) == len(corpus.ids)
 
 
 def test_map_decoder_weighs_distance_against_the_prior():

@@ -38,7 +38,9 @@ class Attacks:
         """The Bayes (MAP) decoder at k=0 for the token unit: each position's Z is clip(e_v + p) plus
         N(0, sigma^2 I), so the most probable token given z is
         argmax_v log prior(v) - ||z - clip(e_v + p)||^2 / (2 sigma^2), with the candidates clipped exactly
-        as the mechanism clips them (the prior: the public text's unigram distribution)."""
+        as the mechanism clips them. ``log_prior`` is one distribution over the vocabulary for every position (V,)
+        (the public text's unigram) or one per position (N, V) (the oracle-context attacker: the public LM given
+        the true prefix)."""
         out = torch.empty(len(z), dtype=torch.long)
         moving = bool(self.shift.abs().max() > 0)  # learned absolute positions: candidates depend on p
         for p in (pos.unique().tolist() if moving else [None]):
@@ -48,7 +50,8 @@ class Attacks:
                 cand = cand * torch.clamp(clip / cand.norm(dim=-1, keepdim=True).clamp(min=1e-30), max=1.0)
             sq = (cand ** 2).sum(-1)
             for chunk in at.split(512):
-                score = log_prior.unsqueeze(0) - (sq.unsqueeze(0) - 2 * z[chunk] @ cand.T) / (2 * sigma ** 2)
+                prior = log_prior[chunk] if log_prior.dim() == 2 else log_prior.unsqueeze(0)
+                score = prior - (sq.unsqueeze(0) - 2 * z[chunk] @ cand.T) / (2 * sigma ** 2)
                 out[chunk] = score.argmax(-1)
         return out
 

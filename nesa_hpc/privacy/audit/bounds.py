@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["gdp_bound", "dp_bound"]
+__all__ = ["gdp_bound", "gdp_bound_context", "dp_bound"]
 
 
 def gdp_bound(p_prior: float, mu: float) -> float:
@@ -17,6 +17,18 @@ def gdp_bound(p_prior: float, mu: float) -> float:
     from scipy.stats import norm
 
     return float(norm.cdf(norm.ppf(p_prior) + mu))
+
+
+def gdp_bound_context(kappa, mu: float) -> float:
+    """The same bound for an attacker with context, averaged over tokens: mean_i Phi(Phi^-1(kappa_i) + mu), where
+    kappa_i is the attacker's best success on token i without the release when it knows the other tokens (here:
+    the public LM's top probability given the true prefix; DP's threat model grants the attacker the rest of the
+    data). With every kappa_i = p_prior it is :func:`gdp_bound`."""
+    import numpy as np
+    from scipy.stats import norm
+
+    k = np.clip(np.asarray(kappa, dtype=np.float64), 1e-12, 1 - 1e-12)
+    return float(norm.cdf(norm.ppf(k) + mu).mean())
 
 
 def dp_bound(epsilon: float, p_prior: float, delta: float) -> float:

@@ -15,7 +15,7 @@ from ...infer.tasks import score_positions
 from ...io.batch import make_batches
 from .settings import AuditSettings
 
-__all__ = ["Corpus", "finish", "owner_alone", "real_states"]
+__all__ = ["Corpus", "finish", "owner_alone", "real_states", "context_log_prior"]
 
 
 class Corpus:
@@ -54,6 +54,21 @@ def finish(adapter, corpus: Corpus, zs: list[torch.Tensor], k: int, denoiser=Non
                 nll += float(F.cross_entropy(logits, b.ids[:, 1:][sel], reduction="sum"))
                 count += int(sel.sum())
     return nll, count, torch.cat(pooled)
+
+
+def context_log_prior(adapter, corpus: Corpus, log_unigram: torch.Tensor) -> torch.Tensor:
+    """What an attacker who knows each token's true prefix expects there, for every real token of ``corpus`` in
+    order: the public LM's (the model's own, noise-free) log-probabilities given the row's tokens before it, and
+    ``log_unigram`` for a row's first token: (N, V)."""
+    out = []
+    with torch.inference_mode():
+        for b, z in zip(corpus.batches, corpus.at(adapter, 0), strict=True):
+            h = adapter.norm(adapter.run_layers(range(adapter.num_layers), z, b.mask, b.pos))
+            lp = torch.empty(*b.ids.shape, len(log_unigram))
+            lp[:, 0] = log_unigram
+            lp[:, 1:] = F.log_softmax(adapter.logits(h[:, :-1]).float(), dim=-1)
+            out.append(lp[b.mask.bool()])
+    return torch.cat(out)
 
 
 def owner_alone(adapter, corpus: Corpus, counts: torch.Tensor, paths: tuple[str, ...]) -> dict:

@@ -15,7 +15,8 @@ __all__ = ["COLUMNS", "write", "plot"]
 
 COLUMNS = ("k", "mechanism", "unit", "epsilon", "epsilon_row", "delta", "sigma", "clip", "noise_to_signal",
            "perplexity", "perplexity_ratio", "cosine", "nn_recovery", "map_recovery", "head_recovery", "probe_recovery",
-           "inverter_recovery", "best_recovery", "floor", "p_prior", "bound", "bound_gdp", "eval_tokens",
+           "inverter_recovery", "best_recovery", "oracle_context_recovery", "floor", "p_prior", "p_context", "bound",
+           "bound_gdp", "bound_gdp_context", "eval_tokens",
            "public_tokens", "unigram_perplexity", "owner_alone_perplexity")
 
 
@@ -107,7 +108,7 @@ class _Figures:
         for a, title in zip(ax, ("perplexity / perplexity without noise", "cosine to noise-free embedding"),
                             strict=True):
             a.set_xscale("log")
-            a.set_xlabel(self.xkey)
+            a.set_xlabel(f"{self.xkey} (per token at k=0, per row at k>0)")
             a.set_title(title)
             a.legend()
         if self.table and self.clean:
@@ -134,10 +135,16 @@ class _Figures:
                 x, y = self.series(k, "bound")
                 a.plot(x, y, "r:", label="DP bound e^eps p + delta")
                 x, y = self.series(k, "bound_gdp")
-                a.plot(x, y, "m-.", label="GDP bound Phi(Phi^-1(p) + mu)")
+                a.plot(x, y, "m-.", label="GDP bound, no context: Phi(Phi^-1(p) + mu)")
+                x, y = self.series(k, "bound_gdp_context")
+                if not all(math.isnan(v) for v in y):
+                    a.plot(x, y, color="m", ls=(0, (1, 1)), label="GDP bound, context: mean Phi(Phi^-1(kappa_i) + mu)")
+            x, y = self.series(k, "oracle_context_recovery")
+            if k == 0 and not all(math.isnan(v) for v in y):
+                a.plot(x, y, marker="x", color="C5", ls="--", label="MAP with the true prefix (DP adversary)")
             a.set_xscale("log")
             a.set_ylim(-0.02, 1.02)
-            a.set_xlabel(self.xkey)
+            a.set_xlabel(f"{self.xkey} per {'token' if k == 0 else 'row'}")
             a.set_title(f"token recovery, k={k}")
             a.legend(fontsize=7)
         return fig
@@ -160,6 +167,6 @@ class _Figures:
         a.set_xscale("log")
         a.set_xlabel("perplexity ratio (utility lost)")
         a.set_ylabel("token recovery (best attacker: at least this)")
-        a.set_title(f"leakage-utility frontier (points labelled by {self.xkey})")
+        a.set_title(f"leakage-utility frontier (labels: {self.xkey} per token at k=0, per row at k>0)", fontsize=9)
         a.legend()
         return fig

@@ -22,7 +22,7 @@ from ...io.read import sample_path
 from ...models.weights import build_adapter, load_modules
 from ..mechanism import percentile_clip, unit_norms
 from .attackers import Attacks
-from .corpus import Corpus, finish, owner_alone
+from .corpus import Corpus, context_log_prior, finish, owner_alone
 from .gradient import gradient_audit
 from .point import measure_point
 from .report import plot, write
@@ -48,7 +48,7 @@ def run_audit(cfg: DictConfig, comm=None) -> list[dict] | None:
     held = Corpus(load_texts(s.eval_path or sample_path(), s.max_eval_rows), tokenizer, s, first_row=0)
     attacks = Attacks(adapter, s.max_length)
     counts = torch.bincount(public.ids, minlength=adapter.config.vocab_size)
-    base = _priors(held, counts, adapter.config.vocab_size)
+    base = _priors(adapter, held, counts, adapter.config.vocab_size)
     alone = owner_alone(adapter, held, counts, s.owner_alone)  # every rank: a bad folder ends them all alike
     grid = [(k, level) for k in s.ks for level in s.levels]
     rows = _audit_points(adapter, attacks, public, held, grid[rank::size], s, base, alone)
@@ -103,14 +103,21 @@ def _load_weights(adapter, folder: str, settings: Settings) -> None:
                                                                     range(adapter.num_layers)))
 
 
-def _priors(held: Corpus, counts: torch.Tensor, vocab_size: int) -> dict:
+def _priors(adapter, held: Corpus, counts: torch.Tensor, vocab_size: int) -> dict:
     """What an attacker knows without Z: the floor (always the public text's most frequent token), p_prior (the
-    held-out rows' most common token's frequency) and the MAP decoder's log prior."""
+    held-out rows' most common token's frequency), the MAP decoder's log prior and, for an attacker with context,
+    every held-out token's distribution given its true prefix and its top probability kappa."""
     top = int(counts.argmax())
     held_counts = torch.bincount(held.ids, minlength=vocab_size)
+    # the MAP decoder's prior: the public text's unigram distribution (add-one smoothed)
+    log_prior = torch.log((counts.double() + 1) / (counts.sum() + len(counts))).float()
+    if adapter.has_head:
+        context = context_log_prior(adapter, held, log_prior)
+        kappa = context.max(-1).values.exp().double()
+    else:  # an encoder without an LM head: no public LM to give the context
+        context, kappa = None, None
     return {"floor": float((held.ids == top).float().mean()), "p_prior": float(held_counts.max() / len(held.ids)),
-            # the MAP decoder's prior: the public text's unigram distribution (add-one smoothed)
-            "log_prior": torch.log((counts.double() + 1) / (counts.sum() + len(counts))).float()}
+            "log_prior": log_prior, "context_log_prior": context, "kappa": kappa}
 
 
 def _audit_points(adapter, attacks: Attacks, public: Corpus, held: Corpus, points: list[tuple[int, float | None]],
@@ -141,11 +148,12 @@ def _clean(adapter, public: Corpus, held: Corpus, k: int, s: AuditSettings, base
 
 
 def _log_point(r: dict, k: int, level: float | None, s: AuditSettings) -> None:
-    log.info("audit k=%d %s=%s: perplexity x%.3g, cosine %.3f, recovery at least %.3f (nn %.3f map %.3f head "
-             "%.3f probe %.3f inverter %.3f), bounds %.3f (GDP) %.3f (e^eps)", k,
-             "epsilon" if s.mechanism == "gaussian" else "sigma", level, r["perplexity_ratio"], r["cosine"],
-             r["best_recovery"], r["nn_recovery"], r["map_recovery"], r["head_recovery"], r["probe_recovery"],
-             r["inverter_recovery"], r["bound_gdp"], r["bound"])
+    log.info("audit k=%d %s=%s per %s: perplexity x%.3g, cosine %.3f, recovery at least %.3f (nn %.3f map %.3f "
+             "head %.3f probe %.3f inverter %.3f; with the true prefix %.3f), bounds %.3f (GDP, no context) "
+             "%.3f (GDP, with context) %.3f (e^eps)", k, "epsilon" if s.mechanism == "gaussian" else "sigma", level,
+             r["unit"], r["perplexity_ratio"], r["cosine"], r["best_recovery"], r["nn_recovery"], r["map_recovery"],
+             r["head_recovery"], r["probe_recovery"], r["inverter_recovery"], r["oracle_context_recovery"],
+             r["bound_gdp"], r["bound_gdp_context"], r["bound"])
 
 
 def _meta(s: AuditSettings, settings: Settings, folder: str, alone: dict, seconds: float, size: int) -> dict:
