@@ -431,19 +431,17 @@ LONG_ROWS = [_long_row(seed) for seed in range(6)] + [
 
 @pytest.fixture(scope="module", params=["minilm", "smollm2", "gemma3"])
 def any_tokenizer(request, tokenizer):
-    """MiniLM (BERT: [CLS] ... [SEP]), SmolLM2 (byte-level BPE, no special tokens) and, when converted in
-    the cache, Gemma 3 (SentencePiece BPE that adds <bos>)."""
+    """MiniLM (BERT: [CLS] ... [SEP]), SmolLM2 (byte-level BPE, no special tokens) and Gemma 3 (SentencePiece
+    BPE that adds <bos>; converted into the cache once per session, see conftest's ``gemma3_path``)."""
     from transformers import AutoTokenizer
 
     from nesa_hpc.models.weights import packaged_model_path
 
     if request.param == "minilm":
         return tokenizer
-    name = {"smollm2": "smollm2-135m-instruct", "gemma3": "gemma3-270m"}[request.param]
-    folder = packaged_model_path(name, convert=False)
-    if not (folder / "tokenizer.json").exists():
-        pytest.skip(f"{name} is not converted in the cache")
-    return AutoTokenizer.from_pretrained(folder)
+    if request.param == "gemma3":
+        return AutoTokenizer.from_pretrained(request.getfixturevalue("gemma3_path"))
+    return AutoTokenizer.from_pretrained(packaged_model_path("smollm2-135m-instruct"))
 
 
 def _reference(tok, text: str, n: int) -> tuple[list[int], bool]:

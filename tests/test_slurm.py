@@ -282,26 +282,31 @@ def test_time_limit_requeues_across_hosts_until_done(cluster, long_run, tmp_path
     _assert_same(got, long_run["reference"])
 
 
+def _start_long_job(cluster: SimCluster, long_run: dict, folder: Path, timeout: int) -> tuple[str, Path, str]:
+    """Submit the long run on three hosts through slurm/multi-node.sbatch and wait until 100 rows are done:
+    (job id, its log, the log so far)."""
+    job_id = _submit(cluster, [*HOSTS3, "--open-mode=append", f"--output={folder}/slurm-%j.out",
+                               "slurm/multi-node.sbatch", *long_run["common"], f"runtime.timeout={timeout}",
+                               "runtime.log_every=0.2", f"output.path={folder}/out.h5"], _env(cluster))
+    log_path = folder / f"out.{job_id}.log"
+    deadline = time.monotonic() + 300
+    while True:
+        text = log_path.read_text() if log_path.exists() else ""
+        done = [int(n) for n in re.findall(r"progress: (\d+)/", text)]
+        if done and done[-1] >= 100:
+            return job_id, log_path, text
+        assert f"done: {LONG} rows" not in text, "the run ended before the fault"
+        assert time.monotonic() < deadline, text[-3000:] + cluster.logs()
+        time.sleep(0.2)
+
+
 def test_dead_host_ends_the_job_then_slurm_requeues_it_onto_the_hosts_left(cluster, long_run, tmp_path):
     """Mid-run, the host of rank 1 dies (its slurmd, step daemon and rank are killed at once). The ranks left
     end within runtime.timeout naming rank 1 and its host; Slurm marks the host down (SlurmdTimeout) and
     requeues the job (--requeue, NODE_FAIL); the next allocation runs on the three hosts left and resumes after
     the last committed row: the file equals an uninterrupted run, no row lost or written twice."""
     timeout = 10
-    env = _env(cluster)
-    job_id = _submit(cluster, [*HOSTS3, "--open-mode=append", f"--output={tmp_path}/slurm-%j.out",
-                               "slurm/multi-node.sbatch", *long_run["common"], f"runtime.timeout={timeout}",
-                               "runtime.log_every=0.2", f"output.path={tmp_path}/out.h5"], env)
-    log_path = tmp_path / f"out.{job_id}.log"
-    deadline = time.monotonic() + 300
-    while True:  # until 100 rows are done
-        text = log_path.read_text() if log_path.exists() else ""
-        done = [int(n) for n in re.findall(r"progress: (\d+)/", text)]
-        if done and done[-1] >= 100:
-            break
-        assert f"done: {LONG} rows" not in text, "the run ended before the host died"
-        assert time.monotonic() < deadline, text[-3000:] + cluster.logs()
-        time.sleep(0.2)
+    job_id, log_path, text = _start_long_job(cluster, long_run, tmp_path, timeout)
     victim = _layout_hosts(text)[1]
     seen = len(text)
     cluster.kill_host(victim)
@@ -340,20 +345,7 @@ def test_hung_rank_ends_the_step_and_the_job_requeues_itself(cluster, long_run, 
     notices nothing, as with a cut link). The ranks left end the step within runtime.timeout with the lost-rank
     line, slurm/step.sh requeues the job (Slurm sees no failed node here), and the resume completes."""
     timeout = 5
-    env = _env(cluster)
-    job_id = _submit(cluster, [*HOSTS3, "--open-mode=append", f"--output={tmp_path}/slurm-%j.out",
-                               "slurm/multi-node.sbatch", *long_run["common"], f"runtime.timeout={timeout}",
-                               "runtime.log_every=0.2", f"output.path={tmp_path}/out.h5"], env)
-    log_path = tmp_path / f"out.{job_id}.log"
-    deadline = time.monotonic() + 300
-    while True:
-        text = log_path.read_text() if log_path.exists() else ""
-        done = [int(n) for n in re.findall(r"progress: (\d+)/", text)]
-        if done and done[-1] >= 100:
-            break
-        assert f"done: {LONG} rows" not in text, "the run ended before the rank hung"
-        assert time.monotonic() < deadline, text[-3000:] + cluster.logs()
-        time.sleep(0.2)
+    job_id, log_path, text = _start_long_job(cluster, long_run, tmp_path, timeout)
     host, pid = re.findall(r"rank 1 \(worker\):[^\n]*\[(\S+) pid (\d+)", text)[-1]
     seen = len(text)
     os.kill(int(pid), signal.SIGSTOP)
