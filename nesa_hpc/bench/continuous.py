@@ -4,13 +4,16 @@ request with its own max tokens: the strongest one-process baseline of the varia
 Run as ``python -m nesa_hpc.bench.continuous SPEC_JSON`` so that each thread count gets a fresh process
 (``torch.set_num_threads`` cannot leak into the next run); SPEC_JSON names ``folder``, ``data``, ``max_length``,
 ``threads``, ``attn``, ``max_batch_tokens`` (null = transformers' default), ``num_blocks`` (null = enough for
-every request at once) and ``out``, where the result JSON is written."""
+every request at once) and ``out``, where the result JSON is written; with ``ready`` and ``go`` (file paths)
+the process creates ``ready`` once the model and its cache are set up and starts timing only when ``go``
+exists, so that several such processes run the workload at the same time."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 
@@ -104,6 +107,10 @@ def continuous_generate(spec: dict) -> dict:
     with torch.inference_mode(), contextlib.ExitStack() as stack:
         manager = _manager(model, stack, gen_config, blocks, spec.get("max_batch_tokens"))
         settings = _resolved(manager, model)
+        if spec.get("ready"):
+            open(spec["ready"], "w").close()
+            while not os.path.exists(spec["go"]):
+                time.sleep(0.01)
         clock.update(seconds=0.0, calls=0)
         start = time.perf_counter()
         ids = {manager.add_request(p, request_id=f"row-{r}", max_new_tokens=c, eos_token_id=eos): r

@@ -6,6 +6,9 @@ words, each with its own max tokens (geometric with mean ``bench.generate.tokens
   its largest max tokens, one process with ``cores`` threads (rows cut at their own max when counted);
 - transformers continuous batching, per-request max tokens, one process at one thread and at ``cores``
   threads (each in its own subprocess);
+- with ``bench.generate.at_once``: ``cores`` one-thread continuous-batching processes running the whole
+  workload at the same time (their tokens/s added): what the cores give together when each runs the strongest
+  one-thread baseline, memory bandwidth and caches shared as the pipeline's ranks share them;
 - the pipeline at each of ``bench.ranks`` (default 2 and 3), one thread per rank.
 
 The ceiling is ``cores`` x the one-thread continuous-batching figure."""
@@ -16,6 +19,7 @@ import json
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,19 +59,53 @@ def make_variable_workload(path: Path, rows: int, min_words: int, max_words: int
     return caps
 
 
-def _continuous(cfg: DictConfig, folder: str, data: Path, threads: int, out: Path) -> dict:
-    """One continuous-batching run in a fresh process (see :mod:`nesa_hpc.bench.continuous`)."""
+def _cb_spec(cfg: DictConfig, folder: str, data: Path, threads: int, out: Path) -> dict:
     g = cfg.bench.generate
-    spec = {"folder": folder, "data": str(data), "max_length": cfg.data.max_length, "threads": threads,
+    return {"folder": folder, "data": str(data), "max_length": cfg.data.max_length, "threads": threads,
             "attn": g.cb_attn, "max_batch_tokens": g.cb_max_batch_tokens, "num_blocks": g.cb_num_blocks,
             "out": str(out)}
-    cmd = [sys.executable, "-m", "nesa_hpc.bench.continuous", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+
+
+def _cb_result(proc: subprocess.Popen, out: Path, what: str) -> dict:
+    _, stderr = proc.communicate()
     if proc.returncode != 0:
-        raise RuntimeError(f"continuous batching at {threads} threads failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"continuous batching ({what}) failed:\n{stderr[-3000:]}")
     result = json.loads(out.read_text())
     result["tokens"] = {int(r): t for r, t in result["tokens"].items()}
     return result
+
+
+def _cb_process(spec: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "nesa_hpc.bench.continuous", json.dumps(spec)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _continuous(cfg: DictConfig, folder: str, data: Path, threads: int, out: Path) -> dict:
+    """One continuous-batching run in a fresh process (see :mod:`nesa_hpc.bench.continuous`)."""
+    return _cb_result(_cb_process(_cb_spec(cfg, folder, data, threads, out)), out, f"{threads} threads")
+
+
+def _continuous_at_once(cfg: DictConfig, folder: str, data: Path, cores: int, out_dir: Path) -> dict:
+    """``cores`` one-thread continuous-batching processes on the whole workload, timed from one common start
+    (each waits, model loaded and cache allocated, until all are ready): their generated tokens added, over the
+    longest one's seconds."""
+    go = out_dir / "bench_generate_cb_go"
+    go.unlink(missing_ok=True)
+    specs = [{**_cb_spec(cfg, folder, data, 1, out_dir / f"bench_generate_cb_at_once_{i}.json"),
+              "ready": str(out_dir / f"bench_generate_cb_ready_{i}"), "go": str(go)} for i in range(cores)]
+    for spec in specs:
+        Path(spec["ready"]).unlink(missing_ok=True)
+    procs = [_cb_process(spec) for spec in specs]
+    while not all(Path(s["ready"]).exists() for s in specs):
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.05)
+    go.touch()
+    runs = [_cb_result(p, Path(s["out"]), f"{cores} processes at once") for p, s in zip(procs, specs, strict=True)]
+    seconds = max(r["seconds"] for r in runs)
+    generated = sum(r["generated"] for r in runs)
+    return {"seconds": seconds, "generated": generated, "generated_per_s": generated / seconds,
+            "each_per_s": [r["generated_per_s"] for r in runs], "tokens": runs[0]["tokens"]}
 
 
 def _row(system: str, ranks_: int, threads: int, res: dict, base: dict, **more) -> dict:
@@ -96,6 +134,12 @@ def _baseline_rows(cfg: DictConfig, folder: str, data: Path, caps: dict[int, int
                          forward_share=res["forward_share"]))
     ceiling = cores * runs[1]["generated_per_s"]
     print(f"ceiling = {cores} x {runs[1]['generated_per_s']:.1f} = {ceiling:.1f} tokens/s ({CB_CEILING})", flush=True)
+    if cfg.bench.generate.at_once and cores > 1:
+        both = _continuous_at_once(cfg, folder, data, cores, out_dir)
+        print(f"transformers continuous batching, {cores} processes x 1 thr at once: {both['generated_per_s']:.1f} "
+              f"tokens/s together (each {', '.join(f'{v:.1f}' for v in both['each_per_s'])})", flush=True)
+        rows.append(_row(f"transformers CB, {cores} processes at once", cores, 1, both, static,
+                         each_per_s=both["each_per_s"]))
     settings = {**runs[1]["settings"], "requested_attn_implementation": cfg.bench.generate.cb_attn}
     return rows, ceiling, settings, static
 
@@ -155,10 +199,18 @@ def run_bench_variable(cfg: DictConfig) -> dict:
     rows, ceiling, cb_settings, static = _baseline_rows(cfg, folder, data, caps, cores, out_dir)
     rows += _pipeline_rows(cfg, folder, data, caps, static, out_dir)
     share(rows, "generated_per_s", ceiling)
+    at_once = next((r["generated_per_s"] for r in rows if r["system"].startswith("transformers CB,")), None)
+    for r in rows:
+        r["share_of_at_once"] = r["generated_per_s"] / at_once if at_once else None
     _print_table(rows, cores, ceiling)
+    if at_once:
+        print(f"{cores} one-thread continuous-batching processes at once: {at_once:.1f} tokens/s together, "
+              f"{at_once / ceiling:.0%} of the ceiling; the pipeline's runs against it: "
+              + ", ".join(f"{r['ranks']} ranks {r['share_of_at_once']:.0%}" for r in rows if r["system"] == "nesa_hpc"),
+              flush=True)
     report = {"config": OmegaConf.to_container(cfg.bench), "model": folder, "workload": workload,
               "batch_size": cfg.data.batch_size, "split_k": cfg.split.k, "partition": override(cfg.split.partition),
               "cores": cores, "inflight": cfg.runtime.inflight, "continuous_batching": cb_settings,
               "one_thread_tokens_per_s": ceiling / cores, "ceiling_tokens_per_s": ceiling,
-              "ceiling_definition": CB_CEILING, "results": rows}
+              "ceiling_definition": CB_CEILING, "at_once_tokens_per_s": at_once, "results": rows}
     return write(out_dir, "bench_generate.json", report)
