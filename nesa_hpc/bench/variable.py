@@ -138,7 +138,7 @@ def _baseline_rows(cfg: DictConfig, folder: str, data: Path, caps: dict[int, int
         both = _continuous_at_once(cfg, folder, data, cores, out_dir)
         print(f"transformers continuous batching, {cores} processes x 1 thr at once: {both['generated_per_s']:.1f} "
               f"tokens/s together (each {', '.join(f'{v:.1f}' for v in both['each_per_s'])})", flush=True)
-        rows.append(_row(f"transformers CB, {cores} processes at once", cores, 1, both, static,
+        rows.append(_row(f"transformers CB, {cores} procs at once", cores, 1, both, static,
                          each_per_s=both["each_per_s"]))
     settings = {**runs[1]["settings"], "requested_attn_implementation": cfg.bench.generate.cb_attn}
     return rows, ceiling, settings, static
