@@ -102,6 +102,8 @@ def _continuous_at_once(cfg: DictConfig, folder: str, data: Path, cores: int, ou
         time.sleep(0.05)
     go.touch()
     runs = [_cb_result(p, Path(s["out"]), f"{cores} processes at once") for p, s in zip(procs, specs, strict=True)]
+    for path in (go, *(Path(s["ready"]) for s in specs)):
+        path.unlink(missing_ok=True)
     seconds = max(r["seconds"] for r in runs)
     generated = sum(r["generated"] for r in runs)
     return {"seconds": seconds, "generated": generated, "generated_per_s": generated / seconds,
