@@ -300,6 +300,23 @@ def _start_long_job(cluster: SimCluster, long_run: dict, folder: Path, timeout: 
         time.sleep(0.2)
 
 
+def _follow_fault(cluster: SimCluster, job_id: str, log_path: Path, seen: int, sign: str, dead: str | None = None,
+                  limit: float = 400) -> tuple[dict, str, float | None]:
+    """After a fault at log offset ``seen``: follow the job (releasing its requeue hold, see :class:`_Requeues`)
+    until it ends; (its last fields, its log, seconds until the regex ``sign`` first appeared after ``seen``)."""
+    start, noticed = time.monotonic(), None
+    follow, fields, text = _Requeues(cluster, job_id, dead=dead), {}, ""
+    while time.monotonic() < start + limit:
+        text = log_path.read_text()
+        if noticed is None and re.search(sign, text[seen:]):
+            noticed = time.monotonic() - start
+        fields = follow.poll()
+        if fields.get("JobState") in FINAL:
+            break
+        time.sleep(0.3)
+    return fields, text, noticed
+
+
 def test_dead_host_ends_the_job_then_slurm_requeues_it_onto_the_hosts_left(cluster, long_run, tmp_path):
     """Mid-run, the host of rank 1 dies (its slurmd, step daemon and rank are killed at once). The ranks left
     end within runtime.timeout naming rank 1 and its host; Slurm marks the host down (SlurmdTimeout) and
@@ -310,19 +327,8 @@ def test_dead_host_ends_the_job_then_slurm_requeues_it_onto_the_hosts_left(clust
     victim = _layout_hosts(text)[1]
     seen = len(text)
     cluster.kill_host(victim)
-    killed = time.monotonic()
     try:
-        noticed = None
-        follow = _Requeues(cluster, job_id, dead=victim)
-        fields, deadline = {}, time.monotonic() + 400
-        while time.monotonic() < deadline:
-            text = log_path.read_text()
-            if noticed is None and re.search(rf"rank \d+ on {victim}", text[seen:]):
-                noticed = time.monotonic() - killed
-            fields = follow.poll()
-            if fields.get("JobState") in FINAL:
-                break
-            time.sleep(0.5)
+        fields, text, noticed = _follow_fault(cluster, job_id, log_path, seen, rf"rank \d+ on {victim}", dead=victim)
         assert fields.get("JobState") == "COMPLETED", (fields, text[-3000:], cluster.logs())
         assert int(fields["Restarts"]) >= 1, fields
         lost = re.search(rf"rank \d+: no progress for {timeout} s while [^\n]*rank 1 on {victim}|"
@@ -349,16 +355,8 @@ def test_hung_rank_ends_the_step_and_the_job_requeues_itself(cluster, long_run, 
     host, pid = re.findall(r"rank 1 \(worker\):[^\n]*\[(\S+) pid (\d+)", text)[-1]
     seen = len(text)
     os.kill(int(pid), signal.SIGSTOP)
-    stopped, noticed = time.monotonic(), None
-    follow, fields, deadline = _Requeues(cluster, job_id), {}, time.monotonic() + 300
-    while time.monotonic() < deadline:
-        text = log_path.read_text()
-        if noticed is None and "a rank was lost; the job can resume" in text[seen:]:
-            noticed = time.monotonic() - stopped
-        fields = follow.poll()
-        if fields.get("JobState") in FINAL:
-            break
-        time.sleep(0.3)
+    fields, text, noticed = _follow_fault(cluster, job_id, log_path, seen, "a rank was lost; the job can resume",
+                                          limit=300)
     assert fields.get("JobState") == "COMPLETED", (fields, text[-3000:], cluster.logs())
     assert noticed is not None and noticed < timeout + 10, noticed
     assert re.search(rf"rank \d+: no progress for {timeout} s while [^\n]*rank 1 on {host}", text[seen:]), text[seen:]

@@ -39,7 +39,7 @@ EXIT_STOPPED = 75
 # reported the peer gone). The committed rows are kept and the job can resume on other hosts; the line
 # LOST_RANK_LINE tells slurm/step.sh to requeue it (an MPI abort's own status does not reach srun).
 EXIT_LOST_RANK = 76
-LOST_RANK_LINE = "a rank was lost; the job can resume (exit 76)"
+LOST_RANK_LINE = f"a rank was lost; the job can resume (exit {EXIT_LOST_RANK})"
 # Seconds a rank that ends the job with MPI_Abort waits first, so that the launcher forwards its error line.
 ABORT_GRACE_S = 0.5
 

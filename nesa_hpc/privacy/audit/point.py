@@ -57,12 +57,16 @@ def measure_point(adapter, attacks: Attacks, public: Corpus, held: Corpus, k: in
         row["map_recovery"] = float((guess == ids).float().mean())
     else:  # without noise the MAP decoder is the nearest neighbour
         row["map_recovery"] = row["nn_recovery"]
-    # the DP adversary's reference, not counted in best_recovery: it is told every token's true prefix
-    if k == 0 and row["sigma"] > 0 and clean["context_log_prior"] is not None:
-        guess = attacks.map_decode(z_eval, held.pos, clean["context_log_prior"], row["sigma"], clip)
+    # the DP adversary's reference, not counted in best_recovery: it is told every token's true prefix (k=0 and a
+    # model with an LM head only; without noise it is the nearest neighbour, as the MAP decoder is)
+    context = clean["context_log_prior"]
+    if k > 0 or context is None:
+        row["oracle_context_recovery"] = math.nan
+    elif row["sigma"] > 0:
+        guess = attacks.map_decode(z_eval, held.pos, context, row["sigma"], clip)
         row["oracle_context_recovery"] = float((guess == ids).float().mean())
     else:
-        row["oracle_context_recovery"] = row["nn_recovery"] if k == 0 else math.nan
+        row["oracle_context_recovery"] = row["nn_recovery"]
     guess = attacks.head(z_eval)
     row["head_recovery"] = float((guess == ids).float().mean()) if guess is not None else math.nan
     pred = probe(z_public, public.ids, z_eval, s.probe_hidden, s.probe_epochs, s.seed)
@@ -75,11 +79,11 @@ def measure_point(adapter, attacks: Attacks, public: Corpus, held: Corpus, k: in
     row["floor"], row["p_prior"] = clean["floor"], clean["p_prior"]
     eps = row["epsilon"]
     row["bound"] = math.nan if math.isnan(eps) else dp_bound(eps, row["p_prior"], s.delta)
-    row["bound_gdp"] = gdp_bound(row["p_prior"], 2 * clip / row["sigma"]) if row["sigma"] > 0 else 1.0
+    mu = 2 * clip / row["sigma"] if row["sigma"] > 0 else math.inf  # no noise: the bounds are 1
+    row["bound_gdp"] = gdp_bound(row["p_prior"], mu)
     kappa = clean["kappa"]
     row["p_context"] = float(kappa.mean()) if kappa is not None else math.nan
-    row["bound_gdp_context"] = (gdp_bound_context(kappa.numpy(), 2 * clip / row["sigma"]) if row["sigma"] > 0
-                                else 1.0) if kappa is not None else math.nan
+    row["bound_gdp_context"] = gdp_bound_context(kappa.numpy(), mu) if kappa is not None else math.nan
     row["eval_tokens"], row["public_tokens"] = len(ids), len(public.ids)
     return row
 
