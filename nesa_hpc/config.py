@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -58,6 +59,7 @@ class Settings:
     wire_dtype: str | None
     on_nonfinite: str
     log_every: float
+    trace: str | None
     device: str
     owner_device: str
     transport: str
@@ -224,6 +226,7 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
         wire_dtype=choice("runtime.wire_dtype", rt.get("wire_dtype"), (None, *DTYPES)),
         on_nonfinite=choice("runtime.on_nonfinite", rt.get("on_nonfinite", "error"), ("error", "flag")),
         log_every=positive("runtime.log_every", rt.get("log_every", 10)),
+        trace=_trace_path(rt.get("trace")),
         device=choice("runtime.device", rt.get("device", "cpu"), DEVICES),
         owner_device=choice("runtime.owner_device", rt.get("owner_device") or rt.get("device", "cpu"), DEVICES),
         transport=choice("runtime.transport", rt.get("transport", "mpi"), TRANSPORTS),
@@ -233,6 +236,18 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
         **_generate_options(task),
         **_row_options(task, data),
     )
+
+
+def _trace_path(value: Any) -> str | None:
+    """``runtime.trace``: where rank 0 writes the ranks' timeline; its folder must exist."""
+    if value is None:
+        return None
+    path = Path(str(value)).expanduser()
+    if not path.parent.is_dir():
+        raise ConfigError(f"runtime.trace={value}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"runtime.trace={value} is a folder; give a file name (e.g. trace.json)")
+    return str(path)
 
 
 def _field(name: str, value: Any) -> str | None:

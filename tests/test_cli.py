@@ -78,6 +78,8 @@ BAD_CONFIGS = [
     (["data.batch_size=0"], "data.batch_size=0 must be >= 1"),
     (["data.path=/nonexistent/rows.jsonl"], "no such file: /nonexistent/rows.jsonl"),
     (["model.path=/nonexistent/model"], "no such model folder: /nonexistent/model"),
+    (["runtime.trace=/nonexistent/trace.json"],
+     "runtime.trace=/nonexistent/trace.json: folder /nonexistent does not exist"),
 ]
 
 

@@ -167,3 +167,46 @@ def test_a_lane_gives_every_row_what_it_gets_alone(sliding_model):
                 seqs[r].append(int(alone.argmax()))
     # row 0 fills over steps 0-1 and leaves at 5; row 1 joins whole at 1; row 2 fills over steps 2-4
     assert {r: len(seqs[r]) - len(prompts[r]) for r in prompts} == {0: 4, 1: 8, 2: 5}
+
+
+def test_lane_cache_layers_append_in_place_and_hold_what_concatenation_holds():
+    """A full-attention layer of a lane's cache writes each decode step's column into room kept after its
+    keys (no copy of the cache), and through rows leaving, columns dropped, rows split off and joined it
+    holds exactly what concatenating (transformers' DynamicLayer) holds."""
+    from transformers import LlamaConfig
+    from transformers.cache_utils import DynamicLayer
+
+    from nesa_hpc.models.adapter import StageCache
+
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
+                         intermediate_size=32, vocab_size=50)
+    cache = StageCache(config=config)
+    ref = [DynamicLayer() for _ in range(2)]
+    g = torch.Generator().manual_seed(0)
+
+    def step(rows: int, cols: int):
+        for i, layer in enumerate(cache.layers):
+            k, v = (torch.randn(rows, 1, cols, 8, generator=g) for _ in range(2))
+            ref[i].update(k, v)
+            keys, values = layer.update(k, v)
+            assert torch.equal(keys, ref[i].keys) and torch.equal(values, ref[i].values)
+
+    step(3, 5)
+    first = cache.layers[0].keys.data_ptr()
+    for _ in range(4):
+        step(3, 1)
+    assert cache.layers[0].keys.data_ptr() == first  # appended in place
+    rows = torch.tensor([2, 0])
+    cache.keep_rows(rows)
+    cache.keep_last(6)
+    for r in ref:
+        r.keys, r.values = r.keys[rows][..., -6:, :], r.values[rows][..., -6:, :]
+    step(2, 1)
+    other = cache.take_rows(torch.tensor([1]))
+    cache.keep_rows(torch.tensor([0]))
+    cache.add_rows(other)
+    for i in range(2):
+        assert torch.equal(cache.layers[i].keys, ref[i].keys) and torch.equal(cache.layers[i].values, ref[i].values)
+    step(2, 1)
+    step(2, 40)  # past the room: the layer moves to a larger buffer
+    assert cache.layers[0].keys.shape[-2] == 48

@@ -333,3 +333,29 @@ def test_gemma3_greedy_equals_transformers(gemma3_path, tmp_path):
     entries = _run(3, [case], tmp_path)
     _check(entries, 3)
     assert "the capital of" in entries[0]["generated_text"][0]
+
+
+def test_trace_records_where_each_rank_spends_its_time(tiny_models, texts_file, tmp_path):
+    """``runtime.trace``: rank 0 writes one timeline of both ranks (strict JSON, Chrome trace events); each rank's
+    compute and wait spans add up to the figures of its ``rank_stats`` and never overlap."""
+    trace_file, out = tmp_path / "trace.json", tmp_path / "out.h5"
+    job = [f"model.path={tiny_models['llama']}", "task=generate", f"data.path={texts_file}", f"output.path={out}",
+           "runtime.threads=1", "data.batch_size=2", "data.max_length=64", "task.max_new_tokens=6",
+           f"runtime.trace={trace_file}"]
+    assert run_jobs(2, [job], tmp_path, timeout=300) == [None]
+    events = json.loads(trace_file.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the trace"))
+    spans = [e for e in events["traceEvents"] if e["ph"] == "X"]
+    names = {e["pid"]: e["args"]["name"] for e in events["traceEvents"] if e["name"] == "process_name"}
+    assert sorted(names) == [0, 1] and names[0].startswith("rank 0 (")
+    with h5py.File(out) as f:
+        stats = {s["rank"]: s for s in json.loads(f.attrs["rank_stats"])}
+    for rank in (0, 1):
+        mine = sorted((e for e in spans if e["pid"] == rank), key=lambda e: e["ts"])
+        for cat, key in (("compute", "compute_s"), ("wait", None)):
+            total = sum(e["dur"] for e in mine if e["cat"] == cat) / 1e6
+            expected = stats[rank][key] if key else stats[rank]["wait_input_s"] + stats[rank]["wait_send_s"]
+            assert total == pytest.approx(expected, abs=2e-3 + 1e-3 * expected), (rank, cat)
+        # one thread's spans follow each other
+        assert all(a["ts"] + a["dur"] <= b["ts"] + 1 for a, b in zip(mine, mine[1:], strict=False)), rank
+    assert {e["name"] for e in spans if e["pid"] == 0} >= {"lane 0: front", "lane 0: head, pick", "wait for input"}
+    assert any(e["name"].startswith("GenerationStep ") for e in spans if e["pid"] == 1)

@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..models.sentence import embed_settings
 from ..models.weights import build_adapter, packaged_model_path
 from ..preflight import model_problem
+from . import trace
 from .placement import describe_device, launcher_local_rank, node_local_rank, pick_device
 from .topology import Topology, make_topology
 from .transport import MpiTransport, PeerFailure, TorchTransport, TransportTimeout
@@ -218,6 +219,8 @@ def start_job(cfg, comm, head_task: str | None = None, costs: Callable[[float], 
     settings = all_ok(comm, lambda: settings_from_cfg(cfg))
     local_rank, local_size = node_local_rank(comm)
     torch.set_num_threads(threads_for(settings, local_size))
+    if settings.trace:
+        trace.start()
     kind = settings.owner_device if rank == 0 else settings.device
     option = "runtime.owner_device" if rank == 0 and settings.device != kind else "runtime.device"
     device = all_ok(comm, lambda: pick_device(kind, local_rank, local_size, option))
@@ -252,13 +255,22 @@ def rank_stats(rank: int, stats, transport, wall: float) -> dict:
             "bytes_sent": transport.bytes_sent if transport else 0}
 
 
-def gather_stats(comm, mine: dict | None) -> list[dict]:
-    """The workers' figures, gathered on rank 0 (which passes None and gets the list; the others get [])."""
-    if comm.Get_size() == 1:
+def gather_stats(comm, mine: dict | None, trace_path: str | None = None) -> list[dict]:
+    """The workers' figures, gathered on rank 0 (which passes None and gets the list; the others get []).
+    When the ranks record a timeline (``runtime.trace``), their spans come along and rank 0 writes them to
+    ``trace_path`` (:mod:`nesa_hpc.engine.trace`)."""
+    spans = trace.take()
+    gathered = [(mine, spans)]
+    if comm.Get_size() > 1:
+        settle(comm)
+        gathered = comm.gather((mine, spans), root=0)
+    if comm.Get_rank() != 0:
         return []
-    settle(comm)
-    gathered = comm.gather(mine, root=0)
-    return [s for s in gathered if s is not None] if comm.Get_rank() == 0 else []
+    if trace_path and spans is not None:
+        trace.write(trace_path, [(r, host, events or []) for r, (host, events) in
+                                 enumerate((s["host"] if s else socket.gethostname(), e) for s, e in gathered)])
+        log.info("timeline of every rank -> %s", trace_path)
+    return [s for s, _ in gathered if s is not None] if comm.Get_size() > 1 else []
 
 
 def share_exit_code(comm, code: int | None) -> int:

@@ -183,7 +183,7 @@ def run_stream(owner: Owner, task, batches: Iterable[Batch],
             else:
                 outputs = [out]
             on_result(batch, outputs, bad.cpu())
-        stats.compute_s += time.perf_counter() - t0
+        stats.computed(t0, f"head {batch.index}", micro_batch=batch.index, rows=batch.size)
 
     for batch in batches:
         if should_stop():
@@ -193,7 +193,7 @@ def run_stream(owner: Owner, task, batches: Iterable[Batch],
         with torch.inference_mode(), memory_guard(0, "embedding and layers [0, k)", tuple(batch.ids.shape)):
             mask, pos = batch.mask.to(dev), batch.pos.to(dev)  # (B, T) each
             z, bad, clean, own = owner.front(batch.ids.to(dev), mask, pos, batch.rows, digests=batch.digests())
-        stats.compute_s += time.perf_counter() - t0
+        stats.computed(t0, f"front {batch.index}", micro_batch=batch.index, rows=batch.size)
         stats.batches += 1
         owner.send(Activations.pack(batch.index, z, mask, pos, bad, owner.wire), limit=inflight)
         outstanding.append((batch, clean, own))

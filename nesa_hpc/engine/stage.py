@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..errors import UserError
+from . import trace
 from .lanes import LaneCache
 from .messages import (
     Activations,
@@ -49,6 +50,13 @@ class StageStats:
     batches: int = 0                # micro-batch forwards computed (a prefill or a decode step is one)
     peak_saved_bytes: int = 0       # training: most bytes of activations saved for backward at once
     extra: dict = field(default_factory=dict)
+
+    def computed(self, t0: float, what: str, **args) -> None:
+        """Count the compute from ``t0`` (``time.perf_counter()``) to now, as ``what`` on the timeline
+        (``runtime.trace``)."""
+        t1 = time.perf_counter()
+        self.compute_s += t1 - t0
+        trace.span(what, "compute", t0, t1, **args)
 
 
 class BatchMemoryError(UserError):
@@ -197,7 +205,7 @@ class Stage:
             raise RuntimeError(f"rank {self.rank}: unexpected message {type(msg).__name__}")
         t0 = time.perf_counter()
         out = verb(msg)
-        self.stats.compute_s += time.perf_counter() - t0
+        self.stats.computed(t0, f"{type(msg).__name__} {msg.batch_id}", micro_batch=msg.batch_id)
         self.stats.batches += not isinstance(msg, TrainGrad)
         if isinstance(msg, (TrainForward, TrainGrad)) and not self.schedule:
             self.finished, self.step = self.step, -1  # the step's schedule ran out: see take_step_end

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from . import trace
 from .messages import Message, decode
 
 __all__ = ["Transport", "MpiTransport", "TorchTransport", "TransportTimeout", "PeerFailure", "encode_header",
@@ -142,17 +143,22 @@ class Transport:
     def _poll(self, done, what: str, kind: str, cancel=None) -> None:
         """Wait until ``done()``, sleeping a little longer each time (an idle rank leaves the core to busy
         ones); after ``runtime.timeout`` seconds without it, ``cancel()`` and raise naming ``what``."""
-        start = time.monotonic()
+        start = time.perf_counter()
         nap = 1e-5
         while not done():
-            if time.monotonic() - start > self.timeout:
+            if time.perf_counter() - start > self.timeout:
                 if cancel is not None:
                     cancel()
                 raise TransportTimeout(f"rank {self.rank}: no progress for {self.timeout:.0f} s while {what} "
                                        "(runtime.timeout)")
             time.sleep(nap)
             nap = min(nap * 2, 1e-3)
-        self.wait_seconds[kind] += time.monotonic() - start
+        self._waited(kind, start, what)
+
+    def _waited(self, kind: str, start: float, what: str) -> None:
+        end = time.perf_counter()
+        self.wait_seconds[kind] += end - start
+        trace.span("wait for input" if kind == "recv" else "wait to send", "wait", start, end, what=what)
 
     def close(self) -> None:
         """Release what the backend holds (nothing by default)."""
@@ -439,14 +445,14 @@ class TorchTransport(Transport):
         return kind, batch_id, tensors
 
     def _wait_all(self, works: list, what: str, kind: str) -> None:
-        start = time.monotonic()
+        start = time.perf_counter()
         try:
             if self.backend == "gloo":
                 # gloo's point-to-point work reports completion only through wait(), which takes a deadline
                 # and sleeps on a condition variable (no busy polling)
                 for w in works:
-                    w.wait(timedelta(seconds=max(1e-3, start + self.timeout - time.monotonic())))
-                self.wait_seconds[kind] += time.monotonic() - start
+                    w.wait(timedelta(seconds=max(1e-3, start + self.timeout - time.perf_counter())))
+                self._waited(kind, start, what)
             else:
                 self._poll(lambda: all(w.is_completed() for w in works), what, kind)  # NCCL: polls CUDA events
                 for w in works:

@@ -242,7 +242,8 @@ class Generation:
                           (join[1], join[2], join_front.clean) if join else None, starts)
         lane.used = True
         self.stats.batches += 1
-        self.stats.compute_s += time.perf_counter() - t0
+        self.stats.computed(t0, f"lane {lane.index}: front", lane=lane.index, decode_rows=len(lane.rows),
+                            joining_rows=len(joins))
         owner.send(msg, limit=self.limit)
         self.order.append(lane)
         self.stats.extra["max_lanes"] = max(self.stats.extra["max_lanes"], len(self.order))
@@ -301,7 +302,8 @@ class Generation:
             logits, bad = self._logits(lane, sent, msg)
         self._pick(sent, logits, bad)
         self._update(lane, sent)
-        self.stats.compute_s += time.perf_counter() - t0
+        self.stats.computed(t0, f"lane {lane.index}: head, pick", lane=lane.index,
+                            rows=len(sent.decode) + len(sent.join))
         for other in self._spread(lane):
             self._send(other)
         self._send(lane)

@@ -285,7 +285,7 @@ class _OwnerRun:
         settings, writer, done = self.settings, self.writer, self.done
         elapsed = time.perf_counter() - self.start
         ranks = [rank_stats(0, stats, self.owner.transport if self.owner.local is None else None, elapsed)] + \
-            gather_stats(self.job.comm, None)
+            gather_stats(self.job.comm, None, settings.trace)
         waste = 1 - done["tokens"] / done["padded"] if done["padded"] else 0.0
         summary = {"rows": done["rows"], "tokens": done["tokens"], "seconds": round(elapsed, 3),
                    "tokens_per_s": round(done["tokens"] / elapsed, 1) if elapsed > 0 else 0.0,

@@ -104,6 +104,64 @@ class _Output:
         return None
 
 
+class _GrowingLayer(DynamicLayer):
+    """A full-attention cache layer whose keys and values are views of buffers with room after them: a decode
+    step writes its new column in place, where ``DynamicLayer`` copies the whole cache to append it. The
+    views are what attention reads, so the numbers are the same; the buffers grow by half when full."""
+
+    _kbuf: torch.Tensor | None = None
+    _vbuf: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self._kbuf = _appended(self.keys, self._kbuf, key_states)
+        self.values, self._vbuf = _appended(self.values, self._vbuf, value_states)
+        return self.keys, self.values
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (in their new order), with the buffers' room."""
+        for name in ("keys", "values"):
+            view, buf = getattr(self, name), getattr(self, f"_{name[0]}buf")
+            start = _start_in(view, buf)
+            if start is None:
+                setattr(self, name, view[rows])
+                continue
+            buf = buf[rows]
+            setattr(self, f"_{name[0]}buf", buf)
+            setattr(self, name, buf[:, :, start:start + view.shape[-2]])
+
+
+def _start_in(view: torch.Tensor, buf: torch.Tensor | None) -> int | None:
+    """The first column of ``buf`` that ``view`` (B, heads, S, D) starts at, when it is a run of whole columns
+    of ``buf``; else None."""
+    if buf is None or view.dim() != 4 or view.shape[:2] != buf.shape[:2] or view.shape[-1] != buf.shape[-1] \
+            or view.stride() != buf.stride() or view.dtype != buf.dtype or view.device != buf.device:
+        return None
+    offset = view.data_ptr() - buf.data_ptr()
+    column = view.stride(-2) * view.element_size()
+    if offset < 0 or offset % column:
+        return None
+    start = offset // column
+    return start if start + view.shape[-2] <= buf.shape[-2] else None
+
+
+def _appended(view: torch.Tensor, buf: torch.Tensor | None, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``view`` with ``new``'s columns after it, as (the new view, its buffer): written in place when ``buf``
+    has room after ``view``, else copied once into a new buffer with room for half as many columns again."""
+    if view.numel() == 0:
+        view = new.new_zeros((*new.shape[:2], 0, new.shape[-1]))
+        buf = None
+    start = _start_in(view, buf)
+    S, n = view.shape[-2], new.shape[-2]
+    if start is None or start + S + n > buf.shape[-2] or view.shape[:2] != new.shape[:2]:
+        buf = new.new_empty((*new.shape[:2], S + n + max(16, (S + n) // 2), new.shape[-1]))
+        buf[:, :, :S] = view
+        start = 0
+    buf[:, :, start + S:start + S + n] = new
+    return buf[:, :, start:start + S + n], buf
+
+
 class StageCache(DynamicCache):
     """A KV cache for a model whose layers are spread over ranks: each process fills only its own layers.
 
@@ -114,6 +172,12 @@ class StageCache(DynamicCache):
     """
 
     active: range | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for layer in self.layers:
+            if type(layer) is DynamicLayer:
+                layer.__class__ = _GrowingLayer
 
     def _here(self, layer_idx: int) -> int:
         block = self.active
@@ -136,7 +200,7 @@ class StageCache(DynamicCache):
     def _filled(self) -> list:
         layers = [layer for layer in self.layers if layer.is_initialized and layer.keys.numel()]
         for layer in layers:
-            if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            if type(layer) not in _LANE_LAYERS:
                 raise ConfigError(f"generation lanes cannot hold a {type(layer).__name__} cache layer")
         return layers
 
@@ -147,7 +211,10 @@ class StageCache(DynamicCache):
                                                                                         device=rows.device)).all()):
             return  # every row stays where it is
         for layer in layers:
-            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+            if isinstance(layer, _GrowingLayer):
+                layer.select_rows(rows)
+            else:
+                layer.keys, layer.values = layer.keys[rows], layer.values[rows]
 
     def keep_last(self, columns: int) -> None:
         """Drop every column of the timeline but the last ``columns`` (those no remaining row uses)."""
@@ -180,7 +247,7 @@ class StageCache(DynamicCache):
                 continue
             if not (mine.is_initialized and mine.keys.numel()):
                 raise ValueError("add_rows: this cache has no rows in a layer the other one fills")
-            if type(mine) is not type(theirs) or type(mine) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            if type(mine) is not type(theirs) or type(mine) not in _LANE_LAYERS:
                 raise ConfigError(f"generation lanes cannot hold a {type(mine).__name__} cache layer")
             if isinstance(mine, DynamicSlidingWindowLayer):
                 timeline = max(mine.cumulative_length, theirs.cumulative_length)
@@ -190,6 +257,9 @@ class StageCache(DynamicCache):
                 stored = max(mine.keys.shape[-2], theirs.keys.shape[-2])
             mine.keys = torch.cat([_pad_left(mine.keys, stored), _pad_left(theirs.keys, stored)])
             mine.values = torch.cat([_pad_left(mine.values, stored), _pad_left(theirs.values, stored)])
+
+
+_LANE_LAYERS = (_GrowingLayer, DynamicSlidingWindowLayer)
 
 
 def _pad_left(x: torch.Tensor, columns: int) -> torch.Tensor:

@@ -242,7 +242,8 @@ class TrainLoop:
         """Rank 0's figures and the workers' (gathered once the pipeline has stopped)."""
         owner = self.owner
         transport = owner.transport if owner.local is None else None
-        return [rank_stats(0, owner.all_stats(), transport, elapsed)] + gather_stats(self.trainer.comm, None)
+        return [rank_stats(0, owner.all_stats(), transport, elapsed)] + gather_stats(self.trainer.comm, None,
+                                                                                    self.settings.trace)
 
 
 def _fmt_eps(eps: float) -> str:

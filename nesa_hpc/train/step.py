@@ -258,7 +258,7 @@ class _OwnerStep:
                 self.trainer.saved_bytes.counting() as counted:
             z, bad, self.clean[m], self.own[m] = owner.front(b.ids.to(dev), mask, pos, b.rows,
                                                              releases=self.release, digests=b.digests())  # (B, T, H)
-        stats.compute_s += time.perf_counter() - t0
+        stats.computed(t0, f"F {m}", micro_batch=m)
         stats.batches += 1
         if self.front_trains:
             self.saved[m] = (z, counted[0])
@@ -298,7 +298,7 @@ class _OwnerStep:
             g = _privatised_grad(x.grad, b, mask, owner.head_here, self.grad_privacy, self.release, self.n_target,
                                  self.n_scored)
             owner.send(TrainGrad(m, g.to(owner.wire) if owner.head_here else g), dest=topo.last)
-        owner.stats.compute_s += time.perf_counter() - t0
+        owner.stats.computed(t0, f"L {m}", micro_batch=m)
 
     def backward(self, m: int) -> None:
         """``B``: back-propagate rank 0's front with the gradient of Z from rank 1."""
@@ -306,4 +306,4 @@ class _OwnerStep:
         z, _ = self.saved.pop(m)
         t0 = time.perf_counter()
         z.backward(grad.to(device=z.device, dtype=z.dtype))
-        self.owner.stats.compute_s += time.perf_counter() - t0
+        self.owner.stats.computed(t0, f"B {m}", micro_batch=m)
