@@ -242,8 +242,10 @@ class Generation:
                           (join[1], join[2], join_front.clean) if join else None, starts)
         lane.used = True
         self.stats.batches += 1
+        joining = sum(r.sent - s for r, s in zip(joins, starts, strict=True))  # prompt tokens, padding not counted
         self.stats.computed(t0, f"lane {lane.index}: front", lane=lane.index, decode_rows=len(lane.rows),
-                            joining_rows=len(joins))
+                            joining_rows=len(joins), joining_tokens=joining,
+                            joining_width=int(join[0].shape[1]) if join is not None else 0)
         owner.send(msg, limit=self.limit)
         self.order.append(lane)
         self.stats.extra["max_lanes"] = max(self.stats.extra["max_lanes"], len(self.order))
