@@ -13,6 +13,7 @@
 #     3 training steps (losses equal across world sizes);
 #   - bf16 throughput (score tokens/s, generated tokens/s) next to plain transformers batched the same way
 #     (score) and transformers' continuous batching on the same GPU (generate; static generate in the note);
+#     each generate job also writes its ranks' timeline (runtime.trace) to out/<job>.trace.json;
 #   - a one-process MpiTransport self-check (values staged while the producer stream is busy; no
 #     whole-stream synchronize in send).
 # and prints one table. Exit status: 0 all passed (skipped rows allowed), 1 a check failed, 2 the
@@ -188,7 +189,8 @@ infer_jobs() {  # infer_jobs RANKS DTYPE TAG CHECK EXACT SCORE_DATA GEN_DATA NEW
         "data.path=$score_data" "output.path=$W/out/$name.h5"
     name=generate-$n-$tag; plan "$name" generate "$n" "$dtype" "$check" "$exact"
     job "$name" "$n" 90 jobs/infer.py task=generate "task.max_new_tokens=$new" "model.dtype=$dtype" \
-        "data.batch_size=$BS" "data.path=$gen_data" "output.path=$W/out/$name.h5"
+        "data.batch_size=$BS" "data.path=$gen_data" "output.path=$W/out/$name.h5" \
+        "runtime.trace=$W/out/$name.trace.json"
 }
 for n in $RANKS; do
     infer_jobs "$n" float32 fp32 exact true "$W/exact.jsonl" "$W/exact.jsonl" "$EXACT_NEW"
