@@ -169,19 +169,19 @@ def transport(args) -> None:
             if dev.type == "cuda":
                 torch.cuda.Stream.synchronize, torch.cuda.synchronize = stream_sync, dev_sync
             try:
-                pending = tr.send(me, 1, rep, tensors)
+                pending = tr.send_raw(me, 1, rep, tensors)
             finally:
                 if dev.type == "cuda":
                     torch.cuda.Stream.synchronize, torch.cuda.synchronize = orig_stream_sync, orig_dev_sync
-            msg = tr.recv(me)
+            _, batch_id, received = tr.recv_raw(me)
             pending.wait()
             if expect is None:
                 expect = [t.cpu() for t in tensors]
-            for i, (got, want) in enumerate(zip(msg.tensors, expect, strict=True)):
+            for i, (got, want) in enumerate(zip(received, expect, strict=True)):
                 if got.shape != want.shape or got.dtype != want.dtype or not torch.equal(got.cpu(), want):
                     problems.append(f"cuda_aware={cuda_aware} rep {rep} tensor {i}: wrong contents")
-            if msg.batch_id != rep:
-                problems.append(f"batch id {msg.batch_id} != {rep}")
+            if batch_id != rep:
+                problems.append(f"batch id {batch_id} != {rep}")
         if dev.type == "cuda" and not cuda_aware:
             # the side stream, not the compute stream, did the copies
             if not tr._copy_streams:

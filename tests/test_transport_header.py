@@ -300,3 +300,19 @@ def test_cpu_send_never_touches_cuda(fake_cuda):
     tr.send_raw(1, Kind.DATA, 0, [t])
     assert [e[0] for e in fake_cuda] == ["Isend", "Isend"]
     assert fake_cuda[1][2] == t.contiguous().numpy().tobytes()
+
+
+def test_gpu_check_transport_step_runs_on_cpu(tmp_path):
+    """scripts/gpu_check.sh's transport self-check (scripts/gpu_reference.py transport) on host buffers: the
+    step the GPU run starts with keeps up with the transport's interface."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_reference.py"), "transport", str(tmp_path),
+                           "--device", "cpu"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "transport.json").read_text()) == {"ok": True, "problems": [], "modes": ["host"],
+                                                                      "device": "cpu"}
