@@ -13,6 +13,7 @@ import torch
 from conftest import ROOT, run_mpi
 
 from nesa_hpc.io import jsonfile
+from nesa_hpc.privacy.audit.point import ATTACKERS
 from nesa_hpc.privacy.audit.report import COLUMNS
 
 AUDIT = str(ROOT / "jobs" / "audit.py")
@@ -95,8 +96,7 @@ def test_audit_measures_what_it_should(audit):
     assert strong0["bound_gdp"] == pytest.approx(norm.cdf(norm.ppf(strong0["p_prior"]) + mu))
     assert strong0["bound_gdp"] < strong0["bound"]
     for r in rows:
-        found = [r[a] for a in ("nn_recovery", "map_recovery", "head_recovery", "probe_recovery", "inverter_recovery")
-                 if not math.isnan(r[a])]
+        found = [r[a] for a in ATTACKERS if not math.isnan(r[a])]
         assert r["best_recovery"] == max(found)
     assert clean0["map_recovery"] == clean0["nn_recovery"] == 1.0 and weak0["map_recovery"] >= 0.9
     assert math.isnan(by[(2, 1)]["map_recovery"])
@@ -118,6 +118,12 @@ def test_audit_measures_what_it_should(audit):
     assert strong2["probe_recovery"] <= clean2["probe_recovery"] + 1e-9
     # the sequence inverter learns from public rows: without noise it recovers tokens well above the floor
     assert clean0["inverter_recovery"] > 2 * clean0["floor"]
+    # the model-aware MAP decoder runs at k > 0 only (at k=0 map_recovery is the Bayes decoder): without noise and
+    # at eps = 1e6 it recovers (nearly) every token, and it counts in best_recovery
+    assert "model_map_recovery" in ATTACKERS and "model_map_recovery" in COLUMNS
+    assert all(math.isnan(r["model_map_recovery"]) for r in rows if r["k"] == 0)
+    assert clean2["model_map_recovery"] >= 0.95 and by[(2, 1000000)]["model_map_recovery"] >= 0.9
+    assert clean2["best_recovery"] >= clean2["model_map_recovery"] and 0 <= strong2["model_map_recovery"] <= 1
 
 
 def test_context_bound_and_prior():
@@ -225,3 +231,95 @@ def test_audit_reports_the_owner_alone_baseline(audit, tiny_models):
         else:
             assert math.isnan(r["owner_alone_perplexity"])
         assert r["unigram_perplexity"] == rows[0]["unigram_perplexity"] > 1
+
+
+def _tiny_llama(folder):
+    from transformers import AutoTokenizer
+
+    from nesa_hpc.models.weights import build_adapter, load_modules
+
+    adapter = build_adapter(str(folder))
+    load_modules(adapter, str(folder), [*adapter.embed_modules, *adapter.stage_modules, *adapter.head_modules,
+                                        *(adapter.layer_module(i) for i in range(adapter.num_layers))], "float32")
+    return adapter, AutoTokenizer.from_pretrained(str(folder))
+
+
+_PUBLIC = ["the quick brown fox jumps over the lazy dog", "a list of numbers one two three four five",
+           "plain words of public text for the attacker to learn from", "hello world and goodbye world"]
+_HELD = ["a somewhat longer row of plain words to tokenize", "padding matters when rows differ",
+         "numbers six seven eight", "short"]
+
+
+def test_model_map_candidates_are_the_models_states(tiny_models):
+    """The decoder's candidate states, computed one position at a time over the KV cache of the prefix it has
+    kept, are the states the whole padded batch gives at layer k (held.at) for the true tokens, whatever other
+    candidates share the batch."""
+    from types import SimpleNamespace
+
+    from nesa_hpc.privacy.audit.attackers import _Prefix
+    from nesa_hpc.privacy.audit.corpus import Corpus
+
+    adapter, tok = _tiny_llama(tiny_models["llama"])
+    held = Corpus(_HELD, tok, SimpleNamespace(batch_size=16, max_length=64), first_row=0)
+    gen = torch.Generator().manual_seed(0)
+    for k in (1, 3):
+        for b, want in zip(held.batches, held.at(adapter, k), strict=True):
+            for r in range(b.size):
+                prefix = _Prefix(adapter, k)
+                for t in range(int(b.mask[r].sum())):
+                    others = torch.randint(adapter.config.vocab_size, (5,), generator=gen)
+                    where = t % 6  # the true token at varying places among the candidates
+                    cand = torch.cat([others[:where], b.ids[r, t:t + 1], others[where:]])
+                    got = prefix.states(cand)
+                    assert got.shape == (6, adapter.hidden_size)
+                    assert torch.allclose(got[where], want[r, t].float(), atol=1e-5, rtol=1e-4), (k, r, t)
+                    prefix.keep(where)
+
+
+def test_model_map_decodes_with_little_noise(tiny_models):
+    """With little noise the model-aware decoder recovers every held-out token at k=1 and k=2 without training
+    anything, clipped or not (it estimates the clip scale of each row); with none it is the nearest candidate;
+    with noise far above the states it falls to about the prior's guess."""
+    from types import SimpleNamespace
+
+    from nesa_hpc.privacy.audit.attackers import Attacks
+    from nesa_hpc.privacy.audit.corpus import Corpus
+    from nesa_hpc.privacy.mechanism import clip_norms, unit_norms
+
+    torch.manual_seed(0)
+    adapter, tok = _tiny_llama(tiny_models["llama"])
+    shape = SimpleNamespace(batch_size=2, max_length=64)
+    public, held = Corpus(_PUBLIC, tok, shape, first_row=100), Corpus(_HELD, tok, shape, first_row=0)
+    attacks = Attacks(adapter, 64)
+    V = adapter.config.vocab_size
+    log_prior = torch.log_softmax(torch.zeros(V), -1)
+    for k in (1, 2):
+        decoder = attacks.model_map(k, public, shortlist=16)
+        clean = held.at(adapter, k)
+        norms = torch.cat([unit_norms(z, b.mask, "sequence") for b, z in zip(held.batches, clean, strict=True)])
+        clip = float(norms.min()) * 0.5  # every row clipped, each by its own scale
+        sigma = 1e-3 * float(norms.mean()) / (len(held.ids) / len(norms) * adapter.hidden_size) ** 0.5
+        noisy = [clip_norms(z, b.mask, "sequence", c) + sigma * torch.randn_like(z) * b.mask.unsqueeze(-1)
+                 for b, z in zip(held.batches, clean, strict=True) for c in (clip,)]
+        loud = [z + 1e3 * float(norms.max()) * torch.randn_like(z) for z in clean]
+        assert torch.equal(decoder.decode(clean, held, 0.0, None, log_prior), held.ids)
+        guess = decoder.decode(noisy, held, sigma, clip, log_prior)
+        assert float((guess == held.ids).float().mean()) >= 0.95, k
+        guess = decoder.decode(noisy, held, sigma, clip, log_prior, lm_weight=0.5)  # the LM given the prefix too
+        assert float((guess == held.ids).float().mean()) >= 0.95, k
+        guess = decoder.decode(loud, held, 1e3 * float(norms.max()), None, log_prior)
+        assert float((guess == held.ids).float().mean()) <= 0.3, k
+
+
+@pytest.mark.parametrize("key, value", [("shortlist", 0), ("shortlist", 1.5), ("model_map_lm", 2),
+                                        ("model_map_lm", True)])
+def test_model_map_options_are_checked(key, value):
+    from omegaconf import OmegaConf
+
+    from nesa_hpc.errors import ConfigError
+    from nesa_hpc.privacy.audit.settings import audit_settings
+
+    base = {"ks": [2], "epsilons": [10]}
+    assert audit_settings(OmegaConf.create({"audit": base})).shortlist == 64
+    with pytest.raises(ConfigError, match=f"audit.{key}"):
+        audit_settings(OmegaConf.create({"audit": {**base, key: value}}))

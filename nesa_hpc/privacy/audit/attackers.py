@@ -1,13 +1,19 @@
 """The attackers on Z: nearest neighbour and the Bayes MAP decoder against the embedding matrix, the model's own
 final norm and LM head, an MLP probe and a learned sequence inverter (trained on public text through the same
-mechanism)."""
+mechanism), and at k > 0 the model-aware MAP decoder (:class:`ModelMap`), which runs the public layers [0, k)
+itself."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Attacks", "probe", "inverter"]
+from ...models.adapter import DECODER_MODEL_TYPES
+from .corpus import real_states
+
+__all__ = ["Attacks", "ModelMap", "probe", "inverter"]
 
 
 class Attacks:
@@ -24,6 +30,17 @@ class Attacks:
             self.shift = (adapter.embed(torch.zeros_like(pos), pos) -
                           adapter.embed(torch.zeros_like(pos), torch.zeros_like(pos)))[:, 0].float()
         self.sq = (self.table ** 2).sum(-1)
+        self._model_map: dict[int, ModelMap] = {}
+
+    def model_map(self, k: int, public, shortlist: int) -> ModelMap | None:
+        """The model-aware MAP decoder at split point ``k`` > 0 (built once per k; its tables cost about as
+        much as two candidate passes over the vocabulary), or None for a model whose layers are not causal (an
+        encoder's state at t also depends on the tokens after t, so a left-to-right decoder does not apply)."""
+        if self.adapter.model_type not in DECODER_MODEL_TYPES:
+            return None
+        if k not in self._model_map:
+            self._model_map[k] = ModelMap(self.adapter, k, public, shortlist)
+        return self._model_map[k]
 
     def nearest(self, z: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """At k=0: the token whose embedding at its position is nearest to each row of ``z``."""
@@ -61,6 +78,144 @@ class Attacks:
             return None
         with torch.inference_mode():
             return torch.cat([self.adapter.logits(self.adapter.norm(c)).argmax(-1) for c in z.split(512)])
+
+
+class _Prefix:
+    """Layers [0, k) over one row's decoded prefix, held as a KV cache: a step runs only the next position's
+    candidates, as one batch, so a row of T tokens costs T candidate-batch forwards. With ``lm``, also the rest of
+    the model over the prefix (its own cache), for the LM's next-token distribution."""
+
+    def __init__(self, adapter, k: int, lm: bool = False) -> None:
+        self.adapter, self.layers, self.t = adapter, range(k), 0
+        self.cache, self.pending = None, None
+        self.upper = adapter.new_cache() if lm else None
+
+    def states(self, cand: torch.Tensor) -> torch.Tensor:
+        """The exact layer-k state of each candidate token (M,) at position t after the prefix: (M, H)."""
+        M = len(cand)
+        cache = self.adapter.new_cache() if self.cache is None else \
+            self.cache.take_rows(torch.zeros(M, dtype=torch.long))
+        pos = torch.full((M, 1), self.t)
+        with torch.inference_mode():
+            h = self.adapter.embed(cand.view(M, 1), pos)  # (M, 1, H)
+            h = self.adapter.run_layers(self.layers, h, torch.ones(M, self.t + 1, dtype=torch.long), pos, cache)
+        self.pending = (cache, h)
+        return h[:, 0].float()
+
+    def keep(self, i: int) -> torch.Tensor | None:
+        """Append candidate ``i`` of the last :meth:`states` to the prefix; with ``lm``, return the LM's
+        log-probabilities of the token after it (V,)."""
+        cache, h = self.pending
+        self.cache, self.pending = cache.take_rows(torch.tensor([i])), None
+        self.t += 1
+        if self.upper is None:
+            return None
+        a = self.adapter
+        pos = torch.full((1, 1), self.t - 1)
+        with torch.inference_mode():
+            top = a.run_layers(range(self.layers.stop, a.num_layers), h[i:i + 1],
+                               torch.ones(1, self.t, dtype=torch.long), pos, self.upper)
+            return F.log_softmax(a.logits(a.norm(top))[0, 0].float(), dim=-1)
+
+
+class ModelMap:
+    """The model-aware MAP decoder at split point k > 0: it knows the public layers [0, k), the clip C and sigma
+    of the sequence unit (a row's states scaled as a whole to Frobenius norm <= C, then N(0, sigma^2) on every real
+    position) and the public unigram. Greedy, left to right: at position t it shortlists ``shortlist`` candidate
+    tokens by a proxy, computes each candidate's exact layer-k state after the tokens it has decoded (layers
+    [0, k) over a KV cache of the prefix), scores them by the mechanism's log-likelihood
+    -||z_t - c s_t(v)||^2 / (2 sigma^2) plus the log prior, and keeps the best. At t = 0 it needs no shortlist:
+    every token's state as a row's first token is a table.
+
+    The proxy for t >= 1 is each token's state at position 1 after the public rows' most common first token,
+    shifted by the mean difference to the states of public text, or its state as a row's first token (some tokens,
+    " the" in SmolLM2, take a first token's state in context), whichever is nearer to z_t, scored with the proxy's
+    own spread added to sigma^2. The clip scale c of a row (unknown to the attacker) is 1 when ||Z||^2 - n H sigma^2
+    is clearly below C^2 (the row was not clipped), else C / ||S|| with ||S||^2 estimated as the decoded prefix's
+    squared norm plus the candidate's, plus the public mean per remaining position."""
+
+    def __init__(self, adapter, k: int, public, shortlist: int) -> None:
+        if k < 1:
+            raise ValueError(f"the model-aware MAP decoder is for split points k > 0 ({k=}); at k=0 use map_decode")
+        self.adapter, self.k, self.shortlist = adapter, k, shortlist
+        firsts = torch.cat([b.ids[:, 0] for b in public.batches])
+        self.first = int(firsts.mode().values)
+        self.alone = self._table(None)  # (V, H): every token as a row's first token (exact at t = 0)
+        after = self._table(self.first)  # (V, H): every token at position 1 after a common first token
+        states = real_states(public.at(adapter, k), public)
+        later = public.pos > 0
+        resid = states[later] - after[public.ids[later]]
+        self.proxy = after + resid.mean(0)
+        self.proxy_sq, self.alone_sq = (self.proxy ** 2).sum(-1), (self.alone ** 2).sum(-1)
+        self.tau2 = float((resid - resid.mean(0)).pow(2).mean())  # the proxy's spread per dimension
+        self.later_sq = float(states[later].pow(2).sum(-1).mean())  # a position's mean ||s_t||^2, t >= 1
+
+    def _table(self, first: int | None, chunk: int = 1024) -> torch.Tensor:
+        """Every vocabulary token's layer-k state as a row's first token (``first`` None) or after ``first``."""
+        V = self.adapter.config.vocab_size
+        out = []
+        for ids in torch.arange(V).split(chunk):
+            prefix = _Prefix(self.adapter, self.k)
+            if first is not None:
+                prefix.states(torch.tensor([first]))
+                prefix.keep(0)
+            out.append(prefix.states(ids))
+        return torch.cat(out)
+
+    def decode(self, zs: list[torch.Tensor], corpus, sigma: float, clip: float | None, log_prior: torch.Tensor,
+               lm_weight: float = 0.0) -> torch.Tensor:
+        """The decoded token of every real position of ``corpus`` (rows in order) from its batches' Z ``zs``.
+        ``clip`` None: Z was not clipped; ``sigma`` 0: Z is the clean states (the nearest candidate wins)."""
+        out = []
+        for b, z in zip(corpus.batches, zs, strict=True):
+            for r in range(b.size):
+                n = int(b.mask[r].sum())
+                out.append(self._row(z[r, :n].float(), sigma, clip, log_prior, lm_weight))
+        return torch.cat(out)
+
+    def _scale(self, z: torch.Tensor, sigma: float, clip: float | None) -> float | None:
+        """1 when the row was certainly not clipped (or there is no clip), else None (estimate it per step)."""
+        if clip is None:
+            return 1.0
+        n, H = z.shape
+        clean_sq = float(z.double().pow(2).sum()) - n * H * sigma ** 2  # estimates ||c S||^2
+        spread = math.sqrt(2 * n * H) * sigma ** 2 + 2 * sigma * math.sqrt(max(clean_sq, 0.0))
+        return 1.0 if clean_sq + 4 * spread < clip ** 2 * (1 - 1e-6) else None
+
+    def _row(self, z: torch.Tensor, sigma: float, clip: float | None, log_prior: torch.Tensor,
+             lm_weight: float) -> torch.Tensor:
+        """One row's tokens from its Z (n, H)."""
+        n = len(z)
+        fixed = self._scale(z, sigma, clip)
+        prefix = _Prefix(self.adapter, self.k, lm=lm_weight > 0)
+        # both tables against every position at once: (V, n) each (a table is read once per row, not per position)
+        on_proxy, on_alone = self.proxy @ z.T, self.alone @ z.T
+        prior, done_sq, out = log_prior, 0.0, []
+        for t in range(n):
+            if t == 0:  # exact over the whole vocabulary: a first token's state is its own
+                cand, sq, dot = torch.arange(len(self.alone)), self.alone_sq, on_alone[:, 0]
+            else:
+                c = fixed or min(1.0, clip / math.sqrt(done_sq + (n - t) * self.later_sq))
+                d = torch.minimum(c ** 2 * self.proxy_sq - 2 * c * on_proxy[:, t],
+                                  c ** 2 * self.alone_sq - 2 * c * on_alone[:, t])
+                score = -d / (2 * (sigma ** 2 + c ** 2 * self.tau2)) + prior
+                cand = score.topk(min(self.shortlist, len(score))).indices
+                states = prefix.states(cand)
+                sq, dot = states.pow(2).sum(-1), states @ z[t]
+            c = torch.full_like(sq, fixed) if fixed else \
+                torch.clamp(clip / (done_sq + sq + (n - t - 1) * self.later_sq).sqrt(), max=1.0)
+            d = c ** 2 * sq - 2 * c * dot
+            score = -d / (2 * sigma ** 2) + prior[cand] if sigma > 0 else -d
+            best = int(score.argmax())
+            if t == 0:
+                prefix.states(cand[best:best + 1])
+            lm = prefix.keep(0 if t == 0 else best)
+            if lm is not None:
+                prior = torch.logaddexp(lm + math.log(lm_weight), log_prior + math.log1p(-lm_weight)) \
+                    if lm_weight < 1 else lm
+            done_sq += float(sq[best])
+            out.append(int(cand[best]))
+        return torch.tensor(out)
 
 
 def probe(train_z: torch.Tensor, train_ids: torch.Tensor, test_z: torch.Tensor, hidden: int, epochs: int,

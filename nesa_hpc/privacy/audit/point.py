@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,8 @@ from .settings import AuditSettings
 
 __all__ = ["ATTACKERS", "measure_point"]
 
-ATTACKERS = ("nn_recovery", "map_recovery", "head_recovery", "probe_recovery", "inverter_recovery")
+ATTACKERS = ("nn_recovery", "map_recovery", "head_recovery", "probe_recovery", "inverter_recovery",
+             "model_map_recovery")
 
 
 def measure_point(adapter, attacks: Attacks, public: Corpus, held: Corpus, k: int, level: float | None,
@@ -75,6 +77,16 @@ def measure_point(adapter, attacks: Attacks, public: Corpus, held: Corpus, k: in
                      [(z, b.mask) for b, z in zip(held.batches, eval_z, strict=True)], s.inverter_dim,
                      s.inverter_layers, s.inverter_epochs, s.seed)
     row["inverter_recovery"] = float((pred == ids).float().mean())
+    # k > 0: the model-aware MAP decoder, which runs the public layers [0, k) itself (at k=0 map_recovery is the
+    # Bayes decoder already); NaN for an encoder, whose layers are not causal
+    decoder = attacks.model_map(k, public, s.shortlist) if k > 0 else None
+    row["model_map_recovery"], row["model_map_seconds"] = math.nan, math.nan
+    if decoder is not None:
+        start = time.perf_counter()
+        guess = decoder.decode(eval_z, held, row["sigma"], clip if level is not None else None, clean["log_prior"],
+                               s.model_map_lm)
+        row["model_map_recovery"] = float((guess == ids).float().mean())
+        row["model_map_seconds"] = time.perf_counter() - start
     row["best_recovery"] = max(row[a] for a in ATTACKERS if not math.isnan(row[a]))
     row["floor"], row["p_prior"] = clean["floor"], clean["p_prior"]
     eps = row["epsilon"]

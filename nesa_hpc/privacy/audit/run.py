@@ -149,10 +149,11 @@ def _clean(adapter, public: Corpus, held: Corpus, k: int, s: AuditSettings, base
 
 def _log_point(r: dict, k: int, level: float | None, s: AuditSettings) -> None:
     log.info("audit k=%d %s=%s per %s: perplexity x%.3g, cosine %.3f, recovery at least %.3f (nn %.3f map %.3f "
-             "head %.3f probe %.3f inverter %.3f; with the true prefix %.3f), bounds %.3f (GDP, no context) "
-             "%.3f (GDP, with context) %.3f (e^eps)", k, "epsilon" if s.mechanism == "gaussian" else "sigma", level,
-             r["unit"], r["perplexity_ratio"], r["cosine"], r["best_recovery"], r["nn_recovery"], r["map_recovery"],
-             r["head_recovery"], r["probe_recovery"], r["inverter_recovery"], r["oracle_context_recovery"],
+             "head %.3f probe %.3f inverter %.3f model-aware map %.3f in %.0f s; with the true prefix %.3f), bounds "
+             "%.3f (GDP, no context) %.3f (GDP, with context) %.3f (e^eps)", k,
+             "epsilon" if s.mechanism == "gaussian" else "sigma", level, r["unit"], r["perplexity_ratio"], r["cosine"],
+             r["best_recovery"], r["nn_recovery"], r["map_recovery"], r["head_recovery"], r["probe_recovery"],
+             r["inverter_recovery"], r["model_map_recovery"], r["model_map_seconds"], r["oracle_context_recovery"],
              r["bound_gdp"], r["bound_gdp_context"], r["bound"])
 
 
@@ -164,6 +165,8 @@ def _meta(s: AuditSettings, settings: Settings, folder: str, alone: dict, second
             "eval_text": s.eval_path or str(sample_path()), "probe": f"MLP H-{s.probe_hidden}-|V_public|, "
             f"{s.probe_epochs} epochs", "inverter": f"transformer encoder d={s.inverter_dim}, "
             f"{s.inverter_layers} layers, {s.inverter_epochs} epochs",
+            "model_map": f"greedy, {s.shortlist} candidates per position, prior: "
+            + (f"{s.model_map_lm:g} LM + {1 - s.model_map_lm:g} unigram" if s.model_map_lm else "public unigram"),
             "owner_alone": " ".join(s.owner_alone) or "none", "unigram_perplexity": alone["unigram_perplexity"],
             "seconds": seconds, "world_size": size}
 

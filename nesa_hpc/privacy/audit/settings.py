@@ -35,6 +35,8 @@ class AuditSettings:
     inverter_epochs: int = 30
     grad_levels: tuple[float, ...] = ()  # epsilons of train.grad_privacy to audit the gradient message at
     owner_alone: tuple[str, ...] = ()  # owner-alone denoiser folders: the baseline a private split has to beat
+    shortlist: int = 64  # the model-aware MAP decoder's candidates per position (k > 0)
+    model_map_lm: float = 0.0  # its prior: this weight on the LM given the decoded prefix, the rest on the unigram
 
 
 def audit_settings(cfg: DictConfig) -> AuditSettings:
@@ -53,6 +55,12 @@ def audit_settings(cfg: DictConfig) -> AuditSettings:
     delta = float(a.get("delta", 1e-5))
     if not 0 < delta < 1:
         raise ConfigError(f"audit.delta={delta} must be in (0, 1)")
+    shortlist = a.get("shortlist", 64)
+    if isinstance(shortlist, bool) or not isinstance(shortlist, int) or shortlist < 1:
+        raise ConfigError(f"audit.shortlist must be a whole number >= 1 (got {shortlist!r})")
+    lm = a.get("model_map_lm", 0.0)
+    if isinstance(lm, bool) or not isinstance(lm, (int, float)) or not 0 <= lm <= 1:
+        raise ConfigError(f"audit.model_map_lm must be a number in [0, 1] (got {lm!r})")
     return AuditSettings(ks=tuple(ks), mechanism=mechanism, levels=(None, *sorted(levels, reverse=True)),
                          delta=delta, clip_percentile=float(a.get("clip_percentile", 90)),
                          public_path=a.get("public_path"), eval_path=a.get("eval_path"),
@@ -64,4 +72,5 @@ def audit_settings(cfg: DictConfig) -> AuditSettings:
                          inverter_dim=int(a.get("inverter_dim", 256)), inverter_layers=int(a.get("inverter_layers", 2)),
                          inverter_epochs=int(a.get("inverter_epochs", 30)),
                          grad_levels=tuple(sorted((float(e) for e in a.get("grad_epsilons") or ()), reverse=True)),
-                         owner_alone=tuple(str(p) for p in a.get("owner_alone") or ()))
+                         owner_alone=tuple(str(p) for p in a.get("owner_alone") or ()), shortlist=shortlist,
+                         model_map_lm=float(lm))
