@@ -148,12 +148,14 @@ def _clean(adapter, public: Corpus, held: Corpus, k: int, s: AuditSettings, base
 
 
 def _log_point(r: dict, k: int, level: float | None, s: AuditSettings) -> None:
+    model_map = "n/a" if math.isnan(r["model_map_recovery"]) else \
+        f"{r['model_map_recovery']:.3f} in {r['model_map_seconds']:.0f} s"
     log.info("audit k=%d %s=%s per %s: perplexity x%.3g, cosine %.3f, recovery at least %.3f (nn %.3f map %.3f "
-             "head %.3f probe %.3f inverter %.3f model-aware map %.3f in %.0f s; with the true prefix %.3f), bounds "
+             "head %.3f probe %.3f inverter %.3f model-aware map %s; with the true prefix %.3f), bounds "
              "%.3f (GDP, no context) %.3f (GDP, with context) %.3f (e^eps)", k,
              "epsilon" if s.mechanism == "gaussian" else "sigma", level, r["unit"], r["perplexity_ratio"], r["cosine"],
              r["best_recovery"], r["nn_recovery"], r["map_recovery"], r["head_recovery"], r["probe_recovery"],
-             r["inverter_recovery"], r["model_map_recovery"], r["model_map_seconds"], r["oracle_context_recovery"],
+             r["inverter_recovery"], model_map, r["oracle_context_recovery"],
              r["bound_gdp"], r["bound_gdp_context"], r["bound"])
 
 
