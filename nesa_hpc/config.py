@@ -76,6 +76,7 @@ class Settings:
     top_p: float = 1.0
     seed: int = 0
     ignore_eos: bool = False
+    hide_finish: bool = False
     prefill_tokens: int = 512  # runtime.prefill_tokens: padded prompt tokens a generation lane takes per step
     chat_template: bool = False
     # rows beyond one text field (data.*) and score outputs beyond per-row sums (task.*)
@@ -314,6 +315,7 @@ def _generate_options(task: dict) -> dict:
         top_p=positive("task.top_p", task.get("top_p", 1.0)),
         seed=integer("task.seed", task.get("seed", 0), 0),
         ignore_eos=as_bool("task.ignore_eos", task.get("ignore_eos", False)),
+        hide_finish=as_bool("task.hide_finish", task.get("hide_finish", False)),
     )
     if opts["top_p"] > 1:
         raise ConfigError(f"task.top_p={opts['top_p']} must be in (0, 1]")

@@ -359,3 +359,26 @@ def test_trace_records_where_each_rank_spends_its_time(tiny_models, texts_file, 
         assert all(a["ts"] + a["dur"] <= b["ts"] + 1 for a, b in zip(mine, mine[1:], strict=False)), rank
     assert {e["name"] for e in spans if e["pid"] == 0} >= {"lane 0: front", "lane 0: head, pick", "wait for input"}
     assert any(e["name"].startswith("GenerationStep ") for e in spans if e["pid"] == 1)
+
+
+def test_hide_finish_keeps_rows_stepping_to_their_max_tokens(tiny_models, texts_file, tmp_path):
+    """``task.hide_finish``: rows that EOS or a stop string ends early keep stepping until ``max_new_tokens``
+    (the workers see every row leave at its max tokens); the file holds the same tokens, texts and finish
+    reasons as without it, and each row's releases (and ε) count the extra steps."""
+    new = 10
+    outs = {hide: tmp_path / f"hide_{hide}.h5" for hide in (False, True)}
+    jobs = [[f"model.path={tiny_models['llama']}", "task=generate", f"data.path={texts_file}", f"output.path={out}",
+             "runtime.threads=1", "data.batch_size=3", "data.max_length=64", f"task.max_new_tokens={new}",
+             "task.stop=[e,a]", "split.k=1", "privacy=gaussian", "privacy.epsilon=1000", "privacy.seed=5",
+             f"task.hide_finish={str(hide).lower()}"] for hide, out in outs.items()]
+    assert run_jobs(2, jobs, tmp_path, timeout=300) == [None, None]
+    files = {hide: h5py.File(out) for hide, out in outs.items()}
+    shown, hidden = files[False], files[True]
+    for key in ("generated_ids", "generated_text", "finish_reason", "n_generated"):
+        assert [np.asarray(v).tolist() for v in shown[key][()]] == [np.asarray(v).tolist() for v in hidden[key][()]]
+    n = shown["n_generated"][()]
+    early = n < new
+    assert early.any() and (shown["finish_reason"][()][early] != b"length").all()
+    np.testing.assert_array_equal(hidden["n_releases"][()], shown["n_releases"][()] + (new - n))
+    assert (hidden["epsilon_spent"][()][early] > shown["epsilon_spent"][()][early]).all()
+    assert hidden.attrs["generated_this_run"] == shown.attrs["generated_this_run"] == n.sum()

@@ -24,6 +24,7 @@ class Decoding:
     stop: tuple[str, ...] = ()
     eos_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False  # task.ignore_eos: only max_new_tokens and stop strings end a row
+    hide_finish: bool = False  # task.hide_finish: a row finished early keeps stepping until max_new_tokens
 
     @property
     def greedy(self) -> bool:

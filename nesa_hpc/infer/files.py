@@ -113,6 +113,8 @@ def decoding_attrs(settings: Settings) -> dict:
            "chat_template": settings.chat_template}
     if settings.ignore_eos:  # files of earlier versions, written before the option existed, keep resuming
         out["ignore_eos"] = True
+    if settings.hide_finish:  # (the same)
+        out["hide_finish"] = True
     return out
 
 

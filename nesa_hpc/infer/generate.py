@@ -69,6 +69,7 @@ class _Row:
     nonfinite_at: int = -1
     reason: str | None = None
     text: str = ""
+    finished: tuple[str, str, int] | None = None  # task.hide_finish: (reason, text, tokens) of the real finish
     logprobs: list[float] = field(default_factory=list)   # task.logprobs: of each picked token
     top_ids: list[int] = field(default_factory=list)      # task.top_logprobs=N: N per picked token
     top_logprobs: list[float] = field(default_factory=list)
@@ -411,10 +412,27 @@ class Generation:
         for r, t, mark in zip(rows, picked, marks.tolist(), strict=True):
             r.nonfinite_at = mark
             r.tokens.append(int(t))
-            self.stats.extra["generated"] += 1
-            r.reason, cut = self.stopper.check(r.tokens, r.decoding)
-            if r.reason is not None:
-                r.text = cut if cut is not None else self.stopper.text(r.tokens)
+            self.stats.extra["generated"] += r.finished is None  # not the steps a hidden finish adds
+            self._check(r)
+
+    def _check(self, r: _Row) -> None:
+        """Whether ``r`` is done after its newest token. With ``task.hide_finish`` a row that EOS or a stop
+        string ends before its ``max_new_tokens`` keeps stepping (its further tokens are dropped) until it has
+        them all, so the workers see it leave at its max tokens, not when its content ended it."""
+        if r.finished is None:
+            reason, cut = self.stopper.check(r.tokens, r.decoding)
+            if reason is None:
+                return
+            text = cut if cut is not None else self.stopper.text(r.tokens)
+            if not (r.decoding.hide_finish and len(r.tokens) < r.decoding.max_new_tokens):
+                r.reason, r.text = reason, text
+                return
+            r.finished = (reason, text, len(r.tokens))
+        if len(r.tokens) >= r.decoding.max_new_tokens:
+            r.reason, r.text, n = r.finished
+            del r.tokens[n:], r.logprobs[n:]
+            top = self.task.top_logprobs if getattr(self.task, "logprobs", False) else 0
+            del r.top_ids[n * top:], r.top_logprobs[n * top:]
 
     def _update(self, lane: _Lane, sent: _Sent) -> None:
         """The lane after the step: its running rows (decode rows, then rows whose prompt is done) and their

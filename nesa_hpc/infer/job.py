@@ -276,7 +276,7 @@ class _OwnerRun:
             return run_stream(owner, self.plan.task, batches, self.on_result, settings.inflight or world + 1,
                               should_stop=self.stop)
         decoding = Decoding(settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
-                            settings.seed, settings.stop, self.plan.eos, settings.ignore_eos)
+                            settings.seed, settings.stop, self.plan.eos, settings.ignore_eos, settings.hide_finish)
         return run_generate(owner, self.plan.task, batches, self.on_result, settings.inflight or world, decoding,
                             self.plan.tokenizer, self.stop, settings.batch_size, settings.prefill_tokens)
 
