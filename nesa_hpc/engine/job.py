@@ -266,11 +266,11 @@ def gather_stats(comm, mine: dict | None, trace_path: str | None = None) -> list
         gathered = comm.gather((mine, spans), root=0)
     if comm.Get_rank() != 0:
         return []
-    if trace_path and spans is not None:
-        trace.write(trace_path, [(r, host, events or []) for r, (host, events) in
-                                 enumerate((s["host"] if s else socket.gethostname(), e) for s, e in gathered)])
+    if trace_path and spans is not None:  # rank 0's own figures (``mine``) are None: its host is this one
+        trace.write(trace_path, [(r, s["host"] if s else socket.gethostname(), events)
+                                 for r, (s, events) in enumerate(gathered)])
         log.info("timeline of every rank -> %s", trace_path)
-    return [s for s, _ in gathered if s is not None] if comm.Get_size() > 1 else []
+    return [s for s, _ in gathered if s is not None]
 
 
 def share_exit_code(comm, code: int | None) -> int:

@@ -14,10 +14,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["start", "enabled", "span", "timed", "take", "write"]
+__all__ = ["start", "span", "take", "write"]
 
 _events: list[tuple] | None = None  # (name, category, start, end, args) in time.perf_counter() seconds
 _offset = 0.0                       # time.time() - time.perf_counter(): spans on the wall clock
@@ -30,27 +29,10 @@ def start() -> None:
     _offset = time.time() - time.perf_counter()
 
 
-def enabled() -> bool:
-    return _events is not None
-
-
 def span(name: str, category: str, t0: float, t1: float, **args) -> None:
     """Record one span from ``t0`` to ``t1`` (``time.perf_counter()`` seconds), when recording."""
     if _events is not None:
         _events.append((name, category, t0, t1, args))
-
-
-@contextmanager
-def timed(name: str, category: str = "compute", **args):
-    """Record the ``with`` block as one span, when recording."""
-    if _events is None:
-        yield
-        return
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        _events.append((name, category, t0, time.perf_counter(), args))
 
 
 def take() -> list[dict] | None:

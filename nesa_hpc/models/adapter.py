@@ -121,15 +121,8 @@ class _GrowingLayer(DynamicLayer):
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (in their new order), with the buffers' room."""
-        for name in ("keys", "values"):
-            view, buf = getattr(self, name), getattr(self, f"_{name[0]}buf")
-            start = _start_in(view, buf)
-            if start is None:
-                setattr(self, name, view[rows])
-                continue
-            buf = buf[rows]
-            setattr(self, f"_{name[0]}buf", buf)
-            setattr(self, name, buf[:, :, start:start + view.shape[-2]])
+        self.keys, self._kbuf = _selected(self.keys, self._kbuf, rows)
+        self.values, self._vbuf = _selected(self.values, self._vbuf, rows)
 
 
 def _start_in(view: torch.Tensor, buf: torch.Tensor | None) -> int | None:
@@ -144,6 +137,17 @@ def _start_in(view: torch.Tensor, buf: torch.Tensor | None) -> int | None:
         return None
     start = offset // column
     return start if start + view.shape[-2] <= buf.shape[-2] else None
+
+
+def _selected(view: torch.Tensor, buf: torch.Tensor | None,
+              rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``rows`` of ``view``, as (the new view, its buffer): the buffer's rows with their room when ``view`` lies in
+    ``buf``, else a plain copy (and no buffer)."""
+    start = _start_in(view, buf)
+    if start is None:
+        return view[rows], None
+    buf = buf[rows]
+    return buf[:, :, start:start + view.shape[-2]], buf
 
 
 def _appended(view: torch.Tensor, buf: torch.Tensor | None, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

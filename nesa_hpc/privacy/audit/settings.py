@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
+from ...config import integer, nonneg
 from ...errors import ConfigError
 
 __all__ = ["AuditSettings", "audit_settings"]
@@ -55,12 +56,10 @@ def audit_settings(cfg: DictConfig) -> AuditSettings:
     delta = float(a.get("delta", 1e-5))
     if not 0 < delta < 1:
         raise ConfigError(f"audit.delta={delta} must be in (0, 1)")
-    shortlist = a.get("shortlist", 64)
-    if isinstance(shortlist, bool) or not isinstance(shortlist, int) or shortlist < 1:
-        raise ConfigError(f"audit.shortlist must be a whole number >= 1 (got {shortlist!r})")
-    lm = a.get("model_map_lm", 0.0)
-    if isinstance(lm, bool) or not isinstance(lm, (int, float)) or not 0 <= lm <= 1:
-        raise ConfigError(f"audit.model_map_lm must be a number in [0, 1] (got {lm!r})")
+    shortlist = integer("audit.shortlist", a.get("shortlist", 64), 1)
+    lm = nonneg("audit.model_map_lm", a.get("model_map_lm", 0.0))
+    if lm > 1:
+        raise ConfigError(f"audit.model_map_lm={lm:g} must be in [0, 1]")
     return AuditSettings(ks=tuple(ks), mechanism=mechanism, levels=(None, *sorted(levels, reverse=True)),
                          delta=delta, clip_percentile=float(a.get("clip_percentile", 90)),
                          public_path=a.get("public_path"), eval_path=a.get("eval_path"),
@@ -73,4 +72,4 @@ def audit_settings(cfg: DictConfig) -> AuditSettings:
                          inverter_epochs=int(a.get("inverter_epochs", 30)),
                          grad_levels=tuple(sorted((float(e) for e in a.get("grad_epsilons") or ()), reverse=True)),
                          owner_alone=tuple(str(p) for p in a.get("owner_alone") or ()), shortlist=shortlist,
-                         model_map_lm=float(lm))
+                         model_map_lm=lm)
