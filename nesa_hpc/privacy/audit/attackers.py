@@ -59,18 +59,28 @@ class Attacks:
         (the public text's unigram) or one per position (N, V) (the oracle-context attacker: the public LM given
         the true prefix)."""
         out = torch.empty(len(z), dtype=torch.long)
-        moving = bool(self.shift.abs().max() > 0)  # learned absolute positions: candidates depend on p
-        for p in (pos.unique().tolist() if moving else [None]):
+        for p in (pos.unique().tolist() if self.moving else [None]):
             at = (pos == p).nonzero().squeeze(1) if p is not None else torch.arange(len(z))
-            cand = self.table + (self.shift[p] if p is not None else 0)
-            if clip is not None:
-                cand = cand * torch.clamp(clip / cand.norm(dim=-1, keepdim=True).clamp(min=1e-30), max=1.0)
-            sq = (cand ** 2).sum(-1)
+            cand, sq = self.candidates(p, clip)
             for chunk in at.split(512):
                 prior = log_prior[chunk] if log_prior.dim() == 2 else log_prior.unsqueeze(0)
                 score = prior - (sq.unsqueeze(0) - 2 * z[chunk] @ cand.T) / (2 * sigma ** 2)
                 out[chunk] = score.argmax(-1)
         return out
+
+    @property
+    def moving(self) -> bool:
+        """Whether a token's state at k=0 depends on its position (learned absolute positions; not with RoPE)."""
+        return bool(self.shift.abs().max() > 0)
+
+    def candidates(self, p: int | None, clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every vocabulary token's Z at k=0 without noise at position ``p`` (None: any, when not
+        :attr:`moving`), clipped as the token unit clips it (``clip`` None: no clip), and its squared norm:
+        (V, H), (V,)."""
+        cand = self.table + (self.shift[p] if p is not None else 0)
+        if clip is not None:
+            cand = cand * torch.clamp(clip / cand.norm(dim=-1, keepdim=True).clamp(min=1e-30), max=1.0)
+        return cand, (cand ** 2).sum(-1)
 
     def head(self, z: torch.Tensor) -> torch.Tensor | None:
         """The model's final norm and LM head applied to ``z``: its top token (None for a model without a head)."""

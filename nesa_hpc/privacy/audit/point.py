@@ -8,16 +8,18 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ...models.adapter import DECODER_MODEL_TYPES
 from ..mechanism import PrivacySpec, make_privacy
 from .attackers import Attacks, inverter, probe
 from .bounds import dp_bound, gdp_bound, gdp_bound_context
 from .corpus import Corpus, finish, real_states
+from .lm_filter import particle_decode
 from .settings import AuditSettings
 
 __all__ = ["ATTACKERS", "measure_point"]
 
 ATTACKERS = ("nn_recovery", "map_recovery", "head_recovery", "probe_recovery", "inverter_recovery",
-             "model_map_recovery")
+             "model_map_recovery", "particle_recovery")
 
 
 def measure_point(adapter, attacks: Attacks, public: Corpus, held: Corpus, k: int, level: float | None,
@@ -87,6 +89,18 @@ def measure_point(adapter, attacks: Attacks, public: Corpus, held: Corpus, k: in
                                s.model_map_lm)
         row["model_map_recovery"] = float((guess == ids).float().mean())
         row["model_map_seconds"] = time.perf_counter() - start
+    # k=0: the LM-prior particle filter (the public model's distribution given each particle's prefix as the prior;
+    # without noise it is the nearest neighbour too); NaN for a model without a causal LM
+    row["particle_recovery"], row["particle_seconds"] = math.nan, math.nan
+    if k == 0 and s.particles and adapter.has_head and adapter.model_type in DECODER_MODEL_TYPES:
+        if row["sigma"] > 0:
+            start = time.perf_counter()
+            guess = particle_decode(attacks, eval_z, held, row["sigma"], clip, clean["log_prior"], s.particles,
+                                    s.seed)
+            row["particle_recovery"] = float((guess == ids).float().mean())
+            row["particle_seconds"] = time.perf_counter() - start
+        else:
+            row["particle_recovery"] = row["nn_recovery"]
     row["best_recovery"] = max(row[a] for a in ATTACKERS if not math.isnan(row[a]))
     row["floor"], row["p_prior"] = clean["floor"], clean["p_prior"]
     eps = row["epsilon"]

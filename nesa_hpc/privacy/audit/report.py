@@ -15,8 +15,8 @@ __all__ = ["COLUMNS", "write", "plot"]
 
 COLUMNS = ("k", "mechanism", "unit", "epsilon", "epsilon_row", "delta", "sigma", "clip", "noise_to_signal",
            "perplexity", "perplexity_ratio", "cosine", "nn_recovery", "map_recovery", "head_recovery", "probe_recovery",
-           "inverter_recovery", "model_map_recovery", "best_recovery", "oracle_context_recovery", "floor", "p_prior",
-           "p_context", "bound", "bound_gdp", "bound_gdp_context", "eval_tokens", "public_tokens",
+           "inverter_recovery", "model_map_recovery", "particle_recovery", "best_recovery", "oracle_context_recovery",
+           "floor", "p_prior", "p_context", "bound", "bound_gdp", "bound_gdp_context", "eval_tokens", "public_tokens",
            "unigram_perplexity", "owner_alone_perplexity")
 
 
@@ -76,7 +76,8 @@ class _Figures:
         self.caption = (f"{kind}, delta={meta['delta']:g}, C = percentile {meta['clip_percentile']:g} of unit norms "
                         "on public text; unit: token at k=0, sequence at k>0.\nAttackers see Z and know the model and "
                         "public text (probe trained on it "
-                        "through the same mechanism; at k>0 the model-aware MAP decoder also runs layers [0, k)).")
+                        "through the same mechanism; at k=0 a particle filter uses the LM as prior, at k>0 the "
+                        "model-aware MAP decoder runs layers [0, k)).")
         self.ks = sorted({r["k"] for r in table})
         self.noisy = [r for r in table if r["mechanism"] != "none"]
         self.clean = {r["k"]: r["perplexity"] for r in table if r["mechanism"] == "none"}
@@ -126,7 +127,8 @@ class _Figures:
                                       ("head_recovery", "final norm + LM head", "C1"),
                                       ("probe_recovery", "MLP probe (noise-aware)", "C2"),
                                       ("inverter_recovery", "sequence inverter (noise-aware)", "C4"),
-                                      ("model_map_recovery", "model-aware MAP (runs layers [0, k))", "C6")):
+                                      ("model_map_recovery", "model-aware MAP (runs layers [0, k))", "C6"),
+                                      ("particle_recovery", "LM-prior particle filter", "C8")):
                 x, y = self.series(k, key)
                 if not all(math.isnan(v) for v in y):
                     a.plot(x, y, marker="o", color=color, label=label)

@@ -150,12 +150,15 @@ def _clean(adapter, public: Corpus, held: Corpus, k: int, s: AuditSettings, base
 def _log_point(r: dict, k: int, level: float | None, s: AuditSettings) -> None:
     model_map = "n/a" if math.isnan(r["model_map_recovery"]) else \
         f"{r['model_map_recovery']:.3f} in {r['model_map_seconds']:.0f} s"
+    particle = "n/a" if math.isnan(r["particle_recovery"]) else f"{r['particle_recovery']:.3f}" + \
+        ("" if math.isnan(r["particle_seconds"]) else f" in {r['particle_seconds']:.0f} s")
     log.info("audit k=%d %s=%s per %s: perplexity x%.3g, cosine %.3f, recovery at least %.3f (nn %.3f map %.3f "
-             "head %.3f probe %.3f inverter %.3f model-aware map %s; with the true prefix %.3f), bounds "
+             "head %.3f probe %.3f inverter %.3f model-aware map %s particle filter %s; with the true prefix %.3f), "
+             "bounds "
              "%.3f (GDP, no context) %.3f (GDP, with context) %.3f (e^eps)", k,
              "epsilon" if s.mechanism == "gaussian" else "sigma", level, r["unit"], r["perplexity_ratio"], r["cosine"],
              r["best_recovery"], r["nn_recovery"], r["map_recovery"], r["head_recovery"], r["probe_recovery"],
-             r["inverter_recovery"], model_map, r["oracle_context_recovery"],
+             r["inverter_recovery"], model_map, particle, r["oracle_context_recovery"],
              r["bound_gdp"], r["bound_gdp_context"], r["bound"])
 
 
@@ -169,6 +172,8 @@ def _meta(s: AuditSettings, settings: Settings, folder: str, alone: dict, second
             f"{s.inverter_layers} layers, {s.inverter_epochs} epochs",
             "model_map": f"greedy, {s.shortlist} candidates per position, prior: "
             + (f"{s.model_map_lm:g} LM + {1 - s.model_map_lm:g} unigram" if s.model_map_lm else "public unigram"),
+            "particle_filter": f"{s.particles} particles per row, prior: the public LM given each particle's "
+            "prefix (k=0)" if s.particles else "off",
             "owner_alone": " ".join(s.owner_alone) or "none", "unigram_perplexity": alone["unigram_perplexity"],
             "seconds": seconds, "world_size": size}
 

@@ -38,6 +38,7 @@ class AuditSettings:
     owner_alone: tuple[str, ...] = ()  # owner-alone denoiser folders: the baseline a private split has to beat
     shortlist: int = 64  # the model-aware MAP decoder's candidates per position (k > 0)
     model_map_lm: float = 0.0  # its prior: this weight on the LM given the decoded prefix, the rest on the unigram
+    particles: int = 8  # the LM-prior particle filter's particles per row (k=0; 0: not run)
 
 
 def audit_settings(cfg: DictConfig) -> AuditSettings:
@@ -58,6 +59,7 @@ def audit_settings(cfg: DictConfig) -> AuditSettings:
         raise ConfigError(f"audit.delta={delta} must be in (0, 1)")
     shortlist = integer("audit.shortlist", a.get("shortlist", 64), 1)
     lm = nonneg("audit.model_map_lm", a.get("model_map_lm", 0.0))
+    particles = integer("audit.particles", a.get("particles", 8), 0)
     if lm > 1:
         raise ConfigError(f"audit.model_map_lm={lm:g} must be in [0, 1]")
     return AuditSettings(ks=tuple(ks), mechanism=mechanism, levels=(None, *sorted(levels, reverse=True)),
@@ -72,4 +74,4 @@ def audit_settings(cfg: DictConfig) -> AuditSettings:
                          inverter_epochs=int(a.get("inverter_epochs", 30)),
                          grad_levels=tuple(sorted((float(e) for e in a.get("grad_epsilons") or ()), reverse=True)),
                          owner_alone=tuple(str(p) for p in a.get("owner_alone") or ()), shortlist=shortlist,
-                         model_map_lm=lm)
+                         model_map_lm=lm, particles=particles)
