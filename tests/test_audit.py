@@ -176,7 +176,6 @@ def test_context_prior_is_the_model_given_the_prefix(tiny_models):
 
 def test_map_decoder_weighs_distance_against_the_prior():
     """With little noise the MAP decoder is the nearest clipped candidate; with a lot, the prior's favourite."""
-
     from nesa_hpc.privacy.audit.attackers import Attacks
 
     attacks = Attacks.__new__(Attacks)  # the tables of a three-token vocabulary, no model

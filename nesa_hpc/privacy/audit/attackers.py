@@ -36,7 +36,7 @@ class Attacks:
         """The model-aware MAP decoder at split point ``k`` > 0 (built once per k; its tables cost about as
         much as two candidate passes over the vocabulary), or None for a model whose layers are not causal (an
         encoder's state at t also depends on the tokens after t, so a left-to-right decoder does not apply)."""
-        if self.adapter.model_type not in DECODER_MODEL_TYPES:
+        if not self.causal:
             return None
         if k not in self._model_map:
             self._model_map[k] = ModelMap(self.adapter, k, public, shortlist)
@@ -67,6 +67,12 @@ class Attacks:
                 score = prior - (sq.unsqueeze(0) - 2 * z[chunk] @ cand.T) / (2 * sigma ** 2)
                 out[chunk] = score.argmax(-1)
         return out
+
+    @property
+    def causal(self) -> bool:
+        """Whether the model's layers are causal (a decoder): a state at t depends on tokens up to t only, so
+        the left-to-right decoders apply."""
+        return self.adapter.model_type in DECODER_MODEL_TYPES
 
     @property
     def moving(self) -> bool:

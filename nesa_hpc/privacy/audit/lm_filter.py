@@ -33,7 +33,7 @@ def particle_decode(attacks, zs: list[torch.Tensor], corpus, sigma: float, clip:
             for t in range(int(b.mask.sum(1).max())):
                 cand, sq = fixed or attacks.candidates(t, clip)
                 like = -(sq.unsqueeze(0) - 2 * z[:, t].float() @ cand.T) / (2 * sigma ** 2)  # (R, V)
-                logq = prior + like.repeat_interleave(P, 0)  # (R*P, V): prior x likelihood per particle
+                logq = (prior.view(R, P, -1) + like.unsqueeze(1)).view(R * P, -1)  # prior x likelihood per particle
                 mass = torch.logsumexp(logq, -1).view(R, P)  # each particle's predictive weight of z_t
                 post = (logq - mass.view(-1, 1)).exp()  # each particle's posterior over the token at t
                 w = torch.softmax(mass, -1)  # (R, P): the particles reweighted by z_t (uniform before)

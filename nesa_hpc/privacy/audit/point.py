@@ -8,7 +8,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ...models.adapter import DECODER_MODEL_TYPES
 from ..mechanism import PrivacySpec, make_privacy
 from .attackers import Attacks, inverter, probe
 from .bounds import dp_bound, gdp_bound, gdp_bound_context
@@ -92,7 +91,7 @@ def measure_point(adapter, attacks: Attacks, public: Corpus, held: Corpus, k: in
     # k=0: the LM-prior particle filter (the public model's distribution given each particle's prefix as the prior;
     # without noise it is the nearest neighbour too); NaN for a model without a causal LM
     row["particle_recovery"], row["particle_seconds"] = math.nan, math.nan
-    if k == 0 and s.particles and adapter.has_head and adapter.model_type in DECODER_MODEL_TYPES:
+    if k == 0 and s.particles and adapter.has_head and attacks.causal:
         if row["sigma"] > 0:
             start = time.perf_counter()
             guess = particle_decode(attacks, eval_z, held, row["sigma"], clip, clean["log_prior"], s.particles,

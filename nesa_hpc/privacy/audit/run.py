@@ -154,8 +154,7 @@ def _log_point(r: dict, k: int, level: float | None, s: AuditSettings) -> None:
         ("" if math.isnan(r["particle_seconds"]) else f" in {r['particle_seconds']:.0f} s")
     log.info("audit k=%d %s=%s per %s: perplexity x%.3g, cosine %.3f, recovery at least %.3f (nn %.3f map %.3f "
              "head %.3f probe %.3f inverter %.3f model-aware map %s particle filter %s; with the true prefix %.3f), "
-             "bounds "
-             "%.3f (GDP, no context) %.3f (GDP, with context) %.3f (e^eps)", k,
+             "bounds %.3f (GDP, no context) %.3f (GDP, with context) %.3f (e^eps)", k,
              "epsilon" if s.mechanism == "gaussian" else "sigma", level, r["unit"], r["perplexity_ratio"], r["cosine"],
              r["best_recovery"], r["nn_recovery"], r["map_recovery"], r["head_recovery"], r["probe_recovery"],
              r["inverter_recovery"], model_map, particle, r["oracle_context_recovery"],
