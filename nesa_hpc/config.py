@@ -55,6 +55,7 @@ class Settings:
     resume: bool
     threads: int | None
     inflight: int | None
+    turns: bool | None
     timeout: float
     wire_dtype: str | None
     on_nonfinite: str
@@ -191,6 +192,9 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
         choice("split.partition", partition, PARTITIONS)
     if not out.get("path"):
         raise ConfigError("output.path must name the HDF5 results file")
+    if rt.get("turns") is not None and as_bool("runtime.turns", rt["turns"]) and task["name"] != "generate":
+        raise ConfigError(f"runtime.turns=true applies to task=generate (one generation lane by turns), not "
+                          f"task={task['name']}; leave it null")
     return Settings(
         task=choice("task.name", task["name"], TASKS),
         pooling=None if task.get("pooling") is None else choice("task.pooling", task["pooling"], POOLINGS),
@@ -222,6 +226,7 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
         resume=as_bool("output.resume", out.get("resume", False)),
         threads=integer("runtime.threads", rt.get("threads"), 1, allow_none=True),
         inflight=integer("runtime.inflight", rt.get("inflight"), 1, allow_none=True),
+        turns=None if rt.get("turns") is None else as_bool("runtime.turns", rt["turns"]),
         prefill_tokens=integer("runtime.prefill_tokens", rt.get("prefill_tokens", 512), 1),
         timeout=positive("runtime.timeout", rt.get("timeout", 300)),
         wire_dtype=choice("runtime.wire_dtype", rt.get("wire_dtype"), (None, *DTYPES)),

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None, comm=None) -> None:
                 entry["generated_text"] = [x.decode() for x in res["generated_text"]]
                 entry["n_prompt_tokens"] = res["n_prompt_tokens"].tolist()
                 keys = ("decoding", "seed", "temperature", "max_new_tokens", "max_groups_in_flight", "generation_steps",
-                        "lane_splits")
+                        "lane_splits", "turns")
                 entry["attrs"] = {k: attrs[k].item() if isinstance(attrs[k], np.generic) else attrs[k] for k in keys}
                 entry["eos_token_ids"] = json.loads(attrs["eos_token_ids"])
                 if float(case.get("extra", {}).get("task.temperature", 0)) == 0:

@@ -168,6 +168,8 @@ def test_partition_with_zeros_is_left_to_topology(hydra_ctx):
         (["runtime.log_every=0"], "runtime.log_every"),
         (["runtime.threads=0"], "runtime.threads"),
         (["runtime.inflight=0"], "runtime.inflight"),
+        (["runtime.turns=maybe"], "runtime.turns"),
+        (["runtime.turns=true"], "runtime.turns=true applies to task=generate"),
         (["runtime.device=gpu"], "runtime.device"),
         (["runtime.owner_device=tpu"], "runtime.owner_device"),
         (["runtime.transport=nccl"], "runtime.transport"),
@@ -212,3 +214,27 @@ def test_unknown_keys_and_options_refused_at_compose(hydra_ctx, override):
     # task.pooling does not exist in task=score; model=gpt5 and task=translate are not options
     with pytest.raises(HydraException, match=r"Could not (override|find)"):
         _compose(override)
+
+
+def test_turns_default_and_threads(hydra_ctx, monkeypatch):
+    """runtime.turns: null until the job knows where its ranks run; on by default for task=generate when every
+    rank computes on the CPU of one node, and then every core of the node goes to each rank."""
+    from dataclasses import replace
+
+    from nesa_hpc.engine import job
+
+    s = settings_from_cfg(_compose("task=generate"))
+    assert s.turns is None
+    assert job.takes_turns(s, 2, 2) and job.takes_turns(s, 3, 3)
+    assert not job.takes_turns(s, 1, 1)  # no pipeline
+    assert not job.takes_turns(s, 4, 2)  # ranks on two nodes: lanes side by side
+    assert not job.takes_turns(replace(s, device="cuda", owner_device="cuda"), 2, 2)
+    assert not job.takes_turns(replace(s, owner_device="cuda"), 2, 2)
+    assert not job.takes_turns(replace(s, turns=False), 2, 2)
+    assert job.takes_turns(replace(s, turns=True), 4, 2)
+    assert not job.takes_turns(settings_from_cfg(_compose("task=score")), 2, 2)
+    assert settings_from_cfg(_compose("task=generate", "runtime.turns=false")).turns is False
+    monkeypatch.setattr(job.os, "sched_getaffinity", lambda _: set(range(8)), raising=False)
+    assert job.threads_for(s, 2) == 4
+    assert job.threads_for(s, 2, turns=True) == 8
+    assert job.threads_for(replace(s, threads=3), 2, turns=True) == 3

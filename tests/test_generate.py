@@ -37,8 +37,9 @@ def _cases(n: int, models: dict, data: str) -> list[dict]:
     cases.append({"model": llama, "k": 2, "head": "owner", "data": data, "batch_size": 3,
                   "extra": {"runtime.inflight": 1, "data.bucket_window": 0}})
     # two groups in flight, batches of 2: once rows end with EOS, a third group starts before either is done
+    # (runtime.turns=false: lanes side by side, as on ranks of different nodes or GPUs)
     cases.append({"model": str(models["gpt2"]), "k": 1, "head": "owner", "data": data, "batch_size": 2,
-                  "extra": {"runtime.inflight": 2, "data.bucket_window": 0}, "refill": True})
+                  "extra": {"runtime.inflight": 2, "data.bucket_window": 0, "runtime.turns": False}, "refill": True})
     if n > 1:  # the owner runs tail layers before its head: the last worker returns the whole prompt once
         cases.append({"model": llama, "k": 1, "head": "owner", "data": data, "extra": {"split.owner_tail": 2}})
         # prompts in chunks of 4 tokens over several steps, beside running rows, through the owner's tail
@@ -46,7 +47,7 @@ def _cases(n: int, models: dict, data: str) -> list[dict]:
                       "extra": {"split.owner_tail": 1, "runtime.prefill_tokens": 4}})
     # once no row waits, a lane deals its running rows over the idle lanes (rows end with EOS at different steps)
     cases.append({"model": str(models["gpt2"]), "k": 1, "head": "owner", "data": data, "batch_size": 6,
-                  "extra": {"runtime.inflight": 3, "data.bucket_window": 0}, "spread": True})
+                  "extra": {"runtime.inflight": 3, "data.bucket_window": 0, "runtime.turns": False}, "spread": True})
     # prompts in chunks of 3 (rank 0's layers keep a cache of the filling rows) and, with the head on the
     # last worker, of 5 in one lane
     cases.append({"model": llama, "k": 2, "head": "owner", "data": data, "extra": {"runtime.prefill_tokens": 3}})
@@ -112,6 +113,11 @@ def test_greedy_equals_transformers_every_split(n, tiny_models, texts_file, tmp_
     assert refill["attrs"]["generation_steps"] < fixed, (refill["attrs"], lengths)
     (spread,) = [e for e in entries if e["case"].get("spread")]
     assert spread["attrs"]["lane_splits"] > 0, spread["attrs"]
+    # every rank on this one node's CPU: the other cases ran by turns (runtime.turns' default), one lane at a time
+    for e in entries:
+        turns = e["case"].get("extra", {}).get("runtime.turns", n > 1)
+        assert bool(e["attrs"]["turns"]) == turns, (e["case"], e["attrs"])
+        assert not turns or e["attrs"]["max_groups_in_flight"] == 1, (e["case"], e["attrs"])
     # sampling really samples: its tokens differ from greedy decoding of the same model and prompts
     greedy_llama = next(e for e in greedy if e["case"]["model"] == sampled[0]["case"]["model"])
     assert any(t != greedy_llama["tokens"][r][:len(t)] for r, t in sampled[0]["tokens"].items())
@@ -382,3 +388,36 @@ def test_hide_finish_keeps_rows_stepping_to_their_max_tokens(tiny_models, texts_
     np.testing.assert_array_equal(hidden["n_releases"][()], shown["n_releases"][()] + (new - n))
     assert (hidden["epsilon_spent"][()][early] > shown["epsilon_spent"][()][early]).all()
     assert hidden.attrs["generated_this_run"] == shown.attrs["generated_this_run"] == n.sum()
+
+
+def test_pick_tokens_groups_rows_that_pick_alike():
+    """Rows of an OpenAI batch file each have their own settings; those that pick alike (greedy whatever their
+    max tokens or stops; sampling with equal temperature, top-k and top-p) pick as one batch, and every row
+    gets the token it would get alone with its own generator."""
+    torch.manual_seed(1)
+    logits = torch.randn(5, 40)
+    decodings = [Decoding(4), Decoding(9, stop=("x",)), Decoding(4, temperature=0.7, seed=3),
+                 Decoding(7, temperature=0.7, seed=3), Decoding(4, temperature=1.5, top_k=5, seed=3)]
+    assert len({d.pick_key for d in decodings}) == 3
+    gens = [None if d.greedy else row_generator(3, r) for r, d in enumerate(decodings)]
+    together = pick_tokens(logits, decodings, gens).tolist()
+    alone = [pick_tokens(logits[r:r + 1], d, [None if d.greedy else row_generator(3, r)]).item()
+             for r, d in enumerate(decodings)]
+    assert together == alone
+    assert together[:2] == logits[:2].argmax(-1).tolist()
+    # all greedy: one argmax over the batch
+    assert pick_tokens(logits, [Decoding(n) for n in range(1, 6)], [None] * 5).tolist() == logits.argmax(-1).tolist()
+
+
+def test_finite_vectors_checks_sums_first_and_elements_where_a_sum_is_not_finite():
+    from nesa_hpc.engine.stage import finite_vectors
+
+    x = torch.ones(4, 3, 6)
+    x[0, 1, 2] = float("nan")
+    x[2, 0, 0] = float("inf")
+    x[2, 0, 1] = float("-inf")  # inf + -inf: a NaN sum
+    x[3, 2] = 3e38  # finite values whose sum overflows: still finite
+    ok = finite_vectors(x)
+    expected = torch.isfinite(x).all(-1)
+    assert ok.tolist() == expected.tolist()
+    assert ok[3, 2] and not ok[0, 1] and not ok[2, 0]

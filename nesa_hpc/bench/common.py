@@ -19,8 +19,8 @@ from ..engine.job import model_folder
 from ..io import jsonfile
 from ..io.read import read_rows, sample_path
 
-__all__ = ["ROOT", "CEILING", "make_dataset", "setup", "baselines", "num", "share", "print_rank_stats", "write",
-           "run_job", "launch", "override", "ranks"]
+__all__ = ["ROOT", "CEILING", "make_dataset", "generate_threads", "setup", "baselines", "num", "share",
+           "print_rank_stats", "write", "run_job", "launch", "override", "ranks"]
 
 ROOT = Path(__file__).resolve().parents[2]
 CEILING = "cores x the one-thread baseline (1 process, torch.set_num_threads(1)), measured in this run"
@@ -134,6 +134,16 @@ def launch(cfg: DictConfig, n: int, threads: int, folder: str, data: Path, out: 
         if cfg.runtime.get(key) is not None:
             overrides.append(f"runtime.{key}={cfg.runtime[key]}")
     run_job(cfg, n, "infer.py", overrides, "pipeline")
+
+
+def generate_threads(cfg: DictConfig, n: int, cores: int) -> tuple[int, list[str]]:
+    """Threads per rank of a ``task=generate`` pipeline run at ``n`` ranks on ``cores`` cores, and the
+    overrides that say so: with ``runtime.turns`` (default on: the bench's ranks share one node's CPU) the
+    ranks take turns with every core each, else each rank gets its share of the cores."""
+    turns = cfg.runtime.get("turns")
+    turns = True if turns is None else bool(turns)
+    threads = cores if turns else max(1, cores // n)
+    return threads, [f"runtime.turns={str(turns).lower()}"]
 
 
 def override(value: object) -> str:

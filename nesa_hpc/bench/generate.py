@@ -15,7 +15,19 @@ from omegaconf import DictConfig, OmegaConf
 from ..io.batch import make_batches
 from ..io.inputs import RowFields
 from ..io.read import read_rows
-from .common import CEILING, baselines, launch, num, override, print_rank_stats, ranks, setup, share, write
+from .common import (
+    CEILING,
+    baselines,
+    generate_threads,
+    launch,
+    num,
+    override,
+    print_rank_stats,
+    ranks,
+    setup,
+    share,
+    write,
+)
 
 __all__ = ["until_eos", "baseline_generate", "read_generated", "run_bench_generate"]
 
@@ -68,7 +80,7 @@ def read_generated(out: Path) -> dict:
         got = {int(r): [int(t) for t in ids] for r, ids in zip(f["row"][()], f["generated_ids"][()], strict=True)}
         a = f.attrs
         return {"tokens": got, "seconds": float(a["seconds"]), "rank_stats": json.loads(a["rank_stats"]),
-                "layers_per_rank": json.loads(a["layers_per_rank"])}
+                "layers_per_rank": json.loads(a["layers_per_rank"]), "turns": bool(a.get("turns", False))}
 
 
 def run_bench_generate(cfg: DictConfig) -> dict:
@@ -91,14 +103,15 @@ def run_bench_generate(cfg: DictConfig) -> dict:
              "generated_per_s": x["generated_per_s"], "ratio": x["generated_per_s"] / base["generated_per_s"],
              "same_tokens": same(x["tokens"])} for t, x in runs]
     for n in ranks(cfg):
-        threads = max(1, cores // n)
+        threads, turns = generate_threads(cfg, n, cores)
         out = out_dir / f"bench_generate_n{n}.h5"
-        launch(cfg, n, threads, folder, data, out, [f"task.max_new_tokens={max_new}", "task=generate"])
+        launch(cfg, n, threads, folder, data, out, [f"task.max_new_tokens={max_new}", "task=generate", *turns])
         res = read_generated(out)
         generated = sum(len(t) for t in res["tokens"].values())
         rate = generated / res["seconds"]
         stats = res["rank_stats"]
-        rows.append({"name": f"nesa_hpc {n} ranks x {threads} thr", "ranks": n, "threads": threads,
+        name = f"nesa_hpc {n} ranks x {threads} thr" + (", by turns" if res["turns"] else "")
+        rows.append({"name": name, "ranks": n, "threads": threads, "turns": res["turns"],
                      "generated": generated, "generated_per_s": rate, "ratio": rate / base["generated_per_s"],
                      "layers_per_rank": res["layers_per_rank"], "idle_share": [s["idle_share"] for s in stats],
                      "peak_rss_mb": [s["peak_rss_mb"] for s in stats], "rank_stats": stats,
@@ -118,12 +131,12 @@ def run_bench_generate(cfg: DictConfig) -> dict:
 def _print_table(rows: list[dict], cores: int, ceiling: float) -> None:
     print()
     print(f"ceiling: {ceiling:.1f} generated tokens/s = {cores} x one-thread baseline")
-    print(f"| {'run':40s} | {'layers per rank':18s} | generated | tokens/s | ratio | of ceiling "
+    print(f"| {'run':52s} | {'layers per rank':18s} | generated | tokens/s | ratio | of ceiling "
           "| rows equal to baseline |")
-    print(f"|{'-' * 42}|{'-' * 20}|----------:|---------:|------:|-----------:|-----------------------:|")
+    print(f"|{'-' * 54}|{'-' * 20}|----------:|---------:|------:|-----------:|-----------------------:|")
     for r in rows:
         layers = ",".join(str(x) for x in r.get("layers_per_rank", [])) or "all"
-        print(f"| {r['name']:40s} | {layers:18s} | {r['generated']:9d} | {r['generated_per_s']:8.1f} | "
+        print(f"| {r['name']:52s} | {layers:18s} | {r['generated']:9d} | {r['generated_per_s']:8.1f} | "
               f"{r['ratio']:5.2f} | {num(r['share_of_ceiling'], '10.0%')} | {100 * r['same_tokens']:21.0f}% |")
     print(flush=True)
     print_rank_stats(rows)

@@ -9,7 +9,9 @@ words, each with its own max tokens (geometric with mean ``bench.generate.tokens
 - with ``bench.generate.at_once``: ``cores`` one-thread continuous-batching processes running the whole
   workload at the same time (their tokens/s added): what the cores give together when each runs the strongest
   one-thread baseline, memory bandwidth and caches shared as the pipeline's ranks share them;
-- the pipeline at each of ``bench.ranks`` (default 2 and 3), one thread per rank.
+- the pipeline at each of ``bench.ranks`` (default 2 and 3): by turns, every rank with all ``cores`` threads
+  on one lane of ``runtime.inflight`` x ``data.batch_size`` rows (``runtime.turns``, on by default on one
+  node), or with ``runtime.turns=false`` one lane per rank and ``cores / ranks`` threads each.
 
 The ceiling is ``cores`` x the one-thread continuous-batching figure."""
 
@@ -26,7 +28,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from ..io.read import read_rows, sample_path
-from .common import launch, num, override, print_rank_stats, ranks, setup_model, share, write
+from .common import generate_threads, launch, num, override, print_rank_stats, ranks, setup_model, share, write
 from .generate import baseline_generate, read_generated
 
 __all__ = ["CB_CEILING", "make_variable_workload", "run_bench_variable"]
@@ -147,22 +149,25 @@ def _baseline_rows(cfg: DictConfig, folder: str, data: Path, caps: dict[int, int
 
 
 def _pipeline_rows(cfg: DictConfig, folder: str, data: Path, caps: dict[int, int], base: dict,
-                   out_dir: Path) -> list[dict]:
-    """The pipeline at each of ``bench.ranks`` (default 2, 3), one thread per rank, greedy."""
+                   out_dir: Path, cores: int) -> list[dict]:
+    """The pipeline at each of ``bench.ranks`` (default 2, 3), greedy: by turns with ``cores`` threads per rank
+    (``runtime.turns``, default), else a share of the cores each."""
     rows = []
     extra = ["task=generate", "data.format=openai_batch", f"task.max_new_tokens={max(caps.values())}",
              "task.temperature=0"]
     for n in ranks(cfg, (2, 3)):
         out = out_dir / f"bench_generate_variable_n{n}.h5"
-        launch(cfg, n, 1, folder, data, out, extra)
+        threads, turns = generate_threads(cfg, n, cores)
+        launch(cfg, n, threads, folder, data, out, extra + turns)
         res = read_generated(out)
         generated = sum(len(t) for t in res["tokens"].values())
         res.update(generated=generated, generated_per_s=generated / res["seconds"])
         stats = res["rank_stats"]
-        rows.append(_row("nesa_hpc", n, 1, res, base, layers_per_rank=res["layers_per_rank"], rank_stats=stats,
-                         idle_share=[s.get("idle_share") for s in stats],
+        system = "nesa_hpc, by turns" if res["turns"] else "nesa_hpc"
+        rows.append(_row(system, n, threads, res, base, layers_per_rank=res["layers_per_rank"], rank_stats=stats,
+                         turns=res["turns"], idle_share=[s.get("idle_share") for s in stats],
                          peak_rss_mb=[s.get("peak_rss_mb") for s in stats]))
-        print(f"nesa_hpc, {n} ranks x 1 thr: {res['generated_per_s']:.1f} tokens/s", flush=True)
+        print(f"{system}, {n} ranks x {threads} thr: {res['generated_per_s']:.1f} tokens/s", flush=True)
     return rows
 
 
@@ -199,7 +204,7 @@ def run_bench_variable(cfg: DictConfig) -> dict:
           f"batch {cfg.data.batch_size}; split.k={cfg.split.k}; partition {cfg.split.partition}; {cores} cores",
           flush=True)
     rows, ceiling, cb_settings, static = _baseline_rows(cfg, folder, data, caps, cores, out_dir)
-    rows += _pipeline_rows(cfg, folder, data, caps, static, out_dir)
+    rows += _pipeline_rows(cfg, folder, data, caps, static, out_dir, cores)
     share(rows, "generated_per_s", ceiling)
     at_once = next((r["generated_per_s"] for r in rows if "each_per_s" in r), None)  # the at-once row
     for r in rows:
@@ -208,7 +213,8 @@ def run_bench_variable(cfg: DictConfig) -> dict:
     if at_once:
         print(f"{cores} one-thread continuous-batching processes at once: {at_once:.1f} tokens/s together, "
               f"{at_once / ceiling:.0%} of the ceiling; the pipeline's runs against it: "
-              + ", ".join(f"{r['ranks']} ranks {r['share_of_at_once']:.0%}" for r in rows if r["system"] == "nesa_hpc"),
+              + ", ".join(f"{r['ranks']} ranks {r['share_of_at_once']:.0%}" for r in rows
+                          if r["system"].startswith("nesa_hpc")),
               flush=True)
     report = {"config": OmegaConf.to_container(cfg.bench), "model": folder, "workload": workload,
               "batch_size": cfg.data.batch_size, "split_k": cfg.split.k, "partition": override(cfg.split.partition),

@@ -32,7 +32,7 @@ from .transport import MpiTransport, PeerFailure, TorchTransport, TransportTimeo
 __all__ = ["EXIT_STOPPED", "EXIT_LOST_RANK", "JobError", "USER_ERRORS", "Job", "start_job", "setup_logging", "agree",
            "all_ok", "settle", "stop_requested", "message", "model_folder", "rank_modules", "make_transport",
            "transport_name", "peak_rss_mb", "gather_stats", "share_exit_code", "run_main", "rank_stats", "threads_for",
-           "stopped_at_startup", "serve_worker", "log_rank_stats"]
+           "takes_turns", "stopped_at_startup", "serve_worker", "log_rank_stats"]
 
 # Exit status of a job stopped early by SIGTERM/SIGUSR1 (EX_TEMPFAIL: rerun with output.resume=true).
 EXIT_STOPPED = 75
@@ -114,12 +114,24 @@ def all_ok(comm, fn: Callable[[], object]):
     return result
 
 
-def threads_for(settings: Settings, local_size: int) -> int:
-    """``runtime.threads``, or this node's cores shared evenly by its ``local_size`` ranks."""
+def threads_for(settings: Settings, local_size: int, turns: bool = False) -> int:
+    """``runtime.threads``, or this node's cores shared evenly by its ``local_size`` ranks; with ``turns``
+    (the ranks compute one after another) every core of the node."""
     if settings.threads:
         return settings.threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // local_size)
+    return cores if turns else max(1, cores // local_size)
+
+
+def takes_turns(settings: Settings, size: int, local_size: int) -> bool:
+    """``runtime.turns``, or its default: on for ``task=generate`` when every rank computes on the CPU of one
+    node. Ranks that share a node's cores then run one generation lane by turns, each with all the cores:
+    a decode step reads every weight once per forward, so on a CPU one forward of all the rows with all
+    the cores beats one lane per rank with a share of them (docs/benchmarks.md)."""
+    if settings.turns is not None:
+        return settings.turns
+    return settings.task == "generate" and size > 1 and local_size == size and \
+        settings.device == "cpu" and settings.owner_device == "cpu"
 
 
 def model_folder(settings: Settings) -> str:
@@ -188,6 +200,7 @@ class Job:
     hosts: list[str]
     places: list[tuple[str, int, str]]
     head_cost: float
+    turns: bool = False  # generation: the ranks run one lane by turns, each with all the node's cores
 
     def transport(self, on_recv=None):
         """The transport between the ranks (None at world size 1: the owner drives an in-process pipe)."""
@@ -218,7 +231,8 @@ def start_job(cfg, comm, head_task: str | None = None, costs: Callable[[float], 
     setup_logging(rank)
     settings = all_ok(comm, lambda: settings_from_cfg(cfg))
     local_rank, local_size = node_local_rank(comm)
-    torch.set_num_threads(threads_for(settings, local_size))
+    turns = takes_turns(settings, size, local_size)
+    torch.set_num_threads(threads_for(settings, local_size, turns))
     if settings.trace:
         trace.start()
     kind = settings.owner_device if rank == 0 else settings.device
@@ -241,7 +255,7 @@ def start_job(cfg, comm, head_task: str | None = None, costs: Callable[[float], 
     settle(comm)
     places = comm.allgather((socket.gethostname(), os.getpid(), describe_device(device)))
     return Job(comm, rank, size, settings, device, local_rank, local_size, folder, adapter, topo,
-               [h for h, _, _ in places], places, head_cost)
+               [h for h, _, _ in places], places, head_cost, turns)
 
 
 def rank_stats(rank: int, stats, transport, wall: float) -> dict:
@@ -250,7 +264,7 @@ def rank_stats(rank: int, stats, transport, wall: float) -> dict:
     return {"rank": rank, "host": socket.gethostname(), "compute_s": round(stats.compute_s, 3),
             "wait_input_s": round(waits["recv"], 3), "wait_send_s": round(waits["send"], 3),
             "idle_share": round(max(0.0, 1 - stats.compute_s / wall), 3) if wall > 0 else 0.0,
-            "peak_rss_mb": round(peak_rss_mb(), 1), "batches": stats.batches,
+            "peak_rss_mb": round(peak_rss_mb(), 1), "threads": torch.get_num_threads(), "batches": stats.batches,
             "peak_activation_mb": round(stats.peak_saved_bytes / 2**20, 3),
             "bytes_sent": transport.bytes_sent if transport else 0}
 

@@ -41,7 +41,7 @@ from .messages import (
 from .schedule import Action, TrainingRole
 
 __all__ = ["Stage", "StageStats", "LocalPipe", "serve", "BatchMemoryError", "NonFiniteError", "memory_guard",
-           "mark_nonfinite", "adapter_dtype", "head_logits", "SavedBytes"]
+           "mark_nonfinite", "finite_vectors", "adapter_dtype", "head_logits", "SavedBytes"]
 
 
 @dataclass
@@ -83,10 +83,23 @@ def memory_guard(rank: int, what: str, shape: tuple[int, ...]):
                                "data.batch_size or data.max_length, or spread the layers over more ranks") from None
 
 
+def finite_vectors(x: torch.Tensor) -> torch.Tensor:
+    """(...) bool: whether each vector along the last dimension of ``x`` holds only finite values. On the CPU
+    it checks each vector's sum first (NaN and Inf carry into it; a sum that overflows is checked element by
+    element): one pass over ``x`` instead of a mask of its size. On a GPU, one exact check without a sync."""
+    if x.device.type != "cpu":
+        return torch.isfinite(x).all(-1)
+    ok = torch.isfinite(x.sum(-1))
+    if not bool(ok.all()):
+        bad = ~ok
+        ok[bad] = torch.isfinite(x[bad]).all(-1)
+    return ok
+
+
 def mark_nonfinite(h: torch.Tensor, mask: torch.Tensor, bad: torch.Tensor, stage: int) -> torch.Tensor:
     """(B,) int32: rows whose real tokens hold NaN/Inf in ``h`` (B, T, H) and were clean so far get
     ``stage`` (the stage where it first appeared); others keep their mark (-1 = clean)."""
-    ok = (torch.isfinite(h).all(-1) | ~mask.bool()).all(-1)  # (B,)
+    ok = (finite_vectors(h) | ~mask.bool()).all(-1)  # (B,)
     return torch.where((bad < 0) & ~ok, torch.full_like(bad, stage), bad)
 
 

@@ -30,6 +30,11 @@ class Decoding:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def pick_key(self) -> tuple:
+        """What a pick depends on besides the logits and the row's generator: rows with equal keys pick as one."""
+        return (0.0, 0, 1.0) if self.greedy else (self.temperature, self.top_k, self.top_p)
+
     def for_request(self, request) -> Decoding:
         """These settings with a row's own (an OpenAI batch request's ``max_tokens``, ``temperature``,
         ``top_p``, ``seed``, ``stop``) in place of the job's."""
@@ -71,8 +76,17 @@ def pick_tokens(logits: torch.Tensor, decoding: Decoding | list[Decoding],
                 generators: list[torch.Generator | None]) -> torch.Tensor:
     """Next token per row from (B, V) logits: argmax, or a draw after temperature / top-k / top-p. With one
     ``Decoding`` per row (rows of an OpenAI batch file), each row is picked with its own settings."""
-    if isinstance(decoding, list):
-        return torch.cat([pick_tokens(logits[i:i + 1], d, [generators[i]]) for i, d in enumerate(decoding)])
+    if isinstance(decoding, list):  # rows that pick alike (their max tokens, seeds or stops may differ) pick at once
+        groups: dict[tuple, list[int]] = {}
+        for i, d in enumerate(decoding):
+            groups.setdefault(d.pick_key, []).append(i)
+        if len(groups) == 1:
+            return pick_tokens(logits, decoding[0], generators)
+        out = torch.empty(len(decoding), dtype=torch.long)
+        for rows in groups.values():
+            at = torch.tensor(rows)
+            out[at] = pick_tokens(logits[at], decoding[rows[0]], [generators[i] for i in rows]).cpu()
+        return out
     logits = logits.float()
     if decoding.greedy:
         return logits.argmax(-1)

@@ -32,7 +32,7 @@ import torch
 from ..engine.lanes import LaneCache, LanePlan
 from ..engine.messages import Free, GenerationOutput, GenerationStep, Split
 from ..engine.owner import Owner
-from ..engine.stage import StageStats, memory_guard
+from ..engine.stage import StageStats, finite_vectors, memory_guard
 from ..io.batch import Batch
 from .decoding import Decoding, Stopper, eos_token_ids, pick_tokens, row_generator
 
@@ -399,13 +399,11 @@ class Generation:
         if not rows:
             return
         marks = torch.tensor([r.nonfinite_at for r in rows], dtype=torch.int32)
-        finite = torch.isfinite(logits).all(-1)  # (B,)
+        finite = finite_vectors(logits)  # (B,)
         if not finite.all():
             marks = torch.where((marks < 0) & ~finite, torch.full_like(marks, self.owner.topo.world_size), marks)
             logits = torch.where(finite.unsqueeze(-1), logits, torch.zeros_like(logits))
-        decodings = [r.decoding for r in rows]
-        shared = decodings[0] if all(d is decodings[0] for d in decodings) else decodings  # one pick for all
-        picked = pick_tokens(logits, shared, [r.generator for r in rows]).tolist()
+        picked = pick_tokens(logits, [r.decoding for r in rows], [r.generator for r in rows]).tolist()
         if getattr(self.task, "logprobs", False):
             _keep_logprobs(rows, logits, picked, self.task.top_logprobs)
         self.stats.extra["steps"] += 1

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import DictConfig
 
 from ..config import Settings
@@ -277,8 +278,13 @@ class _OwnerRun:
                               should_stop=self.stop)
         decoding = Decoding(settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p,
                             settings.seed, settings.stop, self.plan.eos, settings.ignore_eos, settings.hide_finish)
-        return run_generate(owner, self.plan.task, batches, self.on_result, settings.inflight or world, decoding,
-                            self.plan.tokenizer, self.stop, settings.batch_size, settings.prefill_tokens)
+        lanes, capacity = settings.inflight or world, settings.batch_size
+        if self.job.turns:  # the lanes' rows as one lane, which the ranks run by turns with all the cores
+            lanes, capacity = 1, lanes * capacity
+            log.info("runtime.turns: the ranks take turns with %d threads each on one lane of up to %d rows "
+                     "(runtime.inflight x data.batch_size)", torch.get_num_threads(), capacity)
+        return run_generate(owner, self.plan.task, batches, self.on_result, lanes, decoding,
+                            self.plan.tokenizer, self.stop, capacity, settings.prefill_tokens)
 
     def finish(self, stats, stopped: bool) -> dict:
         """Close the results file with the run's figures; the summary (and its log line)."""
@@ -298,7 +304,7 @@ class _OwnerRun:
             summary["generated"] = final["generated_this_run"] = generated
             summary["generated_per_s"] = final["generated_per_s"] = generated / elapsed if elapsed else 0.0
             final.update(max_groups_in_flight=stats.extra["max_lanes"], max_rows_in_flight=stats.extra["max_rows"],
-                         generation_steps=stats.extra["steps"], lane_splits=stats.extra["splits"])
+                         generation_steps=stats.extra["steps"], lane_splits=stats.extra["splits"], turns=self.job.turns)
         if stopped:
             summary["exit_code"] = EXIT_STOPPED
             final["stopped_by"] = self.stop.signal
