@@ -23,6 +23,9 @@ def infer(cfg: DictConfig) -> None:
     from nesa_hpc.preflight import check_paths
 
     check_paths(cfg, "infer")  # rank 0's files and the model folder, before torch and transformers load
+    from nesa_hpc.engine.openmp import prepare_openmp
+
+    prepare_openmp(cfg)  # OpenMP reads its settings when torch loads it
     from nesa_hpc.infer.job import main  # torch and transformers load only after these checks
 
     main(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -238,3 +239,20 @@ def test_turns_default_and_threads(hydra_ctx, monkeypatch):
     assert job.threads_for(s, 2) == 4
     assert job.threads_for(s, 2, turns=True) == 8
     assert job.threads_for(replace(s, threads=3), 2, turns=True) == 3
+
+
+def test_openmp_spin_is_capped_only_where_ranks_may_take_turns(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from nesa_hpc.engine.openmp import TURNS_SPINCOUNT, prepare_openmp
+
+    def spin(task: str, turns, preset: str | None = None) -> str | None:
+        monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+        if preset is not None:
+            monkeypatch.setenv("GOMP_SPINCOUNT", preset)
+        prepare_openmp(OmegaConf.create({"task": {"name": task}, "runtime": {"turns": turns}}))
+        return os.environ.get("GOMP_SPINCOUNT")
+
+    assert spin("generate", None) == spin("generate", True) == TURNS_SPINCOUNT
+    assert spin("generate", False) is None and spin("score", None) is None
+    assert spin("generate", None, preset="7") == "7"  # the user's own setting stays
