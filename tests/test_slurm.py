@@ -142,7 +142,8 @@ def test_templates_across_three_hosts_equal_one_host(jobs, name, folder, ref):
     assert len(logs) == 1  # next to the results, named after the job
     text = logs[0].read_text()
     assert "world size 3" in text and "done: 40 rows" in text
-    assert sorted(_layout_hosts(text).values()) == ["h1", "h2", "h3"]  # one rank on each of three hosts
+    hosts = list(_layout_hosts(text).values())  # one rank on each of three hosts (whichever Slurm gave the job)
+    assert len(hosts) == len(set(hosts)) == 3, hosts
     got, attrs = read_results(work / "out.h5")
     assert attrs["complete"] == True and attrs["world_size"] == 3  # noqa: E712
     _assert_same(got, read_results(jobs["work"] / f"ref_{ref}.h5")[0])
@@ -153,7 +154,7 @@ def test_training_across_three_hosts_equals_one_host(jobs):
     work = jobs["work"] / "train"
     assert code == 0, out + _log_text(jobs["work"])
     text = "".join(p.read_text() for p in work.glob("run.*.log"))
-    assert sorted(set(re.findall(r"\[(h\d) pid", text))) == ["h1", "h2", "h3"], text[-2000:]
+    assert len(set(re.findall(r"\[(h\d) pid", text))) == 3, text[-2000:]  # three hosts, whichever Slurm gave
 
     def steps(folder: Path) -> list[dict]:
         return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
