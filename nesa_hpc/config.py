@@ -192,7 +192,8 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
         choice("split.partition", partition, PARTITIONS)
     if not out.get("path"):
         raise ConfigError("output.path must name the HDF5 results file")
-    if rt.get("turns") is not None and as_bool("runtime.turns", rt["turns"]) and task["name"] != "generate":
+    turns = None if rt.get("turns") is None else as_bool("runtime.turns", rt["turns"])
+    if turns and task["name"] != "generate":
         raise ConfigError(f"runtime.turns=true applies to task=generate (one generation lane by turns), not "
                           f"task={task['name']}; leave it null")
     return Settings(
@@ -226,7 +227,7 @@ def settings_from_cfg(cfg: DictConfig) -> Settings:
         resume=as_bool("output.resume", out.get("resume", False)),
         threads=integer("runtime.threads", rt.get("threads"), 1, allow_none=True),
         inflight=integer("runtime.inflight", rt.get("inflight"), 1, allow_none=True),
-        turns=None if rt.get("turns") is None else as_bool("runtime.turns", rt["turns"]),
+        turns=turns,
         prefill_tokens=integer("runtime.prefill_tokens", rt.get("prefill_tokens", 512), 1),
         timeout=positive("runtime.timeout", rt.get("timeout", 300)),
         wire_dtype=choice("runtime.wire_dtype", rt.get("wire_dtype"), (None, *DTYPES)),
