@@ -78,7 +78,7 @@ class Settings:
     seed: int = 0
     ignore_eos: bool = False
     hide_finish: bool = False
-    prefill_tokens: int = 512  # runtime.prefill_tokens: padded prompt tokens a generation lane takes per step
+    prefill_tokens: int = 512  # runtime.prefill_tokens: prompt tokens a generation lane takes per step
     chat_template: bool = False
     # rows beyond one text field (data.*) and score outputs beyond per-row sums (task.*)
     messages_field: str | None = "messages"

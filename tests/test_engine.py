@@ -210,3 +210,66 @@ def test_lane_cache_layers_append_in_place_and_hold_what_concatenation_holds():
     step(2, 1)
     step(2, 40)  # past the room: the layer moves to a larger buffer
     assert cache.layers[0].keys.shape[-2] == 48
+
+
+_PACKING = {  # family: (config, where it packs: at most this many tokens, 0 = never)
+    "llama": (dict(model_type="llama", num_key_value_heads=2), None),
+    "gemma3_text": (dict(model_type="gemma3_text", num_key_value_heads=2, head_dim=8, sliding_window=40,
+                         layer_types=["sliding_attention", "full_attention"] * 2), 39),
+    "falcon": (dict(model_type="falcon", new_decoder_architecture=False, alibi=True, multi_query=True), 0),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_PACKING))
+def test_prompts_packed_into_one_row_equal_the_padded_batch(family):
+    """Newcomers' prompts of different lengths run packed into one row without their padding (each attends only
+    to itself): the states, the KV cache laid out as the padded batch, and a decode step after it equal the padded
+    forward. A sliding window packs at most its width less one token; ALiBi (Falcon) never packs."""
+    import sys
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from nesa_hpc.models.adapter import make_adapter
+
+    spec, limit = _PACKING[family]
+    config = AutoConfig.for_model(**spec, vocab_size=300, hidden_size=32, num_hidden_layers=4,
+                                  num_attention_heads=4, intermediate_size=48, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    adapter = make_adapter(model)
+    assert adapter.pack_limit == (sys.maxsize if limit is None else limit)
+    lengths = [13, 5, 9, 1, 11]  # 39 tokens
+    B, W = len(lengths), max(lengths)
+    mask, pos = torch.zeros(B, W, dtype=torch.long), torch.zeros(B, W, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, W - n:], pos[i, W - n:] = 1, torch.arange(n)
+    layers = range(1, 4)
+    h = adapter.embed(torch.randint(5, 300, (B, W)), pos, mask)
+    step = torch.randn(B, 1, h.shape[-1])
+    step_mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], dim=1)
+    step_pos = torch.tensor([[n] for n in lengths])
+    real = mask.bool()
+    with torch.inference_mode():
+        padded_cache, packed_cache = adapter.new_cache(), adapter.new_cache()
+        assert adapter._packs(layers, h, mask, pos, packed_cache) == (limit != 0)
+        padded = adapter._run(layers, h, mask, pos, padded_cache)
+        packed = adapter.run_layers(layers, h, mask, pos, packed_cache)
+        torch.testing.assert_close(packed[real], padded[real], rtol=1e-5, atol=1e-5)
+        if limit == 0:
+            return
+        assert not packed[~real].any()
+        for i in layers:
+            a, b = padded_cache.layers[i], packed_cache.layers[i]
+            assert a.keys.shape == b.keys.shape
+            assert getattr(a, "cumulative_length", None) == getattr(b, "cumulative_length", None)
+            cols = real[:, -a.keys.shape[2]:]
+            torch.testing.assert_close(b.keys.transpose(1, 2)[cols], a.keys.transpose(1, 2)[cols])
+            torch.testing.assert_close(b.values.transpose(1, 2)[cols], a.values.transpose(1, 2)[cols])
+        torch.testing.assert_close(adapter.run_layers(layers, step, step_mask, step_pos, packed_cache),
+                                   adapter.run_layers(layers, step, step_mask, step_pos, padded_cache),
+                                   rtol=1e-5, atol=1e-5)
+        # one token more than a sliding window keeps: the padded forward
+        if limit is not None:
+            longer = torch.cat([mask[:, :1], mask], dim=1)
+            longer[0, 0] = 1
+            assert not adapter._packs(layers, torch.cat([h[:, :1], h], 1), longer, pos, adapter.new_cache())

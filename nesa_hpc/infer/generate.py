@@ -5,7 +5,8 @@ A *lane* is one micro-batch in flight with up to ``data.batch_size`` rows; ``run
 (default: the world size) keep every stage busy. Each step of a lane sends one
 :class:`~nesa_hpc.engine.messages.GenerationStep` down the pipeline: the lane's running rows decode one
 position each, and rows waiting for a slot join with their whole prompt (a prefill beside the decode
-steps, at most ``runtime.prefill_tokens`` padded prompt tokens per step). When a row finishes (EOS, a
+steps, at most ``runtime.prefill_tokens`` prompt tokens per step; prompts that start together run packed
+without their padding, see :meth:`~nesa_hpc.models.adapter.Adapter.run_layers`). When a row finishes (EOS, a
 stop string, its ``max_new_tokens``) its slot goes to the next waiting row at the lane's next step, so
 lanes stay full until the input runs out. Rank 0 reads back the last position's state of every row (or,
 with ``split.head=last``, the last worker's next-token logits), picks each row's next token, embeds it,
@@ -164,21 +165,28 @@ class Generation:
 
     def _admit(self, lane: _Lane) -> list[_Row]:
         """The lane's joining rows this step: its filling rows (their next chunk), then waiting rows for its
-        free slots, those allowed the most new tokens first, while the padded chunks stay within
-        ``runtime.prefill_tokens`` (one row always fits)."""
+        free slots, those allowed the most new tokens first, while the chunks stay within
+        ``runtime.prefill_tokens`` (one row always fits): their tokens when they run packed, else their
+        padded width times their number."""
         joins = list(lane.filling)
         if self.should_stop():  # no row starts any more; rows in flight finish
             self.stopped = self.stopped or bool(self.waiting) or self._read_one()
             return joins
         while len(self.waiting) < self.lookahead and self._read_one():
             pass
+        # new rows alone run packed, without their padding (Adapter.run_layers): their tokens count, else the
+        # padded chunks
+        packs = not lane.filling and self.owner.adapter.pack_limit > 0
         width = max((r.chunk(self.chunk) for r in joins), default=0)
+        tokens = sum(r.chunk(self.chunk) for r in joins)
         while self.room(lane) > len(joins) - len(lane.filling) and self.waiting:
-            w = max(width, self.waiting[0].chunk(self.chunk))
-            if joins and w * (len(joins) + 1) > self.chunk:
+            c = self.waiting[0].chunk(self.chunk)
+            w = max(width, c)
+            packed = packs and tokens + c <= self.owner.adapter.pack_limit
+            if joins and (tokens + c if packed else w * (len(joins) + 1)) > self.chunk:
                 break
             joins.append(self.waiting.pop(0))
-            width = w
+            width, tokens = w, tokens + c
         return joins
 
     def _read_one(self) -> bool:

@@ -18,12 +18,16 @@ come from the family's causal-LM ``forward`` (head, logit soft-capping, logit sc
 from __future__ import annotations
 
 import copy
+import functools
+import sys
 from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface
 
 from ..errors import ConfigError
 
@@ -38,6 +42,32 @@ ENCODER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
 SUPPORTED_MODEL_TYPES = DECODER_MODEL_TYPES + ENCODER_MODEL_TYPES
 # Families whose layers return a tuple (hidden states first) rather than a tensor.
 _TUPLE_LAYERS = frozenset({"falcon"})
+
+# Prompts packed into one row (see ``Adapter.run_layers``): while a packed block runs, the family's attention
+# modules dispatch to ``_packed_attention`` under this name, which runs the family's SDPA attention over each
+# prompt alone; the lengths of the packed prompts, in order, are in ``_PACKED_LENGTHS``.
+_PACKED = "nesa_packed_sdpa"
+_PACKED_LENGTHS: list[int] = []
+
+
+def _packed_attention(module, query, key, value, attention_mask, **kwargs):
+    """Causal SDPA over each of the sequences packed into one row (query and key (1, heads, L, D), nothing
+    cached before them); the same call as transformers' ``sdpa`` makes for one sequence of a batch."""
+    if query.shape[2] != key.shape[2] or sum(_PACKED_LENGTHS) != query.shape[2]:
+        raise RuntimeError("packed attention: the packed sequences do not cover the query and key positions")
+    kwargs.pop("is_causal", None)
+    outs, at = [], 0
+    for n in _PACKED_LENGTHS:
+        part = slice(at, at + n)
+        out, _ = sdpa_attention_forward(module, query[:, :, part], key[:, :, part], value[:, :, part], None,
+                                        is_causal=True, **kwargs)
+        outs.append(out)
+        at += n
+    return torch.cat(outs, dim=1), None
+
+
+AttentionInterface.register(_PACKED, _packed_attention)
+AttentionMaskInterface.register(_PACKED, lambda *args, **kwargs: None)  # each sequence is causal on its own
 
 
 def check_supported(config, where: str) -> None:
@@ -244,6 +274,29 @@ class StageCache(DynamicCache):
             layer.keys, layer.values = layer.keys[rows], layer.values[rows]
         return other
 
+    def unpack(self, layers: range, index: torch.Tensor) -> None:
+        """After a block ran over sequences packed into one row (nothing cached before), lay the cached columns
+        of ``layers`` out as a batch: ``index`` (B, T) holds each position's packed column, or the packed
+        length where the position is padding (cached as zeros). A sliding-window layer then holds the last
+        ``sliding_window - 1`` columns of the batch's timeline of T, as after a padded forward."""
+        B, T = index.shape
+        for i in layers:
+            layer = self.layers[i] if i < len(self.layers) else None
+            if layer is None or not layer.is_initialized or not layer.keys.numel():
+                continue
+
+            def laid_out(x: torch.Tensor) -> torch.Tensor:  # (1, heads, L, D) -> (B, heads, T, D)
+                x = torch.cat([x, x.new_zeros((*x.shape[:2], 1, x.shape[-1]))], dim=2)[0]
+                return x[:, index].transpose(0, 1).contiguous()
+
+            keys, values = laid_out(layer.keys), laid_out(layer.values)
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                layer.cumulative_length = T
+                keys, values = keys[:, :, -layer.sliding_window + 1:], values[:, :, -layer.sliding_window + 1:]
+            layer.keys, layer.values = keys, values
+            if isinstance(layer, _GrowingLayer):
+                layer._kbuf = layer._vbuf = None
+
     def add_rows(self, other: StageCache) -> None:
         """Append ``other``'s rows after this cache's, both padded on the left to the longer timeline."""
         for mine, theirs in zip(self.layers, other.layers, strict=True):
@@ -412,13 +465,69 @@ class Adapter:
         """Run ``layers`` (original indices, contiguous) over ``h`` (B, T, H); returns (B, T, H).
 
         With ``cache`` (a :class:`StageCache`, generation) ``h`` holds only the new positions, ``mask2d``
-        (B, past + T) covers the cached ones too, and the layers read and extend their KV cache.
+        (B, past + T) covers the cached ones too, and the layers read and extend their KV cache. Prompts of
+        different lengths with nothing cached yet (a generation lane's newcomers) run packed into one row
+        without their padding (:meth:`_packs`); the padded positions of the result and the cache are zeros.
         """
         if len(layers) == 0:
             return h
         first, last = layers[0], layers[-1]
         if list(layers) != list(range(first, last + 1)):
             raise ValueError(f"layers must be contiguous, got {layers}")
+        if self._packs(layers, h, mask2d, pos, cache):
+            return self._run_packed(layers, h, mask2d, pos, cache)
+        return self._run(layers, h, mask2d, pos, cache)
+
+    def _packs(self, layers: range, h: torch.Tensor, mask2d: torch.Tensor, pos: torch.Tensor | None, cache) -> bool:
+        """Whether ``layers`` run packed over ``h``: a first chunk of two or more prompts with padding, nothing
+        of ``layers`` cached yet, and at most :attr:`pack_limit` tokens."""
+        if not isinstance(cache, StageCache) or pos is None or mask2d is None or mask2d.dim() != 2 \
+                or h.shape[0] < 2 or mask2d.shape != h.shape[:2] or bool(mask2d.all()):
+            return False
+        filled = [cache.layers[i] for i in layers if i < len(cache.layers)]
+        if any(layer.is_initialized and layer.keys.numel() for layer in filled):
+            return False
+        return int(mask2d.sum()) <= self.pack_limit
+
+    @functools.cached_property
+    def pack_limit(self) -> int:
+        """The most prompt tokens :meth:`run_layers` runs packed into one row (0: never): the family's attention
+        must be transformers' SDPA and depend on positions only through the position ids (not ALiBi), and a
+        sliding-window cache layer must keep every packed position (its window less one)."""
+        if self.config._attn_implementation != "sdpa" or getattr(self.config, "alibi", False):
+            return 0
+        windows = [layer.sliding_window for layer in self.new_cache().layers
+                   if isinstance(layer, DynamicSlidingWindowLayer)]
+        return min(windows) - 1 if windows else sys.maxsize
+
+    def _run_packed(self, layers: range, h: torch.Tensor, mask2d: torch.Tensor, pos: torch.Tensor,
+                    cache: StageCache) -> torch.Tensor:
+        """:meth:`_run` over the rows' real positions packed into one row, each row attending only to itself;
+        the result and the cache laid out as the padded batch again."""
+        B, T, H = h.shape
+        real = mask2d.reshape(-1).bool()
+        at = real.nonzero().squeeze(1)  # each packed column's place in the flat (B * T) batch
+        L = len(at)
+        index = torch.full((B * T,), L, dtype=torch.long, device=h.device)
+        index[at] = torch.arange(L, device=h.device)
+        index = index.view(B, T)
+        lengths = [n for n in mask2d.bool().sum(1).tolist() if n]
+        attn = self.config._attn_implementation_internal
+        global _PACKED_LENGTHS
+        _PACKED_LENGTHS, self.config._attn_implementation_internal = lengths, _PACKED
+        try:
+            out = self._run(layers, h.reshape(B * T, H)[at].unsqueeze(0),
+                            torch.ones(1, L, dtype=mask2d.dtype, device=mask2d.device),
+                            pos.reshape(-1)[at].unsqueeze(0), cache)
+        finally:
+            _PACKED_LENGTHS, self.config._attn_implementation_internal = [], attn
+        cache.unpack(layers, index)
+        out = out[0]
+        return torch.cat([out, out.new_zeros(1, out.shape[-1])])[index]
+
+    def _run(self, layers: range, h: torch.Tensor, mask2d: torch.Tensor, pos: torch.Tensor,
+             cache=None) -> torch.Tensor:
+        first, last = layers[0], layers[-1]
 
         def put_in(module, args, kwargs):
             if args:
