@@ -273,3 +273,44 @@ def test_prompts_packed_into_one_row_equal_the_padded_batch(family):
             longer = torch.cat([mask[:, :1], mask], dim=1)
             longer[0, 0] = 1
             assert not adapter._packs(layers, torch.cat([h[:, :1], h], 1), longer, pos, adapter.new_cache())
+
+
+def test_every_decoder_family_packs_prompts_as_it_pads_them():
+    """Every decoder family (tests/families.py, sliding windows widened to hold the packed prompts): a packed
+    forward over newcomers' prompts and the decode step after it equal the padded batch; it packs wherever the
+    attention is SDPA and not ALiBi."""
+    from families import _COMMON, DECODERS
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from nesa_hpc.models.adapter import make_adapter
+
+    lengths = [13, 5, 9, 1, 11]
+    B, W = len(lengths), max(lengths)
+    mask, pos = torch.zeros(B, W, dtype=torch.long), torch.zeros(B, W, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, W - n:], pos[i, W - n:] = 1, torch.arange(n)
+    step_mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], dim=1)
+    step_pos = torch.tensor([[n] for n in lengths])
+    packed_families = []
+    for family, spec in DECODERS.items():
+        spec = {**spec, **({"sliding_window": 64} if "sliding_window" in spec else {})}
+        config = AutoConfig.for_model(family, vocab_size=300, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                      **{**_COMMON, **spec})
+        torch.manual_seed(0)
+        adapter = make_adapter(AutoModelForCausalLM.from_config(config).eval())
+        layers = range(adapter.num_layers)
+        with torch.inference_mode():
+            h = adapter.embed(torch.randint(5, 300, (B, W)), pos, mask)
+            step = adapter.embed(torch.randint(5, 300, (B, 1)), step_pos)
+            padded_cache, packed_cache = adapter.new_cache(), adapter.new_cache()
+            packs = adapter._packs(layers, h, mask, pos, packed_cache)
+            assert packs == (config._attn_implementation == "sdpa" and not getattr(config, "alibi", False)), family
+            padded = adapter._run(layers, h, mask, pos, padded_cache)
+            packed = adapter.run_layers(layers, h, mask, pos, packed_cache)
+            torch.testing.assert_close(packed[mask.bool()], padded[mask.bool()], rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, f=family: f"{f}: {m}")
+            torch.testing.assert_close(adapter.run_layers(layers, step, step_mask, step_pos, packed_cache),
+                                       adapter.run_layers(layers, step, step_mask, step_pos, padded_cache),
+                                       rtol=1e-5, atol=1e-5, msg=lambda m, f=family: f"{f}: {m}")
+        packed_families += [family] * packs
+    assert len(packed_families) >= len(DECODERS) - 2, packed_families  # all but Falcon (ALiBi), Gemma 2 (eager)
