@@ -217,6 +217,8 @@ _PACKING = {  # family: (config, where it packs: at most this many tokens, 0 = n
     "gemma3_text": (dict(model_type="gemma3_text", num_key_value_heads=2, head_dim=8, sliding_window=40,
                          layer_types=["sliding_attention", "full_attention"] * 2), 39),
     "falcon": (dict(model_type="falcon", new_decoder_architecture=False, alibi=True, multi_query=True), 0),
+    # rotary Falcon: its attention is its own code, not transformers' attention interface
+    "falcon-rotary": (dict(model_type="falcon", new_decoder_architecture=True, alibi=False, num_kv_heads=2), 0),
 }
 
 
@@ -224,7 +226,8 @@ _PACKING = {  # family: (config, where it packs: at most this many tokens, 0 = n
 def test_prompts_packed_into_one_row_equal_the_padded_batch(family):
     """Newcomers' prompts of different lengths run packed into one row without their padding (each attends only
     to itself): the states, the KV cache laid out as the padded batch, and a decode step after it equal the padded
-    forward. A sliding window packs at most its width less one token; ALiBi (Falcon) never packs."""
+    forward. A sliding window packs at most its width less one token; Falcon (its own attention code, with or
+    without ALiBi) never packs."""
     import sys
 
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -278,7 +281,7 @@ def test_prompts_packed_into_one_row_equal_the_padded_batch(family):
 def test_every_decoder_family_packs_prompts_as_it_pads_them():
     """Every decoder family (tests/families.py, sliding windows widened to hold the packed prompts): a packed
     forward over newcomers' prompts and the decode step after it equal the padded batch; it packs wherever the
-    attention is SDPA and not ALiBi."""
+    attention is SDPA through transformers' attention interface (all but Falcon)."""
     from families import _COMMON, DECODERS
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -304,7 +307,7 @@ def test_every_decoder_family_packs_prompts_as_it_pads_them():
             step = adapter.embed(torch.randint(5, 300, (B, 1)), step_pos)
             padded_cache, packed_cache = adapter.new_cache(), adapter.new_cache()
             packs = adapter._packs(layers, h, mask, pos, packed_cache)
-            assert packs == (config._attn_implementation == "sdpa" and not getattr(config, "alibi", False)), family
+            assert packs == (config._attn_implementation == "sdpa" and family != "falcon"), family
             padded = adapter._run(layers, h, mask, pos, padded_cache)
             packed = adapter.run_layers(layers, h, mask, pos, packed_cache)
             torch.testing.assert_close(packed[mask.bool()], padded[mask.bool()], rtol=1e-5, atol=1e-5,
@@ -313,4 +316,4 @@ def test_every_decoder_family_packs_prompts_as_it_pads_them():
                                        adapter.run_layers(layers, step, step_mask, step_pos, padded_cache),
                                        rtol=1e-5, atol=1e-5, msg=lambda m, f=family: f"{f}: {m}")
         packed_families += [family] * packs
-    assert len(packed_families) >= len(DECODERS) - 2, packed_families  # all but Falcon (ALiBi), Gemma 2 (eager)
+    assert len(packed_families) >= len(DECODERS) - 2, packed_families  # all but Falcon and Gemma 2 (eager)
