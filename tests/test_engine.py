@@ -217,8 +217,9 @@ _PACKING = {  # family: (config, where it packs: at most this many tokens, 0 = n
     "gemma3_text": (dict(model_type="gemma3_text", num_key_value_heads=2, head_dim=8, sliding_window=40,
                          layer_types=["sliding_attention", "full_attention"] * 2), 39),
     "falcon": (dict(model_type="falcon", new_decoder_architecture=False, alibi=True, multi_query=True), 0),
-    # rotary Falcon: its attention is its own code, not transformers' attention interface
-    "falcon-rotary": (dict(model_type="falcon", new_decoder_architecture=True, alibi=False, num_kv_heads=2), 0),
+    # rotary Falcon: packs where transformers' Falcon attention goes through the attention interface (5.25 on),
+    # never where it is its own code (5.24: set below)
+    "falcon-rotary": (dict(model_type="falcon", new_decoder_architecture=True, alibi=False, num_kv_heads=2), None),
 }
 
 
@@ -226,8 +227,8 @@ _PACKING = {  # family: (config, where it packs: at most this many tokens, 0 = n
 def test_prompts_packed_into_one_row_equal_the_padded_batch(family):
     """Newcomers' prompts of different lengths run packed into one row without their padding (each attends only
     to itself): the states, the KV cache laid out as the padded batch, and a decode step after it equal the padded
-    forward. A sliding window packs at most its width less one token; Falcon (its own attention code, with or
-    without ALiBi) never packs."""
+    forward. A sliding window packs at most its width less one token; ALiBi never packs, nor attention that is a
+    family's own code rather than transformers' attention interface (Falcon in transformers 5.24)."""
     import sys
 
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -235,6 +236,10 @@ def test_prompts_packed_into_one_row_equal_the_padded_batch(family):
     from nesa_hpc.models.adapter import make_adapter
 
     spec, limit = _PACKING[family]
+    if family == "falcon-rotary":
+        import transformers.models.falcon.modeling_falcon as falcon
+
+        limit = None if hasattr(falcon, "ALL_ATTENTION_FUNCTIONS") else 0
     config = AutoConfig.for_model(**spec, vocab_size=300, hidden_size=32, num_hidden_layers=4,
                                   num_attention_heads=4, intermediate_size=48, max_position_embeddings=128)
     torch.manual_seed(0)
@@ -281,7 +286,7 @@ def test_prompts_packed_into_one_row_equal_the_padded_batch(family):
 def test_every_decoder_family_packs_prompts_as_it_pads_them():
     """Every decoder family (tests/families.py, sliding windows widened to hold the packed prompts): a packed
     forward over newcomers' prompts and the decode step after it equal the padded batch; it packs wherever the
-    attention is SDPA through transformers' attention interface (all but Falcon)."""
+    attention is SDPA, not ALiBi, through transformers' attention interface."""
     from families import _COMMON, DECODERS
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -307,7 +312,7 @@ def test_every_decoder_family_packs_prompts_as_it_pads_them():
             step = adapter.embed(torch.randint(5, 300, (B, 1)), step_pos)
             padded_cache, packed_cache = adapter.new_cache(), adapter.new_cache()
             packs = adapter._packs(layers, h, mask, pos, packed_cache)
-            assert packs == (config._attn_implementation == "sdpa" and family != "falcon"), family
+            assert packs == (config._attn_implementation == "sdpa" and not getattr(config, "alibi", False)), family
             padded = adapter._run(layers, h, mask, pos, padded_cache)
             packed = adapter.run_layers(layers, h, mask, pos, packed_cache)
             torch.testing.assert_close(packed[mask.bool()], padded[mask.bool()], rtol=1e-5, atol=1e-5,
@@ -316,4 +321,4 @@ def test_every_decoder_family_packs_prompts_as_it_pads_them():
                                        adapter.run_layers(layers, step, step_mask, step_pos, padded_cache),
                                        rtol=1e-5, atol=1e-5, msg=lambda m, f=family: f"{f}: {m}")
         packed_families += [family] * packs
-    assert len(packed_families) >= len(DECODERS) - 2, packed_families  # all but Falcon and Gemma 2 (eager)
+    assert len(packed_families) >= len(DECODERS) - 2, packed_families  # all but Falcon (ALiBi), Gemma 2 (eager)

@@ -492,9 +492,9 @@ class Adapter:
     @functools.cached_property
     def pack_limit(self) -> int:
         """The most prompt tokens :meth:`run_layers` runs packed into one row (0: never): the family's attention
-        must be transformers' SDPA, reached through transformers' attention interface (Falcon's is its own
-        code), and depend on positions only through the position ids (not ALiBi), and a sliding-window cache
-        layer must keep every packed position (its window less one)."""
+        must be transformers' SDPA, reached through transformers' attention interface (in transformers 5.24
+        Falcon's is its own code), and depend on positions only through the position ids (not ALiBi), and a
+        sliding-window cache layer must keep every packed position (its window less one)."""
         modeling = sys.modules.get(type(self.model).__module__)
         if self.config._attn_implementation != "sdpa" or getattr(self.config, "alibi", False) \
                 or getattr(modeling, "ALL_ATTENTION_FUNCTIONS", None) is None:
