@@ -212,6 +212,15 @@ def test_lane_cache_layers_append_in_place_and_hold_what_concatenation_holds():
     assert cache.layers[0].keys.shape[-2] == 48
 
 
+def _left_padded(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, positions) (B, max length) of prompts of ``lengths`` padded on the left, as a lane's newcomers."""
+    B, W = len(lengths), max(lengths)
+    mask, pos = torch.zeros(B, W, dtype=torch.long), torch.zeros(B, W, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, W - n:], pos[i, W - n:] = 1, torch.arange(n)
+    return mask, pos
+
+
 _PACKING = {  # family: (config, where it packs: at most this many tokens, 0 = never)
     "llama": (dict(model_type="llama", num_key_value_heads=2), None),
     "gemma3_text": (dict(model_type="gemma3_text", num_key_value_heads=2, head_dim=8, sliding_window=40,
@@ -247,10 +256,7 @@ def test_prompts_packed_into_one_row_equal_the_padded_batch(family):
     adapter = make_adapter(model)
     assert adapter.pack_limit == (sys.maxsize if limit is None else limit)
     lengths = [13, 5, 9, 1, 11]  # 39 tokens
-    B, W = len(lengths), max(lengths)
-    mask, pos = torch.zeros(B, W, dtype=torch.long), torch.zeros(B, W, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        mask[i, W - n:], pos[i, W - n:] = 1, torch.arange(n)
+    (B, W), (mask, pos) = (len(lengths), max(lengths)), _left_padded(lengths)
     layers = range(1, 4)
     h = adapter.embed(torch.randint(5, 300, (B, W)), pos, mask)
     step = torch.randn(B, 1, h.shape[-1])
@@ -293,10 +299,7 @@ def test_every_decoder_family_packs_prompts_as_it_pads_them():
     from nesa_hpc.models.adapter import make_adapter
 
     lengths = [13, 5, 9, 1, 11]
-    B, W = len(lengths), max(lengths)
-    mask, pos = torch.zeros(B, W, dtype=torch.long), torch.zeros(B, W, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        mask[i, W - n:], pos[i, W - n:] = 1, torch.arange(n)
+    (B, W), (mask, pos) = (len(lengths), max(lengths)), _left_padded(lengths)
     step_mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], dim=1)
     step_pos = torch.tensor([[n] for n in lengths])
     packed_families = []

@@ -279,17 +279,14 @@ class StageCache(DynamicCache):
         of ``layers`` out as a batch: ``index`` (B, T) holds each position's packed column, or the packed
         length where the position is padding (cached as zeros). A sliding-window layer then holds the last
         ``sliding_window - 1`` columns of the batch's timeline of T, as after a padded forward."""
-        B, T = index.shape
+        T = index.shape[1]
         for i in layers:
             layer = self.layers[i] if i < len(self.layers) else None
             if layer is None or not layer.is_initialized or not layer.keys.numel():
                 continue
-
-            def laid_out(x: torch.Tensor) -> torch.Tensor:  # (1, heads, L, D) -> (B, heads, T, D)
-                x = torch.cat([x, x.new_zeros((*x.shape[:2], 1, x.shape[-1]))], dim=2)[0]
-                return x[:, index].transpose(0, 1).contiguous()
-
-            keys, values = laid_out(layer.keys), laid_out(layer.values)
+            # (1, heads, L, D) -> (L, heads, D) -> (B, T, heads, D) -> (B, heads, T, D)
+            keys, values = (_unpacked(x[0].transpose(0, 1), index).transpose(1, 2).contiguous()
+                            for x in (layer.keys, layer.values))
             if isinstance(layer, DynamicSlidingWindowLayer):
                 layer.cumulative_length = T
                 keys, values = keys[:, :, -layer.sliding_window + 1:], values[:, :, -layer.sliding_window + 1:]
@@ -317,6 +314,12 @@ class StageCache(DynamicCache):
 
 
 _LANE_LAYERS = (_GrowingLayer, DynamicSlidingWindowLayer)
+
+
+def _unpacked(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Packed positions ``x`` (L, ...) laid out as a batch: ``index`` (B, T) holds each position's packed row,
+    or L where the position is padding (zeros there); returns (B, T, ...)."""
+    return torch.cat([x, x.new_zeros((1, *x.shape[1:]))])[index]
 
 
 def _pad_left(x: torch.Tensor, columns: int) -> torch.Tensor:
@@ -525,8 +528,7 @@ class Adapter:
         finally:
             _PACKED_LENGTHS, self.config._attn_implementation_internal = [], attn
         cache.unpack(layers, index)
-        out = out[0]
-        return torch.cat([out, out.new_zeros(1, out.shape[-1])])[index]
+        return _unpacked(out[0], index)
 
     def _run(self, layers: range, h: torch.Tensor, mask2d: torch.Tensor, pos: torch.Tensor,
              cache=None) -> torch.Tensor:
